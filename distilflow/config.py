@@ -1,0 +1,445 @@
+"""Typed configuration: dataclasses, YAML (safe_load only), dotted overrides, validation.
+
+Every field carries a one-line ``help`` in its metadata; ``describe`` turns the resolved config
+into commented YAML (``distilflow print-config``). Loading is strict: an unknown key or a value
+of the wrong type fails at load time with one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from distilflow.errors import UserError
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a help line; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["mnist1d", "npz", "csv"] = _f(
+        "mnist1d", "Dataset: built-in MNIST-1D, or your own .npz (x, y) or .csv file."
+    )
+    path: str | None = _f(None, "Training file for npz/csv sources.")
+    test_path: str | None = _f(None, "Test file for npz/csv; without it test_fraction of path is held out.")
+    test_fraction: float = _f(0.2, "Fraction of path held out for testing when test_path is not set.")
+    label_column: str = _f("label", "CSV column holding the integer class label; every other column is a feature.")
+    transfer_path: str | None = _f(None, "Optional unlabeled transfer set for distillation (.npz with x, or .csv).")
+    num_samples: int = _f(5000, "MNIST-1D: samples generated for train + test (paper default 5000).")
+    train_split: float = _f(0.8, "MNIST-1D: fraction of num_samples used for training (paper: 4000/1000).")
+    seed: int = _f(42, "MNIST-1D: generator seed of the labeled set (paper default 42).")
+    transfer_size: int = _f(40000, "MNIST-1D: unlabeled transfer samples generated with other seeds (0 = none).")
+    transfer_seed: int = _f(1, "MNIST-1D: generator seed of the transfer set (must differ from seed).")
+    cache_dir: str = _f("~/.cache/distilflow", "Where generated datasets are cached.")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("mlp", "Built-in 'mlp', 'cnn1d', 'cnn2d', or your own 'module.path:factory'.")
+    hidden: list[int] = _f([192, 192], "mlp: widths of the hidden layers.")
+    channels: list[int] = _f([32, 32, 32], "cnn1d/cnn2d: channels of each conv block.")
+    kernel_size: int = _f(5, "cnn1d/cnn2d: convolution kernel size.")
+    dropout: float = _f(0.0, "Dropout before the classifier layer.")
+    kwargs: dict[str, Any] = _f({}, "Keyword arguments passed to a 'module.path:factory' model.")
+    checkpoint: str | None = _f(None, "Reuse trained weights (.safetensors or a stage checkpoint) instead of training.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(2000, "Optimizer steps.")
+    batch_size: int = _f(128, "Samples per optimizer step (split over grad_accum micro-batches).")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step; the loss is normalised over the whole step.")
+    lr: float = _f(3e-3, "Peak learning rate (AdamW).")
+    min_lr: float = _f(3e-5, "Learning rate at the end of the cosine decay.")
+    warmup_steps: int = _f(100, "Linear learning-rate warm-up steps.")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 = off).")
+    eval_every: int = _f(500, "Evaluate on the test split every N steps (0 = only at the end).")
+    log_every: int = _f(50, "Write metrics every N steps.")
+    checkpoint_every: int = _f(500, "Write an atomic checkpoint every N steps (0 = only at the end).")
+
+
+@dataclass
+class StageConfig:
+    model: ModelConfig = _f(ModelConfig(), "Architecture of this model.")
+    train: TrainConfig = _f(TrainConfig(), "Optimisation of this model.")
+
+
+@dataclass
+class KDWeightConfig:
+    schedule: Literal["constant", "article", "cosine"] = _f(
+        "article",
+        "constant: base_weight; article: ramp 0->base over warmup_steps then base*decay_rate**(step-warmup); "
+        "cosine: ramp then cosine from base to min_weight.",
+    )
+    base_weight: float = _f(0.7, "Peak KD-loss weight (the article's kl_weight 0.7).")
+    warmup_steps: int = _f(0, "Steps of the linear ramp from 0 to base_weight.")
+    decay_rate: float = _f(1.0, "article schedule: per-step multiplicative decay after warm-up (1.0 = none).")
+    min_weight: float = _f(0.0, "Floor under the decayed weight.")
+
+
+@dataclass
+class FeatureLayerConfig:
+    student: str = _f("", "Module path in the student whose output is aligned (e.g. 'layers.3').")
+    teacher: str = _f("", "Module path in the teacher that it is aligned to (e.g. 'features.8').")
+    weight: float = _f(1.0, "Weight of this layer pair in the feature loss.")
+
+
+@dataclass
+class PhaseConfig:
+    name: str = _f("phase", "Name shown in logs and plots.")
+    fraction: float | None = _f(None, "Share of total steps (fractions of all phases sum to 1).")
+    steps: int | None = _f(None, "Fixed step count instead of a fraction.")
+    terms: list[Literal["kd", "ce", "feature"]] = _f(["kd"], "Loss terms active in this phase.")
+
+
+DEFAULT_PHASES = [
+    PhaseConfig(name="feature_alignment", fraction=0.2, terms=["feature"]),
+    PhaseConfig(name="soft_label_pretrain", fraction=0.5, terms=["kd"]),
+    PhaseConfig(name="joint_optimization", fraction=0.3, terms=["kd", "ce"]),
+]
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = _f(2.0, "Softmax temperature T of the KD term (> 0); the loss is scaled by T^2.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _f(
+        "forward_kl", "forward_kl = KL(teacher||student) (Hinton); reverse_kl; jsd = generalised JSD(beta)."
+    )
+    jsd_beta: float = _f(0.5, "jsd: interpolation beta in (0, 1).")
+    kd_weight: KDWeightConfig = _f(KDWeightConfig(), "Schedule of the KD-loss weight.")
+    ce_weight: float = _f(0.3, "Weight of the hard-label cross-entropy term.")
+    feature_weight: float = _f(1.0, "Weight of the feature-alignment term.")
+    feature_loss: Literal["normalized_mse", "cosine"] = _f(
+        "normalized_mse", "normalized_mse: squared distance of L2-normalised features; cosine: 1 - cos."
+    )
+    feature_layers: list[FeatureLayerConfig] = _f(
+        [FeatureLayerConfig(student="layers.3", teacher="pool")],
+        "Student/teacher layer pairs to align (projection heads are built from the observed shapes).",
+    )
+    phases: list[PhaseConfig] = _f(DEFAULT_PHASES, "Ordered phases of distillation and the loss terms of each.")
+
+
+@dataclass
+class Config:
+    name: str = _f("mnist1d", "Run name; output goes to runs/<name> unless output_dir is set.")
+    output_dir: str | None = _f(None, "Where results, checkpoints and the report are written.")
+    seed: int = _f(0, "Seed of model init, batch order and dropout.")
+    device: str = _f("cpu", "'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default).")
+    data: DataConfig = _f(DataConfig(), "Where the data comes from.")
+    teacher: StageConfig = _f(
+        StageConfig(model=ModelConfig(arch="cnn1d"), train=TrainConfig(steps=2000)),
+        "The teacher: trained first (or loaded from model.checkpoint).",
+    )
+    student: StageConfig = _f(
+        StageConfig(model=ModelConfig(arch="mlp"), train=TrainConfig(steps=4000)),
+        "The student: trained once without a teacher (baseline) and once distilled, same budget.",
+    )
+    distill: DistillConfig = _f(DistillConfig(), "How the student learns from the teacher.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    bad = UserError(f"config key '{key}': {value!r} is not allowed; expected {_type_name(tp)}")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except UserError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"unknown config key '{full}'{hint}; allowed: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain dict of a config (what YAML, JSON and checkpoints hold)."""
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a', 'b', 'c'], value); the value is read as YAML (safe_load)."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{text}' has an empty key; use dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if isinstance(child, list):
+            raise UserError(f"override '{'.'.join(path)}': '{part}' is a list; set it whole, e.g. {part}=[...]")
+        if not isinstance(child, dict):
+            if part not in node:
+                # Leave the unknown key in place: validation names it with the allowed keys.
+                node[part] = {}
+            else:
+                raise UserError(f"override '{'.'.join(path)}': '{'.'.join(path[: i + 1])}' is not a mapping")
+        node = node[part]
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file '{path}' is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``dotted.key=value`` overrides, then validation."""
+    tree = to_dict(Config())
+    if path is not None:
+        tree = _merge(tree, read_yaml(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(tree, keys, value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express; each failure names key, value and rule."""
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise UserError(f"config key '{key}': {value!r} is not allowed; {rule}")
+
+    d = cfg.distill
+    need(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0")
+    need(0 < d.jsd_beta < 1, "distill.jsd_beta", d.jsd_beta, "must be in (0, 1)")
+    need(d.ce_weight >= 0, "distill.ce_weight", d.ce_weight, "must be >= 0")
+    need(d.feature_weight >= 0, "distill.feature_weight", d.feature_weight, "must be >= 0")
+    kw = d.kd_weight
+    need(kw.base_weight >= 0, "distill.kd_weight.base_weight", kw.base_weight, "must be >= 0")
+    need(kw.warmup_steps >= 0, "distill.kd_weight.warmup_steps", kw.warmup_steps, "must be >= 0")
+    need(0 < kw.decay_rate <= 1, "distill.kd_weight.decay_rate", kw.decay_rate, "must be in (0, 1]")
+    need(
+        0 <= kw.min_weight <= kw.base_weight,
+        "distill.kd_weight.min_weight",
+        kw.min_weight,
+        "must be in [0, base_weight]",
+    )
+    need(len(d.phases) > 0, "distill.phases", d.phases, "at least one phase is needed")
+    for i, layer in enumerate(d.feature_layers):
+        need(bool(layer.student), f"distill.feature_layers[{i}].student", layer.student, "name a student module path")
+        need(bool(layer.teacher), f"distill.feature_layers[{i}].teacher", layer.teacher, "name a teacher module path")
+        need(layer.weight >= 0, f"distill.feature_layers[{i}].weight", layer.weight, "must be >= 0")
+    uses_features = any("feature" in p.terms for p in d.phases)
+    need(
+        not uses_features or bool(d.feature_layers),
+        "distill.feature_layers",
+        [],
+        "a phase uses the 'feature' term, so name at least one student/teacher layer pair",
+    )
+    from distilflow.schedules import phase_boundaries  # validates fractions and steps
+
+    phase_boundaries(d.phases, cfg.student.train.steps)
+
+    for stage in ("teacher", "student"):
+        t = getattr(cfg, stage).train
+        pre = f"{stage}.train"
+        need(t.steps >= 1, f"{pre}.steps", t.steps, "must be >= 1")
+        need(t.batch_size >= 1, f"{pre}.batch_size", t.batch_size, "must be >= 1")
+        need(t.grad_accum >= 1, f"{pre}.grad_accum", t.grad_accum, "must be >= 1")
+        need(
+            t.batch_size % t.grad_accum == 0,
+            f"{pre}.batch_size",
+            t.batch_size,
+            f"must be divisible by grad_accum ({t.grad_accum})",
+        )
+        need(t.lr > 0, f"{pre}.lr", t.lr, "must be > 0")
+        need(0 <= t.min_lr <= t.lr, f"{pre}.min_lr", t.min_lr, "must be in [0, lr]")
+        need(0 <= t.warmup_steps <= t.steps, f"{pre}.warmup_steps", t.warmup_steps, "must be in [0, steps]")
+        need(t.weight_decay >= 0, f"{pre}.weight_decay", t.weight_decay, "must be >= 0")
+        need(t.grad_clip >= 0, f"{pre}.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
+        for key in ("eval_every", "log_every", "checkpoint_every"):
+            need(getattr(t, key) >= 0, f"{pre}.{key}", getattr(t, key), "must be >= 0")
+        m = getattr(cfg, stage).model
+        need(0 <= m.dropout < 1, f"{stage}.model.dropout", m.dropout, "must be in [0, 1)")
+        need(all(h >= 1 for h in m.hidden), f"{stage}.model.hidden", m.hidden, "widths must be >= 1")
+        need(
+            len(m.channels) >= 1 and all(c >= 1 for c in m.channels),
+            f"{stage}.model.channels",
+            m.channels,
+            "one or more channel counts >= 1",
+        )
+        need(m.kernel_size >= 1, f"{stage}.model.kernel_size", m.kernel_size, "must be >= 1")
+    data = cfg.data
+    need(
+        data.source == "mnist1d" or data.path is not None,
+        "data.path",
+        data.path,
+        f"source '{data.source}' needs a file path",
+    )
+    need(0 < data.test_fraction < 1, "data.test_fraction", data.test_fraction, "must be in (0, 1)")
+    need(0 < data.train_split < 1, "data.train_split", data.train_split, "must be in (0, 1)")
+    need(data.num_samples >= 20, "data.num_samples", data.num_samples, "must be >= 20")
+    need(data.transfer_size >= 0, "data.transfer_size", data.transfer_size, "must be >= 0")
+    need(
+        data.transfer_size == 0 or data.transfer_seed != data.seed,
+        "data.transfer_seed",
+        data.transfer_seed,
+        "must differ from data.seed, or the transfer set repeats the labeled samples",
+    )
+    need(cfg.threads >= 0, "threads", cfg.threads, "must be >= 0")
+
+
+# ---------------------------------------------------------------- printing
+
+
+def describe(cfg: Any, indent: int = 0) -> str:
+    """Commented YAML of a config: every field with its value and one-line description."""
+    lines: list[str] = []
+    pad = "  " * indent
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        help_text = f.metadata.get("help", "")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:  # {help_text}")
+            lines.append(describe(value, indent + 1))
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            lines.append(f"{pad}{f.name}:  # {help_text}")
+            for item in value:
+                body = describe(item, indent + 2).splitlines()
+                first = body[0].lstrip()
+                lines.append(f"{pad}  - {first}")
+                lines.extend(body[1:])
+        else:
+            rendered = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+            if rendered.endswith("\n...") or rendered.endswith("..."):
+                rendered = rendered.replace("\n...", "").removesuffix("...").strip()
+            lines.append(f"{pad}{f.name}: {rendered}  # {help_text}")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""Classification data: built-in MNIST-1D, or the user's ``.npz`` / ``.csv`` files.
+
+Everything is held in memory as tensors. Distillation may add an unlabeled *transfer set*:
+samples the teacher labels with its soft outputs; their hard label is ``IGNORE_INDEX``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distilflow.config import DataConfig
+from distilflow.errors import UserError
+from distilflow.losses.objective import IGNORE_INDEX
+
+
+@dataclass
+class ClassificationData:
+    train_x: torch.Tensor  # (N, *input_shape) float32
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    transfer_x: torch.Tensor | None = None  # (M, *input_shape), unlabeled
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train_y.max(), self.test_y.max())) + 1
+
+    def distill_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labeled train samples plus the transfer set (labels IGNORE_INDEX)."""
+        if self.transfer_x is None or len(self.transfer_x) == 0:
+            return self.train_x, self.train_y
+        unlabeled = torch.full((len(self.transfer_x),), IGNORE_INDEX, dtype=torch.long)
+        return torch.cat([self.train_x, self.transfer_x]), torch.cat([self.train_y, unlabeled])
+
+
+def _mnist1d_arrays(num_samples: int, train_split: float, seed: int, cache_dir: Path) -> dict:
+    """``mnist1d.data.make_dataset`` (never ``get_dataset``, which downloads), cached as .npz."""
+    key = hashlib.sha256(json.dumps([num_samples, train_split, seed, "v1"]).encode()).hexdigest()[:16]
+    path = cache_dir / f"mnist1d-{key}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
+    raw = make_dataset(args)
+    arrays = {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return arrays
+
+
+def _as_features(x: np.ndarray, where: str) -> torch.Tensor:
+    if x.dtype == object or not np.issubdtype(x.dtype, np.number):
+        raise UserError(f"{where}: features must be numbers, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise UserError(f"{where}: features need shape (samples, ...), got shape {x.shape}")
+    tensor = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise UserError(f"{where}: features hold NaN or inf values")
+    return tensor
+
+
+def _as_labels(y: np.ndarray, where: str) -> torch.Tensor:
+    if y.ndim != 1:
+        raise UserError(f"{where}: labels need shape (samples,), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+            y = y.astype(np.int64)
+        else:
+            raise UserError(f"{where}: labels must be integer class ids 0..C-1, got dtype {y.dtype}")
+    if len(y) and y.min() < 0:
+        raise UserError(f"{where}: labels must be class ids >= 0, found {int(y.min())}")
+    return torch.as_tensor(y, dtype=torch.long)
+
+
+def _read_file(path: str, source: str, label_column: str, labeled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"data file '{path}' does not exist")
+    if source == "npz" or p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as f:
+                files = set(f.files)
+                if "x" not in files or (labeled and "y" not in files):
+                    need = "'x' and 'y'" if labeled else "'x'"
+                    raise UserError(f"data file '{path}' holds arrays {sorted(files)}; it needs {need}")
+                return f["x"], (f["y"] if labeled else None)
+        except UserError:
+            raise
+        except (ValueError, OSError) as exc:
+            raise UserError(f"data file '{path}' is not a readable .npz file ({exc})") from None
+    try:
+        header = p.open().readline().strip().split(",")
+        table = np.genfromtxt(p, delimiter=",", skip_header=1, dtype=np.float64, ndmin=2)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"data file '{path}' is not a readable CSV file ({exc})") from None
+    if table.size == 0:
+        raise UserError(f"data file '{path}' has no data rows")
+    if table.shape[1] != len(header):
+        raise UserError(f"data file '{path}': header has {len(header)} columns but rows have {table.shape[1]}")
+    if np.isnan(table).any():
+        row = int(np.argwhere(np.isnan(table))[0][0]) + 2
+        raise UserError(f"data file '{path}' line {row}: a value is empty or not a number")
+    if label_column in header:
+        col = header.index(label_column)
+        return np.delete(table, col, axis=1), table[:, col]
+    if labeled:
+        raise UserError(f"data file '{path}' has no label column '{label_column}'; columns: {', '.join(header)}")
+    return table, None
+
+
+def load_classification(cfg: DataConfig) -> ClassificationData:
+    """The train/test split and optional transfer set described by ``cfg``."""
+    if cfg.source == "mnist1d":
+        cache = Path(cfg.cache_dir).expanduser()
+        arrays = _mnist1d_arrays(cfg.num_samples, cfg.train_split, cfg.seed, cache)
+        data = ClassificationData(
+            torch.as_tensor(arrays["x"], dtype=torch.float32),
+            torch.as_tensor(arrays["y"], dtype=torch.long),
+            torch.as_tensor(arrays["x_test"], dtype=torch.float32),
+            torch.as_tensor(arrays["y_test"], dtype=torch.long),
+        )
+        if cfg.transfer_size > 0:
+            # train_split below 1 keeps make_dataset's split arithmetic; we take both halves.
+            extra = _mnist1d_arrays(cfg.transfer_size, 0.5, cfg.transfer_seed, cache)
+            data.transfer_x = torch.as_tensor(np.concatenate([extra["x"], extra["x_test"]]), dtype=torch.float32)
+    else:
+        x, y = _read_file(cfg.path, cfg.source, cfg.label_column, labeled=True)
+        x, y = _as_features(x, cfg.path), _as_labels(y, cfg.path)
+        if cfg.test_path:
+            tx, ty = _read_file(cfg.test_path, cfg.source, cfg.label_column, labeled=True)
+            tx, ty = _as_features(tx, cfg.test_path), _as_labels(ty, cfg.test_path)
+        else:
+            # A fixed permutation (seeded by data.seed) so the split does not depend on file order.
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+            n_test = max(1, int(round(len(x) * cfg.test_fraction)))
+            tx, ty = x[order[:n_test]], y[order[:n_test]]
+            x, y = x[order[n_test:]], y[order[n_test:]]
+        if len(x) == 0:
+            raise UserError(f"data file '{cfg.path}': no training samples left after holding out the test split")
+        if tx.shape[1:] != x.shape[1:]:
+            raise UserError(f"test data has samples of shape {tuple(tx.shape[1:])}, training data {tuple(x.shape[1:])}")
+        data = ClassificationData(x, y, tx, ty)
+        if cfg.transfer_path:
+            ux, _ = _read_file(cfg.transfer_path, cfg.source, cfg.label_column, labeled=False)
+            ux = _as_features(ux, cfg.transfer_path)
+            if ux.shape[1:] != x.shape[1:]:
+                raise UserError(
+                    f"transfer set '{cfg.transfer_path}' has samples of shape {tuple(ux.shape[1:])}, "
+                    f"training data {tuple(x.shape[1:])}"
+                )
+            data.transfer_x = ux
+    if data.num_classes < 2:
+        raise UserError("data: labels hold a single class; classification needs at least two")
+    return data

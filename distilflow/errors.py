@@ -1,0 +1,9 @@
+"""The one exception type that the CLI turns into a single line and exit code 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user: config, data, checkpoint or model mismatch.
+
+    The message must name what is wrong and what is allowed; the CLI prints it as one line
+    without a traceback and exits with code 2.
+    """

@@ -1,0 +1,1 @@
+"""Models: built-in zoo, builders, feature taps and projection heads."""

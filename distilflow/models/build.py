@@ -1,0 +1,83 @@
+"""Build models from config (built-in zoo or ``module.path:factory``), load weights, count cost."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from distilflow.config import ModelConfig
+from distilflow.errors import UserError
+from distilflow.models.zoo import CNN, MLP
+
+
+def import_object(spec: str, what: str):
+    """``'package.module:attr'`` -> the attribute; errors name the spec and the rule."""
+    if ":" not in spec:
+        raise UserError(f"{what} '{spec}' is not allowed; use a built-in name or 'module.path:factory'")
+    module_name, attr = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"{what} '{spec}': cannot import module '{module_name}' ({exc})") from None
+    if not hasattr(module, attr):
+        raise UserError(f"{what} '{spec}': module '{module_name}' has no attribute '{attr}'")
+    return getattr(module, attr)
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, role: str) -> nn.Module:
+    """A fresh model for inputs of ``input_shape`` (per sample) and ``num_classes`` outputs."""
+    if cfg.arch == "mlp":
+        return MLP(input_shape, num_classes, cfg.hidden, cfg.dropout)
+    if cfg.arch in ("cnn1d", "cnn2d"):
+        dims = 1 if cfg.arch == "cnn1d" else 2
+        try:
+            return CNN(input_shape, num_classes, cfg.channels, cfg.kernel_size, cfg.dropout, dims=dims)
+        except ValueError as exc:
+            raise UserError(f"{role}.model.arch '{cfg.arch}': {exc}") from None
+    factory = import_object(cfg.arch, f"{role}.model.arch")
+    kwargs = dict(cfg.kwargs)
+    params = inspect.signature(factory).parameters
+    if "input_shape" in params:
+        kwargs.setdefault("input_shape", input_shape)
+    if "num_classes" in params:
+        kwargs.setdefault("num_classes", num_classes)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"{role}.model.arch '{cfg.arch}': calling it with {sorted(kwargs)} failed ({exc})") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{role}.model.arch '{cfg.arch}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path, role: str) -> None:
+    """Load a ``.safetensors`` file or a distilflow checkpoint into ``model``; mismatches are UserErrors."""
+    from distilflow.train.checkpoint import read_model_state
+
+    state = read_model_state(path, role)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise UserError(f"{role} weights '{path}' do not fit the configured {role} model: {detail}") from None
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates per sample of one forward pass (FLOP counter / 2, batch of one)."""
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(example[:1])
+    model.train(was_training)
+    return counter.get_total_flops() // 2

@@ -1,0 +1,50 @@
+"""Projection heads that map a student feature onto the teacher feature's shape.
+
+Real students are narrower than their teachers, so the article's plain MSE between features
+cannot run. A head is chosen from the observed per-sample shapes (batch dim excluded):
+
+- equal shapes -> identity (nothing to learn);
+- vectors ``(d_s,)`` -> ``(d_t,)``, or tokens ``(T, d_s)`` -> ``(T, d_t)`` -> ``Linear(d_s, d_t)``;
+- conv maps ``(C_s, *S)`` -> ``(C_t, *S)`` with equal spatial size -> 1x1 convolution;
+- a vector student onto a conv map teacher -> ``Linear(d_s, prod(teacher))`` reshaped;
+- a conv map student onto a vector teacher -> flatten, then ``Linear``.
+
+Anything else (conv maps of different spatial sizes) raises a UserError naming both shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from distilflow.errors import UserError
+
+
+def build_head(
+    student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], *, per_token: bool, name: str
+) -> nn.Module:
+    """A head for one layer pair; ``name`` ('student.path -> teacher.path') goes into errors."""
+    s, t = tuple(student_shape), tuple(teacher_shape)
+    if s == t:
+        return nn.Identity()
+    if per_token:
+        if len(s) != 2 or len(t) != 2 or s[0] != t[0]:
+            raise UserError(
+                f"feature pair {name}: student shape {s} and teacher shape {t} per sample; token features "
+                "must both be (seq_len, width) with the same seq_len"
+            )
+        return nn.Linear(s[-1], t[-1])
+    if len(s) == 1 and len(t) == 1:
+        return nn.Linear(s[0], t[0])
+    if len(s) >= 2 and len(t) >= 2 and s[1:] == t[1:] and len(s) in (2, 3):
+        conv = nn.Conv1d if len(s) == 2 else nn.Conv2d
+        return conv(s[0], t[0], kernel_size=1)
+    if len(s) == 1:
+        return nn.Sequential(nn.Linear(s[0], math.prod(t)), nn.Unflatten(1, t))
+    if len(t) == 1:
+        return nn.Sequential(nn.Flatten(1), nn.Linear(math.prod(s), t[0]))
+    raise UserError(
+        f"feature pair {name}: no projection head maps student shape {s} onto teacher shape {t}; allowed: "
+        "vectors, or conv maps with the same spatial size, or a vector on either side"
+    )

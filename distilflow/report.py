@@ -1,0 +1,162 @@
+"""report.md with a results table and PNG plots drawn from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distilflow.config import Config
+from distilflow.schedules import kd_weight, lr_at, phase_boundaries
+
+PART_NAMES = ("kd", "ce", "feature")
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _shade_phases(ax, cfg: Config) -> None:
+    colors = ["#dbe9f6", "#fde9d9", "#e2f0d9", "#eee3f3"]
+    for i, phase in enumerate(phase_boundaries(cfg.distill.phases, cfg.student.train.steps)):
+        if phase.steps:
+            ax.axvspan(phase.start, phase.end, color=colors[i % len(colors)], alpha=0.8, lw=0)
+            ax.text(
+                (phase.start + phase.end) / 2,
+                1.0,
+                phase.name,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+
+
+def plot_losses(rows: list[dict], cfg: Config, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in ("teacher", "baseline", "student") if any(r.get("stage") == s and "loss" in r for r in rows)]
+    fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(5 * max(len(stages), 1), 3.6), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        train_rows = [r for r in rows if r.get("stage") == stage and "loss" in r]
+        if stage == "student":
+            _shade_phases(ax, cfg)
+        steps = [r["step"] for r in train_rows]
+        ax.plot(steps, [r["loss"] for r in train_rows], label="total", color="black", lw=1.2)
+        for part in PART_NAMES:
+            points = [(r["step"], r[part]) for r in train_rows if part in r]
+            if points:
+                ax.plot(*zip(*points), label=part, lw=1)
+        ax.set_title(stage, pad=12)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_schedules(cfg: Config, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = cfg.student.train.steps
+    t = cfg.student.train
+    steps = list(range(total))
+    plan = phase_boundaries(cfg.distill.phases, total)
+    # The KD weight only matters where a phase uses the kd term; elsewhere it is drawn as 0.
+    active = {s for p in plan if "kd" in p.terms for s in range(p.start, p.end)}
+    kd = [kd_weight(s, total, cfg.distill.kd_weight) if s in active else 0.0 for s in steps]
+    lr = [lr_at(s, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=total) for s in steps]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, values, title in ((a1, kd, "KD weight (student)"), (a2, lr, "learning rate (student)")):
+        _shade_phases(ax, cfg)
+        ax.plot(steps, values, color="black", lw=1.2)
+        ax.set_title(title, pad=12)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(rows: list[dict], results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for stage in ("teacher", "baseline", "student"):
+        points = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("stage") == stage and "eval_accuracy" in r]
+        if points:
+            a1.plot(*zip(*points), marker="o", ms=3, label=stage)
+    a1.set_title("test accuracy during training")
+    a1.set_xlabel("step")
+    a1.legend(fontsize=8)
+    names = [s for s in ("teacher", "baseline", "student") if s in results]
+    values = [results[s].get("accuracy", 0.0) for s in names]
+    bars = a2.bar(names, values, color=["#4c72b0", "#999999", "#55a868"][: len(names)])
+    for bar, value in zip(bars, values):
+        a2.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+    a2.set_ylim(0, 1.05)
+    a2.set_title("final test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
+    rows = _read_metrics(run_dir)
+    plot_losses(rows, cfg, run_dir / "losses.png")
+    plot_schedules(cfg, run_dir / "schedules.png")
+    plot_accuracy(rows, results, run_dir / "accuracy.png")
+    lines = [
+        f"# distilflow report: {cfg.name}",
+        "",
+        "| model | architecture | test accuracy | params | MACs / sample | train steps | train seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    archs = {"teacher": cfg.teacher.model.arch, "baseline": cfg.student.model.arch, "student": cfg.student.model.arch}
+    for stage in ("teacher", "baseline", "student"):
+        r = results.get(stage, {})
+        lines.append(
+            f"| {stage} | {archs[stage]} | {r.get('accuracy', float('nan')):.4f} | {r.get('params', 0):,} | "
+            f"{r.get('macs', 0):,} | {r.get('steps', 0)} | {r.get('train_seconds', 0)} |"
+        )
+    plan = phase_boundaries(cfg.distill.phases, cfg.student.train.steps)
+    lines += [
+        "",
+        f"Student MACs are {results['student']['macs_ratio_to_teacher']:.3f} of the teacher's. "
+        f"Whole run: {results['wall_seconds']} s.",
+        "",
+        "Phases of distillation: "
+        + ", ".join(f"{p.name} steps {p.start}-{p.end} ({'+'.join(p.terms)})" for p in plan)
+        + f"; temperature {cfg.distill.temperature}, divergence {cfg.distill.divergence}.",
+        "",
+        "## Losses (phases shaded)",
+        "![losses](losses.png)",
+        "",
+        "## KD weight and learning rate",
+        "![schedules](schedules.png)",
+        "",
+        "## Accuracy",
+        "![accuracy](accuracy.png)",
+        "",
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

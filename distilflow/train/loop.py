@@ -1,0 +1,227 @@
+"""The one training loop: teacher training, the no-teacher baseline and distillation.
+
+Read top-down: for each step -> phase and weights -> micro-batches -> forward student (and the
+teacher, when the phase needs it) -> objective -> backward -> clip -> step -> log / eval /
+checkpoint. What differs between the three uses is only the objective and whether a teacher
+is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from distilflow.config import TrainConfig
+from distilflow.errors import UserError
+from distilflow.losses.objective import Objective, Outputs, Targets, add_counts
+from distilflow.models.taps import Taps
+from distilflow.schedules import lr_at
+from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
+from distilflow.train.logging import MetricsLog, Progress
+
+Batch = dict[str, torch.Tensor]
+
+
+class Task(Protocol):
+    """What the loop needs to know about a kind of model and data (classifier, causal LM)."""
+
+    per_token: bool
+    primary_metric: str
+
+    def micro_batches(self, step: int) -> list[Batch]: ...
+
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    def targets(self, batch: Batch) -> Targets: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+
+class TeacherSignals(Protocol):
+    """Where teacher outputs come from: a live model now; a cache of saved outputs later."""
+
+    def __call__(self, batch: Batch, *, features: bool) -> Outputs: ...
+
+
+class LiveTeacher:
+    """A frozen teacher run on each batch (eval mode, no grad)."""
+
+    def __init__(self, model: nn.Module, task: Task, taps: Taps | None) -> None:
+        self.model, self.task, self.taps = model.eval(), task, taps
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, *, features: bool) -> Outputs:
+        if features and self.taps is not None:
+            with self.taps.capture():
+                logits = self.task.forward(self.model, batch)
+            return Outputs(logits, self.taps.features())
+        return Outputs(self.task.forward(self.model, batch))
+
+
+class NonFiniteLoss(UserError):
+    """The loss or the gradient became NaN/inf; the run stops and keeps the last good checkpoint."""
+
+
+@dataclass
+class FitResult:
+    steps: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    *,
+    stage: str,
+    model: nn.Module,
+    objective: Objective,
+    task: Task,
+    train: TrainConfig,
+    stage_dir: Path,
+    log: MetricsLog,
+    config: dict[str, Any],
+    teacher: TeacherSignals | None = None,
+    student_taps: Taps | None = None,
+) -> FitResult:
+    """Train ``model`` (and the objective's projection heads) for ``train.steps`` steps.
+
+    Resumes from ``stage_dir/checkpoint.pt`` when it exists: model, heads, optimizer, step and
+    RNG state are restored, and schedules are pure functions of the step, so the run continues
+    exactly where it stopped.
+    """
+    if objective.needs_teacher and teacher is None:
+        raise UserError(f"stage '{stage}' uses teacher terms but no teacher was given")
+    params = [p for p in list(model.parameters()) + list(objective.heads.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    ckpt_path = stage_dir / CHECKPOINT
+    start = 0
+    if ckpt_path.is_file():
+        state = read_checkpoint(ckpt_path)
+        try:
+            model.load_state_dict(state["model"])
+            objective.heads.load_state_dict(state["heads"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(
+                f"checkpoint '{ckpt_path}' does not fit the configured {stage} ({type(exc).__name__}); "
+                "use a fresh output_dir"
+            ) from None
+        _set_rng_state(state["rng"])
+        start = int(state["step"])
+        log.drop_after(start)
+
+    def save(step: int) -> None:
+        write_checkpoint(
+            ckpt_path,
+            {
+                "stage": stage,
+                "step": step,
+                "phase": objective.phase(max(step - 1, 0)).name,
+                "model": model.state_dict(),
+                "heads": objective.heads.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(),
+                "config": config,
+            },
+        )
+
+    progress = Progress(stage, train.steps)
+    metrics: dict[str, float] = {}
+    began = time.monotonic()
+    window_start, window_samples = time.monotonic(), 0
+    model.train()
+    for step in range(start, train.steps):
+        lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=train.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        phase = objective.phase(step)
+        wants_features = "feature" in phase.terms
+        micro = task.micro_batches(step)
+        targets = [task.targets(b) for b in micro]
+        rows: dict[str, int] = {}
+        for t in targets:
+            rows = add_counts(rows, t.counts(task.per_token))
+
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        parts_sum: dict[str, float] = {}
+        for batch, target in zip(micro, targets):
+            teacher_out = teacher(batch, features=wants_features) if phase_needs_teacher(phase.terms) else None
+            if wants_features and student_taps is not None:
+                with student_taps.capture():
+                    logits = task.forward(model, batch)
+                student_out = Outputs(logits, student_taps.features())
+            else:
+                student_out = Outputs(task.forward(model, batch))
+            loss, parts = objective(step, student_out, teacher_out, target, rows)
+            if not torch.isfinite(loss):
+                _stop(stage, step, "loss", float(loss), parts, ckpt_path)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else math.inf))
+        if not math.isfinite(grad_norm):
+            _stop(stage, step, "gradient norm", grad_norm, {}, ckpt_path)
+        optimizer.step()
+        window_samples += sum(len(next(iter(b.values()))) for b in micro)
+
+        done = step + 1
+        if done % max(train.log_every, 1) == 0 or done == train.steps:
+            elapsed = max(time.monotonic() - window_start, 1e-9)
+            info = {
+                "step": done,
+                "phase": phase.name,
+                "loss": loss_sum,
+                **parts_sum,
+                "kd_weight": objective.weights(step).get("kd", 0.0),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "samples_per_s": window_samples / elapsed,
+            }
+            log.write(info)
+            progress.update(done, {**info, "parts": parts_sum}, force=done == train.steps)
+            window_start, window_samples = time.monotonic(), 0
+        if (train.eval_every and done % train.eval_every == 0) or done == train.steps:
+            metrics = task.evaluate(model)
+            log.write({"step": done, "phase": phase.name, **{f"eval_{k}": v for k, v in metrics.items()}})
+            model.train()
+        if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps:
+            save(done)
+    if start >= train.steps:
+        metrics = task.evaluate(model)
+    model.eval()
+    return FitResult(steps=train.steps, metrics=metrics, seconds=time.monotonic() - began)
+
+
+def phase_needs_teacher(terms: tuple[str, ...]) -> bool:
+    return "kd" in terms or "feature" in terms
+
+
+def _stop(stage: str, step: int, what: str, value: float, parts: dict, ckpt_path: Path) -> None:
+    detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+    kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written yet"
+    raise NonFiniteLoss(
+        f"{stage} step {step + 1}: {what} is {value} ({detail or 'no parts'}); stopped, {kept}. "
+        "Lower the learning rate, keep grad_clip on, or check the data for extreme values"
+    )
