@@ -23,8 +23,15 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a UserError: one line on stderr and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message}; see '{self.prog} --help'")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="distilflow",
         description="Knowledge distillation for PyTorch. With no CONFIG the built-in default "
         "(configs/mnist1d.yaml: a 1-D CNN teacher distilled into an MLP on MNIST-1D) is used.",
@@ -34,13 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "resume":
             p.add_argument("run_dir", help="a run folder written by 'distilflow run'")
-            continue
-        p.add_argument(
-            "args",
-            nargs="*",
-            metavar="[CONFIG] [key=value ...]",
-            help="an optional YAML config file, then dotted overrides such as student.train.steps=500",
-        )
+        else:
+            p.add_argument(
+                "args",
+                nargs="*",
+                metavar="[CONFIG] [key=value ...]",
+                help="an optional YAML config file, then dotted overrides such as student.train.steps=500",
+            )
         if name == "eval":
             p.add_argument(
                 "--model",
@@ -178,11 +185,24 @@ HANDLERS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    ns, extra = parser.parse_known_args(argv)
+    # argparse stops filling a nargs="*" positional at the first option, so overrides after
+    # --no-tensorboard come back as extras; they belong to the same list, in the same order.
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(ns, "args")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        ns.args = [*ns.args, *extra]
     if not hasattr(ns, "no_tensorboard"):
         ns.no_tensorboard = True
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
+        ns = _parse(argv)
         return HANDLERS[ns.command](ns)
     except UserError as exc:
         print(f"distilflow: error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +180,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
     origin = typing.get_origin(tp)
@@ -226,6 +230,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads YAML 1.1, where '3e-5' (no dot) is a string; it means the float.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
             return float(value)
         raise bad
     if tp is str:

@@ -82,13 +82,16 @@ def open_run(cfg: Config) -> Run:
                 f"output_dir '{run_dir}' holds a run with a different config (keys: {', '.join(diff[:6])}); "
                 "choose another output_dir, or 'distilflow resume' it with its own config"
             )
+    # Device and data first: a run that fails on bad input leaves no config.yaml behind, so the
+    # corrected command can use the same output_dir.
+    device = resolve_device(cfg.device)
+    data = load_classification(cfg.data)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", resolved)
     saved.write_text(yaml.safe_dump(resolved, sort_keys=False))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    return Run(cfg, load_classification(cfg.data), device)
+    return Run(cfg, data, device)
 
 
 def config_of_run(run_dir: str | Path) -> Config:

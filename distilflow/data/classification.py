@@ -88,6 +88,13 @@ def _as_labels(y: np.ndarray, where: str) -> torch.Tensor:
     return torch.as_tensor(y, dtype=torch.long)
 
 
+def _as_samples(x: np.ndarray, y: np.ndarray, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    features, labels = _as_features(x, where), _as_labels(y, where)
+    if len(features) != len(labels):
+        raise UserError(f"{where}: {len(features)} samples in 'x' but {len(labels)} labels in 'y'")
+    return features, labels
+
+
 def _read_file(path: str, source: str, label_column: str, labeled: bool) -> tuple[np.ndarray, np.ndarray | None]:
     p = Path(path).expanduser()
     if not p.is_file():
@@ -141,10 +148,10 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
             data.transfer_x = torch.as_tensor(np.concatenate([extra["x"], extra["x_test"]]), dtype=torch.float32)
     else:
         x, y = _read_file(cfg.path, cfg.source, cfg.label_column, labeled=True)
-        x, y = _as_features(x, cfg.path), _as_labels(y, cfg.path)
+        x, y = _as_samples(x, y, cfg.path)
         if cfg.test_path:
             tx, ty = _read_file(cfg.test_path, cfg.source, cfg.label_column, labeled=True)
-            tx, ty = _as_features(tx, cfg.test_path), _as_labels(ty, cfg.test_path)
+            tx, ty = _as_samples(tx, ty, cfg.test_path)
         else:
             # A fixed permutation (seeded by data.seed) so the split does not depend on file order.
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
@@ -154,7 +161,10 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
         if len(x) == 0:
             raise UserError(f"data file '{cfg.path}': no training samples left after holding out the test split")
         if tx.shape[1:] != x.shape[1:]:
-            raise UserError(f"test data has samples of shape {tuple(tx.shape[1:])}, training data {tuple(x.shape[1:])}")
+            raise UserError(
+                f"test data '{cfg.test_path}' has samples of shape {tuple(tx.shape[1:])}, "
+                f"training data '{cfg.path}' {tuple(x.shape[1:])}"
+            )
         data = ClassificationData(x, y, tx, ty)
         if cfg.transfer_path:
             ux, _ = _read_file(cfg.transfer_path, cfg.source, cfg.label_column, labeled=False)

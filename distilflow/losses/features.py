@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distilflow.losses.logits import at_least_float32
+
 
 def _as_rows(feature: torch.Tensor, per_token: bool) -> torch.Tensor:
     """``(B, ...)`` -> rows ``(N, D)``: one row per sample, or per token for ``(B, T, D)``."""
@@ -33,8 +35,8 @@ def normalized_mse(
     flattened) or, with ``per_token``, a position of a ``(B, T, D)`` sequence, selected by
     ``mask`` ``(B, T)``. Returns a scalar (sum over rows; divide by the row count).
     """
-    s = F.normalize(_as_rows(student_feature.float(), per_token), p=2, dim=-1)
-    t = F.normalize(_as_rows(teacher_feature.float(), per_token), p=2, dim=-1)
+    s = F.normalize(_as_rows(at_least_float32(student_feature), per_token), p=2, dim=-1)
+    t = F.normalize(_as_rows(at_least_float32(teacher_feature), per_token), p=2, dim=-1)
     per_row = (s - t).pow(2).sum(-1)  # (N,)
     if mask is not None:
         per_row = per_row * mask.reshape(-1).to(per_row.dtype)
@@ -49,8 +51,8 @@ def cosine_distance(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over rows of ``1 - cos(s, t)``. Shapes as :func:`normalized_mse`."""
-    s = _as_rows(student_feature.float(), per_token)
-    t = _as_rows(teacher_feature.float(), per_token)
+    s = _as_rows(at_least_float32(student_feature), per_token)
+    t = _as_rows(at_least_float32(teacher_feature), per_token)
     per_row = 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
     if mask is not None:
         per_row = per_row * mask.reshape(-1).to(per_row.dtype)

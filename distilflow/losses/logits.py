@@ -19,6 +19,23 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half and bfloat16 are upcast to float32; float64 stays float64 (references, gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row ``sum p * (log p - log q)`` with ``0 * log 0 = 0``.
+
+    A ``-inf`` logit (a masked or padded vocabulary entry) has ``p = 0``; the plain product
+    would give ``0 * -inf = nan``.
+    """
+    p = log_p.exp()
+    # where() on the difference, not the product, so that no nan reaches the backward pass either.
+    diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    return (p * diff).sum(-1)
+
+
 def _rows(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Sum of per-row values ``(...)`` over rows selected by ``mask``."""
     if mask is None:
@@ -36,11 +53,11 @@ def forward_kl(
     """``T^2 * sum_rows KL(p_teacher || p_student)`` at temperature ``T``.
 
     Shapes: ``student_logits`` and ``teacher_logits`` ``(..., V)``; ``mask`` ``(...)`` or None.
-    Returns a scalar (sum over the selected rows). Computed in float32 at least.
+    Returns a scalar (sum over the selected rows). Computed in float32 at least (float64 stays float64).
     """
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
-    per_row = (t.exp() * (t - s)).sum(-1)  # (...)
+    s = F.log_softmax(at_least_float32(student_logits) / temperature, dim=-1)  # (..., V)
+    t = F.log_softmax(at_least_float32(teacher_logits) / temperature, dim=-1)  # (..., V)
+    per_row = _kl_terms(t, s)  # (...)
     return temperature**2 * _rows(per_row, mask)
 
 
@@ -55,9 +72,9 @@ def reverse_kl(
 
     Shapes as :func:`forward_kl`.
     """
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_row = (s.exp() * (s - t)).sum(-1)
+    s = F.log_softmax(at_least_float32(student_logits) / temperature, dim=-1)
+    t = F.log_softmax(at_least_float32(teacher_logits) / temperature, dim=-1)
+    per_row = _kl_terms(s, t)
     return temperature**2 * _rows(per_row, mask)
 
 
@@ -73,17 +90,30 @@ def generalized_jsd(
 
     With ``m = beta * p_teacher + (1 - beta) * p_student``:
     ``JSD_beta = beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m)``.
-    ``beta -> 0`` behaves like forward KL, ``beta -> 1`` like reverse KL (both scaled by beta).
+    ``JSD_beta / beta -> KL(p_teacher || p_student)`` (forward KL) as ``beta -> 0`` and
+    ``JSD_beta / (1 - beta) -> KL(p_student || p_teacher)`` (reverse KL) as ``beta -> 1``.
     ``beta`` must lie in (0, 1). Shapes as :func:`forward_kl`.
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be in (0, 1), got {beta}")
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(at_least_float32(student_logits) / temperature, dim=-1)
+    t = F.log_softmax(at_least_float32(teacher_logits) / temperature, dim=-1)
     # log m computed stably in log space: logsumexp(log beta + t, log(1-beta) + s)
-    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1.0 - beta)]), dim=0)
-    kl_t = (t.exp() * (t - m)).sum(-1)
-    kl_s = (s.exp() * (s - m)).sum(-1)
+    # An entry that is -inf on both sides has p = q = m = 0 and does not count; give it a finite
+    # stand-in, as logsumexp(-inf, -inf) would send nan into the backward pass.
+    unreachable = torch.isneginf(t) & torch.isneginf(s)
+    zero = torch.zeros_like(t)
+    m = torch.logsumexp(
+        torch.stack(
+            [
+                torch.where(unreachable, zero, t + math.log(beta)),
+                torch.where(unreachable, zero, s + math.log(1.0 - beta)),
+            ]
+        ),
+        dim=0,
+    )
+    kl_t = _kl_terms(t, m)
+    kl_s = _kl_terms(s, m)
     per_row = beta * kl_t + (1.0 - beta) * kl_s
     return temperature**2 * _rows(per_row, mask)
 
@@ -94,7 +124,7 @@ def cross_entropy_sum(student_logits: torch.Tensor, labels: torch.Tensor, *, ign
     Shapes: ``student_logits`` ``(..., V)``, ``labels`` ``(...)`` integer. Returns a scalar.
     """
     return F.cross_entropy(
-        student_logits.float().reshape(-1, student_logits.shape[-1]),
+        at_least_float32(student_logits).reshape(-1, student_logits.shape[-1]),
         labels.reshape(-1),
         ignore_index=ignore_index,
         reduction="sum",

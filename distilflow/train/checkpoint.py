@@ -25,12 +25,24 @@ HEADS = "heads.safetensors"
 FORMAT = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by the owner only; results and weights get the permissions
+# of any other file the user writes (0o666 less the umask).
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)  # after writing: some writers (safetensors) replace the file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

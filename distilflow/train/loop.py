@@ -175,11 +175,11 @@ def fit(
                 student_out = Outputs(task.forward(model, batch))
             loss, parts = objective(step, student_out, teacher_out, target, rows)
             if not torch.isfinite(loss):
-                _stop(stage, step, "loss", float(loss), parts, ckpt_path)
+                _stop(stage, step, "loss", float(loss.detach()), parts, ckpt_path)
             loss.backward()
             loss_sum += float(loss.detach())
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else math.inf))
         if not math.isfinite(grad_norm):
             _stop(stage, step, "gradient norm", grad_norm, {}, ckpt_path)
@@ -219,7 +219,7 @@ def phase_needs_teacher(terms: tuple[str, ...]) -> bool:
 
 
 def _stop(stage: str, step: int, what: str, value: float, parts: dict, ckpt_path: Path) -> None:
-    detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+    detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
     kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written yet"
     raise NonFiniteLoss(
         f"{stage} step {step + 1}: {what} is {value} ({detail or 'no parts'}); stopped, {kept}. "

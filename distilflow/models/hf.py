@@ -1,0 +1,316 @@
+"""Hugging Face causal language models and tokenizers, loaded from local directories only.
+
+Everything here reads local files (``local_files_only=True``): nothing is downloaded from a hub.
+Layers are addressed by module path (``model.layers.3``) so that hidden states can be tapped with
+:class:`distilflow.models.taps.Taps` without editing the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
+from transformers.utils import logging as hf_logging
+
+from distilflow.errors import UserError
+
+# What a tokenizer directory must hold (any one of them), besides tokenizer_config.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# Keys that are valid in a config dict although the config object does not expose them as attributes.
+_CONFIG_METADATA = {"model_type", "transformers_version", "architectures", "torch_dtype", "dtype", "rope_theta"}
+
+
+class VocabNotice(UserWarning):
+    """Emitted by :func:`align_vocab` when teacher and student share a tokenizer but not an embedding size."""
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers 5 draws a "Loading weights" bar on every load; our logs report progress instead."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_causal_lm(
+    path: str | Path,
+    *,
+    role: str,
+    trust_remote_code: bool = False,
+    torch_dtype: torch.dtype | str | None = None,
+) -> tuple[nn.Module, Any]:
+    """A causal LM and its tokenizer from a local directory written by ``save_pretrained``.
+
+    ``role`` ("teacher", "student") names the model in error messages. ``torch_dtype`` is passed
+    as transformers' ``dtype``; ``None`` keeps the transformers 5 default ``"auto"`` (the dtype
+    stored in the checkpoint, e.g. bfloat16), not float32. ``trust_remote_code`` is passed through.
+
+    If the tokenizer has no pad token, ``tokenizer.pad_token`` is set to its eos token; padded
+    positions are identified by the attention mask, never by the pad id, so this is safe.
+    """
+    directory = Path(path)
+    where = f"{role} model directory '{directory}'"
+    if not directory.is_dir():
+        raise UserError(f"{where} does not exist or is not a directory; give a local folder written by save_pretrained")
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{where} has no config.json; give a folder written by save_pretrained")
+    if not _weight_files(directory):
+        raise UserError(f"{where} has no weights; expected *.safetensors or pytorch_model*.bin files")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{where} has no tokenizer; expected one of {', '.join(TOKENIZER_FILES)}")
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    try:
+        with _no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+            dtype = torch_dtype if torch_dtype is not None else "auto"
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{where} could not be loaded: {first_line}") from error
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"{role} tokenizer in '{directory}' has neither a pad nor an eos token; add one")
+        tokenizer.pad_token = tokenizer.eos_token
+    embedding_rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embedding_rows:
+        raise UserError(
+            f"{role} tokenizer in '{directory}' has {len(tokenizer)} tokens but the model embeds only "
+            f"{embedding_rows}; use the tokenizer the model was trained with"
+        )
+    return model, tokenizer
+
+
+def _config_from_dict(values: dict[str, Any], role: str) -> PreTrainedConfig:
+    model_type = values.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=5)
+        hint = f"closest: {', '.join(close)}" if close else "e.g. llama, qwen2, gpt2"
+        raise UserError(f"{role} config model_type {model_type!r} is not a transformers model type; {hint}")
+    config_class = CONFIG_MAPPING[model_type]
+    default = config_class()
+    known = set(inspect.signature(config_class.__init__).parameters) | _CONFIG_METADATA
+    for key in values:
+        if key not in known and not hasattr(default, key):
+            close = difflib.get_close_matches(key, sorted(default.to_dict()), n=3)
+            hint = f"closest: {', '.join(close)}" if close else f"see {config_class.__name__}"
+            raise UserError(f"{role} config key '{key}' is not a field of {model_type} configs; {hint}")
+    return config_class.from_dict({k: v for k, v in values.items() if k != "model_type"})
+
+
+def _load_config(config_source: dict[str, Any] | str | Path, role: str) -> PreTrainedConfig:
+    if isinstance(config_source, dict):
+        return _config_from_dict(config_source, role)
+    path = Path(config_source)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{role} config '{path}' not found; give a config.json file, its folder, or a dict")
+    try:
+        values = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{role} config '{file}' is not valid JSON: {error}") from error
+    if not isinstance(values, dict) or values.get("model_type") not in CONFIG_MAPPING:
+        raise UserError(f"{role} config '{file}' has no known model_type; expected e.g. llama, qwen2, gpt2")
+    return CONFIG_MAPPING[values["model_type"]].from_dict(values)
+
+
+def build_student(
+    config_source: dict[str, Any] | str | Path,
+    *,
+    role: str = "student",
+    teacher: nn.Module | None = None,
+    init_layers: list[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """A freshly initialised causal LM from a transformers config.
+
+    ``config_source``: a dict with ``model_type`` (llama, qwen2, gpt2, ...) and config fields, where
+    an unknown field is an error; or a path to a ``config.json`` or its folder. The model is built
+    in ``dtype`` (float32 by default, whatever dtype the config names).
+
+    With ``teacher`` and ``init_layers`` (DistilBERT-style init, Sanh et al. 2019): every tensor
+    outside the decoder stack (embeddings, final norm, lm_head) is copied from the teacher, and
+    teacher layer ``init_layers[i]`` is copied into student layer ``i``. Both models must be of the
+    same family, and ``len(init_layers)`` must equal the student's layer count.
+    """
+    config = _load_config(config_source, role)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if init_layers is not None:
+        if teacher is None:
+            raise UserError(f"{role} init_layers {init_layers} need a teacher to copy from; give a teacher or drop it")
+        copy_from_teacher(model, teacher, init_layers, role=role)
+    return model
+
+
+def copy_from_teacher(student: nn.Module, teacher: nn.Module, init_layers: list[int], *, role: str = "student") -> None:
+    """Copy the teacher's non-layer tensors and layers ``init_layers`` into ``student`` in place."""
+    student_paths, teacher_paths = decoder_layers(student), decoder_layers(teacher)
+    if len(init_layers) != len(student_paths):
+        raise UserError(
+            f"{role} init_layers has {len(init_layers)} entries but the {role} has {len(student_paths)} layers; "
+            "give one teacher layer per student layer"
+        )
+    for index in init_layers:
+        if not 0 <= index < len(teacher_paths):
+            raise UserError(
+                f"{role} init_layers entry {index} is out of range; the teacher has {len(teacher_paths)} layers"
+            )
+    if getattr(student.config, "tie_word_embeddings", False) != getattr(teacher.config, "tie_word_embeddings", False):
+        raise UserError(f"{role} and teacher differ in tie_word_embeddings; set it to the teacher's value to copy")
+    stack = student_paths[0].rsplit(".", 1)[0] + "."  # e.g. "model.layers."
+    teacher_stack = teacher_paths[0].rsplit(".", 1)[0] + "."
+    teacher_params = dict(teacher.named_parameters())
+    pairs = []
+    for name, param in student.named_parameters():
+        source = name
+        if name.startswith(stack):
+            layer, rest = name[len(stack) :].split(".", 1)
+            source = f"{teacher_stack}{init_layers[int(layer)]}.{rest}"
+        if source not in teacher_params:
+            raise UserError(
+                f"{role} tensor '{name}' has no teacher counterpart '{source}'; init_layers needs one family"
+            )
+        if teacher_params[source].shape != param.shape:
+            raise UserError(
+                f"{role} tensor '{name}' {tuple(param.shape)} does not match teacher '{source}' "
+                f"{tuple(teacher_params[source].shape)}; init_layers needs equal widths"
+            )
+        pairs.append((param, teacher_params[source]))
+    with torch.no_grad():  # check everything first, so a failure leaves the student untouched
+        for param, source_param in pairs:
+            param.copy_(source_param.to(param.dtype))
+
+
+def num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    return getattr(config.get_text_config(), "num_hidden_layers", None)
+
+
+def decoder_layers(model: nn.Module) -> list[str]:
+    """Module paths of the decoder blocks, in order: ``model.layers.0`` ... or ``transformer.h.0`` ...
+
+    Found generically: the shallowest ``nn.ModuleList`` whose length is the config's
+    ``num_hidden_layers`` (or, without a config, the longest one of identical blocks). Each block's
+    output (first tensor of its output) is the ``(B, T, hidden)`` hidden state after that layer.
+    """
+    expected = num_layers(model)
+    candidates = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if expected is None or len(module) == expected:
+            candidates.append((path.count("."), -len(module), path, len(module)))
+    if not candidates:
+        raise UserError(f"found no decoder layer stack (a ModuleList of {expected} blocks) in {type(model).__name__}")
+    _, _, path, count = min(candidates)
+    return [f"{path}.{i}" for i in range(count)]
+
+
+def layer_map(student_layers: int, teacher_layers: int, spec: str | list) -> list[tuple[int, int]]:
+    """Pairs ``(student_layer, teacher_layer)`` for feature alignment.
+
+    ``"uniform"``: student layer ``i`` -> teacher layer ``round((i + 1) * T / S) - 1`` with halves
+    rounded up, so the last student layer maps to the last teacher layer (S=2, T=4: [(0, 1), (1, 3)]).
+    A list of ``[student, teacher]`` pairs is checked and returned as tuples in the given order.
+    """
+    if spec == "uniform":
+        # (2x + 1) // 2 rounds halves up in integers, with no float error.
+        return [
+            (i, ((i + 1) * teacher_layers * 2 + student_layers) // (2 * student_layers) - 1)
+            for i in range(student_layers)
+        ]
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise UserError(f"layer map {spec!r} is not allowed; use 'uniform' or a list of [student, teacher] pairs")
+    pairs = []
+    for pair in spec:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(x, int) for x in pair):
+            raise UserError(f"layer map entry {pair!r} is not a [student, teacher] pair of integers")
+        student_layer, teacher_layer = pair
+        if not 0 <= student_layer < student_layers:
+            raise UserError(
+                f"layer map student layer {student_layer} is out of range; the student has {student_layers}"
+            )
+        if not 0 <= teacher_layer < teacher_layers:
+            raise UserError(
+                f"layer map teacher layer {teacher_layer} is out of range; the teacher has {teacher_layers}"
+            )
+        pairs.append((student_layer, teacher_layer))
+    return pairs
+
+
+def align_vocab(teacher_tok: Any, student_tok: Any, teacher_vocab_size: int, student_vocab_size: int) -> int:
+    """The number of logit columns teacher and student share.
+
+    The tokenizers must agree on every id (same token for each id, same number of tokens) and on
+    the bos/eos/unk tokens; otherwise a :class:`UserError` names the first id where they differ.
+    When only the embedding sizes differ (Qwen2: 151936 vs 152064 rows for the same tokenizer),
+    the shared size ``min(teacher_vocab_size, student_vocab_size)`` is returned and one
+    :class:`VocabNotice` warning (``warnings.warn``) says so; slice both logits with
+    :func:`truncate_vocab`. The extra rows belong to no token, so nothing is lost.
+    """
+    for name in ("bos_token", "eos_token", "unk_token"):
+        teacher_special, student_special = getattr(teacher_tok, name, None), getattr(student_tok, name, None)
+        if teacher_special != student_special:
+            raise UserError(
+                f"teacher and student tokenizers differ in {name}: {teacher_special!r} vs {student_special!r}; "
+                "same-vocabulary distillation needs one tokenizer"
+            )
+    teacher_ids = {i: token for token, i in teacher_tok.get_vocab().items()}
+    student_ids = {i: token for token, i in student_tok.get_vocab().items()}
+    for i in range(max(len(teacher_ids), len(student_ids))):
+        if teacher_ids.get(i) != student_ids.get(i):
+            raise UserError(
+                f"teacher and student tokenizers differ at id {i}: teacher {teacher_ids.get(i)!r}, "
+                f"student {student_ids.get(i)!r}; same-vocabulary distillation needs one tokenizer"
+            )
+    shared = min(teacher_vocab_size, student_vocab_size)
+    if shared < len(teacher_ids):
+        raise UserError(f"a model embeds only {shared} tokens but the tokenizer has {len(teacher_ids)}")
+    if teacher_vocab_size != student_vocab_size:
+        warnings.warn(
+            f"teacher and student share a tokenizer but have {teacher_vocab_size} and {student_vocab_size} "
+            f"embedding rows; distilling over the first {shared} logits",
+            VocabNotice,
+            stacklevel=2,
+        )
+    return shared
+
+
+def truncate_vocab(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """``(..., V)`` -> ``(..., size)``: the first ``size`` logits (a view, no copy)."""
+    if size > logits.shape[-1]:
+        raise UserError(f"cannot keep {size} logits of a vocabulary of {logits.shape[-1]}")
+    return logits[..., :size]
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows (max_position_embeddings / n_positions), or None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -1,0 +1,59 @@
+"""Shared fixtures: one MNIST-1D cache per session and the overrides of a tiny end-to-end run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# MNIST-1D sizes used by every tiny run: 200 samples -> 160 train / 40 test, 64 transfer samples.
+TINY_NUM_SAMPLES = 200
+TINY_TRANSFER = 64
+
+
+@pytest.fixture(scope="session")
+def mnist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data.cache_dir shared by the session, so each MNIST-1D set is generated once."""
+    return tmp_path_factory.mktemp("mnist1d-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(mnist_cache: Path):
+    """``tiny_overrides(output_dir)`` -> the dotted overrides of a run that takes about a second.
+
+    A 2-block CNN teacher (6 steps) and an MLP student (10 steps: phases 2 / 5 / 3) on a tiny
+    MNIST-1D; the student checkpoints every 4 steps so that a run can be interrupted and resumed.
+    """
+
+    def make(output_dir: Path | str) -> list[str]:
+        return [
+            f"output_dir={output_dir}",
+            f"data.cache_dir={mnist_cache}",
+            f"data.num_samples={TINY_NUM_SAMPLES}",
+            f"data.transfer_size={TINY_TRANSFER}",
+            "threads=1",
+            "teacher.model.channels=[8, 8]",
+            "teacher.train.steps=6",
+            "teacher.train.batch_size=32",
+            "teacher.train.warmup_steps=1",
+            "teacher.train.log_every=2",
+            "student.model.hidden=[32, 32]",
+            "student.model.dropout=0.1",
+            "student.train.steps=10",
+            "student.train.batch_size=32",
+            "student.train.warmup_steps=1",
+            "student.train.log_every=1",
+            "student.train.eval_every=5",
+            "student.train.checkpoint_every=4",
+        ]
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Runs set ``threads=1`` (torch.set_num_threads); give later tests the count they had."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
