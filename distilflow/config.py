@@ -92,7 +92,7 @@ class KDWeightConfig:
         "cosine: ramp then cosine from base to min_weight.",
     )
     base_weight: float = _f(0.7, "Peak KD-loss weight (the article's kl_weight 0.7).")
-    warmup_steps: int = _f(0, "Steps of the linear ramp from 0 to base_weight.")
+    warmup_steps: int = _f(200, "Steps of the linear ramp from 0 to base_weight.")
     decay_rate: float = _f(1.0, "article schedule: per-step multiplicative decay after warm-up (1.0 = none).")
     min_weight: float = _f(0.0, "Floor under the decayed weight.")
 

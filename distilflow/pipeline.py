@@ -25,7 +25,7 @@ from distilflow.models.heads import build_head
 from distilflow.models.taps import Taps
 from distilflow.schedules import Phase, phase_boundaries
 from distilflow.tasks import ClassifierTask
-from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_weights
+from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_text, write_weights
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import FitResult, LiveTeacher, fit
 
@@ -71,7 +71,11 @@ class Run:
 
 
 def open_run(cfg: Config) -> Run:
-    """Check the output folder (same config or empty), save the resolved config, load data."""
+    """Check the output folder (same config or empty), load data, check the models, save the config.
+
+    Everything that can fail on bad input runs before anything is written, so the corrected
+    command can use the same output_dir.
+    """
     run_dir = cfg.run_dir
     saved = run_dir / "config.yaml"
     resolved = to_dict(cfg)
@@ -82,16 +86,14 @@ def open_run(cfg: Config) -> Run:
                 f"output_dir '{run_dir}' holds a run with a different config (keys: {', '.join(diff[:6])}); "
                 "choose another output_dir, or 'distilflow resume' it with its own config"
             )
-    # Device and data first: a run that fails on bad input leaves no config.yaml behind, so the
-    # corrected command can use the same output_dir.
-    device = resolve_device(cfg.device)
-    data = load_classification(cfg.data)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", resolved)
-    saved.write_text(yaml.safe_dump(resolved, sort_keys=False))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return Run(cfg, data, device)
+    run = Run(cfg, load_classification(cfg.data), resolve_device(cfg.device))
+    preflight(run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", resolved)
+    write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
+    return run
 
 
 def config_of_run(run_dir: str | Path) -> Config:
@@ -223,16 +225,29 @@ def build_heads(
     return heads.to(run.device)
 
 
+def _taps_and_heads(run: Run, student: nn.Module, teacher: nn.Module) -> tuple[Taps | None, Taps | None, nn.ModuleList]:
+    pairs = run.cfg.distill.feature_layers
+    if not pairs:
+        return None, None, nn.ModuleList()
+    student_taps = Taps(student, [p.student for p in pairs], "student")
+    teacher_taps = Taps(teacher, [p.teacher for p in pairs], "teacher")
+    heads = build_heads(run, student, teacher, student_taps, teacher_taps, run.data.train_x[:2].to(run.device))
+    return student_taps, teacher_taps, heads
+
+
+def preflight(run: Run) -> None:
+    """Resolve feature layers and build heads on untrained models, so that a bad layer path or
+    shapes no head can map fail before any training (shapes do not depend on the weights)."""
+    teacher = _new_model(run, run.cfg.teacher, "teacher")
+    _taps_and_heads(run, _new_model(run, run.cfg.student, "student"), teacher)
+
+
 def distill_stage(run: Run, teacher: nn.Module, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
     """The student distilled from ``teacher`` through the configured phases."""
     cfg, d = run.cfg, run.cfg.distill
     model = _student_init(run)
     pairs = d.feature_layers
-    student_taps = Taps(model, [p.student for p in pairs], "student") if pairs else None
-    teacher_taps = Taps(teacher, [p.teacher for p in pairs], "teacher") if pairs else None
-    heads = nn.ModuleList()
-    if pairs:
-        heads = build_heads(run, model, teacher, student_taps, teacher_taps, run.data.train_x[:2].to(run.device))
+    student_taps, teacher_taps, heads = _taps_and_heads(run, model, teacher)
     done = _load_finished(run, "student", model)
     if done is not None:
         return model.eval(), done

@@ -56,8 +56,12 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     _atomic(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(path: Path, data: Any) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -86,7 +86,7 @@ def objective(plan, *, per_token=False, divergence="forward_kl", temperature=2.0
     return Objective(
         plan,
         total_steps=plan[-1].end,
-        kd_schedule=kd or KDWeightConfig(schedule="constant", base_weight=0.7),
+        kd_schedule=kd or KDWeightConfig(schedule="constant", base_weight=0.7, warmup_steps=0),
         temperature=temperature,
         divergence=divergence,
         jsd_beta=0.3,
@@ -107,7 +107,7 @@ ALL_TERMS = [Phase("all", 0, 10, ("kd", "ce", "feature"))]
 
 def test_weights_follow_the_phase_and_the_kd_schedule():
     plan = phase_boundaries(DEFAULT_PHASES, 10)  # [0, 2) feature, [2, 7) kd, [7, 10) kd + ce
-    obj = objective(plan, kd=KDWeightConfig(schedule="article", base_weight=0.7, decay_rate=0.9))
+    obj = objective(plan, kd=KDWeightConfig(schedule="article", base_weight=0.7, decay_rate=0.9, warmup_steps=0))
     assert obj.weights(0) == {"feature": 2.0}
     assert obj.weights(1) == {"feature": 2.0}
     assert obj.weights(2) == pytest.approx({"kd": 0.567})  # 0.7 * 0.9 ** 2
