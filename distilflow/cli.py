@@ -18,6 +18,10 @@ COMMANDS = {
     "train-teacher": "train (or reuse) the teacher only",
     "distill": "distil the student from the trained teacher of this run (or teacher.model.checkpoint)",
     "eval": "evaluate the trained models of a run on its test split",
+    "export": "export the run's trained student to ONNX and check it against the eager model",
+    "quantize": "export, then int8-quantize the student with ONNX Runtime (deploy.methods)",
+    "bench": "export, quantize and benchmark every variant side by side (size, latency, quality)",
+    "predict": "run an exported ONNX model (fp32 or int8) on an input file with ONNX Runtime alone",
     "print-config": "print the resolved config with a description of every field",
     "resume": "continue the run in RUN_DIR with the config saved there",
 }
@@ -39,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "predict":
+            p.add_argument("model", help="an .onnx file written by 'distilflow export' or 'quantize'")
+            p.add_argument("input", help="classifier: .npz (x) or .csv; language model: a text file, or the text")
+            p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's folder)")
+            p.add_argument("--max-new-tokens", type=int, default=48, help="language models: tokens to generate")
+            continue
         if name == "resume":
             p.add_argument("run_dir", help="a run folder written by 'distilflow run'")
         else:
@@ -80,11 +90,14 @@ def _cmd_print_config(ns) -> int:
 
 
 def _print_results(results: dict) -> None:
-    print(f"{'model':<10} {'accuracy':>9} {'params':>10} {'MACs':>10}")
+    first = next(results[s] for s in ("teacher", "baseline", "student") if s in results)
+    metric = "perplexity" if "perplexity" in first else "accuracy"
+    cost = "macs" if "macs" in first else "macs_per_token"
+    print(f"{'model':<10} {metric:>10} {'params':>12} {cost:>14}")
     for stage in ("teacher", "baseline", "student"):
         if stage in results:
             r = results[stage]
-            print(f"{stage:<10} {r['accuracy']:>9.4f} {r.get('params', 0):>10,} {r.get('macs', 0):>10,}")
+            print(f"{stage:<10} {r[metric]:>10.4f} {r.get('params', 0):>12,} {r.get(cost, 0):>14,}")
 
 
 def _cmd_run(ns, cfg=None) -> int:
@@ -104,74 +117,135 @@ def _cmd_resume(ns) -> int:
     return _cmd_run(ns, config_of_run(ns.run_dir))
 
 
+def _metric_line(role: str, result: dict) -> str:
+    metric = "perplexity" if "perplexity" in result else "accuracy"
+    return f"{role} {metric} {result[metric]:.4f}"
+
+
 def _cmd_train_teacher(ns) -> int:
     from distilflow.pipeline import open_run, teacher_stage
 
     run = open_run(_load(ns.args))
     _, result = teacher_stage(run, log_tensorboard=not ns.no_tensorboard)
-    print(f"teacher accuracy {result['accuracy']:.4f}; weights in {run.stage_dir('teacher')}")
+    print(f"{_metric_line('teacher', result)}; weights in {run.stage_dir('teacher')}")
     return 0
 
 
+def _has_weights(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file()
+
+
 def _cmd_distill(ns) -> int:
-    from distilflow.models.build import build_model, load_weights
-    from distilflow.pipeline import distill_stage, open_run
+    from distilflow.pipeline import distill_stage, open_run, teacher_stage
 
     cfg = _load(ns.args)
     run = open_run(cfg)
-    source = cfg.teacher.model.checkpoint or run.stage_dir("teacher")
-    if not cfg.teacher.model.checkpoint and not (Path(source) / "model.safetensors").is_file():
+    given = cfg.teacher.model.checkpoint or cfg.teacher.model.path
+    if not given and not _has_weights(run.stage_dir("teacher")):
         raise UserError(
-            f"no trained teacher in '{source}'; run 'distilflow train-teacher' with this config first, "
-            "or set teacher.model.checkpoint=PATH"
+            f"no trained teacher in '{run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
+            "first, or set teacher.model.checkpoint=PATH (or teacher.model.path for a Hugging Face folder)"
         )
-    teacher = build_model(cfg.teacher.model, run.data.input_shape, run.data.num_classes, "teacher").to(run.device)
-    load_weights(teacher, source, "teacher")
-    _, result = distill_stage(run, teacher.eval(), log_tensorboard=not ns.no_tensorboard)
-    print(f"student accuracy {result['accuracy']:.4f}; weights in {run.stage_dir('student')}")
+    teacher, _ = teacher_stage(run, log_tensorboard=False)
+    _, result = distill_stage(run, teacher, log_tensorboard=not ns.no_tensorboard)
+    print(f"{_metric_line('student', result)}; weights in {run.stage_dir('student')}")
     return 0
 
 
 def _cmd_eval(ns) -> int:
-    from distilflow.models.build import build_model, load_weights
-    from distilflow.pipeline import model_facts, open_run
-    from distilflow.tasks import ClassifierTask
+    from distilflow.models.build import load_weights
+    from distilflow.pipeline import open_run
 
     cfg = _load(ns.args)
-    run = open_run(cfg)
     stages = [ns.model] if ns.model else ["teacher", "baseline", "student"]
     unknown = [s for s in stages if s not in ("teacher", "baseline", "student")]
     if unknown:
         raise UserError(f"--model {unknown[0]!r} is not allowed; use teacher, baseline or student")
-    task = ClassifierTask(
-        run.data.train_x[:1],
-        run.data.train_y[:1],
-        test_x=run.data.test_x,
-        test_y=run.data.test_y,
-        batch_size=1,
-        grad_accum=1,
-        seed=0,
-        device=run.device,
+    run = open_run(cfg)
+    teacher = run.work.new_model("teacher")
+    if cfg.teacher.model.checkpoint:
+        load_weights(teacher, cfg.teacher.model.checkpoint, "teacher")
+    elif _has_weights(run.stage_dir("teacher")):
+        load_weights(teacher, run.stage_dir("teacher"), "teacher")
+    teacher_ready = bool(cfg.teacher.model.checkpoint or cfg.teacher.model.path) or _has_weights(
+        run.stage_dir("teacher")
     )
     results = {}
     for stage in stages:
-        stage_cfg = cfg.teacher if stage == "teacher" else cfg.student
-        source = (
-            cfg.teacher.model.checkpoint
-            if stage == "teacher" and cfg.teacher.model.checkpoint
-            else run.stage_dir(stage)
-        )
-        if not Path(source).exists() or (Path(source).is_dir() and not (Path(source) / "model.safetensors").is_file()):
+        if stage == "teacher":
+            model, ready, where = teacher, teacher_ready, cfg.teacher.model.checkpoint or run.stage_dir(stage)
+        else:
+            model, ready, where = (
+                run.work.new_model("student", teacher),
+                _has_weights(run.stage_dir(stage)),
+                run.stage_dir(stage),
+            )
+            if ready:
+                load_weights(model, where, stage)
+        if not ready:
             if ns.model:
-                raise UserError(f"no trained {stage} in '{source}'; train it first with 'distilflow run'")
+                raise UserError(f"no trained {stage} in '{where}'; train it first with 'distilflow run'")
             continue
-        model = build_model(stage_cfg.model, run.data.input_shape, run.data.num_classes, stage).to(run.device)
-        load_weights(model, source, stage)
-        results[stage] = {**task.evaluate(model), **model_facts(run, model)}
+        extra = {}
+        if stage == "student" and run.work.per_token:
+            # Scored as in distill_stage: over the vocabulary it shares with the teacher.
+            extra["vocab_size"] = run.work.shared_vocab(model, teacher)
+        task = run.work.task(stage, cfg.student.train, cfg.seed, **extra)
+        results[stage] = {**task.evaluate(model), **run.work.facts(model)}
     if not results:
         raise UserError(f"no trained models in '{run.dir}'; run 'distilflow run' with this config first")
     _print_results(results)
     print(json.dumps(results))
+    return 0
+
+
+def _trained_student(ns):
+    from distilflow.pipeline import load_trained, open_run
+
+    run = open_run(_load(ns.args))
+    return run, load_trained(run, "student")
+
+
+def _cmd_export(ns) -> int:
+    from distilflow.deploy.stage import export_student
+
+    run, student = _trained_student(ns)
+    path, parity = export_student(run.work, student, run.cfg.deploy, run.dir / "deploy")
+    print(f"exported {path}; ONNX Runtime vs eager on test inputs: {parity}")
+    return 0
+
+
+def _cmd_quantize(ns) -> int:
+    from distilflow.deploy.quantize import quantized_summary
+    from distilflow.deploy.stage import export_student, quantize_student
+
+    run, student = _trained_student(ns)
+    out = run.dir / "deploy"
+    path, parity = export_student(run.work, student, run.cfg.deploy, out)
+    print(f"exported {path} ({parity})")
+    for name, qpath in quantize_student(run.work, path, run.cfg.deploy, out).items():
+        print(f"{name}: {qpath} ({qpath.stat().st_size:,} bytes; nodes {quantized_summary(qpath)})")
+    return 0
+
+
+def _cmd_bench(ns) -> int:
+    from distilflow.deploy.stage import deploy
+
+    run, student = _trained_student(ns)
+    info = deploy(run.work, student, run.cfg.deploy, run.dir / "deploy")
+    print(info["table_markdown"])
+    for note in info["notes"]:
+        print(note)
+    print(f"JSON in {run.dir / 'deploy' / 'bench.json'}")
+    return 0
+
+
+def _cmd_predict(ns) -> int:
+    from distilflow.deploy.predict import predict
+
+    if ns.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {ns.max_new_tokens} is not allowed; use 1 or more")
+    print(predict(ns.model, ns.input, tokenizer_path=ns.tokenizer, max_new_tokens=ns.max_new_tokens))
     return 0
 
 
@@ -182,6 +256,10 @@ HANDLERS = {
     "distill": _cmd_distill,
     "eval": _cmd_eval,
     "print-config": _cmd_print_config,
+    "export": _cmd_export,
+    "quantize": _cmd_quantize,
+    "bench": _cmd_bench,
+    "predict": _cmd_predict,
 }
 
 

@@ -36,11 +36,13 @@ def _copy(value: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    source: Literal["mnist1d", "npz", "csv"] = _f(
-        "mnist1d", "Dataset: built-in MNIST-1D, or your own .npz (x, y) or .csv file."
+    source: Literal["mnist1d", "npz", "csv", "text", "stdlib"] = _f(
+        "mnist1d",
+        "Classifiers: built-in 'mnist1d', or your .npz (x, y) / .csv file. Causal LMs: 'text' (your .txt, "
+        ".jsonl, .parquet, .csv files) or the built-in 'stdlib' corpus (the Python standard library's source).",
     )
-    path: str | None = _f(None, "Training file for npz/csv sources.")
-    test_path: str | None = _f(None, "Test file for npz/csv; without it test_fraction of path is held out.")
+    path: str | None = _f(None, "Training file (npz/csv), or text file or folder of text files (text).")
+    test_path: str | None = _f(None, "Held-out file or folder; without it test_fraction of path is held out.")
     test_fraction: float = _f(0.2, "Fraction of path held out for testing when test_path is not set.")
     label_column: str = _f("label", "CSV column holding the integer class label; every other column is a feature.")
     transfer_path: str | None = _f(None, "Optional unlabeled transfer set for distillation (.npz with x, or .csv).")
@@ -50,17 +52,35 @@ class DataConfig:
     transfer_size: int = _f(40000, "MNIST-1D: unlabeled transfer samples generated with other seeds (0 = none).")
     transfer_seed: int = _f(1, "MNIST-1D: generator seed of the transfer set (must differ from seed).")
     cache_dir: str = _f("~/.cache/distilflow", "Where generated datasets are cached.")
+    seq_len: int = _f(128, "Text: tokens per training row (must not exceed the models' maximum positions).")
+    pack: bool = _f(True, "Text: pack plain documents into full rows (EOS between them); false pads each one.")
+    on_error: Literal["raise", "skip"] = _f(
+        "raise", "Text: a JSONL line that is not JSON or lacks the fields: 'raise' (name file and line) or 'skip'."
+    )
+    tokenizer: str | None = _f(None, "Text: tokenizer folder; default the student's, else the teacher's.")
+    vocab_size: int = _f(2048, "stdlib: vocabulary of the byte-level BPE tokenizer trained on the corpus.")
+    train_chars: int = _f(3_000_000, "stdlib: characters of training text (held-out modules excluded).")
+    eval_chars: int = _f(200_000, "stdlib: characters of held-out text (a fixed set of modules).")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("mlp", "Built-in 'mlp', 'cnn1d', 'cnn2d', or your own 'module.path:factory'.")
+    arch: str = _f(
+        "mlp",
+        "Built-in 'mlp', 'cnn1d', 'cnn2d', your own 'module.path:factory', or 'hf' (a Hugging Face causal LM "
+        "from path or hf_config).",
+    )
     hidden: list[int] = _f([192, 192], "mlp: widths of the hidden layers.")
     channels: list[int] = _f([32, 32, 32], "cnn1d/cnn2d: channels of each conv block.")
     kernel_size: int = _f(5, "cnn1d/cnn2d: convolution kernel size.")
     dropout: float = _f(0.0, "Dropout before the classifier layer.")
     kwargs: dict[str, Any] = _f({}, "Keyword arguments passed to a 'module.path:factory' model.")
     checkpoint: str | None = _f(None, "Reuse trained weights (.safetensors or a stage checkpoint) instead of training.")
+    path: str | None = _f(None, "hf: local folder written by save_pretrained (weights, config, tokenizer).")
+    hf_config: dict[str, Any] = _f({}, "hf: a transformers config (model_type plus fields) to build a fresh model.")
+    init_layers: list[int] | None = _f(None, "hf student: teacher decoder layers copied into the student's layers.")
+    trust_remote_code: bool = _f(False, "hf: allow code from the model folder to run (off unless you set it).")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "hf teacher: dtype it is loaded and run in.")
 
 
 @dataclass
@@ -132,11 +152,45 @@ class DistillConfig:
     feature_loss: Literal["normalized_mse", "cosine"] = _f(
         "normalized_mse", "normalized_mse: squared distance of L2-normalised features; cosine: 1 - cos."
     )
+    layer_map: str | list[list[int]] | None = _f(
+        None,
+        "Causal LMs: 'uniform' or explicit [student, teacher] decoder-layer index pairs; builds feature_layers.",
+    )
     feature_layers: list[FeatureLayerConfig] = _f(
         [FeatureLayerConfig(student="layers.3", teacher="pool")],
         "Student/teacher layer pairs to align (projection heads are built from the observed shapes).",
     )
     phases: list[PhaseConfig] = _f(DEFAULT_PHASES, "Ordered phases of distillation and the loss terms of each.")
+
+
+@dataclass
+class DeployConfig:
+    enabled: bool = _f(True, "'distilflow run' ends with export, quantization and the benchmark table.")
+    methods: list[Literal["dynamic", "static"]] = _f(
+        ["dynamic", "static"], "ONNX Runtime int8 methods: dynamic (no calibration) and/or static (calibrated QDQ)."
+    )
+    bits: int = _f(8, "Quantization bits (the article's config shape; 8 is what ONNX Runtime supports here).")
+    observe_steps: int = _f(16, "static: calibration batches of training data (the article's observe_steps).")
+    calibration_batch: int = _f(32, "static: rows (samples or sequences) per calibration batch.")
+    per_channel: bool = _f(False, "Per-output-channel weight scales instead of one per tensor.")
+    op_types: list[str] = _f(
+        [], "ONNX operator types to quantise (empty = ONNX Runtime's defaults, e.g. MatMul, Gemm, Conv, Gather)."
+    )
+    exclude: list[str] = _f(
+        [], "Regexes over ONNX node names kept in float, e.g. the embedding lookup or the last layer."
+    )
+    torch_backend: Literal["auto", "torchao", "torch_ao", "off"] = _f(
+        "auto", "PyTorch-native int8: torchao (auto when installed), the deprecated torch.ao, or off."
+    )
+    batch_sizes: list[int] = _f(
+        [1, 64], "Batch sizes (samples or sequences of data.seq_len) whose latency is measured."
+    )
+    threads: int = _f(1, "CPU threads for every variant in the benchmark (fixed so that the ratios compare).")
+    iterations: int = _f(20, "Timed calls per variant and batch size (after 3 warm-up calls).")
+    parity_tolerance: float = _f(1e-3, "Largest allowed ONNX-vs-eager logit difference, relative to the largest logit.")
+    tensorrt: bool = _f(
+        False, "Also run ONNX Runtime's TensorRT provider (needs onnxruntime-gpu and a GPU; else skipped with a note)."
+    )
 
 
 @dataclass
@@ -156,6 +210,12 @@ class Config:
         "The student: trained once without a teacher (baseline) and once distilled, same budget.",
     )
     distill: DistillConfig = _f(DistillConfig(), "How the student learns from the teacher.")
+    deploy: DeployConfig = _f(DeployConfig(), "Shipping the student: ONNX export, int8 quantization, benchmark.")
+
+    @property
+    def task(self) -> str:
+        """'causal_lm' for text sources, else 'classification'."""
+        return "causal_lm" if self.data.source in ("text", "stdlib") else "classification"
 
     @property
     def run_dir(self) -> Path:
@@ -366,11 +426,37 @@ def validate(cfg: Config) -> None:
         need(layer.weight >= 0, f"distill.feature_layers[{i}].weight", layer.weight, "must be >= 0")
     uses_features = any("feature" in p.terms for p in d.phases)
     need(
-        not uses_features or bool(d.feature_layers),
+        not uses_features or bool(d.feature_layers) or d.layer_map is not None,
         "distill.feature_layers",
         [],
-        "a phase uses the 'feature' term, so name at least one student/teacher layer pair",
+        "a phase uses the 'feature' term, so name at least one student/teacher layer pair (or distill.layer_map)",
     )
+    need(
+        d.layer_map is None or not d.feature_layers,
+        "distill.layer_map",
+        d.layer_map,
+        "give either layer_map or feature_layers, not both (set distill.feature_layers=[])",
+    )
+    need(
+        d.layer_map is None or d.layer_map == "uniform" or isinstance(d.layer_map, list),
+        "distill.layer_map",
+        d.layer_map,
+        "use 'uniform' or a list of [student, teacher] layer index pairs",
+    )
+    lm = cfg.task == "causal_lm"
+    need(d.layer_map is None or lm, "distill.layer_map", d.layer_map, "only causal LMs (data.source text or stdlib)")
+    for stage in ("teacher", "student"):
+        m = getattr(cfg, stage).model
+        if lm:
+            need(m.arch == "hf", f"{stage}.model.arch", m.arch, f"data.source '{cfg.data.source}' needs arch 'hf'")
+            need(
+                (m.path is None) != (not m.hf_config),
+                f"{stage}.model.path",
+                m.path,
+                "an hf model needs exactly one of path (a local save_pretrained folder) or hf_config",
+            )
+        else:
+            need(m.arch != "hf", f"{stage}.model.arch", m.arch, "'hf' models need data.source text or stdlib")
     from distilflow.schedules import phase_boundaries  # validates fractions and steps
 
     phase_boundaries(d.phases, cfg.student.train.steps)
@@ -406,11 +492,15 @@ def validate(cfg: Config) -> None:
         need(m.kernel_size >= 1, f"{stage}.model.kernel_size", m.kernel_size, "must be >= 1")
     data = cfg.data
     need(
-        data.source == "mnist1d" or data.path is not None,
+        data.source in ("mnist1d", "stdlib") or data.path is not None,
         "data.path",
         data.path,
         f"source '{data.source}' needs a file path",
     )
+    need(data.seq_len >= 2, "data.seq_len", data.seq_len, "must be >= 2")
+    need(data.vocab_size >= 300, "data.vocab_size", data.vocab_size, "must be >= 300 (256 bytes + merges)")
+    need(data.train_chars > 0, "data.train_chars", data.train_chars, "must be > 0")
+    need(data.eval_chars > 0, "data.eval_chars", data.eval_chars, "must be > 0")
     need(0 < data.test_fraction < 1, "data.test_fraction", data.test_fraction, "must be in (0, 1)")
     need(0 < data.train_split < 1, "data.train_split", data.train_split, "must be in (0, 1)")
     need(data.num_samples >= 20, "data.num_samples", data.num_samples, "must be >= 20")
@@ -422,6 +512,19 @@ def validate(cfg: Config) -> None:
         "must differ from data.seed, or the transfer set repeats the labeled samples",
     )
     need(cfg.threads >= 0, "threads", cfg.threads, "must be >= 0")
+    dep = cfg.deploy
+    need(dep.bits == 8, "deploy.bits", dep.bits, "only 8-bit integer quantization is supported")
+    need(dep.observe_steps >= 1, "deploy.observe_steps", dep.observe_steps, "must be >= 1 (calibration batches)")
+    need(dep.calibration_batch >= 1, "deploy.calibration_batch", dep.calibration_batch, "must be >= 1")
+    need(
+        bool(dep.batch_sizes) and all(b >= 1 for b in dep.batch_sizes),
+        "deploy.batch_sizes",
+        dep.batch_sizes,
+        "one or more sizes >= 1",
+    )
+    need(dep.threads >= 1, "deploy.threads", dep.threads, "must be >= 1")
+    need(dep.iterations >= 1, "deploy.iterations", dep.iterations, "must be >= 1")
+    need(dep.parity_tolerance > 0, "deploy.parity_tolerance", dep.parity_tolerance, "must be > 0")
 
 
 # ---------------------------------------------------------------- printing

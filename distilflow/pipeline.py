@@ -7,27 +7,30 @@ checkpoint and final weights; a finished stage is reused, an unfinished one resu
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 from torch import nn
 
-from distilflow.config import Config, StageConfig, config_from_dict, read_yaml, to_dict
-from distilflow.data.classification import ClassificationData, load_classification
+from distilflow.config import Config, config_from_dict, read_yaml, to_dict
 from distilflow.errors import UserError
 from distilflow.losses.objective import Objective
-from distilflow.models.build import build_model, count_macs, count_params, load_weights
+from distilflow.models.build import load_weights
 from distilflow.models.heads import build_head
 from distilflow.models.taps import Taps
 from distilflow.schedules import Phase, phase_boundaries
-from distilflow.tasks import ClassifierTask
+from distilflow.tasks.classify import ClassifierWorkload
 from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_text, write_weights
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import FitResult, LiveTeacher, fit
+
+if TYPE_CHECKING:
+    from distilflow.tasks.causal_lm import CausalLMWorkload
 
 STAGES = ("teacher", "baseline", "student")
 RESULT = "result.json"
@@ -56,10 +59,10 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 @dataclass
 class Run:
-    """Everything the stages share: config, data, device and output folder."""
+    """Everything the stages share: config, workload (data and model builders), device, folder."""
 
     cfg: Config
-    data: ClassificationData
+    work: ClassifierWorkload | CausalLMWorkload
     device: torch.device
 
     @property
@@ -68,6 +71,14 @@ class Run:
 
     def stage_dir(self, stage: str) -> Path:
         return self.dir / stage
+
+
+def make_workload(cfg: Config, device: torch.device) -> ClassifierWorkload | CausalLMWorkload:
+    if cfg.task == "causal_lm":
+        from distilflow.tasks.causal_lm import CausalLMWorkload
+
+        return CausalLMWorkload(cfg, device)
+    return ClassifierWorkload(cfg, device)
 
 
 def open_run(cfg: Config) -> Run:
@@ -88,10 +99,10 @@ def open_run(cfg: Config) -> Run:
             )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = Run(cfg, load_classification(cfg.data), resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    run = Run(cfg, make_workload(cfg, device), device)
     preflight(run)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", resolved)
     write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
     return run
 
@@ -103,25 +114,6 @@ def config_of_run(run_dir: str | Path) -> Config:
     return config_from_dict(read_yaml(path))
 
 
-def _new_model(run: Run, stage_cfg: StageConfig, role: str) -> nn.Module:
-    torch.manual_seed(run.cfg.seed)
-    return build_model(stage_cfg.model, run.data.input_shape, run.data.num_classes, role).to(run.device)
-
-
-def _task(run: Run, stage_cfg: StageConfig, x: torch.Tensor, y: torch.Tensor, seed_offset: int) -> ClassifierTask:
-    t = stage_cfg.train
-    return ClassifierTask(
-        x,
-        y,
-        test_x=run.data.test_x,
-        test_y=run.data.test_y,
-        batch_size=t.batch_size,
-        grad_accum=t.grad_accum,
-        seed=run.cfg.seed + seed_offset,
-        device=run.device,
-    )
-
-
 def _supervised(total_steps: int) -> Objective:
     return Objective([Phase("supervised", 0, total_steps, ("ce",))], total_steps=total_steps, ce_weight=1.0)
 
@@ -131,7 +123,13 @@ def _finish(run: Run, stage: str, model: nn.Module, result: FitResult, heads: nn
     write_weights(stage_dir / WEIGHTS, model.state_dict(), {"stage": stage})
     if heads is not None and len(list(heads.parameters())):
         write_weights(stage_dir / HEADS, heads.state_dict(), {"stage": stage})
-    summary = {**result.metrics, "steps": result.steps, "train_seconds": round(result.seconds, 2)}
+    run.work.save(stage_dir, model)
+    summary = {
+        **result.metrics,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        f"train_{result.unit}_per_s": round(result.units_per_s, 1),
+    }
     write_json(stage_dir / RESULT, summary)
     return summary
 
@@ -141,113 +139,121 @@ def _load_finished(run: Run, stage: str, model: nn.Module) -> dict | None:
     if not (stage_dir / RESULT).is_file() or not (stage_dir / WEIGHTS).is_file():
         return None
     load_weights(model, stage_dir / WEIGHTS, stage)
-    import json
-
     return json.loads((stage_dir / RESULT).read_text())
 
 
-def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
-    """The trained teacher: loaded from ``teacher.model.checkpoint``, reused, or trained now."""
-    cfg = run.cfg
-    model = _new_model(run, cfg.teacher, "teacher")
-    if cfg.teacher.model.checkpoint:
-        load_weights(model, cfg.teacher.model.checkpoint, "teacher")
-        task = _task(run, cfg.teacher, run.data.train_x, run.data.train_y, 0)
-        return model.eval(), {**task.evaluate(model), "steps": 0, "loaded_from": cfg.teacher.model.checkpoint}
-    done = _load_finished(run, "teacher", model)
-    if done is not None:
-        return model.eval(), done
-    task = _task(run, cfg.teacher, run.data.train_x, run.data.train_y, 0)
-    log = MetricsLog(run.dir, "teacher", tensorboard=log_tensorboard)
+def _train(
+    run: Run, stage: str, model: nn.Module, objective: Objective, task, log_tensorboard: bool, **extra
+) -> FitResult:
+    train = run.cfg.teacher.train if stage == "teacher" else run.cfg.student.train
+    log = MetricsLog(run.dir, stage, tensorboard=log_tensorboard)
     try:
-        result = fit(
-            stage="teacher",
+        return fit(
+            stage=stage,
             model=model,
-            objective=_supervised(cfg.teacher.train.steps),
+            objective=objective,
             task=task,
-            train=cfg.teacher.train,
-            stage_dir=run.stage_dir("teacher"),
+            train=train,
+            stage_dir=run.stage_dir(stage),
             log=log,
-            config=to_dict(cfg),
+            config=to_dict(run.cfg),
+            **extra,
         )
     finally:
         log.close()
+
+
+def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
+    """The teacher: from ``teacher.model.checkpoint`` or a pretrained ``path``, reused, or trained now."""
+    cfg = run.cfg
+    model = run.work.new_model("teacher")
+    task = run.work.task("teacher", cfg.teacher.train, cfg.seed)
+    if cfg.teacher.model.checkpoint or cfg.teacher.model.path:
+        if cfg.teacher.model.checkpoint:
+            load_weights(model, cfg.teacher.model.checkpoint, "teacher")
+        source = cfg.teacher.model.checkpoint or cfg.teacher.model.path
+        return model.eval(), {**task.evaluate(model), "steps": 0, "loaded_from": source}
+    done = _load_finished(run, "teacher", model)
+    if done is not None:
+        return model.eval(), done
+    result = _train(run, "teacher", model, _supervised(cfg.teacher.train.steps), task, log_tensorboard)
     return model.eval(), _finish(run, "teacher", model, result)
 
 
-def _student_init(run: Run) -> nn.Module:
-    model = _new_model(run, run.cfg.student, "student")
+def _student_init(run: Run, teacher: nn.Module | None) -> nn.Module:
+    model = run.work.new_model("student", teacher)
     if run.cfg.student.model.checkpoint:
         load_weights(model, run.cfg.student.model.checkpoint, "student")
     return model
 
 
-def baseline_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
-    """The student trained on labels alone, with the same steps and batch size as distillation."""
-    model = _student_init(run)
+def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """The student trained on labels alone, with the same steps and batch size as distillation.
+
+    ``teacher`` is only used to initialise a student from teacher layers (``init_layers``), so that
+    the baseline starts where the distilled student starts.
+    """
+    model = _student_init(run, teacher)
     done = _load_finished(run, "baseline", model)
     if done is not None:
         return model.eval(), done
-    task = _task(run, run.cfg.student, run.data.train_x, run.data.train_y, 1)
-    log = MetricsLog(run.dir, "baseline", tensorboard=log_tensorboard)
-    try:
-        result = fit(
-            stage="baseline",
-            model=model,
-            objective=_supervised(run.cfg.student.train.steps),
-            task=task,
-            train=run.cfg.student.train,
-            stage_dir=run.stage_dir("baseline"),
-            log=log,
-            config=to_dict(run.cfg),
-        )
-    finally:
-        log.close()
+    extra = {}
+    if run.work.per_token and teacher is not None:
+        # Scored over the ids it shares with the teacher, exactly as the distilled student is.
+        extra["vocab_size"] = run.work.shared_vocab(model, teacher)
+    task = run.work.task("baseline", run.cfg.student.train, run.cfg.seed + 1, **extra)
+    result = _train(run, "baseline", model, _supervised(run.cfg.student.train.steps), task, log_tensorboard)
     return model.eval(), _finish(run, "baseline", model, result)
 
 
 def build_heads(
-    run: Run, student: nn.Module, teacher: nn.Module, student_taps: Taps, teacher_taps: Taps, probe: torch.Tensor
+    run: Run,
+    student: nn.Module,
+    teacher: nn.Module,
+    pairs: list[tuple[str, str, float]],
+    student_taps: Taps,
+    teacher_taps: Taps,
 ) -> nn.ModuleList:
     """One projection head per layer pair, sized from the shapes seen on a probe batch."""
+    probe = run.work.probe()
+    forward = run.work.task("probe", run.cfg.student.train, 0).forward
     was_training = student.training
     student.eval()
     with torch.no_grad(), student_taps.capture(), teacher_taps.capture():
-        student(probe)
-        teacher(probe)
+        forward(student, probe)
+        forward(teacher, probe)
     student.train(was_training)
     s_feats, t_feats = student_taps.features(), teacher_taps.features()
     torch.manual_seed(run.cfg.seed + 2)
     heads = nn.ModuleList()
-    for layer, s, t in zip(run.cfg.distill.feature_layers, s_feats, t_feats):
-        name = f"student '{layer.student}' -> teacher '{layer.teacher}'"
-        heads.append(build_head(tuple(s.shape[1:]), tuple(t.shape[1:]), per_token=False, name=name))
+    for (s_path, t_path, _), s, t in zip(pairs, s_feats, t_feats):
+        name = f"student '{s_path}' -> teacher '{t_path}'"
+        heads.append(build_head(tuple(s.shape[1:]), tuple(t.shape[1:]), per_token=run.work.per_token, name=name))
     return heads.to(run.device)
 
 
-def _taps_and_heads(run: Run, student: nn.Module, teacher: nn.Module) -> tuple[Taps | None, Taps | None, nn.ModuleList]:
-    pairs = run.cfg.distill.feature_layers
+def _taps_and_heads(run: Run, student: nn.Module, teacher: nn.Module):
+    pairs = run.work.feature_pairs(student, teacher)
     if not pairs:
-        return None, None, nn.ModuleList()
-    student_taps = Taps(student, [p.student for p in pairs], "student")
-    teacher_taps = Taps(teacher, [p.teacher for p in pairs], "teacher")
-    heads = build_heads(run, student, teacher, student_taps, teacher_taps, run.data.train_x[:2].to(run.device))
-    return student_taps, teacher_taps, heads
+        return None, None, nn.ModuleList(), []
+    student_taps = Taps(student, [p[0] for p in pairs], "student")
+    teacher_taps = Taps(teacher, [p[1] for p in pairs], "teacher")
+    heads = build_heads(run, student, teacher, pairs, student_taps, teacher_taps)
+    return student_taps, teacher_taps, heads, pairs
 
 
 def preflight(run: Run) -> None:
     """Resolve feature layers and build heads on untrained models, so that a bad layer path or
     shapes no head can map fail before any training (shapes do not depend on the weights)."""
-    teacher = _new_model(run, run.cfg.teacher, "teacher")
-    _taps_and_heads(run, _new_model(run, run.cfg.student, "student"), teacher)
+    teacher = run.work.new_model("teacher")
+    _taps_and_heads(run, _student_init(run, teacher), teacher)
 
 
 def distill_stage(run: Run, teacher: nn.Module, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
     """The student distilled from ``teacher`` through the configured phases."""
     cfg, d = run.cfg, run.cfg.distill
-    model = _student_init(run)
-    pairs = d.feature_layers
-    student_taps, teacher_taps, heads = _taps_and_heads(run, model, teacher)
+    model = _student_init(run, teacher)
+    student_taps, teacher_taps, heads, pairs = _taps_and_heads(run, model, teacher)
     done = _load_finished(run, "student", model)
     if done is not None:
         return model.eval(), done
@@ -262,32 +268,42 @@ def distill_stage(run: Run, teacher: nn.Module, log_tensorboard: bool = True) ->
         ce_weight=d.ce_weight,
         feature_weight=d.feature_weight,
         feature_loss=d.feature_loss,
-        layer_weights=[p.weight for p in pairs],
+        layer_weights=[p[2] for p in pairs],
         heads=heads,
+        per_token=run.work.per_token,
     )
-    x, y = run.data.distill_set()
-    task = _task(run, cfg.student, x, y, 2)
-    log = MetricsLog(run.dir, "student", tensorboard=log_tensorboard)
-    try:
-        result = fit(
-            stage="student",
-            model=model,
-            objective=objective,
-            task=task,
-            train=cfg.student.train,
-            stage_dir=run.stage_dir("student"),
-            log=log,
-            config=to_dict(cfg),
-            teacher=LiveTeacher(teacher, task, teacher_taps),
-            student_taps=student_taps,
-        )
-    finally:
-        log.close()
+    extra = {}
+    if run.work.per_token:
+        extra["vocab_size"] = run.work.shared_vocab(model, teacher)
+    task = run.work.task("student", cfg.student.train, cfg.seed + 1, **extra)
+    result = _train(
+        run,
+        "student",
+        model,
+        objective,
+        task,
+        log_tensorboard,
+        teacher=LiveTeacher(teacher, task, teacher_taps),
+        student_taps=student_taps,
+    )
     return model.eval(), _finish(run, "student", model, result, heads)
 
 
-def model_facts(run: Run, model: nn.Module) -> dict[str, int]:
-    return {"params": count_params(model), "macs": count_macs(model, run.data.test_x[:1].to(run.device))}
+def load_trained(run: Run, stage: str) -> nn.Module:
+    """The trained model of ``stage`` from this run's folder (or the configured teacher)."""
+    cfg = run.cfg
+    needs_teacher = stage == "teacher" or bool(cfg.student.model.init_layers)
+    teacher = run.work.new_model("teacher") if needs_teacher else None
+    if stage == "teacher" and (cfg.teacher.model.checkpoint or cfg.teacher.model.path):
+        if cfg.teacher.model.checkpoint:
+            load_weights(teacher, cfg.teacher.model.checkpoint, "teacher")
+        return teacher.eval()
+    model = teacher if stage == "teacher" else run.work.new_model("student", teacher)
+    folder = run.stage_dir(stage)
+    if not (folder / WEIGHTS).is_file():
+        raise UserError(f"no trained {stage} in '{folder}'; run 'distilflow run' with this config first")
+    load_weights(model, folder / WEIGHTS, stage)
+    return model.eval()
 
 
 def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
@@ -295,7 +311,7 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
     began = time.monotonic()
     run = open_run(cfg)
     teacher, teacher_result = teacher_stage(run, log_tensorboard)
-    baseline, baseline_result = baseline_stage(run, log_tensorboard)
+    baseline, baseline_result = baseline_stage(run, log_tensorboard, teacher)
     student, student_result = distill_stage(run, teacher, log_tensorboard)
     results: dict[str, Any] = {"name": cfg.name}
     for stage, model, result in (
@@ -303,8 +319,19 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
         ("baseline", baseline, baseline_result),
         ("student", student, student_result),
     ):
-        results[stage] = {**result, **model_facts(run, model)}
-    results["student"]["macs_ratio_to_teacher"] = results["student"]["macs"] / max(results["teacher"]["macs"], 1)
+        results[stage] = {**result, **run.work.facts(model)}
+    cost = "macs" if "macs" in results["teacher"] else "macs_per_token"
+    results["student"]["macs_ratio_to_teacher"] = results["student"][cost] / max(results["teacher"][cost], 1)
+    results["student"]["params_ratio_to_teacher"] = results["student"]["params"] / max(results["teacher"]["params"], 1)
+    preview = run.work.preview(student)
+    if preview:
+        results["student_samples"] = preview
+    if cfg.deploy.enabled:
+        from distilflow.deploy.stage import deploy
+
+        info = deploy(run.work, student, cfg.deploy, run.dir / "deploy")
+        results["deploy"] = info.pop("variants")
+        results["deploy_info"] = info
     results["wall_seconds"] = round(time.monotonic() - began, 2)
     write_json(run.dir / "results.json", results)
     from distilflow.report import write_report

@@ -93,7 +93,8 @@ def plot_schedules(cfg: Config, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_accuracy(rows: list[dict], results: dict, path: Path) -> None:
+def plot_metric(rows: list[dict], results: dict, metric: str, path: Path) -> None:
+    """The primary metric (accuracy or perplexity) during training and at the end, per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,19 +102,23 @@ def plot_accuracy(rows: list[dict], results: dict, path: Path) -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
     for stage in ("teacher", "baseline", "student"):
-        points = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("stage") == stage and "eval_accuracy" in r]
+        points = [(r["step"], r[f"eval_{metric}"]) for r in rows if r.get("stage") == stage and f"eval_{metric}" in r]
         if points:
             a1.plot(*zip(*points), marker="o", ms=3, label=stage)
-    a1.set_title("test accuracy during training")
+    a1.set_title(f"held-out {metric} during training")
     a1.set_xlabel("step")
-    a1.legend(fontsize=8)
+    if metric == "perplexity":
+        a1.set_yscale("log")
+    if a1.get_legend_handles_labels()[0]:
+        a1.legend(fontsize=8)
     names = [s for s in ("teacher", "baseline", "student") if s in results]
-    values = [results[s].get("accuracy", 0.0) for s in names]
+    values = [results[s].get(metric, 0.0) for s in names]
     bars = a2.bar(names, values, color=["#4c72b0", "#999999", "#55a868"][: len(names)])
     for bar, value in zip(bars, values):
         a2.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
-    a2.set_ylim(0, 1.05)
-    a2.set_title("final test accuracy")
+    if metric == "accuracy":
+        a2.set_ylim(0, 1.05)
+    a2.set_title(f"final held-out {metric}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -121,27 +126,30 @@ def plot_accuracy(rows: list[dict], results: dict, path: Path) -> None:
 
 def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
     rows = _read_metrics(run_dir)
+    metric = "perplexity" if cfg.task == "causal_lm" else "accuracy"
+    cost = "macs_per_token" if cfg.task == "causal_lm" else "macs"
     plot_losses(rows, cfg, run_dir / "losses.png")
     plot_schedules(cfg, run_dir / "schedules.png")
-    plot_accuracy(rows, results, run_dir / "accuracy.png")
+    plot_metric(rows, results, metric, run_dir / f"{metric}.png")
     lines = [
         f"# distilflow report: {cfg.name}",
         "",
-        "| model | architecture | test accuracy | params | MACs / sample | train steps | train seconds |",
+        f"| model | architecture | held-out {metric} | params | {cost.replace('_', ' ')} | steps | train seconds |",
         "|---|---|---|---|---|---|---|",
     ]
     archs = {"teacher": cfg.teacher.model.arch, "baseline": cfg.student.model.arch, "student": cfg.student.model.arch}
     for stage in ("teacher", "baseline", "student"):
         r = results.get(stage, {})
         lines.append(
-            f"| {stage} | {archs[stage]} | {r.get('accuracy', float('nan')):.4f} | {r.get('params', 0):,} | "
-            f"{r.get('macs', 0):,} | {r.get('steps', 0)} | {r.get('train_seconds', 0)} |"
+            f"| {stage} | {archs[stage]} | {r.get(metric, float('nan')):.4f} | {r.get('params', 0):,} | "
+            f"{r.get(cost, 0):,} | {r.get('steps', 0)} | {r.get('train_seconds', 0)} |"
         )
     plan = phase_boundaries(cfg.distill.phases, cfg.student.train.steps)
+    student = results["student"]
     lines += [
         "",
-        f"Student MACs are {results['student']['macs_ratio_to_teacher']:.3f} of the teacher's. "
-        f"Whole run: {results['wall_seconds']} s.",
+        f"Student compute is {student['macs_ratio_to_teacher']:.3f} and parameters "
+        f"{student['params_ratio_to_teacher']:.3f} of the teacher's. Whole run: {results['wall_seconds']} s.",
         "",
         "Phases of distillation: "
         + ", ".join(f"{p.name} steps {p.start}-{p.end} ({'+'.join(p.terms)})" for p in plan)
@@ -153,10 +161,15 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
         "## KD weight and learning rate",
         "![schedules](schedules.png)",
         "",
-        "## Accuracy",
-        "![accuracy](accuracy.png)",
+        f"## {metric.capitalize()}",
+        f"![{metric}]({metric}.png)",
         "",
     ]
+    samples = results.get("student_samples", [])
+    if samples:
+        lines += ["## Samples from the distilled student", "", "Greedy continuation after the marker `=>`.", ""]
+    for sample in samples:
+        lines += ["```", sample["prompt"] + " => " + sample["continuation"], "```", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -38,20 +38,23 @@ class Targets:
 
     ``labels`` ``(B,)`` or ``(B, T)`` with ``IGNORE_INDEX`` where there is no hard label (an
     unlabeled transfer sample, padding, a prompt token); ``kd_mask`` ``(B,)`` or ``(B, T)``, True
-    where the teacher's distribution counts (every sample; every real, non-prompt token).
+    where the teacher's distribution counts (every sample; every real, non-prompt token);
+    ``feature_mask`` ``(B, T)`` for token features (hidden states of every real input position;
+    their length is T, not the T - 1 of shifted logits), None to reuse ``kd_mask``.
     """
 
     labels: torch.Tensor
     kd_mask: torch.Tensor
+    feature_mask: torch.Tensor | None = None
 
     def counts(self, per_token: bool) -> dict[str, int]:
         """Rows that each term averages over."""
         kd_rows = int(self.kd_mask.sum())
-        return {
-            "kd": kd_rows,
-            "ce": int((self.labels != IGNORE_INDEX).sum()),
-            "feature": kd_rows if per_token else int(self.kd_mask.shape[0]),
-        }
+        if not per_token:
+            feature_rows = int(self.kd_mask.shape[0])
+        else:
+            feature_rows = int(self.feature_mask.sum()) if self.feature_mask is not None else kd_rows
+        return {"kd": kd_rows, "ce": int((self.labels != IGNORE_INDEX).sum()), "feature": feature_rows}
 
 
 def add_counts(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
@@ -150,7 +153,9 @@ class Objective(nn.Module):
     ) -> torch.Tensor:
         """Weighted sum over layer pairs of the feature loss (a sum over rows)."""
         fn = FEATURE_LOSSES[self.feature_loss]
-        mask = targets.kd_mask if self.per_token else None
+        mask = None
+        if self.per_token:
+            mask = targets.feature_mask if targets.feature_mask is not None else targets.kd_mask
         total = torch.zeros((), device=targets.labels.device)
         for head, weight, s_feat, t_feat in zip(self.heads, self.layer_weights, student_features, teacher_features):
             total = total + weight * fn(head(s_feat), t_feat.detach(), per_token=self.per_token, mask=mask)

@@ -38,8 +38,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 @contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """transformers 5 draws a "Loading weights" bar on every load; our logs report progress instead."""
+def no_progress_bars() -> Iterator[None]:
+    """transformers 5 draws a bar on every load and save; our logs report progress instead."""
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -77,7 +77,7 @@ def load_causal_lm(
         raise UserError(f"{where} has no tokenizer; expected one of {', '.join(TOKENIZER_FILES)}")
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     try:
-        with _no_progress_bars():
+        with no_progress_bars():
             tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
             dtype = torch_dtype if torch_dtype is not None else "auto"
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)

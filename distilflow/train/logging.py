@@ -49,6 +49,13 @@ class MetricsLog:
             self.writer.close()
 
 
+def _throughput(info: dict[str, Any]) -> str:
+    for unit in ("tokens", "samples"):
+        if f"{unit}_per_s" in info:
+            return f"{info[f'{unit}_per_s']:.0f} {unit}/s"
+    return ""
+
+
 class Progress:
     """Phase, loss parts, KD weight, LR and samples/s on one line (redrawn on a terminal)."""
 
@@ -66,7 +73,7 @@ class Progress:
         parts = " ".join(f"{k} {v:.4f}" for k, v in info.get("parts", {}).items())
         line = (
             f"[{self.stage}] {step}/{self.total} {info.get('phase', '')} loss {info['loss']:.4f} ({parts}) "
-            f"kd_w {info.get('kd_weight', 0):.3f} lr {info['lr']:.2e} {info.get('samples_per_s', 0):.0f} samples/s"
+            f"kd_w {info.get('kd_weight', 0):.3f} lr {info['lr']:.2e} {_throughput(info)}"
         )
         if self.tty:
             self.stream.write("\r" + line[:200].ljust(120))

@@ -34,7 +34,11 @@ class Task(Protocol):
     per_token: bool
     primary_metric: str
 
+    unit: str  # what count() counts: "samples" or "tokens"
+
     def micro_batches(self, step: int) -> list[Batch]: ...
+
+    def count(self, batch: Batch) -> int: ...
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
 
@@ -75,6 +79,8 @@ class FitResult:
     steps: int
     metrics: dict[str, float]
     seconds: float
+    unit: str = "samples"
+    units_per_s: float = 0.0  # throughput of the optimizer steps run in this call (not eval)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -148,9 +154,12 @@ def fit(
     progress = Progress(stage, train.steps)
     metrics: dict[str, float] = {}
     began = time.monotonic()
-    window_start, window_samples = time.monotonic(), 0
+    # Throughput counts the optimizer steps only (not evaluation or checkpoint writes).
+    window_seconds, window_units = 0.0, 0
+    step_seconds, step_units = 0.0, 0
     model.train()
     for step in range(start, train.steps):
+        step_began = time.monotonic()
         lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=train.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -184,11 +193,12 @@ def fit(
         if not math.isfinite(grad_norm):
             _stop(stage, step, "gradient norm", grad_norm, {}, ckpt_path)
         optimizer.step()
-        window_samples += sum(len(next(iter(b.values()))) for b in micro)
+        units, seconds = sum(task.count(b) for b in micro), time.monotonic() - step_began
+        window_units, window_seconds = window_units + units, window_seconds + seconds
+        step_units, step_seconds = step_units + units, step_seconds + seconds
 
         done = step + 1
         if done % max(train.log_every, 1) == 0 or done == train.steps:
-            elapsed = max(time.monotonic() - window_start, 1e-9)
             info = {
                 "step": done,
                 "phase": phase.name,
@@ -197,11 +207,11 @@ def fit(
                 "kd_weight": objective.weights(step).get("kd", 0.0),
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "samples_per_s": window_samples / elapsed,
+                f"{task.unit}_per_s": window_units / max(window_seconds, 1e-9),
             }
             log.write(info)
             progress.update(done, {**info, "parts": parts_sum}, force=done == train.steps)
-            window_start, window_samples = time.monotonic(), 0
+            window_seconds, window_units = 0.0, 0
         if (train.eval_every and done % train.eval_every == 0) or done == train.steps:
             metrics = task.evaluate(model)
             log.write({"step": done, "phase": phase.name, **{f"eval_{k}": v for k, v in metrics.items()}})
@@ -211,7 +221,13 @@ def fit(
     if start >= train.steps:
         metrics = task.evaluate(model)
     model.eval()
-    return FitResult(steps=train.steps, metrics=metrics, seconds=time.monotonic() - began)
+    return FitResult(
+        steps=train.steps,
+        metrics=metrics,
+        seconds=time.monotonic() - began,
+        unit=task.unit,
+        units_per_s=step_units / step_seconds if step_seconds else 0.0,
+    )
 
 
 def phase_needs_teacher(terms: tuple[str, ...]) -> bool:

@@ -18,7 +18,7 @@ from distilflow.models.heads import build_head
 from distilflow.models.taps import Taps
 from distilflow.models.zoo import CNN, MLP
 from distilflow.schedules import Phase, phase_boundaries
-from distilflow.tasks import ClassifierTask
+from distilflow.tasks.classify import ClassifierTask
 from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import LiveTeacher, NonFiniteLoss, fit

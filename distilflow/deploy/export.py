@@ -1,0 +1,111 @@
+"""ONNX export of a trained student, followed by a parity check against the eager model.
+
+Classifiers take ``x`` ``(batch, *input_shape)`` and return ``logits`` ``(batch, classes)``;
+causal LMs take ``input_ids`` and ``attention_mask`` ``(batch, seq)`` and return ``logits``
+``(batch, seq, vocab)``. Batch (and sequence) axes are dynamic.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from distilflow.deploy import quiet_logs
+from distilflow.errors import UserError
+
+
+class _LogitsOnly(nn.Module):
+    """A Hugging Face causal LM as ``(input_ids, attention_mask) -> logits``, without the KV cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def input_names(kind: str) -> list[str]:
+    return ["input_ids", "attention_mask"] if kind == "causal_lm" else ["x"]
+
+
+def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, *, kind: str) -> Path:
+    """Write ``model`` to ``path`` as ONNX (torch.export based exporter) with dynamic batch/sequence axes.
+
+    A model whose operators cannot be exported is a UserError naming the operator when the
+    exporter names one.
+    """
+    model = model.eval()
+    names = input_names(kind)
+    module = _LogitsOnly(model) if kind == "causal_lm" else model
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if kind == "causal_lm":
+        seq = torch.export.Dim("seq", min=2, max=65536)
+        dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    else:
+        dynamic = {"x": {0: batch}}
+    args = tuple(example[n] for n in names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(StringIO()), quiet_logs():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many types; name the operator if it does
+        text = str(exc)
+        op = re.search(r"(aten::\w+|aten\.\w+(?:\.\w+)?)", text)
+        what = f"operator {op.group(1)} cannot be exported" if op else text.strip().splitlines()[0][:200]
+        raise UserError(f"ONNX export of the {kind} model failed: {what}") from None
+    return path
+
+
+@dataclass
+class Parity:
+    max_abs: float
+    max_rel: float
+
+    def __str__(self) -> str:
+        return f"max abs diff {self.max_abs:.3g}, max rel diff {self.max_rel:.3g}"
+
+
+def check_parity(
+    model: nn.Module, onnx_path: Path, inputs: dict[str, torch.Tensor], *, kind: str, tolerance: float = 1e-3
+) -> Parity:
+    """Compare ONNX Runtime's logits with the eager model's on real inputs.
+
+    The relative difference is measured against the largest eager logit magnitude (elementwise
+    relative error is meaningless near zero). Above ``tolerance`` (on the relative difference) the
+    export is a UserError.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feeds = {n: inputs[n].cpu().numpy() for n in input_names(kind)}
+    got = session.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        module = _LogitsOnly(model) if kind == "causal_lm" else model
+        want = module.eval()(*(inputs[n] for n in input_names(kind))).float().cpu().numpy()
+    if got.shape != want.shape:
+        raise UserError(f"ONNX model returns logits of shape {got.shape}, the eager model {want.shape}")
+    diff = np.abs(got - want)
+    parity = Parity(float(diff.max()), float(diff.max() / max(np.abs(want).max(), 1e-12)))
+    if not parity.max_rel <= tolerance:
+        raise UserError(f"ONNX export does not match the eager model: {parity} (tolerance {tolerance:g} relative)")
+    return parity

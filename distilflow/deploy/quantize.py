@@ -1,0 +1,145 @@
+"""Post-training int8 quantization: ONNX Runtime dynamic and static (QDQ), and PyTorch-native.
+
+- ``ort_dynamic``: weights int8 ahead of time, activations quantised per batch at run time
+  (``onnxruntime.quantization.quantize_dynamic``). No calibration data.
+- ``ort_static``: weights and activations int8 with scales calibrated on ``observe_steps`` batches
+  of training data (``quantize_static``, QDQ format, MinMax calibration).
+- ``torch_int8``: for users who stay in PyTorch; torchao's int8 dynamic-activation / int8-weight
+  linear layers when torchao is installed, else ``torch.ao.quantization.quantize_dynamic``
+  (deprecated upstream). docs/BENCHMARKS.md has the measurement behind this order.
+
+Which operator types are quantised, and which nodes are left in float (by name pattern, e.g. the
+embedding lookup or the last layer), is configurable; :func:`quantized_summary` reports it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from distilflow.deploy import quiet_logs
+from distilflow.errors import UserError
+
+INT8_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLinear", "QuantizeLinear")
+
+
+def _load(path: Path):
+    import onnx
+
+    if not Path(path).is_file():
+        raise UserError(f"ONNX model '{path}' does not exist")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and friends for non-model files
+        raise UserError(f"'{path}' is not an ONNX model ({type(exc).__name__})") from None
+
+
+def _excluded_nodes(model, patterns: list[str]) -> list[str]:
+    compiled = [re.compile(p) for p in patterns]
+    return [n.name for n in model.graph.node if any(c.search(n.name) for c in compiled)]
+
+
+def ort_dynamic(
+    src: Path, dst: Path, *, per_channel: bool = False, op_types: list[str] | None = None, exclude: list[str] = ()
+) -> Path:
+    """int8 weights, per-batch int8 activations. ``exclude``: regexes over node names kept in float."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = _load(src)
+    with quiet_logs():
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=op_types or None,
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=_excluded_nodes(model, list(exclude)),
+        )
+    return dst
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of feed dicts."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def ort_static(
+    src: Path,
+    dst: Path,
+    calibration: list[dict[str, np.ndarray]],
+    *,
+    per_channel: bool = False,
+    op_types: list[str] | None = None,
+    exclude: list[str] = (),
+) -> Path:
+    """int8 weights and activations (QDQ), scales from MinMax over ``calibration`` feeds."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not calibration:
+        raise UserError(
+            "static quantization needs calibration data; set deploy.observe_steps >= 1 and give training data"
+        )
+    model = _load(src)
+    with quiet_logs():
+        quantize_static(
+            str(src),
+            str(dst),
+            _Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types or None,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=_excluded_nodes(model, list(exclude)),
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True},
+        )
+    return dst
+
+
+def quantized_summary(path: Path) -> dict[str, int]:
+    """Counts of float matmul/conv/gather nodes and of int8 nodes in an ONNX file."""
+    model = _load(path)
+    ops = Counter(n.op_type for n in model.graph.node)
+    keys = ("MatMul", "Gemm", "Conv", "Gather", *INT8_OPS, "DequantizeLinear")
+    return {k: ops[k] for k in keys if ops[k]}
+
+
+def torch_int8(model: nn.Module, *, backend: str = "auto") -> tuple[nn.Module, str]:
+    """A copy of ``model`` with int8 ``nn.Linear`` layers; returns it and the backend used.
+
+    ``backend``: 'torchao' (int8 dynamic activations, int8 weights), 'torch_ao' (the deprecated
+    ``torch.ao.quantization.quantize_dynamic``), or 'auto' (torchao when installed).
+    """
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    if backend in ("auto", "torchao"):
+        try:
+            with quiet_logs():
+                from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        except ImportError:
+            if backend == "torchao":
+                raise UserError(
+                    "deploy.torch_backend 'torchao' needs the torchao package: pip install torchao"
+                ) from None
+        else:
+            quantize_(model, Int8DynamicActivationInt8WeightConfig())
+            return model, "torchao"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    return quantized, "torch_ao"

@@ -1,0 +1,1 @@
+"""Kinds of model and data the loop trains: classifiers and causal language models."""

@@ -1,0 +1,314 @@
+"""Causal language models: token-level batches, shifted logits, perplexity, and how a run builds them.
+
+Logits at position t predict the token at t + 1, so a batch's logits are ``(B, T - 1, V)`` and its
+labels ``labels[:, 1:]``. Only real, non-prompt tokens count (label != -100). Teacher and student
+must share a tokenizer; if their embedding tables differ in size (151936 vs 152064 in the Qwen
+family) both logits are cut to the shared ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from distilflow.config import Config, TrainConfig
+from distilflow.data.batches import batch_indices
+from distilflow.data.text import Record, check_seq_len, read_records, split, tokenize
+from distilflow.errors import UserError
+from distilflow.losses.objective import IGNORE_INDEX, Targets
+from distilflow.models.hf import (
+    TOKENIZER_FILES,
+    align_vocab,
+    build_student,
+    decoder_layers,
+    layer_map,
+    load_causal_lm,
+    no_progress_bars,
+    truncate_vocab,
+)
+
+Batch = dict[str, torch.Tensor]
+
+
+class CausalLMTask:
+    """Rows of ``input_ids`` / ``attention_mask`` / ``labels`` ``(N, T)``; scored on shifted labels."""
+
+    per_token = True
+    primary_metric = "perplexity"
+    unit = "tokens"
+
+    def __init__(
+        self,
+        train: Batch,
+        held_out: Batch,
+        *,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        device: torch.device,
+        vocab_size: int | None = None,
+    ) -> None:
+        self.train = {k: v.to(device) for k, v in train.items()}
+        self.held_out = {k: v.to(device) for k, v in held_out.items()}
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.device, self.vocab_size = device, vocab_size
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        rows = len(self.train["input_ids"])
+        idx = batch_indices(step, num_samples=rows, batch_size=self.batch_size, seed=self.seed).to(self.device)
+        return [{k: v[chunk] for k, v in self.train.items()} for chunk in idx.chunk(self.grad_accum)]
+
+    def count(self, batch: Batch) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logits = out.logits[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
+        return truncate_vocab(logits, self.vocab_size) if self.vocab_size else logits
+
+    def targets(self, batch: Batch) -> Targets:
+        labels = batch["labels"][:, 1:]  # (B, T - 1)
+        return Targets(labels=labels, kd_mask=labels != IGNORE_INDEX, feature_mask=batch["attention_mask"].bool())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:
+        """Perplexity ``exp(mean token cross-entropy)`` over the held-out tokens, and that mean."""
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        rows = len(self.held_out["input_ids"])
+        for start in range(0, rows, batch_size):
+            batch = {k: v[start : start + batch_size] for k, v in self.held_out.items()}
+            logits = self.forward(model, batch).float()
+            labels = batch["labels"][:, 1:]
+            total += float(
+                nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+            )
+            count += int((labels != IGNORE_INDEX).sum())
+        model.train(was_training)
+        loss = total / max(count, 1)
+        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss}
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, what: str = "tokenizer folder") -> Any:
+    """A tokenizer from a local folder; a missing pad token is set to eos (padding is masked anyway).
+
+    ``what`` names the folder in errors (e.g. "student model directory" when it comes from a model path).
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{what} '{folder}' does not exist; give a folder written by save_pretrained")
+    # Checked here because transformers' own error for a folder without one is cut off after one line.
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{what} '{folder}' has no tokenizer; expected one of {', '.join(TOKENIZER_FILES)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{what} '{folder}' could not be loaded: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _stdlib_tokenizer(cfg: Config, texts: list[str]) -> Any:
+    """The built-in demo's byte-level BPE, trained once per corpus and size and cached."""
+    from distilflow.data.stdlib_corpus import train_tokenizer
+
+    d = cfg.data
+    key = hashlib.sha256(json.dumps([d.vocab_size, d.train_chars, "v1"]).encode()).hexdigest()[:12]
+    folder = Path(d.cache_dir).expanduser() / f"stdlib-tokenizer-{key}"
+    if not (folder / "tokenizer.json").is_file():
+        train_tokenizer(texts, d.vocab_size, folder)
+    return load_tokenizer(folder)
+
+
+class CausalLMWorkload:
+    """Builds the tokenizer, token data, teacher and student of a causal-LM run from its config."""
+
+    per_token = True
+    primary_metric = "perplexity"
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        d = cfg.data
+        self._loaded: dict[str, nn.Module] = {}
+        self.skipped = 0
+        if d.source == "stdlib":
+            from distilflow.data.stdlib_corpus import load_stdlib_corpus
+
+            corpus = load_stdlib_corpus(train_chars=d.train_chars, eval_chars=d.eval_chars)
+            train_records = [Record(completion=text) for text in corpus.train]
+            held_records = [Record(completion=text) for text in corpus.eval]
+            self.tokenizer = self._tokenizer() or _stdlib_tokenizer(cfg, corpus.train)
+        else:
+            self.tokenizer = self._tokenizer()
+            if self.tokenizer is None:
+                raise UserError(
+                    "no tokenizer for data.source 'text': set data.tokenizer, or give student.model.path or "
+                    "teacher.model.path (a folder with a tokenizer)"
+                )
+            records = read_records(d.path, on_error=d.on_error)
+            if d.test_path:
+                train_records, held_records = records.records, read_records(d.test_path, on_error=d.on_error).records
+            else:
+                train_records, held_records = split(records.records, fraction=d.test_fraction, seed=d.seed)
+            self.skipped = records.skipped
+            if records.skipped:
+                first = records.problems[0] if records.problems else ""
+                print(
+                    f"distilflow: skipped {records.skipped} bad lines (data.on_error=skip); first: {first}",
+                    file=sys.stderr,
+                )
+        self.train = tokenize(train_records, self.tokenizer, seq_len=d.seq_len, pack=d.pack)
+        self.held_out = tokenize(held_records, self.tokenizer, seq_len=d.seq_len, pack=d.pack)
+
+    def _tokenizer(self) -> Any | None:
+        c = self.cfg
+        sources = (
+            ("tokenizer folder", c.data.tokenizer),
+            ("student model directory", c.student.model.path),
+            ("teacher model directory", c.teacher.model.path),
+        )
+        for what, path in sources:
+            if path:
+                return load_tokenizer(path, trust_remote_code=c.student.model.trust_remote_code, what=what)
+        return None
+
+    def _hf_config(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The config as given, with vocabulary size and special ids taken from the tokenizer if absent."""
+        tok = self.tokenizer
+        filled = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+        if tok.bos_token_id is not None:
+            filled["bos_token_id"] = tok.bos_token_id
+        return {**filled, **values}
+
+    def new_model(self, role: str, teacher: nn.Module | None = None) -> nn.Module:
+        """A fresh student (or teacher) as configured; folders are read once and copied after."""
+        m = (self.cfg.teacher if role == "teacher" else self.cfg.student).model
+        if m.path:
+            if role not in self._loaded:
+                dtype = torch.bfloat16 if role == "teacher" and m.dtype == "bfloat16" else torch.float32
+                model, tokenizer = load_causal_lm(
+                    m.path, role=role, trust_remote_code=m.trust_remote_code, torch_dtype=dtype
+                )
+                align_vocab(tokenizer, self.tokenizer, len(tokenizer), len(self.tokenizer))
+                self._loaded[role] = model
+            model = copy.deepcopy(self._loaded[role])
+        else:
+            torch.manual_seed(self.cfg.seed)
+            init_layers = m.init_layers if role == "student" else None
+            model = build_student(
+                self._hf_config(m.hf_config),
+                role=role,
+                teacher=teacher if init_layers else None,
+                init_layers=init_layers,
+            )
+        check_seq_len(self.cfg.data.seq_len, model)
+        return model.to(self.device)
+
+    def shared_vocab(self, student: nn.Module, teacher: nn.Module) -> int | None:
+        teacher_size = teacher.get_output_embeddings().out_features
+        student_size = student.get_output_embeddings().out_features
+        if teacher_size == student_size:
+            return None
+        # align_vocab takes the teacher's size first; its notice names both in that order.
+        return align_vocab(self.tokenizer, self.tokenizer, teacher_size, student_size)
+
+    def task(self, stage: str, train: TrainConfig, seed: int, vocab_size: int | None = None) -> CausalLMTask:
+        return CausalLMTask(
+            self.train,
+            self.held_out,
+            batch_size=train.batch_size,
+            grad_accum=train.grad_accum,
+            seed=seed,
+            device=self.device,
+            vocab_size=vocab_size,
+        )
+
+    def probe(self) -> Batch:
+        return {k: v[:2].to(self.device) for k, v in self.train.items() if k != "labels"}
+
+    def feature_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str, float]]:
+        """``distill.layer_map`` over the decoder stacks, or the explicit ``feature_layers``."""
+        d = self.cfg.distill
+        if d.layer_map is None:
+            return [(p.student, p.teacher, p.weight) for p in d.feature_layers]
+        s_paths, t_paths = decoder_layers(student), decoder_layers(teacher)
+        return [(s_paths[i], t_paths[j], 1.0) for i, j in layer_map(len(s_paths), len(t_paths), d.layer_map)]
+
+    def facts(self, model: nn.Module) -> dict[str, int]:
+        """Parameters, and multiply-accumulates per token of a forward pass over one full row."""
+        row = self.probe()
+        was_training = model.training
+        model.eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(input_ids=row["input_ids"][:1], attention_mask=row["attention_mask"][:1], use_cache=False)
+        model.train(was_training)
+        seq_len = row["input_ids"].shape[1]
+        return {
+            "params": sum(p.numel() for p in model.parameters()),
+            "macs_per_token": counter.get_total_flops() // 2 // seq_len,
+        }
+
+    def save(self, stage_dir: Path, model: nn.Module) -> None:
+        """A Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads, with the tokenizer."""
+        folder = stage_dir / "hf"
+        with no_progress_bars():
+            model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    def test_arrays(self) -> dict[str, np.ndarray]:
+        """The held-out rows as numpy arrays (deployment benchmarks and parity checks)."""
+        return {k: v.numpy() for k, v in self.held_out.items()}
+
+    def calibration_feeds(self, steps: int, batch: int) -> list[dict[str, np.ndarray]]:
+        """``steps`` batches of training rows for static quantization (the article's observe_steps)."""
+        rows = len(self.train["input_ids"])
+        feeds = []
+        for step in range(steps):
+            idx = batch_indices(step, num_samples=rows, batch_size=batch, seed=self.cfg.seed)
+            feeds.append({k: self.train[k][idx].numpy() for k in ("input_ids", "attention_mask")})
+        return feeds
+
+    def save_for_inference(self, folder: Path) -> None:
+        """The tokenizer beside the ONNX files, for ``distilflow predict``."""
+        self.tokenizer.save_pretrained(folder)
+
+    @torch.no_grad()
+    def preview(self, model: nn.Module, samples: int = 3, prompt_tokens: int = 24, new_tokens: int = 40) -> list[dict]:
+        """Greedy continuations of the first tokens of a few held-out rows."""
+        was_training = model.training
+        model.eval()
+        out = []
+        for row in self.held_out["input_ids"][:samples]:
+            prompt = row[:prompt_tokens].unsqueeze(0).to(self.device)
+            generated = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            out.append(
+                {
+                    "prompt": self.tokenizer.decode(prompt[0]),
+                    "continuation": self.tokenizer.decode(generated[0, prompt.shape[1] :]),
+                }
+            )
+        model.train(was_training)
+        return out

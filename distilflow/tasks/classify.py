@@ -1,0 +1,132 @@
+"""Classifiers: how the loop batches, runs and scores them, and how a run builds them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from distilflow.config import Config, TrainConfig
+from distilflow.data.batches import batch_indices
+from distilflow.data.classification import ClassificationData, load_classification
+from distilflow.losses.objective import Targets
+from distilflow.models.build import build_model, count_macs, count_params
+
+Batch = dict[str, torch.Tensor]
+
+
+class ClassifierTask:
+    """Samples ``x`` ``(N, ...)`` with labels ``y`` ``(N,)`` (IGNORE_INDEX = unlabeled)."""
+
+    per_token = False
+    primary_metric = "accuracy"
+    unit = "samples"
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        test_x: torch.Tensor,
+        test_y: torch.Tensor,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.x, self.y = x.to(device), y.to(device)
+        self.test_x, self.test_y = test_x.to(device), test_y.to(device)
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.device = device
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        idx = batch_indices(step, num_samples=len(self.x), batch_size=self.batch_size, seed=self.seed)
+        idx = idx.to(self.device)
+        return [{"x": self.x[chunk], "y": self.y[chunk]} for chunk in idx.chunk(self.grad_accum)]
+
+    def count(self, batch: Batch) -> int:
+        return len(batch["x"])
+
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch["x"])  # (B, C)
+
+    def targets(self, batch: Batch) -> Targets:
+        y = batch["y"]
+        return Targets(labels=y, kd_mask=torch.ones_like(y, dtype=torch.bool))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int = 1024) -> dict[str, float]:
+        """Accuracy (fraction in [0, 1]) and mean cross-entropy on the test split."""
+        was_training = model.training
+        model.eval()
+        correct, loss = 0, 0.0
+        for start in range(0, len(self.test_x), batch_size):
+            logits = model(self.test_x[start : start + batch_size]).float()
+            labels = self.test_y[start : start + batch_size]
+            correct += int((logits.argmax(-1) == labels).sum())
+            loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        model.train(was_training)
+        n = len(self.test_x)
+        return {"accuracy": correct / n, "loss": loss / n}
+
+
+class ClassifierWorkload:
+    """Builds the classifier models and tasks of a run from its config."""
+
+    per_token = False
+    primary_metric = "accuracy"
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.data: ClassificationData = load_classification(cfg.data)
+
+    def new_model(self, role: str, teacher: nn.Module | None = None) -> nn.Module:
+        stage = self.cfg.teacher if role == "teacher" else self.cfg.student
+        torch.manual_seed(self.cfg.seed)
+        model = build_model(stage.model, self.data.input_shape, self.data.num_classes, role)
+        return model.to(self.device)
+
+    def task(self, stage: str, train: TrainConfig, seed: int) -> ClassifierTask:
+        """Teacher and baseline learn from the labeled samples; the student also from the transfer set."""
+        x, y = self.data.distill_set() if stage == "student" else (self.data.train_x, self.data.train_y)
+        return ClassifierTask(
+            x,
+            y,
+            test_x=self.data.test_x,
+            test_y=self.data.test_y,
+            batch_size=train.batch_size,
+            grad_accum=train.grad_accum,
+            seed=seed,
+            device=self.device,
+        )
+
+    def probe(self) -> Batch:
+        return {"x": self.data.train_x[:2].to(self.device)}
+
+    def feature_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str, float]]:
+        return [(p.student, p.teacher, p.weight) for p in self.cfg.distill.feature_layers]
+
+    def facts(self, model: nn.Module) -> dict[str, int]:
+        return {"params": count_params(model), "macs": count_macs(model, self.data.test_x[:1].to(self.device))}
+
+    def save(self, stage_dir, model: nn.Module) -> None:
+        """Classifiers need nothing beyond model.safetensors."""
+
+    def preview(self, model: nn.Module) -> list[dict[str, str]]:
+        return []
+
+    def test_arrays(self) -> dict[str, np.ndarray]:
+        """The test split as numpy arrays (deployment benchmarks and parity checks)."""
+        return {"x": self.data.test_x.numpy(), "y": self.data.test_y.numpy()}
+
+    def calibration_feeds(self, steps: int, batch: int) -> list[dict[str, np.ndarray]]:
+        """``steps`` batches of training inputs for static quantization (the article's observe_steps)."""
+        x, _ = self.data.distill_set()
+        feeds = []
+        for step in range(steps):
+            idx = batch_indices(step, num_samples=len(x), batch_size=batch, seed=self.cfg.seed)
+            feeds.append({"x": x[idx].numpy()})
+        return feeds
+
+    def save_for_inference(self, folder) -> None:
+        """Classifiers need nothing beside the ONNX file."""
