@@ -7,39 +7,25 @@ of the wrong type fails at load time with one line naming the key, the value and
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import re
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
-
-import yaml
+from typing import Any, Literal
 
 from distilflow.errors import UserError
+from distilflow.typed_config import build, describe, help_field, merge, parse_override, read_yaml, set_path, to_dict
 
+__all__ = ["Config", "describe", "load_config", "config_from_dict", "read_yaml", "to_dict", "validate"]
 
-def _f(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help line; mutable defaults are copied per instance."""
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: _copy(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
-
-
-def _copy(value: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(value)
+_f = help_field
 
 
 @dataclass
 class DataConfig:
-    source: Literal["mnist1d", "npz", "csv", "text", "stdlib"] = _f(
+    source: str = _f(
         "mnist1d",
-        "Classifiers: built-in 'mnist1d', or your .npz (x, y) / .csv file. Causal LMs: 'text' (your .txt, "
-        ".jsonl, .parquet, .csv files) or the built-in 'stdlib' corpus (the Python standard library's source).",
+        "Classifiers: built-in 'mnist1d', your .npz (x, y) / .csv file, or 'module.path:factory' returning "
+        "arrays x, y, x_test, y_test (and optional x_transfer). Causal LMs: 'text' (your .txt, .jsonl, .parquet, "
+        ".csv files) or the built-in 'stdlib' corpus (the Python standard library's source).",
     )
     path: str | None = _f(None, "Training file (npz/csv), or text file or folder of text files (text).")
     test_path: str | None = _f(None, "Held-out file or folder; without it test_fraction of path is held out.")
@@ -59,7 +45,7 @@ class DataConfig:
     )
     tokenizer: str | None = _f(None, "Text: tokenizer folder; default the student's, else the teacher's.")
     vocab_size: int = _f(2048, "stdlib: vocabulary of the byte-level BPE tokenizer trained on the corpus.")
-    train_chars: int = _f(3_000_000, "stdlib: characters of training text (held-out modules excluded).")
+    train_chars: int = _f(8_000_000, "stdlib: characters of training text (held-out modules excluded).")
     eval_chars: int = _f(200_000, "stdlib: characters of held-out text (a fixed set of modules).")
 
 
@@ -177,7 +163,8 @@ class DeployConfig:
         [], "ONNX operator types to quantise (empty = ONNX Runtime's defaults, e.g. MatMul, Gemm, Conv, Gather)."
     )
     exclude: list[str] = _f(
-        [], "Regexes over ONNX node names kept in float, e.g. the embedding lookup or the last layer."
+        [],
+        "Regexes over ONNX node names or PyTorch module paths kept in float, e.g. 'lm_head' or 'classifier'.",
     )
     torch_backend: Literal["auto", "torchao", "torch_ao", "off"] = _f(
         "auto", "PyTorch-native int8: torchao (auto when installed), the deprecated torch.ao, or off."
@@ -222,177 +209,21 @@ class Config:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
 
-# ---------------------------------------------------------------- loading and validation
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
-    origin = typing.get_origin(tp)
-    bad = UserError(f"config key '{key}': {value!r} is not allowed; expected {_type_name(tp)}")
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except UserError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise bad
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise bad
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML reads YAML 1.1, where '3e-5' (no dot) is a string; it means the float.
-        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise bad
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"unknown config key '{full}'{hint}; allowed: {', '.join(names)}")
-        kwargs[key] = _convert(value, hints[key], full)
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> Any:
-    """Plain dict of a config (what YAML, JSON and checkpoints hold)."""
-    return dataclasses.asdict(cfg)
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (['a', 'b', 'c'], value); the value is read as YAML (safe_load)."""
-    if "=" not in text:
-        raise UserError(f"override '{text}' is not of the form dotted.key=value")
-    key, raw = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise UserError(f"override '{text}' has an empty key; use dotted.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise UserError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from None
-    return key.split("."), value
-
-
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        child = node.get(part)
-        if isinstance(child, list):
-            raise UserError(f"override '{'.'.join(path)}': '{part}' is a list; set it whole, e.g. {part}=[...]")
-        if not isinstance(child, dict):
-            if part not in node:
-                # Leave the unknown key in place: validation names it with the allowed keys.
-                node[part] = {}
-            else:
-                raise UserError(f"override '{'.'.join(path)}': '{'.'.join(path[: i + 1])}' is not a mapping")
-        node = node[part]
-    node[path[-1]] = value
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file '{path}' is not valid YAML{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- ``dotted.key=value`` overrides, then validation."""
     tree = to_dict(Config())
     if path is not None:
-        tree = _merge(tree, read_yaml(path))
+        tree = merge(tree, read_yaml(path))
     for text in overrides:
         keys, value = parse_override(text)
-        _set_path(tree, keys, value)
-    cfg = _build(Config, tree)
+        set_path(tree, keys, value)
+    cfg = build(Config, tree)
     validate(cfg)
     return cfg
 
 
 def config_from_dict(tree: dict) -> Config:
-    cfg = _build(Config, tree)
+    cfg = build(Config, tree)
     validate(cfg)
     return cfg
 
@@ -491,8 +322,15 @@ def validate(cfg: Config) -> None:
         )
         need(m.kernel_size >= 1, f"{stage}.model.kernel_size", m.kernel_size, "must be >= 1")
     data = cfg.data
+    sources = ("mnist1d", "npz", "csv", "text", "stdlib")
     need(
-        data.source in ("mnist1d", "stdlib") or data.path is not None,
+        data.source in sources or ":" in data.source,
+        "data.source",
+        data.source,
+        f"use one of {', '.join(sources)} or 'module.path:factory'",
+    )
+    need(
+        data.source in ("mnist1d", "stdlib") or ":" in data.source or data.path is not None,
         "data.path",
         data.path,
         f"source '{data.source}' needs a file path",
@@ -525,31 +363,3 @@ def validate(cfg: Config) -> None:
     need(dep.threads >= 1, "deploy.threads", dep.threads, "must be >= 1")
     need(dep.iterations >= 1, "deploy.iterations", dep.iterations, "must be >= 1")
     need(dep.parity_tolerance > 0, "deploy.parity_tolerance", dep.parity_tolerance, "must be > 0")
-
-
-# ---------------------------------------------------------------- printing
-
-
-def describe(cfg: Any, indent: int = 0) -> str:
-    """Commented YAML of a config: every field with its value and one-line description."""
-    lines: list[str] = []
-    pad = "  " * indent
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        help_text = f.metadata.get("help", "")
-        if dataclasses.is_dataclass(value):
-            lines.append(f"{pad}{f.name}:  # {help_text}")
-            lines.append(describe(value, indent + 1))
-        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
-            lines.append(f"{pad}{f.name}:  # {help_text}")
-            for item in value:
-                body = describe(item, indent + 2).splitlines()
-                first = body[0].lstrip()
-                lines.append(f"{pad}  - {first}")
-                lines.extend(body[1:])
-        else:
-            rendered = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
-            if rendered.endswith("\n...") or rendered.endswith("..."):
-                rendered = rendered.replace("\n...", "").removesuffix("...").strip()
-            lines.append(f"{pad}{f.name}: {rendered}  # {help_text}")
-    return "\n".join(lines)

@@ -91,7 +91,9 @@ def open_run(cfg: Config) -> Run:
     saved = run_dir / "config.yaml"
     resolved = to_dict(cfg)
     if saved.is_file():
-        diff = _differences(read_yaml(saved), resolved)
+        # Deploy settings do not change what was trained: a finished run may be re-exported and
+        # re-quantized with other ones (the saved config then records the latest).
+        diff = [key for key in _differences(read_yaml(saved), resolved) if not key.startswith("deploy.")]
         if diff:
             raise UserError(
                 f"output_dir '{run_dir}' holds a run with a different config (keys: {', '.join(diff[:6])}); "
@@ -215,8 +217,7 @@ def build_heads(
     teacher_taps: Taps,
 ) -> nn.ModuleList:
     """One projection head per layer pair, sized from the shapes seen on a probe batch."""
-    probe = run.work.probe()
-    forward = run.work.task("probe", run.cfg.student.train, 0).forward
+    probe, forward = run.work.probe(), run.work.forward
     was_training = student.training
     student.eval()
     with torch.no_grad(), student_taps.capture(), teacher_taps.capture():

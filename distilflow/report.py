@@ -165,6 +165,24 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
         f"![{metric}]({metric}.png)",
         "",
     ]
+    deploy = results.get("deploy_info")
+    if deploy:
+        lines += [
+            "## Deployment (the distilled student)",
+            "",
+            deploy["table_markdown"],
+            "",
+            f"ONNX export parity with the eager model: max abs diff {deploy['parity']['max_abs']:.3g}, "
+            f"relative {deploy['parity']['max_rel']:.3g}. PyTorch int8 backend: {deploy['torch_int8_backend']}. "
+            f"Per-channel weight scales: {deploy['per_channel']}. Kept in float by name: "
+            f"{', '.join(deploy['excluded_from_quantization']) or 'nothing'}.",
+            "",
+            "Operators in each ONNX file: "
+            + "; ".join(f"{name}: {nodes}" for name, nodes in deploy["quantized_nodes"].items()),
+            "",
+            *deploy["notes"],
+            "",
+        ]
     samples = results.get("student_samples", [])
     if samples:
         lines += ["## Samples from the distilled student", "", "Greedy continuation after the marker `=>`.", ""]

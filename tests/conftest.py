@@ -24,6 +24,7 @@ def tiny_overrides(mnist_cache: Path):
 
     A 2-block CNN teacher (6 steps) and an MLP student (10 steps: phases 2 / 5 / 3) on a tiny
     MNIST-1D; the student checkpoints every 4 steps so that a run can be interrupted and resumed.
+    The deploy stage (export, quantization, benchmark: seconds) is off; tests/deploy turns it on.
     """
 
     def make(output_dir: Path | str) -> list[str]:
@@ -46,6 +47,7 @@ def tiny_overrides(mnist_cache: Path):
             "student.train.log_every=1",
             "student.train.eval_every=5",
             "student.train.checkpoint_every=4",
+            "deploy.enabled=false",
         ]
 
     return make

@@ -131,9 +131,35 @@ def _read_file(path: str, source: str, label_column: str, labeled: bool) -> tupl
     return table, None
 
 
+def _from_factory(spec: str) -> ClassificationData:
+    """Your own data: ``module.path:factory`` returns a mapping of arrays (numpy or torch)
+    ``x``, ``y``, ``x_test``, ``y_test`` and optionally ``x_transfer`` (unlabeled)."""
+    from distilflow.models.build import import_object
+
+    factory = import_object(spec, "data.source")
+    arrays = factory()
+    if not isinstance(arrays, dict) or not {"x", "y", "x_test", "y_test"} <= set(arrays):
+        keys = sorted(arrays) if isinstance(arrays, dict) else type(arrays).__name__
+        raise UserError(f"data.source '{spec}' returned {keys}; it must return a dict with x, y, x_test, y_test")
+    x, y = _as_samples(np.asarray(arrays["x"]), np.asarray(arrays["y"]), spec)
+    tx, ty = _as_samples(np.asarray(arrays["x_test"]), np.asarray(arrays["y_test"]), f"{spec} (test)")
+    if tx.shape[1:] != x.shape[1:]:
+        raise UserError(
+            f"data.source '{spec}': test samples of shape {tuple(tx.shape[1:])}, train {tuple(x.shape[1:])}"
+        )
+    data = ClassificationData(x, y, tx, ty)
+    if arrays.get("x_transfer") is not None:
+        data.transfer_x = _as_features(np.asarray(arrays["x_transfer"]), f"{spec} (transfer)")
+        if data.transfer_x.shape[1:] != x.shape[1:]:
+            raise UserError(f"data.source '{spec}': transfer samples of shape {tuple(data.transfer_x.shape[1:])}")
+    return data
+
+
 def load_classification(cfg: DataConfig) -> ClassificationData:
     """The train/test split and optional transfer set described by ``cfg``."""
-    if cfg.source == "mnist1d":
+    if ":" in cfg.source:
+        data = _from_factory(cfg.source)
+    elif cfg.source == "mnist1d":
         cache = Path(cfg.cache_dir).expanduser()
         arrays = _mnist1d_arrays(cfg.num_samples, cfg.train_split, cfg.seed, cache)
         data = ClassificationData(

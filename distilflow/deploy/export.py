@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -55,7 +55,8 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, 
     args = tuple(example[n] for n in names)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings(), redirect_stdout(StringIO()), quiet_logs():
+        # torch.export prints the partial graph of a failed export to stderr; the UserError says it in one line.
+        with warnings.catch_warnings(), redirect_stdout(StringIO()), redirect_stderr(StringIO()), quiet_logs():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
@@ -69,11 +70,24 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, 
                 verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; name the operator if it does
-        text = str(exc)
-        op = re.search(r"(aten::\w+|aten\.\w+(?:\.\w+)?)", text)
-        what = f"operator {op.group(1)} cannot be exported" if op else text.strip().splitlines()[0][:200]
-        raise UserError(f"ONNX export of the {kind} model failed: {what}") from None
+        raise UserError(f"ONNX export of the {kind} model failed: {_export_failure(exc)}") from None
     return path
+
+
+def _export_failure(exc: Exception) -> str:
+    """One line out of the exporter's many: the operator, else the cause and the line of model code."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the exporter colours its messages
+    op = re.search(r"\b((?:aten|prims)(?:::|\.)\w+(?:\.\w+)?)", text)
+    if op:
+        return f"operator {op.group(1)} cannot be exported"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # The first lines are generic advice ("This is step 1/3 ..."); the cause follows "## Exception summary".
+    summary = lines.index("## Exception summary") + 1 if "## Exception summary" in lines[:-1] else 0
+    what = re.sub(r"^<class '[\w.]+'>: ", "", lines[summary]) if lines else type(exc).__name__
+    where = re.search(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in \w+\s*\n\s*(\S.*)', text)
+    if where:
+        what += f" (at {Path(where[1]).name}:{where[2]}: {where[3].strip()})"
+    return what[:300]
 
 
 @dataclass

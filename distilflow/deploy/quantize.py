@@ -8,8 +8,9 @@
   linear layers when torchao is installed, else ``torch.ao.quantization.quantize_dynamic``
   (deprecated upstream). docs/BENCHMARKS.md has the measurement behind this order.
 
-Which operator types are quantised, and which nodes are left in float (by name pattern, e.g. the
-embedding lookup or the last layer), is configurable; :func:`quantized_summary` reports it.
+Which operator types are quantised, and which nodes are left in float (by a pattern over node names
+or module paths, e.g. the embedding lookup or the last layer), is configurable;
+:func:`quantized_summary` reports it.
 """
 
 from __future__ import annotations
@@ -40,18 +41,51 @@ def _load(path: Path):
         raise UserError(f"'{path}' is not an ONNX model ({type(exc).__name__})") from None
 
 
+def _module_paths(node) -> list[str]:
+    """The module paths of an exported node (``classifier``, ``model.lm_head``), from the exporter's metadata."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            return [m for m in re.findall(r"'([^']*)'", prop.value) if m]
+    return []
+
+
 def _excluded_nodes(model, patterns: list[str]) -> list[str]:
-    compiled = [re.compile(p) for p in patterns]
-    return [n.name for n in model.graph.node if any(c.search(n.name) for c in compiled)]
+    """Nodes whose ONNX name (``node_linear_2``) or module path (``classifier``) matches a pattern.
+
+    The exporter names nodes after the op (``node_linear_2``), not the layer, so the module path is
+    what a user knows; a pattern that matches nothing is an error rather than a silent no-op.
+    """
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as exc:
+        raise UserError(f"deploy.exclude: {exc.pattern!r} is not a regular expression ({exc})") from None
+    names, used = [], set()
+    for node in model.graph.node:
+        keys = [node.name, *_module_paths(node)]
+        hits = {c.pattern for c in compiled if any(c.search(k) for k in keys)}
+        if hits:
+            names.append(node.name)
+            used |= hits
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise UserError(
+            f"deploy.exclude: {unused[0]!r} matches no ONNX node name or module path "
+            f"(nodes such as {', '.join(n.name for n in model.graph.node[:3])})"
+        )
+    return names
 
 
 def ort_dynamic(
     src: Path, dst: Path, *, per_channel: bool = False, op_types: list[str] | None = None, exclude: list[str] = ()
 ) -> Path:
-    """int8 weights, per-batch int8 activations. ``exclude``: regexes over node names kept in float."""
+    """int8 weights, per-batch int8 activations. ``exclude``: regexes over node names or module paths kept in float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = _load(src)
+    excluded = _excluded_nodes(model, list(exclude))
+    # quantize_dynamic rewrites each Gemm as '<name>_MatMul' + '<name>_Add' before it reads nodes_to_exclude.
+    gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
+    excluded += [f"{name}_MatMul" for name in excluded if name in gemms]
     with quiet_logs():
         quantize_dynamic(
             str(src),
@@ -59,7 +93,7 @@ def ort_dynamic(
             op_types_to_quantize=op_types or None,
             per_channel=per_channel,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=_excluded_nodes(model, list(exclude)),
+            nodes_to_exclude=excluded,
         )
     return dst
 
@@ -106,6 +140,22 @@ def ort_static(
             extra_options={"ActivationSymmetric": True},
         )
     return dst
+
+
+def strip_metadata(path: Path) -> None:
+    """Drop the exporter's per-node metadata (source stack traces, module scopes) from a final file.
+
+    It can be several times the size of a small model's weights and holds build paths; it is only
+    needed while quantizing (``exclude`` matches module paths through it).
+    """
+    import onnx
+
+    model = _load(path)
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    model.graph.doc_string = ""
+    onnx.save(model, str(path))
 
 
 def quantized_summary(path: Path) -> dict[str, int]:

@@ -16,7 +16,7 @@ from torch import nn
 from distilflow.config import DeployConfig
 from distilflow.deploy.bench import benchmark, markdown, ort_variant, torch_variant
 from distilflow.deploy.export import check_parity, export_onnx
-from distilflow.deploy.quantize import ort_dynamic, ort_static, quantized_summary, torch_int8
+from distilflow.deploy.quantize import ort_dynamic, ort_static, quantized_summary, strip_metadata, torch_int8
 from distilflow.train.checkpoint import write_json, write_text
 
 
@@ -58,6 +58,8 @@ def quantize_student(work: Any, onnx_path: Path, cfg: DeployConfig, out: Path) -
     if "static" in cfg.methods:
         calibration = work.calibration_feeds(cfg.observe_steps, cfg.calibration_batch)
         paths["ort_int8_static"] = ort_static(onnx_path, out / "student.int8-static.onnx", calibration, **common)
+    for path in (onnx_path, *paths.values()):
+        strip_metadata(path)
     return paths
 
 

@@ -40,6 +40,13 @@ from distilflow.models.hf import (
 Batch = dict[str, torch.Tensor]
 
 
+def lm_logits(model: nn.Module, batch: Batch, vocab_size: int | None = None) -> torch.Tensor:
+    """Shifted logits ``(B, T - 1, V)``: position t predicts token t + 1; cut to ``vocab_size`` ids."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1]
+    return truncate_vocab(logits, vocab_size) if vocab_size else logits
+
+
 class CausalLMTask:
     """Rows of ``input_ids`` / ``attention_mask`` / ``labels`` ``(N, T)``; scored on shifted labels."""
 
@@ -72,9 +79,7 @@ class CausalLMTask:
         return int(batch["attention_mask"].sum())
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits = out.logits[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
-        return truncate_vocab(logits, self.vocab_size) if self.vocab_size else logits
+        return lm_logits(model, batch, self.vocab_size)
 
     def targets(self, batch: Batch) -> Targets:
         labels = batch["labels"][:, 1:]  # (B, T - 1)
@@ -197,7 +202,7 @@ class CausalLMWorkload:
         return {**filled, **values}
 
     def new_model(self, role: str, teacher: nn.Module | None = None) -> nn.Module:
-        """A fresh student (or teacher) as configured; folders are read once and copied after."""
+        """A fresh student (or the teacher) as configured; model folders are read once."""
         m = (self.cfg.teacher if role == "teacher" else self.cfg.student).model
         if m.path:
             if role not in self._loaded:
@@ -207,7 +212,9 @@ class CausalLMWorkload:
                 )
                 align_vocab(tokenizer, self.tokenizer, len(tokenizer), len(self.tokenizer))
                 self._loaded[role] = model
-            model = copy.deepcopy(self._loaded[role])
+            # The teacher is frozen and never trained: one instance serves every stage (a 7B teacher
+            # is not copied). Students are trained twice (baseline, distilled), so each gets a copy.
+            model = self._loaded[role] if role == "teacher" else copy.deepcopy(self._loaded[role])
         else:
             torch.manual_seed(self.cfg.seed)
             init_layers = m.init_layers if role == "student" else None
@@ -241,6 +248,9 @@ class CausalLMWorkload:
 
     def probe(self) -> Batch:
         return {k: v[:2].to(self.device) for k, v in self.train.items() if k != "labels"}
+
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return lm_logits(model, batch)
 
     def feature_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str, float]]:
         """``distill.layer_map`` over the decoder stacks, or the explicit ``feature_layers``."""

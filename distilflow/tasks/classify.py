@@ -103,6 +103,9 @@ class ClassifierWorkload:
     def probe(self) -> Batch:
         return {"x": self.data.train_x[:2].to(self.device)}
 
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch["x"])
+
     def feature_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str, float]]:
         return [(p.student, p.teacher, p.weight) for p in self.cfg.distill.feature_layers]
 

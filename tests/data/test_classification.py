@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distilflow.config import DataConfig
+from distilflow.config import DataConfig, load_config
 from distilflow.data.classification import load_classification
 from distilflow.errors import UserError
 from distilflow.losses.objective import IGNORE_INDEX
@@ -285,3 +285,27 @@ def test_mnist1d_split_sizes_and_cache_reuse(tmp_path, monkeypatch):
         load_classification(
             DataConfig(source="mnist1d", num_samples=100, seed=7, transfer_size=0, cache_dir=str(tmp_path))
         )
+
+
+def test_factory_source_returns_the_arrays_and_errors_name_the_spec(tmp_path, monkeypatch):
+    module = tmp_path / "my_data_mod.py"
+    module.write_text(
+        "import numpy as np\n"
+        "def make():\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    return {'x': rng.normal(size=(30, 4)), 'y': np.arange(30) % 3,\n"
+        "            'x_test': rng.normal(size=(9, 4)), 'y_test': np.arange(9) % 3,\n"
+        "            'x_transfer': rng.normal(size=(5, 4))}\n"
+        "def bad():\n"
+        "    return {'x': np.zeros((3, 4))}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = load_classification(load_config(None, ["data.source=my_data_mod:make"]).data)
+    assert data.train_x.shape == (30, 4) and data.test_x.shape == (9, 4) and data.transfer_x.shape == (5, 4)
+    assert data.train_y.tolist() == (np.arange(30) % 3).tolist() and data.num_classes == 3
+    x, y = data.distill_set()
+    assert len(x) == 35 and (y[30:] == -100).all()
+    with pytest.raises(UserError, match="my_data_mod:bad.*must return a dict with x, y, x_test, y_test"):
+        load_classification(load_config(None, ["data.source=my_data_mod:bad"]).data)
+    with pytest.raises(UserError, match="data.source.*'nope'"):
+        load_config(None, ["data.source=nope"])

@@ -91,6 +91,7 @@ def stdlib_run(tmp_path_factory) -> tuple[Path, list[str]]:
         "student.train.log_every=1",
         "student.train.checkpoint_every=5",
         "distill.kd_weight.warmup_steps=2",
+        "deploy.enabled=false",  # tests/deploy covers the deploy stage of this run
     ]
     assert main(["run", *args, "--no-tensorboard"]) == 0
     return root / "run", args
@@ -244,6 +245,7 @@ def _text_args(hf: dict[str, Path], out: Path, *, student: str = "student") -> l
         "student.train.eval_every=3",
         "student.train.log_every=1",
         "student.train.checkpoint_every=3",
+        "deploy.enabled=false",
     ]
 
 
