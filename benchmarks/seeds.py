@@ -24,9 +24,17 @@ def main() -> None:
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/bench-seeds")
+    parser.add_argument(
+        "--include", nargs="*", default=[], help="finished run folders (same config) whose students count as seeds too"
+    )
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     rows = []
+    for folder in args.include:
+        seed = load_config(Path(folder) / "config.yaml").seed
+        base, student = (json.loads((Path(folder) / s / "result.json").read_text()) for s in ("baseline", "student"))
+        rows.append({"seed": seed, "baseline": base, "student": student, "from": folder})
+        print(f"seed {seed} (from {folder}): baseline {base}, distilled {student}", flush=True)
     for seed in args.seeds:
         cfg = load_config(
             args.config,
@@ -41,21 +49,23 @@ def main() -> None:
         teacher, _ = teacher_stage(run, log_tensorboard=False)
         _, base = baseline_stage(run, log_tensorboard=False, teacher=teacher)
         _, student = distill_stage(run, teacher, log_tensorboard=False)
-        metric = run.work.primary_metric
         rows.append({"seed": seed, "baseline": base, "student": student})
-        print(f"seed {seed}: baseline {metric} {base[metric]:.4f}, distilled {student[metric]:.4f}", flush=True)
+        print(f"seed {seed}: baseline {base}, distilled {student}", flush=True)
+    metric = "perplexity" if "perplexity" in rows[0]["baseline"] else "accuracy"
     unit = next(k for k in rows[0]["baseline"] if k.startswith("train_") and k.endswith("_per_s"))
+    seeds = [r["seed"] for r in rows]
 
     def stats(stage: str, key: str) -> str:
         values = [r[stage][key] for r in rows]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.4f} +- {std:.4f}"
 
-    print(f"\n| student | held-out {metric} (mean +- std, seeds {args.seeds}) | training {unit} |\n|---|---|---|")
+    print(f"\n| student | held-out {metric} (mean +- std, seeds {seeds}) | training {unit} |\n|---|---|---|")
     for stage in ("baseline", "student"):
         print(f"| {stage} | {stats(stage, metric)} | {stats(stage, unit)} |")
     diffs = [r["baseline"][metric] - r["student"][metric] for r in rows]
     print(f"\nper-seed baseline - distilled: {', '.join(f'{d:.4f}' for d in diffs)}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "seeds.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-strategies")
     parser.add_argument("--only", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("overrides", nargs="*", help="dotted.key=value applied to every run")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     out = Path(args.out)
     scores: dict[str, list[float]] = {name: [] for name in args.only}
     teacher_scores = []

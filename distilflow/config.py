@@ -167,7 +167,8 @@ class DeployConfig:
         "Regexes over ONNX node names or PyTorch module paths kept in float, e.g. 'lm_head' or 'classifier'.",
     )
     torch_backend: Literal["auto", "torchao", "torch_ao", "off"] = _f(
-        "auto", "PyTorch-native int8: torchao (auto when installed), the deprecated torch.ao, or off."
+        "auto",
+        "PyTorch-native int8: auto (torch.ao on CPU while PyTorch ships it, else torchao), torchao, torch_ao, off.",
     )
     batch_sizes: list[int] = _f(
         [1, 64], "Batch sizes (samples or sequences of data.seq_len) whose latency is measured."

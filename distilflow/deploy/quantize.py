@@ -49,6 +49,18 @@ def _module_paths(node) -> list[str]:
     return []
 
 
+def weight_nodes(model) -> list[str]:
+    """Nodes that use a stored weight (an initializer): MatMul / Gemm / Conv by their second input,
+    an embedding lookup (Gather) by its table."""
+    initializers = {i.name for i in model.graph.initializer}
+    return [
+        n.name
+        for n in model.graph.node
+        if (n.op_type in ("MatMul", "Gemm", "Conv") and n.input[1:2] and n.input[1] in initializers)
+        or (n.op_type == "Gather" and n.input[0] in initializers)
+    ]
+
+
 def _excluded_nodes(model, patterns: list[str]) -> list[str]:
     """Nodes whose ONNX name (``node_linear_2``) or module path (``classifier``) matches a pattern.
 
@@ -126,12 +138,15 @@ def ort_static(
         )
     model = _load(src)
     with quiet_logs():
+        # Only layers with a stored weight are quantized: a MatMul of two activations (attention
+        # scores, attention x values) in int8 ruined a small LM here (perplexity 44 -> 321).
         quantize_static(
             str(src),
             str(dst),
             _Reader(calibration),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types or None,
+            nodes_to_quantize=weight_nodes(model),
             per_channel=per_channel,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
@@ -166,27 +181,34 @@ def quantized_summary(path: Path) -> dict[str, int]:
     return {k: ops[k] for k in keys if ops[k]}
 
 
+def _has_torch_ao() -> bool:
+    return hasattr(getattr(torch, "ao", None), "quantization") and hasattr(torch.ao.quantization, "quantize_dynamic")
+
+
 def torch_int8(model: nn.Module, *, backend: str = "auto") -> tuple[nn.Module, str]:
     """A copy of ``model`` with int8 ``nn.Linear`` layers; returns it and the backend used.
 
-    ``backend``: 'torchao' (int8 dynamic activations, int8 weights), 'torch_ao' (the deprecated
-    ``torch.ao.quantization.quantize_dynamic``), or 'auto' (torchao when installed).
+    ``backend``: 'torch_ao' (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations
+    quantized per batch; deprecated upstream), 'torchao' (its successor's int8 dynamic-activation,
+    int8-weight layers), or 'auto': torch.ao on CPU while PyTorch still ships it, else torchao.
+    Measured side by side on CPU (docs/BENCHMARKS.md, benchmarks/torch_int8.py), torch.ao ran at
+    1.08x fp32 speed on the LM student at batch 64 and torchao at 0.50x; on GPUs torchao is the
+    maintained path.
     """
     import copy
 
     model = copy.deepcopy(model).eval()
-    if backend in ("auto", "torchao"):
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if backend == "torchao" or (backend == "auto" and not (on_cpu and _has_torch_ao())):
         try:
             with quiet_logs():
                 from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
         except ImportError:
-            if backend == "torchao":
-                raise UserError(
-                    "deploy.torch_backend 'torchao' needs the torchao package: pip install torchao"
-                ) from None
-        else:
-            quantize_(model, Int8DynamicActivationInt8WeightConfig())
-            return model, "torchao"
+            raise UserError("deploy.torch_backend 'torchao' needs the torchao package: pip install torchao") from None
+        quantize_(model, Int8DynamicActivationInt8WeightConfig())
+        return model, "torchao"
+    if not _has_torch_ao():
+        raise UserError("deploy.torch_backend 'torch_ao': this PyTorch has no torch.ao.quantization; use torchao")
     import warnings
 
     with warnings.catch_warnings():
