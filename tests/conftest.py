@@ -53,6 +53,44 @@ def tiny_overrides(mnist_cache: Path):
     return make
 
 
+def _tiny_llama(hidden: int, layers: int) -> str:
+    return (
+        f"{{model_type: llama, hidden_size: {hidden}, intermediate_size: {2 * hidden}, num_hidden_layers: {layers}, "
+        "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64, tie_word_embeddings: true}"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_args():
+    """``tiny_lm_args(root)`` -> CLI arguments of the built-in stdlib LM demo made tiny (seconds):
+    a 20,000-character corpus, 300-token BPE, rows of 32, teacher hidden 32 x 2 layers (6 steps),
+    students hidden 16 x 1 layer (10 steps). Tests append their own eval/log/deploy settings."""
+
+    def args(root: Path) -> list[str]:
+        return [
+            "configs/lm_stdlib.yaml",
+            f"output_dir={root / 'run'}",
+            f"data.cache_dir={root / 'cache'}",
+            "data.train_chars=20000",
+            "data.eval_chars=5000",
+            "data.vocab_size=300",
+            "data.seq_len=32",
+            "threads=1",
+            f"teacher.model.hf_config={_tiny_llama(32, 2)}",
+            f"student.model.hf_config={_tiny_llama(16, 1)}",
+            "teacher.train.steps=6",
+            "teacher.train.batch_size=8",
+            "teacher.train.warmup_steps=1",
+            "student.train.steps=10",
+            "student.train.batch_size=8",
+            "student.train.warmup_steps=1",
+            "student.train.eval_every=5",
+            "distill.kd_weight.warmup_steps=2",
+        ]
+
+    return args
+
+
 @pytest.fixture(autouse=True)
 def _keep_torch_threads():
     """Runs set ``threads=1`` (torch.set_num_threads); give later tests the count they had."""

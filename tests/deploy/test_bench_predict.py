@@ -268,7 +268,7 @@ def test_run_ends_with_the_deploy_table(mnist_run):
     assert info["quantized_nodes"]["ort_fp32"] == {"Gemm": 3}
     assert info["quantized_nodes"]["ort_int8_dynamic"] == {"MatMulInteger": 3, "DynamicQuantizeLinear": 3}
     assert info["quantized_nodes"]["ort_int8_static"]["DequantizeLinear"] >= 9
-    assert info["torch_int8_backend"] == "torchao" and info["threads"] == 1 and info["per_channel"] is False
+    assert info["torch_int8_backend"] == "torch_ao" and info["threads"] == 1 and info["per_channel"] is False
     if tensorrt_usable():
         assert info["notes"] == []
     else:
@@ -398,39 +398,11 @@ def test_bad_deploy_config_is_refused(override, key, tmp_path, capsys):
 # ---------------------------------------------------------------- end to end: the tiny stdlib LM run
 
 
-def hf_config(hidden: int, layers: int) -> str:
-    return (
-        f"{{model_type: llama, hidden_size: {hidden}, intermediate_size: {2 * hidden}, num_hidden_layers: {layers}, "
-        "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64, tie_word_embeddings: true}"
-    )
-
-
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory) -> Path:
+def lm_run(tmp_path_factory, tiny_lm_args) -> Path:
     """The tiny stdlib run of tests/lm/test_lm_pipeline.py with the deploy stage on."""
     root = tmp_path_factory.mktemp("deploy_lm")
-    args = [
-        "configs/lm_stdlib.yaml",
-        f"output_dir={root / 'run'}",
-        f"data.cache_dir={root / 'cache'}",
-        "data.train_chars=20000",
-        "data.eval_chars=5000",
-        "data.vocab_size=300",
-        "data.seq_len=32",
-        "threads=1",
-        f"teacher.model.hf_config={hf_config(32, 2)}",
-        f"student.model.hf_config={hf_config(16, 1)}",
-        "teacher.train.steps=6",
-        "teacher.train.batch_size=8",
-        "teacher.train.warmup_steps=1",
-        "student.train.steps=10",
-        "student.train.batch_size=8",
-        "student.train.warmup_steps=1",
-        "student.train.eval_every=5",
-        "distill.kd_weight.warmup_steps=2",
-        "deploy.iterations=2",
-        "deploy.batch_sizes=[1, 2]",
-    ]
+    args = [*tiny_lm_args(root), "deploy.iterations=2", "deploy.batch_sizes=[1, 2]"]
     assert main(["run", *args, "--no-tensorboard"]) == 0
     return root / "run"
 

@@ -28,13 +28,6 @@ CPU = torch.device("cpu")
 PHASES = ("feature_alignment", "soft_label_pretrain", "joint_optimization")
 
 
-def _hf_config(hidden: int, layers: int) -> str:
-    return (
-        f"{{model_type: llama, hidden_size: {hidden}, intermediate_size: {2 * hidden}, num_hidden_layers: {layers}, "
-        "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64, tie_word_embeddings: true}"
-    )
-
-
 def _llama_params(vocab: int, hidden: int, layers: int, intermediate: int | None = None) -> int:
     """Parameters of a tied Llama without grouped-query attention (intermediate default 2 x hidden), by hand."""
     intermediate = intermediate or 2 * hidden
@@ -65,32 +58,15 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def stdlib_run(tmp_path_factory) -> tuple[Path, list[str]]:
+def stdlib_run(tmp_path_factory, tiny_lm_args) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("lm_stdlib")
     args = [
-        "configs/lm_stdlib.yaml",
-        f"output_dir={root / 'run'}",
-        f"data.cache_dir={root / 'cache'}",
-        "data.train_chars=20000",
-        "data.eval_chars=5000",
-        "data.vocab_size=300",
-        "data.seq_len=32",
-        "threads=1",
-        f"teacher.model.hf_config={_hf_config(32, 2)}",
-        f"student.model.hf_config={_hf_config(16, 1)}",
-        "teacher.train.steps=6",
-        "teacher.train.batch_size=8",
-        "teacher.train.warmup_steps=1",
+        *tiny_lm_args(root),
         "teacher.train.eval_every=3",
         "teacher.train.log_every=2",
         "teacher.train.checkpoint_every=3",
-        "student.train.steps=10",
-        "student.train.batch_size=8",
-        "student.train.warmup_steps=1",
-        "student.train.eval_every=5",
         "student.train.log_every=1",
         "student.train.checkpoint_every=5",
-        "distill.kd_weight.warmup_steps=2",
         "deploy.enabled=false",  # tests/deploy covers the deploy stage of this run
     ]
     assert main(["run", *args, "--no-tensorboard"]) == 0
