@@ -153,8 +153,7 @@ def _cmd_distill(ns) -> int:
 
 
 def _cmd_eval(ns) -> int:
-    from distilflow.models.build import load_weights
-    from distilflow.pipeline import open_run
+    from distilflow.pipeline import load_trained, open_run
 
     cfg = _load(ns.args)
     stages = [ns.model] if ns.model else ["teacher", "baseline", "student"]
@@ -162,34 +161,18 @@ def _cmd_eval(ns) -> int:
     if unknown:
         raise UserError(f"--model {unknown[0]!r} is not allowed; use teacher, baseline or student")
     run = open_run(cfg)
-    teacher = run.work.new_model("teacher")
-    if cfg.teacher.model.checkpoint:
-        load_weights(teacher, cfg.teacher.model.checkpoint, "teacher")
-    elif _has_weights(run.stage_dir("teacher")):
-        load_weights(teacher, run.stage_dir("teacher"), "teacher")
-    teacher_ready = bool(cfg.teacher.model.checkpoint or cfg.teacher.model.path) or _has_weights(
-        run.stage_dir("teacher")
-    )
+    given_teacher = bool(cfg.teacher.model.checkpoint or cfg.teacher.model.path)
     results = {}
     for stage in stages:
-        if stage == "teacher":
-            model, ready, where = teacher, teacher_ready, cfg.teacher.model.checkpoint or run.stage_dir(stage)
-        else:
-            model, ready, where = (
-                run.work.new_model("student", teacher),
-                _has_weights(run.stage_dir(stage)),
-                run.stage_dir(stage),
-            )
-            if ready:
-                load_weights(model, where, stage)
-        if not ready:
+        if not (stage == "teacher" and given_teacher) and not _has_weights(run.stage_dir(stage)):
             if ns.model:
-                raise UserError(f"no trained {stage} in '{where}'; train it first with 'distilflow run'")
+                raise UserError(f"no trained {stage} in '{run.stage_dir(stage)}'; train it first with 'distilflow run'")
             continue
+        model = load_trained(run, stage)
         extra = {}
-        if stage == "student" and run.work.per_token:
-            # Scored as in distill_stage: over the vocabulary it shares with the teacher.
-            extra["vocab_size"] = run.work.shared_vocab(model, teacher)
+        if stage != "teacher" and run.work.per_token:
+            # Scored as in training: over the vocabulary the student shares with the teacher.
+            extra["vocab_size"] = run.work.shared_vocab(model, run.work.new_model("teacher"))
         task = run.work.task(stage, cfg.student.train, cfg.seed, **extra)
         results[stage] = {**task.evaluate(model), **run.work.facts(model)}
     if not results:
