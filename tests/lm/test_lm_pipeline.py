@@ -308,6 +308,24 @@ def test_text_run_student_from_hf_config_and_teacher_layers(hf, tokenizer, tmp_p
         assert torch.equal(param, teacher_params[source]), name
 
 
+def test_bf16_teacher_runs_in_bf16_and_its_kd_matches_a_float_reference(hf, tmp_path):
+    args = [*_text_args(hf, tmp_path / "run"), "teacher.model.dtype=bfloat16"]
+    work = CausalLMWorkload(load_config(None, args), CPU)
+    teacher = work.new_model("teacher")
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert main(["run", *args, "--no-tensorboard"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in rows if r.get("stage") == "student" and "kd" in r]
+    assert kd and all(math.isfinite(v) and v >= 0 for v in kd)
+    # The bf16 teacher's logits, upcast, differ from the float32 teacher's by bf16 rounding only.
+    batch = {k: v[:2] for k, v in work.train.items()}
+    with torch.no_grad():
+        low = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        full = AutoModelForCausalLM.from_pretrained(hf["teacher"], local_files_only=True, dtype=torch.float32)
+        high = full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert low.dtype == torch.float32 and (low - high).abs().max() < 0.05 * high.abs().max()
+
+
 def test_jsonl_line_that_is_not_json_can_be_skipped(hf, tmp_path, capsys):
     lines = [json.dumps(r) for r in _records()]
     lines.insert(3, '{"prompt": "a", "completion": ')
