@@ -32,7 +32,6 @@ from distilflow.train.loop import FitResult, LiveTeacher, fit
 if TYPE_CHECKING:
     from distilflow.tasks.causal_lm import CausalLMWorkload
 
-STAGES = ("teacher", "baseline", "student")
 RESULT = "result.json"
 
 

@@ -4,9 +4,9 @@
   (``onnxruntime.quantization.quantize_dynamic``). No calibration data.
 - ``ort_static``: weights and activations int8 with scales calibrated on ``observe_steps`` batches
   of training data (``quantize_static``, QDQ format, MinMax calibration).
-- ``torch_int8``: for users who stay in PyTorch; torchao's int8 dynamic-activation / int8-weight
-  linear layers when torchao is installed, else ``torch.ao.quantization.quantize_dynamic``
-  (deprecated upstream). docs/BENCHMARKS.md has the measurement behind this order.
+- ``torch_int8``: for users who stay in PyTorch; ``torch.ao.quantization.quantize_dynamic`` on CPU
+  while PyTorch still ships it (deprecated upstream, but faster here), else torchao's int8
+  dynamic-activation / int8-weight linear layers. docs/BENCHMARKS.md has the measurement.
 
 Which operator types are quantised, and which nodes are left in float (by a pattern over node names
 or module paths, e.g. the embedding lookup or the last layer), is configurable;
