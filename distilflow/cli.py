@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -262,6 +263,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers imports torchao when it is installed; its notes about CUDA-only kernels (and
+    # torch's pytree deprecation notes it triggers) are noise on every command.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         ns = _parse(argv)
         return HANDLERS[ns.command](ns)
