@@ -25,6 +25,16 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display is needed or used)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _shade_phases(ax, cfg: Config) -> None:
     colors = ["#dbe9f6", "#fde9d9", "#e2f0d9", "#eee3f3"]
     for i, phase in enumerate(phase_boundaries(cfg.distill.phases, cfg.student.train.steps)):
@@ -42,11 +52,7 @@ def _shade_phases(ax, cfg: Config) -> None:
 
 
 def plot_losses(rows: list[dict], cfg: Config, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     stages = [s for s in ("teacher", "baseline", "student") if any(r.get("stage") == s and "loss" in r for r in rows)]
     fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(5 * max(len(stages), 1), 3.6), squeeze=False)
     for ax, stage in zip(axes[0], stages):
@@ -69,11 +75,7 @@ def plot_losses(rows: list[dict], cfg: Config, path: Path) -> None:
 
 
 def plot_schedules(cfg: Config, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     total = cfg.student.train.steps
     t = cfg.student.train
     steps = list(range(total))
@@ -95,11 +97,7 @@ def plot_schedules(cfg: Config, path: Path) -> None:
 
 def plot_metric(rows: list[dict], results: dict, metric: str, path: Path) -> None:
     """The primary metric (accuracy or perplexity) during training and at the end, per stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
     for stage in ("teacher", "baseline", "student"):
         points = [(r["step"], r[f"eval_{metric}"]) for r in rows if r.get("stage") == stage and f"eval_{metric}" in r]
