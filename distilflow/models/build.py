@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,12 +73,17 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates per sample of one forward pass (FLOP counter / 2, batch of one)."""
+def forward_macs(model: nn.Module, forward: Callable[[nn.Module], object]) -> int:
+    """Multiply-accumulates of ``forward(model)`` in eval mode (FLOP counter / 2)."""
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(example[:1])
+        forward(model)
     model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates per sample of one forward pass (a batch of one)."""
+    return forward_macs(model, lambda m: m(example[:1]))

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from distilflow.config import Config, TrainConfig
 from distilflow.data.batches import batch_indices
 from distilflow.data.text import Record, check_seq_len, read_records, split, tokenize
 from distilflow.errors import UserError
 from distilflow.losses.objective import IGNORE_INDEX, Targets
+from distilflow.models.build import count_params, forward_macs
 from distilflow.models.hf import (
     TOKENIZER_FILES,
     align_vocab,
@@ -262,18 +262,9 @@ class CausalLMWorkload:
 
     def facts(self, model: nn.Module) -> dict[str, int]:
         """Parameters, and multiply-accumulates per token of a forward pass over one full row."""
-        row = self.probe()
-        was_training = model.training
-        model.eval()
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(input_ids=row["input_ids"][:1], attention_mask=row["attention_mask"][:1], use_cache=False)
-        model.train(was_training)
-        seq_len = row["input_ids"].shape[1]
-        return {
-            "params": sum(p.numel() for p in model.parameters()),
-            "macs_per_token": counter.get_total_flops() // 2 // seq_len,
-        }
+        row = {k: v[:1] for k, v in self.probe().items()}
+        macs = forward_macs(model, lambda m: m(**row, use_cache=False))
+        return {"params": count_params(model), "macs_per_token": macs // row["input_ids"].shape[1]}
 
     def save(self, stage_dir: Path, model: nn.Module) -> None:
         """A Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads, with the tokenizer."""
