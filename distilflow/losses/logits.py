@@ -36,6 +36,17 @@ def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (p * diff).sum(-1)
 
 
+def _tempered(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probabilities, both softened by ``temperature`` (the article softened
+    only the teacher)."""
+    return (
+        F.log_softmax(at_least_float32(student_logits) / temperature, dim=-1),
+        F.log_softmax(at_least_float32(teacher_logits) / temperature, dim=-1),
+    )
+
+
 def _rows(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Sum of per-row values ``(...)`` over rows selected by ``mask``."""
     if mask is None:
@@ -55,8 +66,7 @@ def forward_kl(
     Shapes: ``student_logits`` and ``teacher_logits`` ``(..., V)``; ``mask`` ``(...)`` or None.
     Returns a scalar (sum over the selected rows). Computed in float32 at least (float64 stays float64).
     """
-    s = F.log_softmax(at_least_float32(student_logits) / temperature, dim=-1)  # (..., V)
-    t = F.log_softmax(at_least_float32(teacher_logits) / temperature, dim=-1)  # (..., V)
+    s, t = _tempered(student_logits, teacher_logits, temperature)  # (..., V) each
     per_row = _kl_terms(t, s)  # (...)
     return temperature**2 * _rows(per_row, mask)
 
@@ -72,8 +82,7 @@ def reverse_kl(
 
     Shapes as :func:`forward_kl`.
     """
-    s = F.log_softmax(at_least_float32(student_logits) / temperature, dim=-1)
-    t = F.log_softmax(at_least_float32(teacher_logits) / temperature, dim=-1)
+    s, t = _tempered(student_logits, teacher_logits, temperature)
     per_row = _kl_terms(s, t)
     return temperature**2 * _rows(per_row, mask)
 
@@ -96,8 +105,7 @@ def generalized_jsd(
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be in (0, 1), got {beta}")
-    s = F.log_softmax(at_least_float32(student_logits) / temperature, dim=-1)
-    t = F.log_softmax(at_least_float32(teacher_logits) / temperature, dim=-1)
+    s, t = _tempered(student_logits, teacher_logits, temperature)
     # log m computed stably in log space: logsumexp(log beta + t, log(1-beta) + s)
     # An entry that is -inf on both sides has p = q = m = 0 and does not count; give it a finite
     # stand-in, as logsumexp(-inf, -inf) would send nan into the backward pass.

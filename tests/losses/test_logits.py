@@ -50,12 +50,8 @@ def ref_forward_kl(student, teacher, temperature=1.0, mask=None) -> float:
 
 
 def ref_reverse_kl(student, teacher, temperature=1.0, mask=None) -> float:
-    s, t = rows_of(student), rows_of(teacher)
-    keep = mask_rows(mask, len(s))
-    total = sum(
-        ref_kl(ref_softmax(s[i], temperature), ref_softmax(t[i], temperature)) for i in range(len(s)) if keep[i]
-    )
-    return temperature**2 * total
+    """KL(student || teacher): the forward reference with the roles swapped."""
+    return ref_forward_kl(teacher, student, temperature, mask)
 
 
 def ref_jsd(student, teacher, beta=0.5, temperature=1.0, mask=None) -> float:
