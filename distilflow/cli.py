@@ -170,11 +170,9 @@ def _cmd_eval(ns) -> int:
                 raise UserError(f"no trained {stage} in '{run.stage_dir(stage)}'; train it first with 'distilflow run'")
             continue
         model = load_trained(run, stage)
-        extra = {}
-        if stage != "teacher" and run.work.per_token:
-            # Scored as in training: over the vocabulary the student shares with the teacher.
-            extra["vocab_size"] = run.work.shared_vocab(model, run.work.new_model("teacher"))
-        task = run.work.task(stage, cfg.student.train, cfg.seed, **extra)
+        # Scored as in training: over the vocabulary the student shares with the teacher.
+        teacher = run.work.new_model("teacher") if stage != "teacher" and run.work.per_token else None
+        task = run.work.task(stage, cfg.student.train, cfg.seed, vocab_size=run.work.shared_vocab(model, teacher))
         results[stage] = {**task.evaluate(model), **run.work.facts(model)}
     if not results:
         raise UserError(f"no trained models in '{run.dir}'; run 'distilflow run' with this config first")

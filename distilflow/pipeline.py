@@ -198,11 +198,9 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | 
     done = _load_finished(run, "baseline", model)
     if done is not None:
         return model.eval(), done
-    extra = {}
-    if run.work.per_token and teacher is not None:
-        # Scored over the ids it shares with the teacher, exactly as the distilled student is.
-        extra["vocab_size"] = run.work.shared_vocab(model, teacher)
-    task = run.work.task("baseline", run.cfg.student.train, run.cfg.seed + 1, **extra)
+    # Scored over the ids it shares with the teacher, exactly as the distilled student is.
+    vocab = run.work.shared_vocab(model, teacher)
+    task = run.work.task("baseline", run.cfg.student.train, run.cfg.seed + 1, vocab_size=vocab)
     result = _train(run, "baseline", model, _supervised(run.cfg.student.train.steps), task, log_tensorboard)
     return model.eval(), _finish(run, "baseline", model, result)
 
@@ -272,10 +270,8 @@ def distill_stage(run: Run, teacher: nn.Module, log_tensorboard: bool = True) ->
         heads=heads,
         per_token=run.work.per_token,
     )
-    extra = {}
-    if run.work.per_token:
-        extra["vocab_size"] = run.work.shared_vocab(model, teacher)
-    task = run.work.task("student", cfg.student.train, cfg.seed + 1, **extra)
+    vocab = run.work.shared_vocab(model, teacher)
+    task = run.work.task("student", cfg.student.train, cfg.seed + 1, vocab_size=vocab)
     result = _train(
         run,
         "student",

@@ -227,7 +227,11 @@ class CausalLMWorkload:
         check_seq_len(self.cfg.data.seq_len, model)
         return model.to(self.device)
 
-    def shared_vocab(self, student: nn.Module, teacher: nn.Module) -> int | None:
+    def shared_vocab(self, student: nn.Module, teacher: nn.Module | None) -> int | None:
+        """Logit columns a student is trained and scored on: the ids it shares with the teacher
+        when their embedding tables differ in size, else all (None)."""
+        if teacher is None:
+            return None
         teacher_size = teacher.get_output_embeddings().out_features
         student_size = student.get_output_embeddings().out_features
         if teacher_size == student_size:

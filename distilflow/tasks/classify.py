@@ -86,7 +86,11 @@ class ClassifierWorkload:
         model = build_model(stage.model, self.data.input_shape, self.data.num_classes, role)
         return model.to(self.device)
 
-    def task(self, stage: str, train: TrainConfig, seed: int) -> ClassifierTask:
+    def shared_vocab(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Classifiers' teacher and student predict the same classes: nothing to cut."""
+        return None
+
+    def task(self, stage: str, train: TrainConfig, seed: int, vocab_size: None = None) -> ClassifierTask:
         """Teacher and baseline learn from the labeled samples; the student also from the transfer set."""
         x, y = self.data.distill_set() if stage == "student" else (self.data.train_x, self.data.train_y)
         return ClassifierTask(
