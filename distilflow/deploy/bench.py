@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distilflow.deploy.export import _LogitsOnly, input_names
+from distilflow.deploy.export import input_names, logits_module
 from distilflow.losses.objective import IGNORE_INDEX
 
 LogitsFn = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -32,7 +32,7 @@ class Variant:
 
 def torch_variant(name: str, model: nn.Module, kind: str) -> Variant:
     """An eager PyTorch model; its size is that of its serialised state dict."""
-    module = (_LogitsOnly(model) if kind == "causal_lm" else model).eval()
+    module = logits_module(model, kind).eval()
     names = input_names(kind)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)

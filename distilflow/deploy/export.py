@@ -33,6 +33,12 @@ class _LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def logits_module(model: nn.Module, kind: str) -> nn.Module:
+    """The module whose inputs and output the export and the benchmark use: ``x -> logits`` for
+    classifiers, ``(input_ids, attention_mask) -> logits`` for causal LMs."""
+    return _LogitsOnly(model) if kind == "causal_lm" else model
+
+
 def input_names(kind: str) -> list[str]:
     return ["input_ids", "attention_mask"] if kind == "causal_lm" else ["x"]
 
@@ -45,7 +51,7 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, 
     """
     model = model.eval()
     names = input_names(kind)
-    module = _LogitsOnly(model) if kind == "causal_lm" else model
+    module = logits_module(model, kind)
     batch = torch.export.Dim("batch", min=1, max=4096)
     if kind == "causal_lm":
         seq = torch.export.Dim("seq", min=2, max=65536)
@@ -114,7 +120,7 @@ def check_parity(
     feeds = {n: inputs[n].cpu().numpy() for n in input_names(kind)}
     got = session.run(["logits"], feeds)[0]
     with torch.no_grad():
-        module = _LogitsOnly(model) if kind == "causal_lm" else model
+        module = logits_module(model, kind)
         want = module.eval()(*(inputs[n] for n in input_names(kind))).float().cpu().numpy()
     if got.shape != want.shape:
         raise UserError(f"ONNX model returns logits of shape {got.shape}, the eager model {want.shape}")

@@ -57,6 +57,11 @@ class Targets:
         return {"kd": kd_rows, "ce": int((self.labels != IGNORE_INDEX).sum()), "feature": feature_rows}
 
 
+def uses_teacher(terms: tuple[str, ...] | list[str]) -> bool:
+    """Whether loss terms need teacher outputs (the KD and feature terms do; CE does not)."""
+    return "kd" in terms or "feature" in terms
+
+
 def add_counts(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
     return {k: total.get(k, 0) + v for k, v in more.items()}
 
@@ -100,7 +105,7 @@ class Objective(nn.Module):
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t in ("kd", "feature") for p in self.plan for t in p.terms)
+        return any(uses_teacher(p.terms) for p in self.plan)
 
     def phase(self, step: int) -> Phase:
         return phase_at(self.plan, step)

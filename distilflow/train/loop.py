@@ -19,7 +19,7 @@ from torch import nn
 
 from distilflow.config import TrainConfig
 from distilflow.errors import UserError
-from distilflow.losses.objective import Objective, Outputs, Targets, add_counts
+from distilflow.losses.objective import Objective, Outputs, Targets, add_counts, uses_teacher
 from distilflow.models.taps import Taps
 from distilflow.schedules import lr_at
 from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
@@ -175,7 +175,7 @@ def fit(
         loss_sum = 0.0
         parts_sum: dict[str, float] = {}
         for batch, target in zip(micro, targets):
-            teacher_out = teacher(batch, features=wants_features) if phase_needs_teacher(phase.terms) else None
+            teacher_out = teacher(batch, features=wants_features) if uses_teacher(phase.terms) else None
             if wants_features and student_taps is not None:
                 with student_taps.capture():
                     logits = task.forward(model, batch)
@@ -228,10 +228,6 @@ def fit(
         unit=task.unit,
         units_per_s=step_units / step_seconds if step_seconds else 0.0,
     )
-
-
-def phase_needs_teacher(terms: tuple[str, ...]) -> bool:
-    return "kd" in terms or "feature" in terms
 
 
 def _stop(stage: str, step: int, what: str, value: float, parts: dict, ckpt_path: Path) -> None:
