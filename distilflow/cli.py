@@ -163,6 +163,9 @@ def _cmd_eval(ns) -> int:
         raise UserError(f"--model {unknown[0]!r} is not allowed; use teacher, baseline or student")
     run = open_run(cfg)
     given_teacher = bool(cfg.teacher.model.checkpoint or cfg.teacher.model.path)
+    # Students are scored as in training: over the vocabulary they share with the teacher (whose
+    # size, not weights, decides it).
+    reference = run.work.new_model("teacher")
     results = {}
     for stage in stages:
         if not (stage == "teacher" and given_teacher) and not _has_weights(run.stage_dir(stage)):
@@ -170,9 +173,8 @@ def _cmd_eval(ns) -> int:
                 raise UserError(f"no trained {stage} in '{run.stage_dir(stage)}'; train it first with 'distilflow run'")
             continue
         model = load_trained(run, stage)
-        # Scored as in training: over the vocabulary the student shares with the teacher.
-        teacher = run.work.new_model("teacher") if stage != "teacher" and run.work.per_token else None
-        task = run.work.task(stage, cfg.student.train, cfg.seed, vocab_size=run.work.shared_vocab(model, teacher))
+        vocab = run.work.shared_vocab(model, reference) if stage != "teacher" else None
+        task = run.work.task(stage, cfg.student.train, cfg.seed, vocab_size=vocab)
         results[stage] = {**task.evaluate(model), **run.work.facts(model)}
     if not results:
         raise UserError(f"no trained models in '{run.dir}'; run 'distilflow run' with this config first")
