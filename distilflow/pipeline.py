@@ -58,11 +58,10 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 @dataclass
 class Run:
-    """Everything the stages share: config, workload (data and model builders), device, folder."""
+    """Everything the stages share: config, workload (data, model builders, device), folder."""
 
     cfg: Config
     work: ClassifierWorkload | CausalLMWorkload
-    device: torch.device
 
     @property
     def dir(self) -> Path:
@@ -100,8 +99,7 @@ def open_run(cfg: Config) -> Run:
             )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    run = Run(cfg, make_workload(cfg, device), device)
+    run = Run(cfg, make_workload(cfg, resolve_device(cfg.device)))
     preflight(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
@@ -227,7 +225,7 @@ def build_heads(
     for (s_path, t_path, _), s, t in zip(pairs, s_feats, t_feats):
         name = f"student '{s_path}' -> teacher '{t_path}'"
         heads.append(build_head(tuple(s.shape[1:]), tuple(t.shape[1:]), per_token=run.work.per_token, name=name))
-    return heads.to(run.device)
+    return heads.to(run.work.device)
 
 
 def _taps_and_heads(run: Run, student: nn.Module, teacher: nn.Module):
