@@ -66,7 +66,11 @@ class ModelConfig:
     hf_config: dict[str, Any] = _f({}, "hf: a transformers config (model_type plus fields) to build a fresh model.")
     init_layers: list[int] | None = _f(None, "hf student: teacher decoder layers copied into the student's layers.")
     trust_remote_code: bool = _f(False, "hf: allow code from the model folder to run (off unless you set it).")
-    dtype: Literal["float32", "bfloat16"] = _f("float32", "hf teacher: dtype it is loaded and run in.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32",
+        "Teacher: dtype of its weights in the distillation forward passes (a trained teacher is cast after "
+        "training; a folder is loaded in it); float16 needs a GPU. Students train in float32 (see train.precision).",
+    )
 
 
 @dataclass
@@ -82,6 +86,14 @@ class TrainConfig:
     eval_every: int = _f(500, "Evaluate on the test split every N steps (0 = only at the end).")
     log_every: int = _f(50, "Write metrics every N steps.")
     checkpoint_every: int = _f(500, "Write an atomic checkpoint every N steps (0 = only at the end).")
+    precision: Literal["fp32", "bf16", "fp16"] = _f(
+        "fp32",
+        "Forward passes under autocast in bf16 or fp16 (fp16: GPU only, with a gradient scaler); weights, "
+        "optimizer and loss math stay float32.",
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Hugging Face models: recompute activations in the backward pass (less memory, ~30% more compute)."
+    )
 
 
 @dataclass
@@ -322,6 +334,12 @@ def validate(cfg: Config) -> None:
             "one or more channel counts >= 1",
         )
         need(m.kernel_size >= 1, f"{stage}.model.kernel_size", m.kernel_size, "must be >= 1")
+    need(
+        cfg.student.model.dtype == "float32",
+        "student.model.dtype",
+        cfg.student.model.dtype,
+        "students keep float32 weights; use student.train.precision (bf16, fp16) for low-precision compute",
+    )
     data = cfg.data
     sources = ("mnist1d", "npz", "csv", "text", "stdlib")
     need(

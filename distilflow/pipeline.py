@@ -28,6 +28,7 @@ from distilflow.tasks.classify import ClassifierWorkload
 from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_text, write_weights
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import FitResult, LiveTeacher, fit
+from distilflow.train.precision import cast_teacher, check_teacher_dtype, check_train_options
 
 if TYPE_CHECKING:
     from distilflow.tasks.causal_lm import CausalLMWorkload
@@ -128,6 +129,7 @@ def _finish(run: Run, stage: str, model: nn.Module, result: FitResult, heads: nn
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
         f"train_{result.unit}_per_s": round(result.units_per_s, 1),
+        **result.memory,
     }
     write_json(stage_dir / RESULT, summary)
     return summary
@@ -242,7 +244,14 @@ def preflight(run: Run) -> None:
     """Resolve feature layers and build heads on untrained models, so that a bad layer path or
     shapes no head can map fail before any training (shapes do not depend on the weights)."""
     teacher = run.work.new_model("teacher")
-    _taps_and_heads(run, _student_init(run, teacher), teacher)
+    student = _student_init(run, teacher)
+    _taps_and_heads(run, student, teacher)
+    # Precision, gradient checkpointing and teacher dtype must fit the models and the device.
+    cfg, device = run.cfg, run.work.device
+    if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path):
+        check_train_options(cfg.teacher.train, teacher, device, "teacher.train")
+    check_train_options(cfg.student.train, student, device, "student.train")
+    check_teacher_dtype(cfg.teacher.model.dtype, device)
 
 
 def distill_stage(run: Run, teacher: nn.Module, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
@@ -277,7 +286,8 @@ def distill_stage(run: Run, teacher: nn.Module, log_tensorboard: bool = True) ->
         objective,
         task,
         log_tensorboard,
-        teacher=LiveTeacher(teacher, task, teacher_taps),
+        # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
+        teacher=LiveTeacher(cast_teacher(teacher, cfg.teacher.model.dtype), task, teacher_taps),
         student_taps=student_taps,
     )
     return model.eval(), _finish(run, "student", model, result, heads)

@@ -206,7 +206,9 @@ class CausalLMWorkload:
         m = (self.cfg.teacher if role == "teacher" else self.cfg.student).model
         if m.path:
             if role not in self._loaded:
-                dtype = torch.bfloat16 if role == "teacher" and m.dtype == "bfloat16" else torch.float32
+                # A teacher folder is loaded straight in teacher.model.dtype (a 7B teacher never exists in
+                # float32); a teacher built from hf_config is trained in float32 and cast before distillation.
+                dtype = getattr(torch, m.dtype) if role == "teacher" else torch.float32
                 model, tokenizer = load_causal_lm(
                     m.path, role=role, trust_remote_code=m.trust_remote_code, torch_dtype=dtype
                 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +24,13 @@ from distilflow.models.taps import Taps
 from distilflow.schedules import lr_at
 from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
 from distilflow.train.logging import MetricsLog, Progress
+from distilflow.train.precision import (
+    MAX_SKIPPED,
+    Precision,
+    peak_memory,
+    reset_peak_memory,
+    set_gradient_checkpointing,
+)
 
 Batch = dict[str, torch.Tensor]
 
@@ -81,6 +88,9 @@ class FitResult:
     seconds: float
     unit: str = "samples"
     units_per_s: float = 0.0  # throughput of the optimizer steps run in this call (not eval)
+    # peak_rss_bytes (+ peak_cuda_bytes on a GPU) over this call, and peak_rss_scope: "stage" when the
+    # OS let the high-water mark be reset at its start, else "process" (the peak since the process began).
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -111,12 +121,19 @@ def fit(
 ) -> FitResult:
     """Train ``model`` (and the objective's projection heads) for ``train.steps`` steps.
 
-    Resumes from ``stage_dir/checkpoint.pt`` when it exists: model, heads, optimizer, step and
-    RNG state are restored, and schedules are pure functions of the step, so the run continues
-    exactly where it stopped.
+    Resumes from ``stage_dir/checkpoint.pt`` when it exists: model, heads, optimizer, gradient
+    scaler, step and RNG state are restored, and schedules are pure functions of the step, so the
+    run continues exactly where it stopped. Forward passes (student and teacher) run under
+    ``train.precision``'s autocast; see train/precision.py.
     """
     if objective.needs_teacher and teacher is None:
         raise UserError(f"stage '{stage}' uses teacher terms but no teacher was given")
+    device = next(model.parameters()).device
+    memory_scope = reset_peak_memory(device)
+    amp = Precision(train.precision, device)
+    set_gradient_checkpointing(
+        model, train.gradient_checkpointing, "teacher.train" if stage == "teacher" else "student.train"
+    )
     params = [p for p in list(model.parameters()) + list(objective.heads.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     ckpt_path = stage_dir / CHECKPOINT
@@ -127,6 +144,8 @@ def fit(
             model.load_state_dict(state["model"])
             objective.heads.load_state_dict(state["heads"])
             optimizer.load_state_dict(state["optimizer"])
+            if "precision" in state:  # absent in checkpoints written before train.precision existed
+                amp.load_state_dict(state["precision"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
                 f"checkpoint '{ckpt_path}' does not fit the configured {stage} ({type(exc).__name__}); "
@@ -146,6 +165,7 @@ def fit(
                 "model": model.state_dict(),
                 "heads": objective.heads.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "precision": amp.state_dict(),
                 "rng": _rng_state(),
                 "config": config,
             },
@@ -175,24 +195,28 @@ def fit(
         loss_sum = 0.0
         parts_sum: dict[str, float] = {}
         for batch, target in zip(micro, targets):
-            teacher_out = teacher(batch, features=wants_features) if uses_teacher(phase.terms) else None
-            if wants_features and student_taps is not None:
-                with student_taps.capture():
-                    logits = task.forward(model, batch)
-                student_out = Outputs(logits, student_taps.features())
-            else:
-                student_out = Outputs(task.forward(model, batch))
-            loss, parts = objective(step, student_out, teacher_out, target, rows)
+            with amp.autocast():
+                teacher_out = teacher(batch, features=wants_features) if uses_teacher(phase.terms) else None
+                if wants_features and student_taps is not None:
+                    with student_taps.capture():
+                        logits = task.forward(model, batch)
+                    student_out = Outputs(logits, student_taps.features())
+                else:
+                    student_out = Outputs(task.forward(model, batch))
+                loss, parts = objective(step, student_out, teacher_out, target, rows)
             if not torch.isfinite(loss):
                 _stop(stage, step, "loss", float(loss.detach()), parts, ckpt_path)
-            loss.backward()
+            amp.backward(loss)
             loss_sum += float(loss.detach())
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else math.inf))
-        if not math.isfinite(grad_norm):
-            _stop(stage, step, "gradient norm", grad_norm, {}, ckpt_path)
-        optimizer.step()
+        grad_norm = amp.clip(params, optimizer, train.grad_clip)
+        # fp16: the scaler skips a step whose gradients overflowed and lowers its scale; only a long
+        # run of skips means the gradients are not finite at any scale.
+        if not math.isfinite(grad_norm) and (not amp.scaling or amp.skipped_in_a_row + 1 >= MAX_SKIPPED):
+            what = f"gradient norm (after {MAX_SKIPPED} skipped fp16 steps)" if amp.scaling else "gradient norm"
+            _stop(stage, step, what, grad_norm, {}, ckpt_path)
+        amp.step(optimizer)
         units, seconds = sum(task.count(b) for b in micro), time.monotonic() - step_began
         window_units, window_seconds = window_units + units, window_seconds + seconds
         step_units, step_seconds = step_units + units, step_seconds + seconds
@@ -209,6 +233,8 @@ def fit(
                 "grad_norm": grad_norm,
                 f"{task.unit}_per_s": window_units / max(window_seconds, 1e-9),
             }
+            if amp.scaling:
+                info.update(loss_scale=amp.scaler.get_scale(), skipped_steps=amp.skipped)
             log.write(info)
             progress.update(done, {**info, "parts": parts_sum}, force=done == train.steps)
             window_seconds, window_units = 0.0, 0
@@ -221,12 +247,14 @@ def fit(
     if start >= train.steps:
         metrics = task.evaluate(model)
     model.eval()
+    set_gradient_checkpointing(model, False)
     return FitResult(
         steps=train.steps,
         metrics=metrics,
         seconds=time.monotonic() - began,
         unit=task.unit,
         units_per_s=step_units / step_seconds if step_seconds else 0.0,
+        memory={**peak_memory(device), "peak_rss_scope": memory_scope},
     )
 
 
