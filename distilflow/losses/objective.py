@@ -13,22 +13,50 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from distilflow.losses.chunked import LossParts, chunked_kd_ce
 from distilflow.losses.features import FEATURE_LOSSES
+from distilflow.losses.fused import HiddenStates, fused_kd_ce
 from distilflow.losses.logits import DIVERGENCES, cross_entropy_sum
+from distilflow.losses.sparse import SparseTeacher, sparse_divergence
 from distilflow.schedules import Phase, kd_weight, phase_at
 
 IGNORE_INDEX = -100
+LOSS_IMPLS = ("auto", "plain", "chunked", "fused")
+AUTO_LARGE_LOGITS = 1 << 25
+"""``auto`` leaves ``plain`` once a micro-batch's logits hold this many entries (32M: 128 MiB in
+float32, so the plain loss, about seven such tensors at its peak, would pass 0.9 GiB)."""
+
+
+def choose_loss_impl(setting: str, *, rows: int, vocab_size: int, hidden_states: bool) -> str:
+    """The loss implementation for ``rows`` scored positions of ``vocab_size`` logits per micro-batch.
+
+    ``auto``: ``plain`` below ``AUTO_LARGE_LOGITS`` logit entries (classifiers, small vocabularies,
+    the LM demo); above, ``fused`` where the model can give hidden states and its lm_head
+    (``hidden_states``: causal LMs), else ``chunked``. An explicit ``fused`` without hidden states
+    (classifiers, whose logits are the model's output) is ``chunked``.
+    """
+    if setting not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl must be one of {', '.join(LOSS_IMPLS)}, got {setting!r}")
+    if setting == "auto":
+        if rows * vocab_size < AUTO_LARGE_LOGITS:
+            return "plain"
+        setting = "fused"
+    if setting == "fused" and not hidden_states:
+        return "chunked"
+    return setting
 
 
 @dataclass
 class Outputs:
     """What a model produced for a batch.
 
-    ``logits`` ``(B, C)`` for classifiers or ``(B, T, V)`` for language models; ``features`` the
-    tapped intermediate outputs in the order of the configured layer pairs.
+    ``logits`` ``(B, C)`` for classifiers or ``(B, T, V)`` for language models; for the fused loss a
+    :class:`HiddenStates` (final hidden states and lm_head) instead; a teacher cache may give a
+    :class:`SparseTeacher`. ``features`` the tapped intermediate outputs in the order of the
+    configured layer pairs.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | HiddenStates | SparseTeacher
     features: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -88,6 +116,8 @@ class Objective(nn.Module):
         layer_weights: list[float] | None = None,
         heads: nn.ModuleList | None = None,
         per_token: bool = False,
+        loss_impl: str = "auto",
+        chunk_rows: int = 0,
     ) -> None:
         super().__init__()
         self.plan = plan
@@ -102,6 +132,9 @@ class Objective(nn.Module):
         self.layer_weights = layer_weights or []
         self.heads = heads if heads is not None else nn.ModuleList()
         self.per_token = per_token
+        choose_loss_impl(loss_impl, rows=0, vocab_size=0, hidden_states=False)  # validates the name
+        self.loss_impl = loss_impl
+        self.chunk_rows = chunk_rows
 
     @property
     def needs_teacher(self) -> bool:
@@ -136,22 +169,88 @@ class Objective(nn.Module):
         """
         weights = self.weights(step)
         parts: dict[str, torch.Tensor] = {}
-        if "kd" in weights:
-            fn = DIVERGENCES[self.divergence]
-            extra = {"beta": self.jsd_beta} if self.divergence == "jsd" else {}
-            mask = targets.kd_mask if self.per_token else None
-            total = fn(student.logits, teacher.logits, temperature=self.temperature, mask=mask, **extra)
-            parts["kd"] = total / max(rows["kd"], 1)
-        if "ce" in weights:
-            parts["ce"] = cross_entropy_sum(student.logits, targets.labels, ignore_index=IGNORE_INDEX) / max(
-                rows["ce"], 1
-            )
+        loss = None
+        if "kd" in weights or "ce" in weights:
+            impl = self.impl_for(student.logits)
+            if impl == "plain":
+                parts.update(self.plain_terms(weights, student, teacher, targets, rows))
+            else:
+                # One pass computes both terms; the loss carries the gradient, the parts are logged values.
+                done = self.large_vocab_terms(impl, weights, student, teacher, targets, rows)
+                loss = done.loss
+                if done.kd is not None:
+                    parts["kd"] = done.kd / max(rows["kd"], 1)
+                if done.ce is not None:
+                    parts["ce"] = done.ce / max(rows["ce"], 1)
+        weighted = {k: v for k, v in parts.items() if loss is None}
         if "feature" in weights:
             parts["feature"] = self.feature_term(student.features, teacher.features, targets) / max(rows["feature"], 1)
-        loss = sum(weights[name] * value for name, value in parts.items())
-        if not parts:
-            loss = student.logits.sum() * 0.0
+            weighted["feature"] = parts["feature"]
+        if weighted:
+            rest = sum(weights[name] * value for name, value in weighted.items())
+            loss = rest if loss is None else loss + rest
+        if loss is None:
+            logits = student.logits
+            loss = logits.anchor() if isinstance(logits, HiddenStates) else logits.sum() * 0.0
         return loss, parts
+
+    def impl_for(self, student_logits: torch.Tensor | HiddenStates) -> str:
+        """``fused`` when the student gave hidden states (the task chose it), else plain or chunked."""
+        if isinstance(student_logits, HiddenStates):
+            return "fused"
+        shape = student_logits.shape
+        rows = shape[:-1].numel()
+        return choose_loss_impl(self.loss_impl, rows=rows, vocab_size=shape[-1], hidden_states=False)
+
+    def plain_terms(
+        self, weights: dict[str, float], student: Outputs, teacher: Outputs | None, targets: Targets, rows
+    ) -> dict[str, torch.Tensor]:
+        """KD and CE by the plain functions of losses/logits.py (and losses/sparse.py), normalised."""
+        parts = {}
+        if "kd" in weights:
+            mask = targets.kd_mask if self.per_token else None
+            signal = teacher.logits
+            if isinstance(signal, SparseTeacher):
+                total = sparse_divergence(
+                    student.logits,
+                    signal,
+                    divergence=self.divergence,
+                    temperature=self.temperature,
+                    mask=mask,
+                    beta=self.jsd_beta,
+                )
+            else:
+                if isinstance(signal, HiddenStates):
+                    signal = signal.logits_at()
+                extra = {"beta": self.jsd_beta} if self.divergence == "jsd" else {}
+                fn = DIVERGENCES[self.divergence]
+                total = fn(student.logits, signal, temperature=self.temperature, mask=mask, **extra)
+            parts["kd"] = total / max(rows["kd"], 1)
+        if "ce" in weights:
+            total = cross_entropy_sum(student.logits, targets.labels, ignore_index=IGNORE_INDEX)
+            parts["ce"] = total / max(rows["ce"], 1)
+        return parts
+
+    def large_vocab_terms(
+        self, impl: str, weights: dict[str, float], student: Outputs, teacher: Outputs | None, targets: Targets, rows
+    ) -> LossParts:
+        """KD and CE in one chunked or fused pass; coefficients are weight / rows of the optimizer step."""
+        kd_on = "kd" in weights
+        signal = teacher.logits if kd_on else None
+        options = dict(
+            mask=targets.kd_mask if self.per_token else None,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            beta=self.jsd_beta,
+            kd_weight=weights["kd"] / max(rows["kd"], 1) if kd_on else None,
+            ce_weight=weights["ce"] / max(rows["ce"], 1) if "ce" in weights else None,
+            chunk_rows=self.chunk_rows,
+        )
+        if impl == "fused":
+            return fused_kd_ce(student.logits, signal, targets.labels, **options)
+        if isinstance(signal, HiddenStates):
+            signal = signal.logits_at()
+        return chunked_kd_ce(student.logits, signal, targets.labels, **options)
 
     def feature_term(
         self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor], targets: Targets
