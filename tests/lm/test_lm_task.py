@@ -225,23 +225,35 @@ def test_gradient_accumulation_matches_one_batch_with_uneven_tokens(tmp_path, ro
     one_row, one = _step_once(tmp_path, rows, teacher, student, terms, grad_accum=1)
     two_row, two = _step_once(tmp_path, rows, teacher, student, terms, grad_accum=2)
 
+    # KD is a small difference of terms of the size of log V (about 7 here): float32 rounding of those
+    # terms (7 * 1.2e-7 per token) bounds its absolute error, not its own small value.
     for key in ("loss", *terms):
-        assert two_row[key] == pytest.approx(one_row[key], rel=1e-5, abs=1e-7), key
+        assert two_row[key] == pytest.approx(one_row[key], rel=1e-5, abs=1e-6), key
     assert two_row["grad_norm"] == pytest.approx(one_row["grad_norm"], rel=1e-5)
-    # Gradients (left in .grad after the step) and the updated weights agree. AdamW's first step
-    # moves each weight by about lr * g / (|g| + eps), which amplifies float noise where g is near
-    # eps, so the weights are compared at a ten-thousandth of the step size lr.
+    # Gradients (left in .grad after the step) agree up to float32 summation order: micro-batches
+    # add the same terms in another order, so the error scales with the tensor's largest entry, not
+    # with each entry (an entry near zero may even change sign).
+    conditioned = total = 0
     for (name, p1), p2 in zip(one.named_parameters(), two.parameters()):
-        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-8, msg=name)
-        torch.testing.assert_close(p2, p1, rtol=0, atol=1e-4 * LR, msg=name)
+        scale = float(p1.grad.abs().max())
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=0, atol=1e-4 * scale + 1e-10, msg=name)
+        # AdamW's first step moves each weight by lr * g / (|g| + eps), about lr * sign(g): where g is
+        # at the level of the summation noise its sign, and so the update, may flip by 2 * lr. Where |g|
+        # is ten times that noise (and far above eps) the update cannot flip and barely depends on g.
+        noise = float((p2.grad - p1.grad).abs().max())
+        sure = p1.grad.abs() > 10 * noise + 1e-6
+        torch.testing.assert_close(p2[sure], p1[sure], rtol=0, atol=1e-4 * LR, msg=name)
+        conditioned, total = conditioned + int(sure.sum()), total + sure.numel()
+    assert conditioned > total / 2  # the step is checked on most weights, not a handful
     assert not torch.equal(one.get_input_embeddings().weight, student.get_input_embeddings().weight)  # it trained
 
     # The logged parts equal means over all scored tokens of the step, computed by hand ...
     whole = _task(rows, batch_size=4).micro_batches(0)[0]
     kd, ce = _loss_by_hand(teacher, student, whole)
-    assert one_row["kd"] == pytest.approx(kd, rel=1e-5) and one_row["ce"] == pytest.approx(ce, rel=1e-5)
+    # (the float32 run against a float64 reference: the same absolute bound on KD as above)
+    assert one_row["kd"] == pytest.approx(kd, rel=1e-5, abs=1e-6) and one_row["ce"] == pytest.approx(ce, rel=1e-5)
     if "feature" not in terms:
-        assert one_row["loss"] == pytest.approx(KD_WEIGHT * kd + CE_WEIGHT * ce, rel=1e-5)
+        assert one_row["loss"] == pytest.approx(KD_WEIGHT * kd + CE_WEIGHT * ce, rel=1e-5, abs=1e-6)
     # ... which the mean of per-micro-batch means (the usual accumulation bug) would not give.
     ce_halves = [_loss_by_hand(teacher, student, h)[1] for h in halves]
     assert abs(sum(ce_halves) / 2 - ce) > 1e-3
