@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from distilflow.errors import UserError
@@ -18,6 +19,7 @@ COMMANDS = {
     "evaluate all three; write results.json and report.md",
     "train-teacher": "train (or reuse) the teacher only",
     "distill": "distil the student from the trained teacher of this run (or teacher.model.checkpoint)",
+    "cache-teacher": "run the teacher once over the training rows and save its outputs (cache.*) for distill",
     "eval": "evaluate the trained models of a run on its test split",
     "export": "export the run's trained student to ONNX and check it against the eager model",
     "quantize": "export, then int8-quantize the student with ONNX Runtime (deploy.methods)",
@@ -141,13 +143,17 @@ def _cmd_distill(ns) -> int:
 
     cfg = _load(ns.args)
     run = open_run(cfg)
+    from distilflow.data.cache import cache_complete
+
+    # A complete teacher cache stands in for the teacher (which is then not loaded at all).
+    from_cache = cfg.cache.use and not cfg.student.model.init_layers and cache_complete(cfg)
     given = cfg.teacher.model.checkpoint or cfg.teacher.model.path
-    if not given and not _has_weights(run.stage_dir("teacher")):
+    if not from_cache and not given and not _has_weights(run.stage_dir("teacher")):
         raise UserError(
             f"no trained teacher in '{run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
             "first, or set teacher.model.checkpoint=PATH (or teacher.model.path for a Hugging Face folder)"
         )
-    teacher, _ = teacher_stage(run, log_tensorboard=False)
+    teacher = None if from_cache else teacher_stage(run, log_tensorboard=False)[0]
     _, result = distill_stage(run, teacher, log_tensorboard=not ns.no_tensorboard)
     print(f"{_metric_line('student', result)}; weights in {run.stage_dir('student')}")
     return 0
@@ -224,6 +230,24 @@ def _cmd_bench(ns) -> int:
     return 0
 
 
+def _cmd_cache_teacher(ns) -> int:
+    from distilflow.data.cache import cache_dir, cache_summary, write_cache
+    from distilflow.pipeline import open_run, teacher_stage
+
+    cfg = _load(ns.args)
+    run = open_run(cfg)
+    if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path) and not _has_weights(run.stage_dir("teacher")):
+        raise UserError(
+            f"no trained teacher in '{run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
+            "first, or set teacher.model.checkpoint=PATH (or teacher.model.path for a Hugging Face folder)"
+        )
+    teacher, _ = teacher_stage(run, log_tensorboard=False)
+    began = time.monotonic()
+    manifest = write_cache(run, teacher)
+    print(f"{cache_summary(manifest, cache_dir(cfg))}; {time.monotonic() - began:.1f} s")
+    return 0
+
+
 def _cmd_predict(ns) -> int:
     from distilflow.deploy.predict import predict
 
@@ -238,6 +262,7 @@ HANDLERS = {
     "resume": _cmd_resume,
     "train-teacher": _cmd_train_teacher,
     "distill": _cmd_distill,
+    "cache-teacher": _cmd_cache_teacher,
     "eval": _cmd_eval,
     "print-config": _cmd_print_config,
     "export": _cmd_export,

@@ -42,7 +42,8 @@ class ClassifierTask:
     def micro_batches(self, step: int) -> list[Batch]:
         idx = batch_indices(step, num_samples=len(self.x), batch_size=self.batch_size, seed=self.seed)
         idx = idx.to(self.device)
-        return [{"x": self.x[chunk], "y": self.y[chunk]} for chunk in idx.chunk(self.grad_accum)]
+        # "row": the samples' indices, so a teacher-signal cache finds their cached outputs.
+        return [{"x": self.x[chunk], "y": self.y[chunk], "row": chunk} for chunk in idx.chunk(self.grad_accum)]
 
     def count(self, batch: Batch) -> int:
         return len(batch["x"])

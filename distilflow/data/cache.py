@@ -1,0 +1,548 @@
+"""Teacher-signal cache: the teacher runs once over the training rows; distillation reads its outputs.
+
+``distilflow cache-teacher`` writes ``<cache.path>/shard-NNNNN.safetensors`` (``cache.shard_rows``
+rows each) and ``manifest.json``. A shard is written to a temporary file and renamed, and the
+manifest lists a shard only after its rename, so an interrupted write never leaves half a shard
+that a reader would take: the next run skips the listed shards and continues. Shards of one
+config are byte-identical whether written in one go or resumed (sampling draws are seeded per shard).
+
+What a row stores, per position (a sample for classifiers; each shifted token for LMs):
+
+- ``full``: ``logits`` ``(..., V)`` in float32: classifiers and small vocabularies, where 4 bytes
+  per entry is cheap and float32 makes cached distillation equal to the live teacher (fp16 would
+  change the KD loss by ~1e-3 relative; large vocabularies use ``topk`` or ``sampled``).
+- ``topk``: ``logprobs`` ``(..., k)`` float16, the teacher's largest log-probabilities at the
+  distillation temperature, and their ``ids`` int32: 6 bytes per id. The tail mass is
+  ``1 - sum(exp(logprobs))``.
+- ``sampled``: ``samples`` ids drawn with replacement from the teacher's distribution at the
+  temperature (Anshumann et al. 2025, "Sparse Logit Sampling"), duplicates merged: ``ids`` int32
+  and ``counts`` uint8 ``(..., samples)`` (a slot with count 0 is padding): 5 bytes per draw. The
+  importance weight of an id is ``count / samples`` (the proposal is the target, so weights are
+  counts): an unbiased estimate of the teacher distribution.
+- ``cache.features``: the tapped teacher features of the configured layer pairs (``feature.N``,
+  float32, shape per row as the teacher produces it).
+
+The manifest records what the signals depend on (teacher weight files, tokenizer, training rows,
+seq_len, format, k, samples, seed, temperature, feature pairs); a reader whose config expects
+anything else is refused with one line, as is a missing, truncated or altered shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from distilflow.errors import UserError
+from distilflow.losses.objective import Outputs
+from distilflow.losses.sparse import SparseTeacher
+from distilflow.models.heads import build_head
+from distilflow.models.taps import Taps
+from distilflow.train.checkpoint import WEIGHTS, write_json, write_weights
+from distilflow.train.precision import cast_teacher
+
+if TYPE_CHECKING:
+    from distilflow.config import Config
+    from distilflow.pipeline import Run
+
+Batch = dict[str, torch.Tensor]
+MANIFEST = "manifest.json"
+VERSION = 1
+FORMATS = ("full", "topk", "sampled")
+# Keys of a shard file per format (features are added as feature.0, feature.1, ...).
+TENSORS = {"full": ("logits",), "topk": ("logprobs", "ids"), "sampled": ("ids", "counts")}
+BYTES_PER_ENTRY = {"logits": 4, "logprobs": 2, "ids": 4, "counts": 1}
+
+
+def cache_dir(cfg: Config) -> Path:
+    """``cache.path``, or ``<run_dir>/teacher_cache``."""
+    return Path(cfg.cache.path).expanduser() if cfg.cache.path else cfg.run_dir / "teacher_cache"
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_tensors(tensors: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def teacher_files(cfg: Config) -> tuple[str, list[Path]]:
+    """Where the configured teacher's weights live: a description and the files that hold them."""
+    m = cfg.teacher.model
+    if m.checkpoint:
+        path = Path(m.checkpoint).expanduser()
+        return f"checkpoint {path}", [path / WEIGHTS if path.is_dir() else path]
+    if m.path:
+        folder = Path(m.path).expanduser()
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
+        return f"hf folder {folder}", [folder / "config.json", *files]
+    return f"{m.arch} trained in {cfg.run_dir / 'teacher'}", [cfg.run_dir / "teacher" / WEIGHTS]
+
+
+def train_rows(run: Run) -> Batch:
+    """The rows the student is distilled on, as the student task indexes them (row i = index i)."""
+    work = run.work
+    if run.work.per_token:
+        return {k: v for k, v in work.train.items()}
+    x, y = work.data.distill_set()
+    return {"x": x, "y": y}
+
+
+def _tokenizer_sha256(run: Run) -> str | None:
+    tok = getattr(run.work, "tokenizer", None)
+    if tok is None:
+        return None
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def identity(run: Run, *, vocab_size: int, pairs: list[list[Any]], with_teacher: bool = True) -> dict[str, Any]:
+    """What cached signals depend on; a reader's identity must equal the writer's.
+
+    ``with_teacher=False`` leaves out the teacher hash (before the teacher is trained).
+    """
+    cfg, c = run.cfg, run.cfg.cache
+    rows = train_rows(run)
+    sparse = c.format != "full"
+    ident: dict[str, Any] = {
+        "version": VERSION,
+        "task": cfg.task,
+        "format": c.format,
+        "k": c.k if c.format == "topk" else None,
+        "samples": c.samples if c.format == "sampled" else None,
+        "seed": c.seed if c.format == "sampled" else None,
+        # Full logits do not depend on the temperature; top-k log-probs and sampled draws do.
+        "temperature": cfg.distill.temperature if sparse else None,
+        "vocab_size": vocab_size,
+        "rows": len(next(iter(rows.values()))),
+        "seq_len": cfg.data.seq_len if run.work.per_token else None,
+        "data_sha256": _sha256_tensors([rows[k] for k in sorted(rows)]),
+        "tokenizer_sha256": _tokenizer_sha256(run),
+        "teacher_dtype": cfg.teacher.model.dtype,
+        "features": bool(c.features),
+        "feature_pairs": pairs if c.features else [],
+    }
+    if with_teacher:
+        ident["teacher_sha256"] = teacher_sha256(cfg)
+    return ident
+
+
+def teacher_sha256(cfg: Config) -> str | None:
+    """Hash of the teacher's weight files, or None when they do not exist (yet)."""
+    _, files = teacher_files(cfg)
+    if not files or not all(f.is_file() for f in files):
+        return None
+    return _sha256_files(files)
+
+
+def _mismatch(folder: Path, stored: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    for key, value in expected.items():
+        if value is None and key == "teacher_sha256":
+            continue  # the teacher is not trained yet: checked again once it is
+        if stored.get(key) != value:
+            have, want = stored.get(key), value
+            if isinstance(have, str) and len(have) == 64:
+                have, want = have[:12], (want or "")[:12]
+            return (
+                f"teacher cache '{folder}' does not match this config: {key} is {have!r} there, {want!r} here; "
+                "run 'distilflow cache-teacher' with a new cache.path (or delete the folder)"
+            )
+    return None
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["identity"], manifest["shards"]  # noqa: B018 - the keys every manifest has
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"teacher cache manifest '{path}' is not a distilflow manifest; delete the folder") from None
+    return manifest
+
+
+def feature_pairs(run: Run, student: nn.Module, teacher_layers: list[str] | None) -> list[list[Any]]:
+    """The configured layer pairs ``[student path, teacher path, weight]``, as the live run builds them.
+
+    ``teacher_layers``: the teacher's decoder-layer paths (for ``distill.layer_map``), from the manifest.
+    """
+    d = run.cfg.distill
+    if d.layer_map is None:
+        return [[p.student, p.teacher, p.weight] for p in d.feature_layers]
+    from distilflow.models.hf import decoder_layers, layer_map
+
+    s_paths, t_paths = decoder_layers(student), teacher_layers or []
+    return [[s_paths[i], t_paths[j], 1.0] for i, j in layer_map(len(s_paths), len(t_paths), d.layer_map)]
+
+
+def _uses_features(cfg: Config) -> bool:
+    return any("feature" in p.terms for p in cfg.distill.phases)
+
+
+def _logit_width(run: Run, model: nn.Module) -> int:
+    was_training = model.training
+    with torch.no_grad():
+        width = int(run.work.forward(model.eval(), run.work.probe()).shape[-1])
+    model.train(was_training)
+    return width
+
+
+def check_config(run: Run, teacher: nn.Module, student: nn.Module) -> None:
+    """Before anything is written: k within the vocabulary, features cached if a phase needs them,
+    and an existing cache at ``cache.path`` made for this config (as far as it is known yet)."""
+    cfg, c = run.cfg, run.cfg.cache
+    vocab = run.work.shared_vocab(student, teacher) or _logit_width(run, teacher)
+    if c.format == "topk" and c.k > vocab:
+        raise UserError(f"config key 'cache.k': {c.k} is not allowed; the teacher's vocabulary has {vocab} ids")
+    if c.use and getattr(getattr(cfg, "on_policy", None), "lmbda", 0) > 0:
+        raise UserError(
+            "config key 'cache.use': True is not allowed with on_policy.lmbda > 0; on-policy continuations are "
+            "sampled during training, so their teacher outputs cannot be cached"
+        )
+    if c.use and _uses_features(cfg) and not c.features:
+        raise UserError(
+            "config key 'cache.features': False is not allowed with cache.use while distill.phases use the "
+            "'feature' term; set cache.features=true (and cache-teacher again) or drop the feature term"
+        )
+    folder = cache_dir(cfg)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    teacher_layers = _teacher_layers(run, teacher)
+    expected = identity(run, vocab_size=vocab, pairs=feature_pairs(run, student, teacher_layers))
+    problem = _mismatch(folder, manifest["identity"], expected)
+    if problem:
+        raise UserError(problem)
+    if c.use and manifest.get("complete"):
+        verify_shards(folder, manifest)
+
+
+def _teacher_layers(run: Run, teacher: nn.Module) -> list[str] | None:
+    if not run.work.per_token or run.cfg.distill.layer_map is None:
+        return None
+    from distilflow.models.hf import decoder_layers
+
+    return decoder_layers(teacher)
+
+
+def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every listed shard exists with its recorded size and sha256, and the shards cover all rows."""
+    expected_start = 0
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if not path.is_file():
+            raise UserError(f"teacher cache shard '{path}' is missing; run 'distilflow cache-teacher' again")
+        if path.stat().st_size != shard["bytes"]:
+            raise UserError(
+                f"teacher cache shard '{path}' has {path.stat().st_size} bytes, the manifest says {shard['bytes']} "
+                "(truncated or replaced); delete it and run 'distilflow cache-teacher' again"
+            )
+        if _sha256_files([path]) != shard["sha256"]:
+            raise UserError(
+                f"teacher cache shard '{path}' does not match its sha256 in the manifest (corrupted); "
+                "delete it and run 'distilflow cache-teacher' again"
+            )
+        if shard["rows"][0] != expected_start:
+            raise UserError(f"teacher cache '{folder}' has no shard for rows from {expected_start}; cache again")
+        expected_start = shard["rows"][1]
+    if expected_start != manifest["identity"]["rows"]:
+        raise UserError(f"teacher cache '{folder}' covers {expected_start} of {manifest['identity']['rows']} rows")
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def encode(logits: torch.Tensor, *, fmt: str, k: int, samples: int, temperature: float, generator) -> Batch:
+    """Signals of one micro-batch. ``logits`` ``(..., V)`` -> tensors ``(..., V | k | samples)``."""
+    if fmt == "full":
+        return {"logits": logits.float()}
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (..., V)
+    if fmt == "topk":
+        values, ids = logprobs.topk(k, dim=-1)  # (..., k), largest first
+        return {"logprobs": values.half(), "ids": ids.int()}
+    flat = logprobs.exp().reshape(-1, logprobs.shape[-1])  # (M, V)
+    drawn = torch.multinomial(flat, samples, replacement=True, generator=generator)  # (M, n)
+    ids, counts = merge_draws(drawn)
+    shape = (*logprobs.shape[:-1], samples)
+    return {"ids": ids.int().reshape(shape), "counts": counts.to(torch.uint8).reshape(shape)}
+
+
+def merge_draws(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, n)`` draws -> distinct ids and their counts ``(M, n)``, left-aligned; padding is id 0, count 0."""
+    ordered, _ = drawn.sort(dim=-1)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    slot = first.long().cumsum(-1) - 1  # (M, n): which distinct id each draw belongs to
+    counts = torch.zeros_like(ordered).scatter_add_(1, slot, torch.ones_like(ordered))
+    ids = torch.zeros_like(ordered).scatter_(1, slot, ordered)
+    return ids, counts
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def write_cache(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict[str, Any]:
+    """Run ``teacher`` over the training rows and write the cache; resume a partial one.
+
+    Returns the manifest. Refuses a folder holding a cache of another config.
+    """
+    cfg, c = run.cfg, run.cfg.cache
+    folder = cache_dir(cfg)
+    teacher.eval()
+    student = run.work.new_model("student", teacher if cfg.student.model.init_layers else None)
+    vocab = run.work.shared_vocab(student, teacher) or _logit_width(run, teacher)
+    teacher_layers = _teacher_layers(run, teacher)
+    pairs = feature_pairs(run, student, teacher_layers) if c.features else []
+    ident = identity(run, vocab_size=vocab, pairs=pairs)
+    teacher = cast_teacher(teacher, cfg.teacher.model.dtype)  # as the live teacher runs
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        problem = _mismatch(folder, manifest["identity"], ident)
+        if problem:
+            raise UserError(problem)
+        if manifest.get("complete"):
+            verify_shards(folder, manifest)
+            return manifest
+    describe, _ = teacher_files(cfg)
+    done = {s["file"]: s for s in (manifest or {}).get("shards", [])}
+    manifest = {
+        "identity": ident,
+        "teacher": describe,
+        "complete": False,
+        "teacher_layers": teacher_layers,
+        "bytes_per_position": sum(
+            BYTES_PER_ENTRY[name] * (vocab if c.format == "full" else c.k if c.format == "topk" else c.samples)
+            for name in TENSORS[c.format]
+        ),
+        "shards": [],
+    }
+    rows = train_rows(run)
+    total = ident["rows"]
+    micro = max(cfg.student.train.batch_size // cfg.student.train.grad_accum, 1)
+    taps = Taps(teacher, [p[1] for p in pairs], "teacher") if pairs else None
+    began = last_print = time.monotonic()
+    starts = list(range(0, total, c.shard_rows))
+    for index, start in enumerate(starts):
+        name, stop = _shard_name(index), min(start + c.shard_rows, total)
+        listed = done.get(name)
+        if listed is not None and listed["rows"] == [start, stop] and _shard_ok(folder / name, listed):
+            manifest["shards"].append(listed)
+            continue
+        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + index)
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for lo in range(start, stop, micro):
+            batch = {key: value[lo : min(lo + micro, stop)].to(run.work.device) for key, value in rows.items()}
+            for key, value in _teacher_signals(run, teacher, batch, taps, vocab, generator).items():
+                pieces.setdefault(key, []).append(value.cpu())
+        tensors = {key: torch.cat(parts).contiguous() for key, parts in pieces.items()}
+        path = folder / name
+        write_weights(path, tensors, {"rows": f"{start}:{stop}"})  # tmp file + rename
+        manifest["shards"].append(
+            {"file": name, "rows": [start, stop], "bytes": path.stat().st_size, "sha256": _sha256_files([path])}
+        )
+        write_json(folder / MANIFEST, manifest)
+        if not quiet and (time.monotonic() - last_print > 10 or index + 1 == len(starts)):
+            last_print = time.monotonic()
+            print(
+                f"cache-teacher: shard {index + 1}/{len(starts)} (rows {start}-{stop}) "
+                f"{time.monotonic() - began:.1f} s",
+                file=sys.stderr,
+            )
+    manifest["complete"] = True
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _shard_ok(path: Path, shard: dict[str, Any]) -> bool:
+    return path.is_file() and path.stat().st_size == shard["bytes"] and _sha256_files([path]) == shard["sha256"]
+
+
+@torch.no_grad()
+def _teacher_signals(run: Run, teacher: nn.Module, batch: Batch, taps: Taps | None, vocab: int, generator) -> Batch:
+    c = run.cfg.cache
+    if taps is not None:
+        with taps.capture():
+            logits = run.work.forward(teacher, batch)
+        features = taps.features()
+    else:
+        logits, features = run.work.forward(teacher, batch), []
+    logits = logits[..., :vocab]  # the shared-vocabulary cut (a no-op when sizes agree)
+    out = encode(
+        logits, fmt=c.format, k=c.k, samples=c.samples, temperature=run.cfg.distill.temperature, generator=generator
+    )
+    for i, feature in enumerate(features):
+        out[f"feature.{i}"] = feature.float()
+    return out
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StudentSide:
+    """What the student's stage needs from the cache instead of the teacher model."""
+
+    student_taps: Taps | None
+    heads: nn.ModuleList
+    pairs: list[tuple[str, str, float]]
+    vocab_size: int | None  # the student task's vocabulary cut (None: none)
+
+
+class CachedTeacher:
+    """Teacher signals read from a verified cache (a :class:`~distilflow.train.loop.TeacherSignals`).
+
+    Each batch carries ``row`` ``(B,)``, the indices of its rows in the training set; the reader
+    returns dense logits (``full``) or a :class:`SparseTeacher` in ``Outputs.logits``, and the
+    cached features when asked.
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], device: torch.device) -> None:
+        self.folder, self.manifest, self.device = folder, manifest, device
+        ident = manifest["identity"]
+        self.format, self.temperature, self.samples = ident["format"], ident["temperature"], ident["samples"]
+        self.starts = [s["rows"][0] for s in manifest["shards"]]
+        self.files = [
+            safe_open(str(folder / s["file"]), framework="pt", device="cpu")  # memory-mapped
+            for s in manifest["shards"]
+        ]
+
+    def _rows(self, rows: torch.Tensor, names: list[str]) -> Batch:
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for row in rows.tolist():
+            shard = _bisect(self.starts, row)
+            local = row - self.starts[shard]
+            for name in names:
+                out[name].append(self.files[shard].get_slice(name)[local : local + 1])
+        return {name: torch.cat(parts).to(self.device) for name, parts in out.items()}
+
+    def __call__(self, batch: Batch, *, features: bool) -> Outputs:
+        names = list(TENSORS[self.format])
+        count = len(self.manifest["identity"]["feature_pairs"]) if features else 0
+        names += [f"feature.{i}" for i in range(count)]
+        got = self._rows(batch["row"], names)
+        if self.format == "full":
+            logits: Any = got["logits"]
+        elif self.format == "topk":
+            logits = SparseTeacher(got["ids"].long(), got["logprobs"].float(), "topk", self.temperature)
+        else:
+            weights = got["counts"].float() / self.samples
+            logits = SparseTeacher(got["ids"].long(), weights, "sampled", self.temperature)
+        return Outputs(logits, [got[f"feature.{i}"] for i in range(count)])
+
+
+def _bisect(starts: list[int], row: int) -> int:
+    lo, hi = 0, len(starts) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if starts[mid] <= row:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def open_cache(run: Run, student: nn.Module, teacher: nn.Module | None) -> tuple[CachedTeacher, StudentSide]:
+    """The verified cache of this config, and the student-side taps, heads and vocabulary cut.
+
+    With ``teacher`` given, a missing or partial cache is written (or finished) first; without it
+    the cache must be complete.
+    """
+    cfg = run.cfg
+    folder = cache_dir(cfg)
+    manifest = read_manifest(folder)
+    if teacher is not None and not (manifest or {}).get("complete"):
+        manifest = write_cache(run, teacher)
+    if manifest is None or not manifest.get("complete"):
+        state = "has no manifest" if manifest is None else f"is incomplete ({len(manifest['shards'])} shards)"
+        raise UserError(f"teacher cache '{folder}' {state}; run 'distilflow cache-teacher' with this config first")
+    stored = manifest["identity"]
+    width = _logit_width(run, student)
+    vocab = stored["vocab_size"]
+    if vocab > width or (vocab < width and not run.work.per_token):
+        raise UserError(
+            f"teacher cache '{folder}' holds {vocab} logit columns; the student has {width}; cache for this student"
+        )
+    pairs = feature_pairs(run, student, manifest.get("teacher_layers")) if cfg.cache.features else []
+    problem = _mismatch(folder, stored, identity(run, vocab_size=vocab, pairs=pairs))
+    if problem:
+        raise UserError(problem)
+    verify_shards(folder, manifest)
+    signals = CachedTeacher(folder, manifest, run.work.device)
+    side = StudentSide(None, nn.ModuleList(), [], None if vocab == width else vocab)
+    if pairs:
+        side.pairs = [tuple(p) for p in pairs]
+        side.student_taps = Taps(student, [p[0] for p in pairs], "student")
+        side.heads = _heads(run, student, side, signals)
+    return signals, side
+
+
+def _heads(run: Run, student: nn.Module, side: StudentSide, signals: CachedTeacher) -> nn.ModuleList:
+    """One projection head per pair, as pipeline.build_heads makes them, with teacher shapes from the cache."""
+    shard = signals.files[0]
+    teacher_shapes = [tuple(shard.get_slice(f"feature.{i}").get_shape()[1:]) for i in range(len(side.pairs))]
+    was_training = student.training
+    student.eval()
+    with torch.no_grad(), side.student_taps.capture():
+        run.work.forward(student, run.work.probe())
+    student.train(was_training)
+    student_feats = side.student_taps.features()
+    torch.manual_seed(run.cfg.seed + 2)  # as build_heads: the same initial heads as a live run
+    heads = nn.ModuleList()
+    for (s_path, t_path, _), feat, t_shape in zip(side.pairs, student_feats, teacher_shapes):
+        name = f"student '{s_path}' -> teacher '{t_path}'"
+        heads.append(build_head(tuple(feat.shape[1:]), t_shape, per_token=run.work.per_token, name=name))
+    return heads.to(run.work.device)
+
+
+def cache_summary(manifest: dict[str, Any], folder: Path) -> str:
+    """One line: format, rows, shards, bytes on disk and per position."""
+    ident = manifest["identity"]
+    size = sum(s["bytes"] for s in manifest["shards"])
+    detail = {"topk": f" k={ident['k']}", "sampled": f" samples={ident['samples']}"}.get(ident["format"], "")
+    return (
+        f"teacher cache {folder}: {ident['format']}{detail}, {ident['rows']} rows in {len(manifest['shards'])} shards, "
+        f"{size:,} bytes ({manifest['bytes_per_position']} bytes per position"
+        f"{', features included' if ident['features'] else ''})"
+    )
+
+
+__all__ = [
+    "CachedTeacher",
+    "cache_complete",
+    "FORMATS",
+    "cache_dir",
+    "check_config",
+    "encode",
+    "merge_draws",
+    "open_cache",
+    "write_cache",
+]
+
+
+def cache_complete(cfg: Config) -> bool:
+    """Whether ``cache.path`` holds a finished cache (its match and integrity are checked when opened)."""
+    manifest = read_manifest(cache_dir(cfg))
+    return bool(manifest and manifest.get("complete"))
