@@ -159,6 +159,13 @@ class DistillConfig:
         "Student/teacher layer pairs to align (projection heads are built from the observed shapes).",
     )
     phases: list[PhaseConfig] = _f(DEFAULT_PHASES, "Ordered phases of distillation and the loss terms of each.")
+    loss_impl: Literal["auto", "plain", "chunked", "fused"] = _f(
+        "auto",
+        "KD + CE implementation: plain; chunked (rows in chunks, no full [tokens x vocab] softmax); fused (causal "
+        "LMs: logits made chunk by chunk from hidden states and lm_head); auto: plain below 2^25 logits per "
+        "micro-batch, else fused (chunked for classifiers).",
+    )
+    loss_chunk_rows: int = _f(0, "chunked/fused: rows (tokens) per chunk; 0 = about 4M logits per chunk.")
 
 
 @dataclass
@@ -194,22 +201,6 @@ class DeployConfig:
 
 
 @dataclass
-class CacheConfig:
-    use: bool = _f(False, "distill/run read teacher signals from the cache instead of running the teacher each step.")
-    path: str | None = _f(None, "Cache folder (default <run_dir>/teacher_cache): shards and manifest.json.")
-    format: Literal["full", "topk", "sampled"] = _f(
-        "topk",
-        "full: logits (float32; classifiers, small vocabularies); topk: k log-probs at the temperature (fp16) + ids; "
-        "sampled: ids drawn from the teacher (Sparse Logit Sampling) + counts.",
-    )
-    k: int = _f(32, "topk: ids kept per position (<= the vocabulary).")
-    samples: int = _f(12, "sampled: draws per position (1-255; duplicates merged; ~12 matched full KD in the paper).")
-    seed: int = _f(0, "sampled: seed of the draws (per shard, so a resumed write gives the same files).")
-    shard_rows: int = _f(1024, "Rows (samples or sequences) per shard file; finished shards are skipped on resume.")
-    features: bool = _f(False, "Also cache the teacher features of the feature-layer pairs ('feature' phases).")
-
-
-@dataclass
 class Config:
     name: str = _f("mnist1d", "Run name; output goes to runs/<name> unless output_dir is set.")
     output_dir: str | None = _f(None, "Where results, checkpoints and the report are written.")
@@ -227,7 +218,6 @@ class Config:
     )
     distill: DistillConfig = _f(DistillConfig(), "How the student learns from the teacher.")
     deploy: DeployConfig = _f(DeployConfig(), "Shipping the student: ONNX export, int8 quantization, benchmark.")
-    cache: CacheConfig = _f(CacheConfig(), "Teacher-signal cache: distilflow cache-teacher, read when use is on.")
 
     @property
     def task(self) -> str:
@@ -270,6 +260,7 @@ def validate(cfg: Config) -> None:
     need(0 < d.jsd_beta < 1, "distill.jsd_beta", d.jsd_beta, "must be in (0, 1)")
     need(d.ce_weight >= 0, "distill.ce_weight", d.ce_weight, "must be >= 0")
     need(d.feature_weight >= 0, "distill.feature_weight", d.feature_weight, "must be >= 0")
+    need(d.loss_chunk_rows >= 0, "distill.loss_chunk_rows", d.loss_chunk_rows, "must be >= 0 (0 = auto)")
     kw = d.kd_weight
     need(kw.base_weight >= 0, "distill.kd_weight.base_weight", kw.base_weight, "must be >= 0")
     need(kw.warmup_steps >= 0, "distill.kd_weight.warmup_steps", kw.warmup_steps, "must be >= 0")
@@ -399,7 +390,3 @@ def validate(cfg: Config) -> None:
     need(dep.threads >= 1, "deploy.threads", dep.threads, "must be >= 1")
     need(dep.iterations >= 1, "deploy.iterations", dep.iterations, "must be >= 1")
     need(dep.parity_tolerance > 0, "deploy.parity_tolerance", dep.parity_tolerance, "must be > 0")
-    c = cfg.cache
-    need(c.k >= 1, "cache.k", c.k, "must be >= 1")
-    need(1 <= c.samples <= 255, "cache.samples", c.samples, "must be in [1, 255] (counts are stored as uint8)")
-    need(c.shard_rows >= 1, "cache.shard_rows", c.shard_rows, "must be >= 1")

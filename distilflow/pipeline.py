@@ -252,27 +252,13 @@ def preflight(run: Run) -> None:
         check_train_options(cfg.teacher.train, teacher, device, "teacher.train")
     check_train_options(cfg.student.train, student, device, "student.train")
     check_teacher_dtype(cfg.teacher.model.dtype, device)
-    # cache.k within the vocabulary; an existing teacher cache made for this config (and intact, with use on).
-    from distilflow.data.cache import check_config
-
-    check_config(run, teacher, student)
 
 
-def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
-    """The student distilled from ``teacher`` through the configured phases.
-
-    With ``cache.use`` the teacher's outputs come from the teacher-signal cache (written first when
-    missing and a teacher is given; ``teacher`` may be None when the cache is complete).
-    """
+def distill_stage(run: Run, teacher: nn.Module, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
+    """The student distilled from ``teacher`` through the configured phases."""
     cfg, d = run.cfg, run.cfg.distill
     model = _student_init(run, teacher)
-    if cfg.cache.use:
-        from distilflow.data.cache import open_cache
-
-        cached, side = open_cache(run, model, teacher)
-        student_taps, heads, pairs = side.student_taps, side.heads, side.pairs
-    else:
-        student_taps, teacher_taps, heads, pairs = _taps_and_heads(run, model, teacher)
+    student_taps, teacher_taps, heads, pairs = _taps_and_heads(run, model, teacher)
     done = _load_finished(run, "student", model)
     if done is not None:
         return model.eval(), done
@@ -290,14 +276,11 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
         layer_weights=[p[2] for p in pairs],
         heads=heads,
         per_token=run.work.per_token,
+        loss_impl=d.loss_impl,
+        chunk_rows=d.loss_chunk_rows,
     )
-    vocab = side.vocab_size if cfg.cache.use else run.work.shared_vocab(model, teacher)
+    vocab = run.work.shared_vocab(model, teacher)
     task = run.work.task("student", cfg.student.train, cfg.seed + 1, vocab_size=vocab)
-    if cfg.cache.use:
-        signals = cached
-    else:
-        # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
-        signals = LiveTeacher(cast_teacher(teacher, cfg.teacher.model.dtype), task, teacher_taps)
     result = _train(
         run,
         "student",
@@ -305,7 +288,8 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
         objective,
         task,
         log_tensorboard,
-        teacher=signals,
+        # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
+        teacher=LiveTeacher(cast_teacher(teacher, cfg.teacher.model.dtype), task, teacher_taps),
         student_taps=student_taps,
     )
     return model.eval(), _finish(run, "student", model, result, heads)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from distilflow.config import Config, TrainConfig
 from distilflow.data.batches import batch_indices
 from distilflow.data.text import Record, check_seq_len, read_records, split, tokenize
 from distilflow.errors import UserError
-from distilflow.losses.objective import IGNORE_INDEX, Targets
+from distilflow.losses.fused import HiddenStates, fused_kd_ce
+from distilflow.losses.objective import IGNORE_INDEX, Targets, choose_loss_impl
 from distilflow.models.build import count_params, forward_macs
 from distilflow.models.hf import (
     TOKENIZER_FILES,
@@ -47,8 +49,55 @@ def lm_logits(model: nn.Module, batch: Batch, vocab_size: int | None = None) -> 
     return truncate_vocab(logits, vocab_size) if vocab_size else logits
 
 
+_CHECKED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_fusable(model: nn.Module, base: nn.Module, head: nn.Module, batch: Batch) -> None:
+    """Once per model: its logits must be ``lm_head(base_model(...).last_hidden_state)``; a model that
+    caps, scales or post-processes logits (e.g. Gemma 2's soft-capping) cannot use the fused loss."""
+    if _CHECKED_HEADS.get(model):
+        return
+    row = {k: batch[k][:1, :8] for k in ("input_ids", "attention_mask")}
+    was_training = model.training
+    model.eval()  # no dropout, so that the two passes see the same network
+    with torch.no_grad():
+        expected = model(**row, use_cache=False).logits.float()
+        got = head(base(**row, use_cache=False).last_hidden_state).float()
+    model.train(was_training)
+    scale = float(expected.abs().max()) + 1e-6
+    if got.shape != expected.shape or float((got - expected).abs().max()) > 1e-3 * scale:
+        raise UserError(
+            f"distill.loss_impl fused: {type(model).__name__} does not compute its logits as lm_head(final hidden "
+            "state) (logit scaling or soft-capping?); use distill.loss_impl=chunked or plain"
+        )
+    _CHECKED_HEADS[model] = True
+
+
+def lm_hidden_states(model: nn.Module, batch: Batch, vocab_size: int | None = None) -> HiddenStates:
+    """Final hidden states ``(B, T - 1, H)`` (position t predicts token t + 1) and the lm_head, for the
+    fused loss (losses/fused.py): the ``(B, T - 1, V)`` logits are never made here."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", model)
+    if not isinstance(head, nn.Linear) or base is model:
+        raise UserError(
+            f"distill.loss_impl fused needs a causal LM with a linear lm_head and a base model; "
+            f"{type(model).__name__} has none; use distill.loss_impl=chunked or plain"
+        )
+    _check_fusable(model, base, head, batch)
+    # Through base_model, so that forward hooks on decoder layers (feature taps) still fire.
+    hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    states = HiddenStates(hidden.last_hidden_state[:, :-1], head.weight, head.bias, vocab_size)
+    if vocab_size and vocab_size > head.weight.shape[0]:
+        raise UserError(f"cannot keep {vocab_size} logits of a vocabulary of {head.weight.shape[0]}")
+    return states
+
+
 class CausalLMTask:
-    """Rows of ``input_ids`` / ``attention_mask`` / ``labels`` ``(N, T)``; scored on shifted labels."""
+    """Rows of ``input_ids`` / ``attention_mask`` / ``labels`` ``(N, T)``; scored on shifted labels.
+
+    ``hidden_states``: :meth:`forward` gives :class:`HiddenStates` (final hidden states and lm_head)
+    instead of logits, for the fused loss (``distill.loss_impl``); evaluation follows.
+    """
 
     per_token = True
     primary_metric = "perplexity"
@@ -64,10 +113,10 @@ class CausalLMTask:
         seed: int,
         device: torch.device,
         vocab_size: int | None = None,
+        hidden_states: bool = False,
     ) -> None:
+        self.hidden_states = hidden_states
         self.train = {k: v.to(device) for k, v in train.items()}
-        # "row" travels with every micro-batch, so a teacher-signal cache finds the rows' cached outputs.
-        self.train["row"] = torch.arange(len(self.train["input_ids"]), device=device)
         self.held_out = {k: v.to(device) for k, v in held_out.items()}
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.device, self.vocab_size = device, vocab_size
@@ -80,7 +129,9 @@ class CausalLMTask:
     def count(self, batch: Batch) -> int:
         return int(batch["attention_mask"].sum())
 
-    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor | HiddenStates:
+        if self.hidden_states:
+            return lm_hidden_states(model, batch, self.vocab_size)
         return lm_logits(model, batch, self.vocab_size)
 
     def targets(self, batch: Batch) -> Targets:
@@ -96,13 +147,20 @@ class CausalLMTask:
         rows = len(self.held_out["input_ids"])
         for start in range(0, rows, batch_size):
             batch = {k: v[start : start + batch_size] for k, v in self.held_out.items()}
-            logits = self.forward(model, batch).float()
+            out = self.forward(model, batch)
             labels = batch["labels"][:, 1:]
-            total += float(
-                nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            if isinstance(out, HiddenStates):  # chunk by chunk: the (B, T - 1, V) logits are never made
+                total += float(fused_kd_ce(out, None, labels, kd_weight=None, ce_weight=1.0).ce)
+            else:
+                logits = out.float()
+                total += float(
+                    nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]),
+                        labels.reshape(-1),
+                        ignore_index=IGNORE_INDEX,
+                        reduction="sum",
+                    )
                 )
-            )
             count += int((labels != IGNORE_INDEX).sum())
         model.train(was_training)
         loss = total / max(count, 1)
@@ -244,6 +302,12 @@ class CausalLMWorkload:
         return align_vocab(self.tokenizer, self.tokenizer, teacher_size, student_size)
 
     def task(self, stage: str, train: TrainConfig, seed: int, vocab_size: int | None = None) -> CausalLMTask:
+        # distill.loss_impl: the fused loss needs hidden states instead of logits (every stage: the
+        # teacher's and the baseline's CE are fused too). auto decides by a micro-batch's logit count.
+        rows = max(train.batch_size // max(train.grad_accum, 1), 1) * max(self.cfg.data.seq_len - 1, 1)
+        impl = choose_loss_impl(
+            self.cfg.distill.loss_impl, rows=rows, vocab_size=vocab_size or len(self.tokenizer), hidden_states=True
+        )
         return CausalLMTask(
             self.train,
             self.held_out,
@@ -252,6 +316,7 @@ class CausalLMWorkload:
             seed=seed,
             device=self.device,
             vocab_size=vocab_size,
+            hidden_states=impl == "fused",
         )
 
     def probe(self) -> Batch:
