@@ -191,8 +191,9 @@ class _ChunkedKDCE(torch.autograd.Function):
     """Loss value and gradient computed chunk by chunk in forward; backward scales the stored gradient."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher, labels, mask, spec, chunk_rows):
-        need_grad = ctx.needs_input_grad[0]
+    def forward(ctx, student_logits, teacher, labels, mask, spec, chunk_rows, grad_enabled):
+        # needs_input_grad is True under torch.no_grad too; evaluation must not pay for gradients.
+        need_grad = grad_enabled and ctx.needs_input_grad[0]
         grad = torch.empty_like(student_logits) if need_grad else None  # (..., V), the logits' dtype
 
         def keep(index, chunk_grad):
@@ -208,7 +209,7 @@ class _ChunkedKDCE(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         grad = ctx.grad
         ctx.grad = None
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
 
 
 def chunked_kd_ce(
@@ -243,5 +244,5 @@ def chunked_kd_ce(
     if isinstance(teacher, torch.Tensor):
         teacher = teacher.detach()
     rows = chunk_rows_for(student_logits.shape[-1], chunk_rows)
-    loss, kd, ce = _ChunkedKDCE.apply(student_logits, teacher, labels, mask, spec, rows)
+    loss, kd, ce = _ChunkedKDCE.apply(student_logits, teacher, labels, mask, spec, rows, torch.is_grad_enabled())
     return LossParts(loss, kd if kd_weight is not None else None, ce if ce_weight is not None else None)

@@ -82,9 +82,11 @@ class _FusedKDCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, labels, mask, spec, chunk_rows):
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_bias = bias is not None and ctx.needs_input_grad[2]
+    def forward(ctx, hidden, weight, bias, teacher, labels, mask, spec, chunk_rows, grad_enabled):
+        # needs_input_grad is True under torch.no_grad too; evaluation must not pay for gradients.
+        need_hidden = grad_enabled and ctx.needs_input_grad[0]
+        need_weight = grad_enabled and ctx.needs_input_grad[1]
+        need_bias = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         need_grad = need_hidden or need_weight or need_bias
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
@@ -113,7 +115,7 @@ class _FusedKDCE(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         grads = [g * grad_loss.to(g.dtype) if g is not None else None for g in ctx.grads]
         ctx.grads = None
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _teacher_side(teacher, vocab: int):
@@ -158,5 +160,7 @@ def fused_kd_ce(
     check_terms(teacher, labels, spec, vocab)
     weight, bias = student.head()
     rows = chunk_rows_for(vocab, chunk_rows)
-    loss, kd, ce = _FusedKDCE.apply(student.hidden, weight, bias, teacher, labels, mask, spec, rows)
+    loss, kd, ce = _FusedKDCE.apply(
+        student.hidden, weight, bias, teacher, labels, mask, spec, rows, torch.is_grad_enabled()
+    )
     return LossParts(loss, kd if kd_weight is not None else None, ce if ce_weight is not None else None)
