@@ -235,7 +235,7 @@ def _cmd_cache_teacher(ns) -> int:
     from distilflow.pipeline import open_run, teacher_stage
 
     cfg = _load(ns.args)
-    run = open_run(cfg)
+    run = open_run(cfg, writes_cache=True)
     if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path) and not _has_weights(run.stage_dir("teacher")):
         raise UserError(
             f"no trained teacher in '{run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "

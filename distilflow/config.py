@@ -201,6 +201,22 @@ class DeployConfig:
 
 
 @dataclass
+class CacheConfig:
+    use: bool = _f(False, "distill/run read teacher signals from the cache instead of running the teacher each step.")
+    path: str | None = _f(None, "Cache folder (default <run_dir>/teacher_cache): shards and manifest.json.")
+    format: Literal["full", "topk", "sampled"] = _f(
+        "topk",
+        "full: logits (float32; classifiers, small vocabularies); topk: k log-probs at the temperature (fp16) + ids; "
+        "sampled: ids drawn from the teacher (Sparse Logit Sampling) + counts.",
+    )
+    k: int = _f(32, "topk: ids kept per position (<= the vocabulary).")
+    samples: int = _f(12, "sampled: draws per position (1-255; duplicates merged; ~12 matched full KD in the paper).")
+    seed: int = _f(0, "sampled: seed of the draws (per shard, so a resumed write gives the same files).")
+    shard_rows: int = _f(1024, "Rows (samples or sequences) per shard file; finished shards are skipped on resume.")
+    features: bool = _f(False, "Also cache the teacher features of the feature-layer pairs ('feature' phases).")
+
+
+@dataclass
 class Config:
     name: str = _f("mnist1d", "Run name; output goes to runs/<name> unless output_dir is set.")
     output_dir: str | None = _f(None, "Where results, checkpoints and the report are written.")
@@ -218,6 +234,7 @@ class Config:
     )
     distill: DistillConfig = _f(DistillConfig(), "How the student learns from the teacher.")
     deploy: DeployConfig = _f(DeployConfig(), "Shipping the student: ONNX export, int8 quantization, benchmark.")
+    cache: CacheConfig = _f(CacheConfig(), "Teacher-signal cache: distilflow cache-teacher, read when use is on.")
 
     @property
     def task(self) -> str:
@@ -390,3 +407,7 @@ def validate(cfg: Config) -> None:
     need(dep.threads >= 1, "deploy.threads", dep.threads, "must be >= 1")
     need(dep.iterations >= 1, "deploy.iterations", dep.iterations, "must be >= 1")
     need(dep.parity_tolerance > 0, "deploy.parity_tolerance", dep.parity_tolerance, "must be > 0")
+    c = cfg.cache
+    need(c.k >= 1, "cache.k", c.k, "must be >= 1")
+    need(1 <= c.samples <= 255, "cache.samples", c.samples, "must be in [1, 255] (counts are stored as uint8)")
+    need(c.shard_rows >= 1, "cache.shard_rows", c.shard_rows, "must be >= 1")

@@ -80,7 +80,7 @@ def make_workload(cfg: Config, device: torch.device) -> ClassifierWorkload | Cau
     return ClassifierWorkload(cfg, device)
 
 
-def open_run(cfg: Config) -> Run:
+def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     """Check the output folder (same config or empty), load data, check the models, save the config.
 
     Everything that can fail on bad input runs before anything is written, so the corrected
@@ -101,7 +101,7 @@ def open_run(cfg: Config) -> Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Run(cfg, make_workload(cfg, resolve_device(cfg.device)))
-    preflight(run)
+    preflight(run, writes_cache=writes_cache)  # cache-teacher: cache.k and the cache folder too
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
     return run
@@ -240,7 +240,7 @@ def _taps_and_heads(run: Run, student: nn.Module, teacher: nn.Module):
     return student_taps, teacher_taps, heads, pairs
 
 
-def preflight(run: Run) -> None:
+def preflight(run: Run, *, writes_cache: bool = False) -> None:
     """Resolve feature layers and build heads on untrained models, so that a bad layer path or
     shapes no head can map fail before any training (shapes do not depend on the weights)."""
     teacher = run.work.new_model("teacher")
@@ -252,13 +252,27 @@ def preflight(run: Run) -> None:
         check_train_options(cfg.teacher.train, teacher, device, "teacher.train")
     check_train_options(cfg.student.train, student, device, "student.train")
     check_teacher_dtype(cfg.teacher.model.dtype, device)
+    # cache.k within the vocabulary; an existing teacher cache made for this config (and intact, with use on).
+    from distilflow.data.cache import check_config
+
+    check_config(run, teacher, student, writes=writes_cache)
 
 
-def distill_stage(run: Run, teacher: nn.Module, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
-    """The student distilled from ``teacher`` through the configured phases."""
+def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
+    """The student distilled from ``teacher`` through the configured phases.
+
+    With ``cache.use`` the teacher's outputs come from the teacher-signal cache (written first when
+    missing and a teacher is given; ``teacher`` may be None when the cache is complete).
+    """
     cfg, d = run.cfg, run.cfg.distill
     model = _student_init(run, teacher)
-    student_taps, teacher_taps, heads, pairs = _taps_and_heads(run, model, teacher)
+    if cfg.cache.use:
+        from distilflow.data.cache import open_cache
+
+        cached, side = open_cache(run, model, teacher)
+        student_taps, heads, pairs = side.student_taps, side.heads, side.pairs
+    else:
+        student_taps, teacher_taps, heads, pairs = _taps_and_heads(run, model, teacher)
     done = _load_finished(run, "student", model)
     if done is not None:
         return model.eval(), done
@@ -279,8 +293,13 @@ def distill_stage(run: Run, teacher: nn.Module, log_tensorboard: bool = True) ->
         loss_impl=d.loss_impl,
         chunk_rows=d.loss_chunk_rows,
     )
-    vocab = run.work.shared_vocab(model, teacher)
+    vocab = side.vocab_size if cfg.cache.use else run.work.shared_vocab(model, teacher)
     task = run.work.task("student", cfg.student.train, cfg.seed + 1, vocab_size=vocab)
+    if cfg.cache.use:
+        signals = cached
+    else:
+        # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
+        signals = LiveTeacher(cast_teacher(teacher, cfg.teacher.model.dtype), task, teacher_taps)
     result = _train(
         run,
         "student",
@@ -288,8 +307,7 @@ def distill_stage(run: Run, teacher: nn.Module, log_tensorboard: bool = True) ->
         objective,
         task,
         log_tensorboard,
-        # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
-        teacher=LiveTeacher(cast_teacher(teacher, cfg.teacher.model.dtype), task, teacher_taps),
+        teacher=signals,
         student_taps=student_taps,
     )
     return model.eval(), _finish(run, "student", model, result, heads)

@@ -209,10 +209,13 @@ def _logit_width(run: Run, model: nn.Module) -> int:
     return width
 
 
-def check_config(run: Run, teacher: nn.Module, student: nn.Module) -> None:
-    """Before anything is written: k within the vocabulary, features cached if a phase needs them,
-    and an existing cache at ``cache.path`` made for this config (as far as it is known yet)."""
+def check_config(run: Run, teacher: nn.Module, student: nn.Module, *, writes: bool = False) -> None:
+    """Before anything is written, when the cache is used (or ``writes``: cache-teacher): k within
+    the vocabulary, features cached if a phase needs them, and an existing cache at ``cache.path``
+    made for this config (as far as it is known yet: the teacher may not be trained)."""
     cfg, c = run.cfg, run.cfg.cache
+    if not (c.use or writes):
+        return
     vocab = run.work.shared_vocab(student, teacher) or _logit_width(run, teacher)
     if c.format == "topk" and c.k > vocab:
         raise UserError(f"config key 'cache.k': {c.k} is not allowed; the teacher's vocabulary has {vocab} ids")
@@ -220,6 +223,11 @@ def check_config(run: Run, teacher: nn.Module, student: nn.Module) -> None:
         raise UserError(
             "config key 'cache.use': True is not allowed with on_policy.lmbda > 0; on-policy continuations are "
             "sampled during training, so their teacher outputs cannot be cached"
+        )
+    if c.use and c.format == "sampled" and cfg.distill.divergence != "forward_kl":
+        raise UserError(
+            f"config key 'distill.divergence': {cfg.distill.divergence!r} is not allowed with a sampled cache "
+            "(it estimates forward KL only); use forward_kl or cache.format=topk"
         )
     if c.use and _uses_features(cfg) and not c.features:
         raise UserError(

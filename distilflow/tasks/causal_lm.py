@@ -117,6 +117,8 @@ class CausalLMTask:
     ) -> None:
         self.hidden_states = hidden_states
         self.train = {k: v.to(device) for k, v in train.items()}
+        # "row" travels with every micro-batch, so a teacher-signal cache finds the rows' cached outputs.
+        self.train["row"] = torch.arange(len(self.train["input_ids"]), device=device)
         self.held_out = {k: v.to(device) for k, v in held_out.items()}
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.device, self.vocab_size = device, vocab_size
