@@ -127,13 +127,28 @@ def _need_gradient_checkpointing(model: nn.Module, key: str) -> None:
 
 
 def set_gradient_checkpointing(model: nn.Module, enabled: bool, key: str = "train") -> None:
-    """transformers' gradient checkpointing of the decoder layers, non-reentrant (works with frozen inputs,
-    keyword arguments and forward hooks); it acts in training mode only, so evaluation is unchanged."""
+    """transformers' gradient (activation) checkpointing of the decoder layers, non-reentrant (works with
+    frozen inputs, keyword arguments and forward hooks); it acts in training mode only, so evaluation is
+    unchanged. transformers >= 5.x names it activation_checkpointing; older versions gradient_checkpointing."""
     if enabled:
         _need_gradient_checkpointing(model, key)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif supports_gradient_checkpointing(model) and getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif is_gradient_checkpointing(model):
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+
+
+def is_gradient_checkpointing(model: nn.Module) -> bool:
+    if not supports_gradient_checkpointing(model):
+        return False
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 # ---------------------------------------------------------------- teacher dtype
