@@ -85,7 +85,8 @@ def _bucket_log_probs(
     ids = teacher.ids.long()
     picked = torch.where(valid, log_q.gather(-1, ids), torch.full_like(values, -math.inf))  # (..., K)
     # The tail: every id that is not a valid cached one. scatter onto a -inf mask keeps it exact.
-    cached = torch.zeros_like(log_q, dtype=torch.bool).scatter(-1, ids, valid)
+    # scatter_add, not scatter: a padding slot may repeat a cached id and must not unmark it.
+    cached = torch.zeros_like(log_q).scatter_add(-1, ids, valid.to(log_q.dtype)) > 0  # (..., V)
     empty = cached.all(-1, keepdim=True)  # (..., 1): the cached ids cover the vocabulary
     # A row of only -inf would send nan through logsumexp's backward: such rows get zeros, then -inf.
     rest = log_q.masked_fill(cached & ~empty, -math.inf).masked_fill(empty, 0.0)
