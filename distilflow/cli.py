@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and log notes")
         if name == "predict":
             p.add_argument("model", help="an .onnx file written by 'distilflow export' or 'quantize'")
             p.add_argument("input", help="classifier: .npz (x) or .csv; language model: a text file, or the text")
@@ -59,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                 "args",
                 nargs="*",
                 metavar="[CONFIG] [key=value ...]",
-                help="an optional YAML config file, then dotted overrides such as student.train.steps=500",
+                help="an optional YAML config file (or a run folder: its saved config), then dotted overrides "
+                "such as student.train.steps=500",
             )
         if name == "eval":
             p.add_argument(
@@ -79,10 +82,19 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _load(args: list[str]):
+    """The config of ``[CONFIG] [key=value ...]``; CONFIG may be a run folder (its saved config.yaml)."""
+    import dataclasses
+
     from distilflow.config import load_config
 
     path, overrides = _split(args)
-    return load_config(path, overrides)
+    if path is None or not Path(path).is_dir():
+        return load_config(path, overrides)
+    saved = Path(path) / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"'{path}' is a folder without config.yaml; give a YAML config file or a run folder")
+    # The folder is the run, wherever it was first written.
+    return dataclasses.replace(load_config(saved, overrides), output_dir=str(path))
 
 
 def _cmd_print_config(ns) -> int:
@@ -287,11 +299,35 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return ns
 
 
-def main(argv: list[str] | None = None) -> int:
-    # transformers imports torchao when it is installed; its notes about CUDA-only kernels (and
-    # torch's pytree deprecation notes it triggers) are noise on every command.
-    for name in ("torchao", "torch.utils._pytree"):
+# Libraries whose log notes are not about the user's work: transformers imports torchao when it is
+# installed (notes about CUDA-only kernels, and the torch pytree deprecations those trigger), the ONNX
+# exporters narrate their passes.
+_NOISY_LOGGERS = (
+    "torchao",
+    "torch.utils._pytree",
+    "torch.onnx",
+    "torch.export",
+    "onnxscript",
+    "onnx_ir",
+    "transformers",
+)
+
+
+def _quiet_libraries() -> None:
+    """Keep other libraries' warnings and notes off the user's terminal (``--verbose`` shows them).
+
+    Our own notices (``warnings.warn`` in distilflow, e.g. a vocabulary cut) are kept.
+    """
+    for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"distilflow(\.|$)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--verbose" not in args:
+        _quiet_libraries()
     try:
         ns = _parse(argv)
         return HANDLERS[ns.command](ns)

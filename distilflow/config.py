@@ -275,11 +275,12 @@ def validate(cfg: Config) -> None:
     d = cfg.distill
     need(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0")
     need(0 < d.jsd_beta < 1, "distill.jsd_beta", d.jsd_beta, "must be in (0, 1)")
-    need(d.ce_weight >= 0, "distill.ce_weight", d.ce_weight, "must be >= 0")
-    need(d.feature_weight >= 0, "distill.feature_weight", d.feature_weight, "must be >= 0")
+    off = "must be > 0 (to turn a term off, leave it out of distill.phases)"
+    need(d.ce_weight > 0, "distill.ce_weight", d.ce_weight, off)
+    need(d.feature_weight > 0, "distill.feature_weight", d.feature_weight, off)
     need(d.loss_chunk_rows >= 0, "distill.loss_chunk_rows", d.loss_chunk_rows, "must be >= 0 (0 = auto)")
     kw = d.kd_weight
-    need(kw.base_weight >= 0, "distill.kd_weight.base_weight", kw.base_weight, "must be >= 0")
+    need(kw.base_weight > 0, "distill.kd_weight.base_weight", kw.base_weight, off)
     need(kw.warmup_steps >= 0, "distill.kd_weight.warmup_steps", kw.warmup_steps, "must be >= 0")
     need(0 < kw.decay_rate <= 1, "distill.kd_weight.decay_rate", kw.decay_rate, "must be in (0, 1]")
     need(
@@ -292,7 +293,7 @@ def validate(cfg: Config) -> None:
     for i, layer in enumerate(d.feature_layers):
         need(bool(layer.student), f"distill.feature_layers[{i}].student", layer.student, "name a student module path")
         need(bool(layer.teacher), f"distill.feature_layers[{i}].teacher", layer.teacher, "name a teacher module path")
-        need(layer.weight >= 0, f"distill.feature_layers[{i}].weight", layer.weight, "must be >= 0")
+        need(layer.weight > 0, f"distill.feature_layers[{i}].weight", layer.weight, "must be > 0 (or drop the pair)")
     uses_features = any("feature" in p.terms for p in d.phases)
     need(
         not uses_features or bool(d.feature_layers) or d.layer_map is not None,
@@ -326,10 +327,6 @@ def validate(cfg: Config) -> None:
             )
         else:
             need(m.arch != "hf", f"{stage}.model.arch", m.arch, "'hf' models need data.source text or stdlib")
-    from distilflow.schedules import phase_boundaries  # validates fractions and steps
-
-    phase_boundaries(d.phases, cfg.student.train.steps)
-
     for stage in ("teacher", "student"):
         t = getattr(cfg, stage).train
         pre = f"{stage}.train"
@@ -411,3 +408,10 @@ def validate(cfg: Config) -> None:
     need(c.k >= 1, "cache.k", c.k, "must be >= 1")
     need(1 <= c.samples <= 255, "cache.samples", c.samples, "must be in [1, 255] (counts are stored as uint8)")
     need(c.shard_rows >= 1, "cache.shard_rows", c.shard_rows, "must be >= 1")
+    names = [p.name for p in d.phases]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    # Metrics, plots and the report key on the phase name.
+    need(not twice, "distill.phases", names, f"phase names must be unique ({', '.join(twice)} given twice)")
+    from distilflow.schedules import phase_boundaries  # validates fractions and steps
+
+    phase_boundaries(d.phases, cfg.student.train.steps)

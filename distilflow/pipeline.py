@@ -89,10 +89,18 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     run_dir = cfg.run_dir
     saved = run_dir / "config.yaml"
     resolved = to_dict(cfg)
+    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"output_dir '{run_dir}': '{blocking}' is a file, not a folder; choose another output_dir")
     if saved.is_file():
         # Deploy settings do not change what was trained: a finished run may be re-exported and
         # re-quantized with other ones (the saved config then records the latest).
-        diff = [key for key in _differences(read_yaml(saved), resolved) if not key.startswith("deploy.")]
+        # output_dir only says where the folder is (a run folder given to eval or export, or moved).
+        diff = [
+            key
+            for key in _differences(read_yaml(saved), resolved)
+            if not key.startswith("deploy.") and key != "output_dir"
+        ]
         if diff:
             raise UserError(
                 f"output_dir '{run_dir}' holds a run with a different config (keys: {', '.join(diff[:6])}); "
@@ -244,6 +252,8 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
     """Resolve feature layers and build heads on untrained models, so that a bad layer path or
     shapes no head can map fail before any training (shapes do not depend on the weights)."""
     teacher = run.work.new_model("teacher")
+    if run.cfg.teacher.model.checkpoint:  # a missing, foreign or pickled file is refused here
+        load_weights(teacher, run.cfg.teacher.model.checkpoint, "teacher")
     student = _student_init(run, teacher)
     _taps_and_heads(run, student, teacher)
     # Precision, gradient checkpointing and teacher dtype must fit the models and the device.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -98,11 +99,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # PyYAML reads YAML 1.1, where '3e-5' (no dot) is a string; it means the float.
-        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-            return float(value)
-        raise bad
+        elif isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            number = float(value)
+        else:
+            raise bad
+        # No setting of ours means anything at .inf or .nan (a learning rate of .inf trains a whole
+        # teacher, then fails on the student): refused here, once for every float key.
+        if not math.isfinite(number):
+            raise UserError(f"config key '{key}': {value!r} is not allowed; expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -171,10 +178,17 @@ def set_path(tree: dict, path: list[str], value: Any) -> None:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file '{path}' is a folder; give a YAML file (a run folder holds config.yaml)")
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"config file '{path}' is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r}); "
+            "save it as UTF-8 YAML"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -267,3 +267,109 @@ def test_overrides_may_follow_options(tmp_path, tiny_overrides, capsys):
     assert "'distill.temperature': -1" in line
     line = _one_error(capsys, ["eval", "--model", "student", *args, "--model", "nobody"], only_line=True)
     assert "'nobody'" in line
+
+
+# ---------------------------------------------------------------- the new-user review (issue 7)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A user package on sys.path whose factories raise, or whose import raises."""
+    (tmp_path / "userpkg").mkdir()
+    (tmp_path / "userpkg" / "__init__.py").write_text("")
+    (tmp_path / "userpkg" / "models.py").write_text(
+        "def broken(input_shape, num_classes):\n    raise RuntimeError('CUDA kernel missing\\nsecond line')\n"
+        "def data():\n    raise KeyError('x_test')\n"
+    )
+    (tmp_path / "userpkg" / "bad_import.py").write_text("raise ValueError('needs an env var')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "userpkg"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            ["student.model.arch=userpkg.models:broken"],
+            "student.model.arch 'userpkg.models:broken' failed when called with ['input_shape', 'num_classes']: "
+            "RuntimeError: CUDA kernel missing",
+        ),
+        (["data.source=userpkg.models:data"], "data.source 'userpkg.models:data' failed when called: KeyError"),
+        (["teacher.model.arch=userpkg.bad_import:f"], "importing 'userpkg.bad_import' raised ValueError: needs an"),
+    ],
+    ids=["model-factory", "data-factory", "module-import"],
+)
+def test_a_user_factory_that_raises_is_one_line(tmp_path, tiny_overrides, capsys, user_module, extra, expected):
+    out = tmp_path / "run"
+    line = _one_error(capsys, ["run", *tiny_overrides(out), *extra, "--no-tensorboard"], only_line=True)
+    assert expected in line
+    assert not (out / "config.yaml").exists()
+
+
+def test_output_dir_that_is_a_file(tmp_path, tiny_overrides, capsys):
+    blocker = tmp_path / "results"
+    blocker.write_text("my notes")
+    for out in (blocker, blocker / "run"):
+        line = _one_error(capsys, ["run", *tiny_overrides(out), "--no-tensorboard"], only_line=True)
+        assert f"'{blocker}' is a file, not a folder" in line
+    assert blocker.read_text() == "my notes"
+
+
+def _pickle_that_writes(path: Path, marker: Path) -> None:
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": 1, "model": Boom()}, path, _use_new_zipfile_serialization=True)
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "pickle"])
+def test_a_bad_teacher_checkpoint_is_refused_before_anything_is_written(tmp_path, tiny_overrides, capsys, kind):
+    path, marker = tmp_path / "teacher.pt", tmp_path / "pwned"
+    if kind == "text":
+        path.write_text("not weights")
+    elif kind == "pickle":
+        _pickle_that_writes(path, marker)
+    out = tmp_path / "run"
+    line = _one_error(
+        capsys, ["run", *tiny_overrides(out), f"teacher.model.checkpoint={path}", "--no-tensorboard"], only_line=True
+    )
+    assert str(path) in line
+    assert not out.exists()  # not even config.yaml
+    assert not marker.exists()  # the pickle did not run
+
+
+def test_commands_accept_a_run_folder_even_moved(finished_run, tmp_path, capsys):
+    import shutil
+
+    run_dir, _ = finished_run
+    results = json.loads((run_dir / "results.json").read_text())
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    assert main(["eval", str(moved), "--model", "student"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["student"]["accuracy"] == results["student"]["accuracy"]
+    assert main(["export", str(moved)]) == 0
+    assert (moved / "deploy" / "student.onnx").is_file()
+    assert not (run_dir / "deploy").exists()  # the copy was used, not the folder it came from
+    line = _one_error(capsys, ["eval", str(tmp_path / "moved" / "student")], only_line=True)
+    assert "is a folder without config.yaml" in line
+
+
+def _subprocess(args: list[str], verbose: bool = False) -> subprocess.CompletedProcess:
+    # No PYTHONWARNINGS: what the user sees on a plain terminal.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    extra = ["--verbose"] if verbose else []
+    return subprocess.run(
+        [sys.executable, "-m", "distilflow", *args, *extra], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_an_lm_run_shows_only_our_lines(tmp_path, tiny_lm_args):
+    args = ["run", *tiny_lm_args(tmp_path), "deploy.enabled=false", "--no-tensorboard"]
+    proc = _subprocess(args)
+    assert proc.returncode == 0, proc.stderr
+    noise = [line for line in proc.stderr.splitlines() if not re.match(r"\[(teacher|baseline|student)\] ", line)]
+    assert noise == []
+    # The plain progress lines of a log say how long it took and how long is left.
+    assert re.search(r"^\[student\] 10/10 .* elapsed \d+:\d\d eta 0:00$", proc.stderr, re.M), proc.stderr

@@ -357,3 +357,76 @@ def test_config_from_dict_validates():
     tree["student"]["train"]["stepz"] = 1
     with pytest.raises(UserError, match="did you mean 'steps'"):
         config_from_dict(tree)
+
+
+# ---------------------------------------------------------------- values that type checks let through
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "student.train.lr=.inf",
+        "student.train.lr=.nan",
+        "teacher.train.grad_clip=.inf",
+        "distill.ce_weight=-.inf",
+        "distill.kd_weight.base_weight=.nan",
+        "distill.temperature=.inf",
+    ],
+)
+def test_non_finite_numbers_are_refused_at_load_time(override):
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=rf"'{re.escape(key)}'.*expected a finite number"):
+        load_config(overrides=[override])
+
+
+def test_non_finite_number_in_a_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("student:\n  train:\n    lr: .inf\n")
+    with pytest.raises(UserError, match=r"'student\.train\.lr': inf .*finite"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("student.train.lr=0", "student.train.lr"),
+        ("teacher.train.lr=-0.1", "teacher.train.lr"),
+        ("distill.ce_weight=0", "distill.ce_weight"),
+        ("distill.feature_weight=-1", "distill.feature_weight"),
+        ("distill.kd_weight.base_weight=0", "distill.kd_weight.base_weight"),
+        ("distill.feature_layers=[{student: layers.3, teacher: pool, weight: 0}]", "distill.feature_layers[0].weight"),
+        ("teacher.train.grad_clip=-1", "teacher.train.grad_clip"),
+    ],
+)
+def test_non_positive_rates_weights_and_clip_are_refused(override, key):
+    with pytest.raises(UserError, match=rf"'{re.escape(key)}'.*must be"):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_negative_steps_are_named_before_the_phase_plan(steps):
+    with pytest.raises(UserError, match=rf"'student\.train\.steps': {steps} is not allowed; must be >= 1"):
+        load_config(overrides=[f"student.train.steps={steps}"])
+
+
+def test_two_phases_with_one_name_are_refused():
+    phases = "distill.phases=[{name: kd, fraction: 0.5, terms: [kd]}, {name: kd, fraction: 0.5, terms: [ce]}]"
+    with pytest.raises(UserError, match=r"'distill\.phases'.*unique \(kd given twice\)"):
+        load_config(overrides=[phases])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [bytes(range(256)), "student:\n  train:\n    steps: 5\n".encode("utf-16")],
+    ids=["binary", "utf-16"],
+)
+def test_a_config_that_is_not_utf8_text(tmp_path, content):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"c\.yaml' is not UTF-8 text"):
+        load_config(path)
+
+
+def test_a_folder_given_as_config(tmp_path):
+    with pytest.raises(UserError, match="is a folder; give a YAML file"):
+        load_config(tmp_path)

@@ -134,10 +134,9 @@ def _read_file(path: str, source: str, label_column: str, labeled: bool) -> tupl
 def _from_factory(spec: str) -> ClassificationData:
     """Your own data: ``module.path:factory`` returns a mapping of arrays (numpy or torch)
     ``x``, ``y``, ``x_test``, ``y_test`` and optionally ``x_transfer`` (unlabeled)."""
-    from distilflow.models.build import import_object
+    from distilflow.models.build import call_user, import_object
 
-    factory = import_object(spec, "data.source")
-    arrays = factory()
+    arrays = call_user(import_object(spec, "data.source"), spec, "data.source")
     if not isinstance(arrays, dict) or not {"x", "y", "x_test", "y_test"} <= set(arrays):
         keys = sorted(arrays) if isinstance(arrays, dict) else type(arrays).__name__
         raise UserError(f"data.source '{spec}' returned {keys}; it must return a dict with x, y, x_test, y_test")

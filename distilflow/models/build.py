@@ -25,9 +25,25 @@ def import_object(spec: str, what: str):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UserError(f"{what} '{spec}': cannot import module '{module_name}' ({exc})") from None
+    except Exception as exc:  # the user's module itself fails while it is imported
+        raise UserError(f"{what} '{spec}': importing '{module_name}' raised {_one_line(exc)}") from None
     if not hasattr(module, attr):
         raise UserError(f"{what} '{spec}': module '{module_name}' has no attribute '{attr}'")
     return getattr(module, attr)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def call_user(factory: Callable, spec: str, what: str, **kwargs):
+    """Call a user's ``module:factory``; whatever it raises becomes one line naming it and the error."""
+    try:
+        return factory(**kwargs)
+    except Exception as exc:
+        given = f" with {sorted(kwargs)}" if kwargs else ""
+        raise UserError(f"{what} '{spec}' failed when called{given}: {_one_line(exc)}") from None
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, role: str) -> nn.Module:
@@ -47,10 +63,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         kwargs.setdefault("input_shape", input_shape)
     if "num_classes" in params:
         kwargs.setdefault("num_classes", num_classes)
-    try:
-        model = factory(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"{role}.model.arch '{cfg.arch}': calling it with {sorted(kwargs)} failed ({exc})") from None
+    model = call_user(factory, cfg.arch, f"{role}.model.arch", **kwargs)
     if not isinstance(model, nn.Module):
         raise UserError(f"{role}.model.arch '{cfg.arch}' returned {type(model).__name__}, not a torch.nn.Module")
     return model

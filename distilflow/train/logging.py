@@ -56,29 +56,51 @@ def _throughput(info: dict[str, Any]) -> str:
     return ""
 
 
-class Progress:
-    """Phase, loss parts, KD weight, LR and samples/s on one line (redrawn on a terminal)."""
+def _clock(seconds: float) -> str:
+    """``1:02:03`` or ``2:03``: a duration as a person reads it."""
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
-    def __init__(self, stage: str, total: int, stream=None) -> None:
-        self.stage, self.total = stage, total
+
+class Progress:
+    """Progress of a stage: a tqdm bar on a terminal, plain lines (every 10 s) in a log.
+
+    Both show phase, loss parts, KD weight, LR and throughput; the plain line adds elapsed time
+    and the ETA, which the bar shows itself. ``start`` is the step a resumed stage continues from,
+    so the rate (and the ETA) count only the steps run in this process.
+    """
+
+    def __init__(self, stage: str, total: int, start: int = 0, stream=None) -> None:
+        self.stage, self.total, self.start = stage, total, start
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.last_print = 0.0
+        self.began = self.last_print = time.monotonic()
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=start, desc=stage, file=self.stream, dynamic_ncols=True, leave=True, unit="step"
+            )
 
     def update(self, step: int, info: dict[str, Any], force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and not self.tty and now - self.last_print < 10:
-            return
-        self.last_print = now
         parts = " ".join(f"{k} {v:.4f}" for k, v in info.get("parts", {}).items())
-        line = (
-            f"[{self.stage}] {step}/{self.total} {info.get('phase', '')} loss {info['loss']:.4f} ({parts}) "
+        status = (
+            f"{info.get('phase', '')} loss {info['loss']:.4f} ({parts}) "
             f"kd_w {info.get('kd_weight', 0):.3f} lr {info['lr']:.2e} {_throughput(info)}"
         )
-        if self.tty:
-            self.stream.write("\r" + line[:200].ljust(120))
-            if force:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(status, refresh=True)
+            if step >= self.total:
+                self.bar.close()
+            return
+        if not force and now - self.last_print < 10:
+            return
+        self.last_print = now
+        elapsed = now - self.began
+        done = step - self.start
+        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
+        self.stream.write(f"[{self.stage}] {step}/{self.total} {status} elapsed {_clock(elapsed)} eta {_clock(eta)}\n")
         self.stream.flush()

@@ -171,7 +171,7 @@ def fit(
             },
         )
 
-    progress = Progress(stage, train.steps)
+    progress = Progress(stage, train.steps, start=start)
     metrics: dict[str, float] = {}
     began = time.monotonic()
     # Throughput counts the optimizer steps only (not evaluation or checkpoint writes).
