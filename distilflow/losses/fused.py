@@ -101,7 +101,10 @@ class _FusedKDCE(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[index] = grad_logits @ weight
             if need_weight:
-                grad_weight.add_((grad_logits.T @ hidden[index]).to(grad_weight.dtype))
+                if grad_logits.dtype == grad_weight.dtype == hidden.dtype:
+                    grad_weight.addmm_(grad_logits.T, hidden[index])  # in place: no (V, H) temporary
+                else:  # autocast: the product in the autocast dtype, accumulated in the weight's
+                    grad_weight.add_((grad_logits.T @ hidden[index]).to(grad_weight.dtype))
             if need_bias:
                 grad_bias.add_(grad_logits.sum(0).to(grad_bias.dtype))
 

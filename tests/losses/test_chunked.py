@@ -120,18 +120,20 @@ def test_single_terms_classifier_rows_and_no_grad():
 
 
 def test_bfloat16_logits_give_the_plain_value_and_a_bfloat16_gradient():
+    """The loss math is float32 on both paths; the gradient is the float32 one rounded to bfloat16
+    (one rounding: relative error <= 2^-9; the plain path rounds its KD and CE gradients apart)."""
     student, teacher, labels, mask = make_inputs(4)
     student, teacher = student.bfloat16(), teacher.bfloat16()
     options = dict(divergence="forward_kl", temperature=2.0, beta=0.5, kd_weight=1.0, ce_weight=1.0)
-    ref_leaf = student.clone().requires_grad_()
+    ref_leaf = student.float().requires_grad_()  # the same values, kept in float32
     ref_total, _, _ = plain_total(ref_leaf, teacher, labels, mask, **options)
     (ref_grad,) = torch.autograd.grad(ref_total, ref_leaf)
     leaf = student.clone().requires_grad_()
     out = chunked_kd_ce(leaf, teacher, labels, mask=mask, chunk_rows=5, **options)
     (grad,) = torch.autograd.grad(out.loss, leaf)
     assert grad.dtype == torch.bfloat16
-    assert_close(out.loss, ref_total.detach())  # the loss math is float32 on both paths
-    torch.testing.assert_close(grad, ref_grad)  # both rounded once to bfloat16 from the same float32 value
+    assert_close(out.loss, ref_total.detach())
+    torch.testing.assert_close(grad.float(), ref_grad, rtol=2**-8, atol=2**-8 * float(ref_grad.abs().max()))
 
 
 def test_auto_rule_and_chunk_size():
