@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 import time
@@ -328,15 +329,23 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if "--verbose" not in args:
         _quiet_libraries()
+    from distilflow.train import dist
+
     try:
+        if not dist.env_world().is_main:  # under torchrun rank 0 prints the results; errors come from every rank
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         ns = _parse(argv)
         return HANDLERS[ns.command](ns)
     except UserError as exc:
-        print(f"distilflow: error: {exc}", file=sys.stderr)
+        world = dist.current()  # under torchrun every rank says which it is
+        where = f" (rank {world.rank} of {world.size})" if world.distributed else ""
+        print(f"distilflow: error{where}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distilflow: interrupted; the last checkpoint is kept, 'distilflow resume' continues", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()  # leave the torchrun process group, if one was joined
 
 
 if __name__ == "__main__":

@@ -217,6 +217,20 @@ class CacheConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: Literal["ddp", "fsdp2"] = _f(
+        "ddp",
+        "Under torchrun: ddp replicates the student (DistributedDataParallel); fsdp2 shards its parameters, "
+        "gradients and optimizer state (fully_shard). A single process ignores this section.",
+    )
+    shard_teacher: bool = _f(False, "Under torchrun: shard the frozen teacher with FSDP2 (sharded inference).")
+    timeout_s: float = _f(
+        600.0, "Seconds a collective waits for the other ranks; a dead or stuck rank then stops the job with one line."
+    )
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "Process-group backend: auto = nccl on GPU, gloo on CPU.")
+
+
+@dataclass
 class Config:
     name: str = _f("mnist1d", "Run name; output goes to runs/<name> unless output_dir is set.")
     output_dir: str | None = _f(None, "Where results, checkpoints and the report are written.")
@@ -235,6 +249,7 @@ class Config:
     distill: DistillConfig = _f(DistillConfig(), "How the student learns from the teacher.")
     deploy: DeployConfig = _f(DeployConfig(), "Shipping the student: ONNX export, int8 quantization, benchmark.")
     cache: CacheConfig = _f(CacheConfig(), "Teacher-signal cache: distilflow cache-teacher, read when use is on.")
+    dist: DistConfig = _f(DistConfig(), "torchrun: how the student (and teacher) are spread over processes.")
 
     @property
     def task(self) -> str:
@@ -408,6 +423,7 @@ def validate(cfg: Config) -> None:
     need(c.k >= 1, "cache.k", c.k, "must be >= 1")
     need(1 <= c.samples <= 255, "cache.samples", c.samples, "must be in [1, 255] (counts are stored as uint8)")
     need(c.shard_rows >= 1, "cache.shard_rows", c.shard_rows, "must be >= 1")
+    need(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "must be > 0 (seconds)")
     names = [p.name for p in d.phases]
     twice = sorted({n for n in names if names.count(n) > 1})
     # Metrics, plots and the report key on the phase name.

@@ -25,6 +25,7 @@ from distilflow.models.heads import build_head
 from distilflow.models.taps import Taps
 from distilflow.schedules import Phase, phase_boundaries
 from distilflow.tasks.classify import ClassifierWorkload
+from distilflow.train import dist
 from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_text, write_weights
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import FitResult, LiveTeacher, fit
@@ -86,6 +87,9 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     Everything that can fail on bad input runs before anything is written, so the corrected
     command can use the same output_dir.
     """
+    world = dist.env_world()  # under torchrun: every rank refuses a batch that does not split, before joining
+    for key, train in (("teacher.train", cfg.teacher.train), ("student.train", cfg.student.train)):
+        world.check_batch(train.batch_size, train.grad_accum, key)
     run_dir = cfg.run_dir
     saved = run_dir / "config.yaml"
     resolved = to_dict(cfg)
@@ -108,10 +112,13 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
             )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = Run(cfg, make_workload(cfg, resolve_device(cfg.device)))
+    world = dist.setup(cfg, resolve_device(cfg.device))  # torchrun: join the process group (else nothing)
+    with world.main_first("preparing the data"):  # rank 0 fills the dataset and tokenizer caches first
+        run = Run(cfg, make_workload(cfg, world.place(resolve_device(cfg.device))))
     preflight(run, writes_cache=writes_cache)  # cache-teacher: cache.k and the cache folder too
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
+    if world.is_main:
+        write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
     return run
 
 
@@ -128,10 +135,6 @@ def _supervised(total_steps: int) -> Objective:
 
 def _finish(run: Run, stage: str, model: nn.Module, result: FitResult, heads: nn.Module | None = None) -> dict:
     stage_dir = run.stage_dir(stage)
-    write_weights(stage_dir / WEIGHTS, model.state_dict(), {"stage": stage})
-    if heads is not None and len(list(heads.parameters())):
-        write_weights(stage_dir / HEADS, heads.state_dict(), {"stage": stage})
-    run.work.save(stage_dir, model)
     summary = {
         **result.metrics,
         "steps": result.steps,
@@ -139,7 +142,14 @@ def _finish(run: Run, stage: str, model: nn.Module, result: FitResult, heads: nn
         f"train_{result.unit}_per_s": round(result.units_per_s, 1),
         **result.memory,
     }
-    write_json(stage_dir / RESULT, summary)
+    world = dist.current()
+    if world.is_main:  # under torchrun rank 0 writes; the others wait for the files (barrier below)
+        write_weights(stage_dir / WEIGHTS, model.state_dict(), {"stage": stage})
+        if heads is not None and len(list(heads.parameters())):
+            write_weights(stage_dir / HEADS, heads.state_dict(), {"stage": stage})
+        run.work.save(stage_dir, model)
+        write_json(stage_dir / RESULT, summary)
+    world.barrier(f"saving the {stage}")
     return summary
 
 
@@ -155,7 +165,7 @@ def _train(
     run: Run, stage: str, model: nn.Module, objective: Objective, task, log_tensorboard: bool, **extra
 ) -> FitResult:
     train = run.cfg.teacher.train if stage == "teacher" else run.cfg.student.train
-    log = MetricsLog(run.dir, stage, tensorboard=log_tensorboard)
+    log = MetricsLog(run.dir, stage, tensorboard=log_tensorboard) if dist.current().is_main else dist.NullLog()
     try:
         return fit(
             stage=stage,
@@ -186,6 +196,7 @@ def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, di
     if done is not None:
         return model.eval(), done
     result = _train(run, "teacher", model, _supervised(cfg.teacher.train.steps), task, log_tensorboard)
+    model = result.model or model  # dist.strategy fsdp2: the unsharded trained copy
     return model.eval(), _finish(run, "teacher", model, result)
 
 
@@ -320,6 +331,7 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
         teacher=signals,
         student_taps=student_taps,
     )
+    model, heads = result.model or model, result.heads or heads  # dist.strategy fsdp2: unsharded copies
     return model.eval(), _finish(run, "student", model, result, heads)
 
 
@@ -360,13 +372,15 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
     preview = run.work.preview(student)
     if preview:
         results["student_samples"] = preview
-    if cfg.deploy.enabled:
+    if cfg.deploy.enabled and dist.current().is_main:
         from distilflow.deploy.stage import deploy
 
         info = deploy(run.work, student, cfg.deploy, run.dir / "deploy")
         results["deploy"] = info.pop("variants")
         results["deploy_info"] = info
     results["wall_seconds"] = round(time.monotonic() - began, 2)
+    if not dist.current().is_main:  # under torchrun rank 0 writes results and report
+        return results
     write_json(run.dir / "results.json", results)
     from distilflow.report import write_report
 

@@ -22,6 +22,7 @@ from distilflow.errors import UserError
 from distilflow.losses.objective import Objective, Outputs, Targets, add_counts, uses_teacher
 from distilflow.models.taps import Taps
 from distilflow.schedules import lr_at
+from distilflow.train import dist
 from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
 from distilflow.train.logging import MetricsLog, Progress
 from distilflow.train.precision import (
@@ -91,6 +92,9 @@ class FitResult:
     # peak_rss_bytes (+ peak_cuda_bytes on a GPU) over this call, and peak_rss_scope: "stage" when the
     # OS let the high-water mark be reset at its start, else "process" (the peak since the process began).
     memory: dict[str, Any] = field(default_factory=dict)
+    # dist.strategy fsdp2 under torchrun: unsharded copies of the trained model and heads (else None).
+    model: nn.Module | None = None
+    heads: nn.Module | None = None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -134,16 +138,16 @@ def fit(
     set_gradient_checkpointing(
         model, train.gradient_checkpointing, "teacher.train" if stage == "teacher" else "student.train"
     )
-    params = [p for p in list(model.parameters()) + list(objective.heads.parameters()) if p.requires_grad]
+    world = dist.current()  # a single process, or this rank of a torchrun job (train/dist.py)
+    student = world.wrap(model, objective)  # DDP / FSDP2 under torchrun, else the modules as they are
+    params = student.parameters()
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     ckpt_path = stage_dir / CHECKPOINT
     start = 0
     if ckpt_path.is_file():
         state = read_checkpoint(ckpt_path)
         try:
-            model.load_state_dict(state["model"])
-            objective.heads.load_state_dict(state["heads"])
-            optimizer.load_state_dict(state["optimizer"])
+            student.load_state(state, optimizer)
             if "precision" in state:  # absent in checkpoints written before train.precision existed
                 amp.load_state_dict(state["precision"])
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -154,24 +158,40 @@ def fit(
         _set_rng_state(state["rng"])
         start = int(state["step"])
         log.drop_after(start)
+    world.seed_ranks()  # under torchrun: one dropout stream per rank
 
     def save(step: int) -> None:
+        state = student.state(optimizer)  # model, heads, optimizer: full (gathered under FSDP2)
+        if not world.is_main:
+            return
         write_checkpoint(
             ckpt_path,
             {
                 "stage": stage,
                 "step": step,
                 "phase": objective.phase(max(step - 1, 0)).name,
-                "model": model.state_dict(),
-                "heads": objective.heads.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                **state,
                 "precision": amp.state_dict(),
                 "rng": _rng_state(),
                 "config": config,
             },
         )
 
-    progress = Progress(stage, train.steps, start=start)
+    def micro_loss(step: int, batch: Batch, target: Targets, rows: dict[str, int]) -> tuple[torch.Tensor, dict]:
+        """One micro-batch: teacher signals (when the phase needs them), student forward, objective."""
+        terms = objective.phase(step).terms
+        wants_features = "feature" in terms
+        with amp.autocast():
+            teacher_out = teacher(batch, features=wants_features) if uses_teacher(terms) else None
+            if wants_features and student_taps is not None:
+                with student_taps.capture():
+                    logits = task.forward(model, batch)
+                student_out = Outputs(logits, student_taps.features())
+            else:
+                student_out = Outputs(task.forward(model, batch))
+            return objective(step, student_out, teacher_out, target, rows)
+
+    progress = Progress(stage, train.steps, start=start) if world.is_main else dist.NullProgress()
     metrics: dict[str, float] = {}
     began = time.monotonic()
     # Throughput counts the optimizer steps only (not evaluation or checkpoint writes).
@@ -184,29 +204,24 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = lr
         phase = objective.phase(step)
-        wants_features = "feature" in phase.terms
-        micro = task.micro_batches(step)
+        micro = [world.shard(b) for b in task.micro_batches(step)]  # this rank's rows of the global batch
         targets = [task.targets(b) for b in micro]
         rows: dict[str, int] = {}
         for t in targets:
             rows = add_counts(rows, t.counts(task.per_token))
+        rows = world.all_reduce_counts(rows)  # the real rows of the whole global step
 
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         parts_sum: dict[str, float] = {}
-        for batch, target in zip(micro, targets):
-            with amp.autocast():
-                teacher_out = teacher(batch, features=wants_features) if uses_teacher(phase.terms) else None
-                if wants_features and student_taps is not None:
-                    with student_taps.capture():
-                        logits = task.forward(model, batch)
-                    student_out = Outputs(logits, student_taps.features())
-                else:
-                    student_out = Outputs(task.forward(model, batch))
-                loss, parts = objective(step, student_out, teacher_out, target, rows)
-            if not torch.isfinite(loss):
-                _stop(stage, step, "loss", float(loss.detach()), parts, ckpt_path)
-            amp.backward(loss)
+        for i, (batch, target) in enumerate(zip(micro, targets)):
+            with student.sync(last=i == len(micro) - 1):  # DDP: gradients are reduced on the last one
+                loss, parts = student(micro_loss, step, batch, target, rows)
+                # Under torchrun a rank's loss is a share: the synchronised gradient norm below stops every rank.
+                if not world.distributed and not torch.isfinite(loss):
+                    _stop(stage, step, "loss", float(loss.detach()), parts, ckpt_path)
+                # DDP and FSDP2 average gradients over ranks; the sum of the shares is the global gradient.
+                amp.backward(loss * world.size if world.distributed else loss)
             loss_sum += float(loss.detach())
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
@@ -223,11 +238,13 @@ def fit(
 
         done = step + 1
         if done % max(train.log_every, 1) == 0 or done == train.steps:
+            # Logged values are global: the ranks' shares of loss and parts, and their units, summed.
+            totals = world.all_reduce_sums({"loss": loss_sum, **parts_sum, "_units": window_units})
+            window_units = int(totals.pop("_units"))
             info = {
                 "step": done,
                 "phase": phase.name,
-                "loss": loss_sum,
-                **parts_sum,
+                **totals,
                 "kd_weight": objective.weights(step).get("kd", 0.0),
                 "lr": lr,
                 "grad_norm": grad_norm,
@@ -236,18 +253,19 @@ def fit(
             if amp.scaling:
                 info.update(loss_scale=amp.scaler.get_scale(), skipped_steps=amp.skipped)
             log.write(info)
-            progress.update(done, {**info, "parts": parts_sum}, force=done == train.steps)
+            progress.update(done, {**info, "parts": {k: totals[k] for k in parts_sum}}, force=done == train.steps)
             window_seconds, window_units = 0.0, 0
         if (train.eval_every and done % train.eval_every == 0) or done == train.steps:
-            metrics = task.evaluate(model)
+            metrics = student.gathered(task.evaluate, model)
             log.write({"step": done, "phase": phase.name, **{f"eval_{k}": v for k, v in metrics.items()}})
             model.train()
         if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps:
             save(done)
     if start >= train.steps:
-        metrics = task.evaluate(model)
+        metrics = student.gathered(task.evaluate, model)
     model.eval()
     set_gradient_checkpointing(model, False)
+    step_units = int(world.all_reduce_sums({"units": step_units})["units"])
     return FitResult(
         steps=train.steps,
         metrics=metrics,
@@ -255,6 +273,7 @@ def fit(
         unit=task.unit,
         units_per_s=step_units / step_seconds if step_seconds else 0.0,
         memory={**peak_memory(device), "peak_rss_scope": memory_scope},
+        **student.finish(),
     )
 
 

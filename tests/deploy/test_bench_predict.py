@@ -48,11 +48,12 @@ def check_timings(row: dict, batch_sizes: list[int], items_per_row: int) -> None
     for b in batch_sizes:
         p50, p90 = row[f"latency_ms_b{b}"], row[f"latency_ms_p90_b{b}"]
         assert 0 < p50 <= p90 + 1e-3, (b, p50, p90)
-    # Throughput is items per second at the p50 latency; the row's p50 is rounded to 3 decimals (+-0.0005 ms).
+    # Throughput is items per second at the p50 latency; the row's p50 is rounded to 3 decimals (+-0.0005 ms)
+    # and the throughput to 1 (+-0.05 items/s: more than 0.1 % of it on a slow or loaded machine).
     for b in batch_sizes:
         p50, items = row[f"latency_ms_b{b}"], b * items_per_row
         fastest, slowest = items / ((p50 - 0.0005) / 1000), items / ((p50 + 0.0005) / 1000)
-        assert slowest * 0.999 <= row[f"throughput_b{b}"] <= fastest * 1.001, (b, row)
+        assert slowest * 0.999 - 0.05 <= row[f"throughput_b{b}"] <= fastest * 1.001 + 0.05, (b, row)
 
 
 def one_error(capsys, argv: list[str]) -> str:

@@ -1,0 +1,425 @@
+"""Scale-out under ``torchrun``: process group, batch sharding, DDP / FSDP2 wrapping, rank-0 I/O.
+
+A plain ``distilflow ...`` is one process and nothing here changes it: :func:`current` is a world of
+size 1, :meth:`World.shard` returns the batch, :meth:`World.wrap` the modules as they are. Under
+``torchrun --nproc_per_node N`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set)
+:func:`setup` joins the process group (gloo on CPU, nccl on GPU) and:
+
+- each rank takes its contiguous slice of every micro-batch of the GLOBAL batch, whose order stays
+  a pure function of the step (data/batches.py): a run resumes exactly, on any world size;
+- the loss keeps its normalisation over the real rows of the whole global step: the row counts are
+  summed over ranks, each rank's loss is its rows' share, and the loss is multiplied by the world
+  size before backward because DDP and FSDP2 average gradients over ranks; the gradient then
+  equals the 1-process gradient (up to float summation order);
+- ``dist.strategy: ddp`` wraps the student and the projection heads in
+  ``torch.nn.parallel.DistributedDataParallel``; ``fsdp2`` shards them with
+  ``torch.distributed.fsdp.fully_shard`` (per decoder layer, then the whole);
+  ``dist.shard_teacher`` shards the frozen teacher the same way (inference only);
+- only rank 0 writes: progress, metrics.jsonl, TensorBoard, checkpoints, final weights, report,
+  config.yaml;
+- a collective that fails (a rank died) or waits longer than ``dist.timeout_s`` stops this rank
+  with one line instead of hanging.
+
+Checkpoints hold the full (gathered) state, in the same format as a 1-process run: with DDP every
+rank holds it already and rank 0 writes it; with FSDP2 it is gathered with
+``torch.distributed.checkpoint.state_dict.get_state_dict(full_state_dict=True)`` and written by rank
+0, and loaded back with ``set_state_dict``. Any world size (and strategy) resumes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from distilflow.errors import UserError
+
+Batch = dict[str, torch.Tensor]
+ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistError(UserError):
+    """A collective failed: another rank died, or did not answer within ``dist.timeout_s``."""
+
+
+@dataclass
+class World:
+    """This process's place in the job; the defaults are a plain single-process run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    strategy: str = "ddp"
+    shard_teacher: bool = False
+    timeout_s: float = 600.0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.size}"
+
+    # --- collectives -------------------------------------------------------------------------
+
+    def _collective(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            raise self.failure(what, exc) from None
+
+    def failure(self, what: str, exc: BaseException) -> DistError:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return DistError(
+            f"{self.describe()}: {what} failed: another process stopped or did not answer within "
+            f"dist.timeout_s={self.timeout_s:g} s ({first}); the last checkpoint is kept, restart the job to resume"
+        )
+
+    def barrier(self, what: str = "barrier") -> None:
+        if self.distributed:
+            self._collective(what, lambda: torch.distributed.monitored_barrier(timeout=self._timeout()))
+
+    def _timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.timeout_s)
+
+    def all_reduce_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Row counts summed over ranks (same keys on every rank)."""
+        if not self.distributed:
+            return counts
+        keys = sorted(counts)
+        summed = self._sum(torch.tensor([counts[k] for k in keys], dtype=torch.float64))
+        return {k: int(v) for k, v in zip(keys, summed.tolist())}
+
+    def all_reduce_sums(self, values: dict[str, float]) -> dict[str, float]:
+        """Float values summed over ranks, in float64 (losses of the rows' shares, unit counts)."""
+        if not self.distributed:
+            return values
+        keys = sorted(values)
+        summed = self._sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+        return dict(zip(keys, summed.tolist()))
+
+    def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        device = _collective_device(self)
+        tensor = tensor.to(device)
+        self._collective("all_reduce", lambda: torch.distributed.all_reduce(tensor))
+        return tensor.cpu()
+
+    def all_gather_objects(self, value: Any) -> list[Any]:
+        if not self.distributed:
+            return [value]
+        out: list[Any] = [None] * self.size
+        self._collective("all_gather_object", lambda: torch.distributed.all_gather_object(out, value))
+        return out
+
+    @contextmanager
+    def main_first(self, what: str = "rank 0 first") -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. builds a dataset or tokenizer cache), then the others."""
+        if self.distributed and not self.is_main:
+            self.barrier(what)
+        yield
+        if self.distributed and self.is_main:
+            self.barrier(what)
+
+    # --- data --------------------------------------------------------------------------------
+
+    def check_batch(self, batch_size: int, grad_accum: int, key: str) -> None:
+        """Every rank gets the same number of rows of every micro-batch."""
+        micro = batch_size // max(grad_accum, 1)
+        if self.distributed and (micro % self.size or batch_size % max(grad_accum, 1)):
+            raise UserError(
+                f"config key '{key}.batch_size': {batch_size} (grad_accum {grad_accum}) does not split over "
+                f"{self.size} processes; batch_size must be a multiple of grad_accum x world size "
+                f"({max(grad_accum, 1) * self.size})"
+            )
+
+    def shard(self, batch: Batch) -> Batch:
+        """This rank's contiguous slice of the rows of one micro-batch of the global batch."""
+        if not self.distributed:
+            return batch
+        out = {}
+        for key, value in batch.items():
+            rows = len(value) // self.size
+            out[key] = value[self.rank * rows : (self.rank + 1) * rows]
+        return out
+
+    def seed_ranks(self) -> None:
+        """Give each rank its own random stream (dropout), derived from the shared one.
+
+        Every rank holds the same RNG state (same seed, same restored checkpoint); without this,
+        row i of every rank's shard would get the same dropout mask.
+        """
+        if self.distributed:
+            base = int(torch.randint(0, 2**62, (1,)))
+            torch.manual_seed(base + self.rank)
+
+    # --- models ------------------------------------------------------------------------------
+
+    def wrap(self, model: nn.Module, objective: Any) -> Replica:
+        """The trained modules (student and the objective's projection heads) as this world trains them."""
+        heads = objective.heads
+        step = _Step(model, heads)
+        if not self.distributed:
+            return Replica(step, step, self)
+        if self.strategy == "fsdp2":
+            # fully_shard turns the modules' parameters into shards in place; an unsharded copy (on the
+            # CPU) receives the trained weights at the end, for the stages that follow (save, eval, export).
+            device = next(model.parameters()).device
+            plain = (copy.deepcopy(model).cpu(), copy.deepcopy(heads).cpu(), device)
+            _fully_shard(step, model)
+            return Replica(step, step, self, plain)
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        ddp = DistributedDataParallel(
+            step,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # A phase may leave parameters without a gradient (the output layer in a feature-only
+            # phase, the heads outside feature phases); DDP must then find them each step (a graph
+            # traversal), and keeps their .grad None exactly as a single process does.
+            find_unused_parameters=_some_unused(objective),
+        )
+        return Replica(ddp, step, self)
+
+    def wrap_teacher(self, teacher: nn.Module) -> nn.Module:
+        """With ``dist.shard_teacher``: the frozen teacher sharded with FSDP2 (sharded inference)."""
+        if self.distributed and self.shard_teacher:
+            _fully_shard(teacher, teacher)
+        return teacher
+
+    def place(self, device: torch.device) -> torch.device:
+        """Under torchrun each rank uses its own GPU: cuda -> cuda:LOCAL_RANK."""
+        if self.distributed and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+
+class _Step(nn.Module):
+    """Student and heads as one module, run through a closure: DDP and FSDP2 see the whole
+    micro-batch (student forward, teacher signals, objective) as one forward, so they learn which
+    parameters the loss used, and the heads (applied in the objective) are synchronised too."""
+
+    def __init__(self, model: nn.Module, heads: nn.Module) -> None:
+        super().__init__()
+        self.model, self.heads = model, heads
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+
+class Replica:
+    """What the loop trains: call it with a closure, take its parameters for the optimizer."""
+
+    def __init__(self, wrapped: nn.Module, step: _Step, world: World, plain: tuple | None = None) -> None:
+        self.wrapped, self.step, self.world, self.plain = wrapped, step, world, plain
+
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.wrapped(fn, *args)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.step.parameters() if p.requires_grad]
+
+    def sync(self, last: bool):
+        """Gradient accumulation: DDP synchronises only on the last micro-batch of a step."""
+        if not last and hasattr(self.wrapped, "no_sync"):
+            return self.wrapped.no_sync()
+        if self.world.strategy == "fsdp2" and self.world.distributed:
+            self.step.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    def gathered(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` outside training (evaluation) with the full parameters: under FSDP2 inside the
+        root's forward (which gathers them), else directly (DDP's module shares the parameters)."""
+        if not self.sharded:
+            return fn(*args)
+        with torch.no_grad():
+            return self.wrapped(fn, *args)
+
+    def finish(self) -> dict[str, nn.Module]:
+        """Under FSDP2: the unsharded model and heads holding the trained weights (``FitResult.model``)."""
+        if not self.sharded or self.plain is None:
+            return {}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        full = self.world._collective("gathering the weights", lambda: get_model_state_dict(self.step, options=options))
+        parts = _split({k: v.detach().cpu() for k, v in full.items()})
+        model, heads, device = self.plain
+        model.load_state_dict(parts["model"])
+        heads.load_state_dict(parts["heads"])
+        return {"model": model.to(device), "heads": heads.to(device)}
+
+    @property
+    def sharded(self) -> bool:
+        return self.world.distributed and self.world.strategy == "fsdp2"
+
+    def state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Full model, heads and optimizer state (gathered under FSDP2; a collective there)."""
+        if not self.sharded:
+            return {
+                "model": self.step.model.state_dict(),
+                "heads": self.step.heads.state_dict(),
+                "optimizer": optimizer.state_dict(),
+            }
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = self.world._collective(
+            "gathering the checkpoint", lambda: get_state_dict(self.step, optimizer, options=options)
+        )
+        return {**_split(model_sd), "optimizer": _optim_by_index(optim_sd, self._names())}
+
+    def load_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+        """The inverse of :meth:`state` (every rank reads the same file)."""
+        if not self.sharded:
+            self.step.model.load_state_dict(state["model"])
+            self.step.heads.load_state_dict(state["heads"])
+            optimizer.load_state_dict(state["optimizer"])
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        model_sd = {**{f"model.{k}": v for k, v in state["model"].items()}}
+        model_sd.update({f"heads.{k}": v for k, v in state["heads"].items()})
+        optim_sd = _optim_by_name(state["optimizer"], self._names())
+        options = StateDictOptions(full_state_dict=True)
+        self.world._collective(
+            "loading the checkpoint",
+            lambda: set_state_dict(
+                self.step, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options
+            ),
+        )
+
+    def _names(self) -> list[str]:
+        return [n for n, p in self.step.named_parameters() if p.requires_grad]
+
+
+def _some_unused(objective: Any) -> bool:
+    """Whether a phase leaves trained parameters without a gradient: one without kd or ce (the output
+    layer), or one without the feature term while there are projection heads."""
+    heads = len(list(objective.heads.parameters())) > 0
+    for phase in objective.plan:
+        terms = set(phase.terms)
+        if not terms & {"kd", "ce"} or (heads and "feature" not in terms):
+            return True
+    return False
+
+
+def _split(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {"model": {}, "heads": {}}
+    for key, value in state.items():
+        part, _, rest = key.partition(".")
+        out[part][rest] = value
+    return out
+
+
+def _optim_by_index(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (DCP) -> keyed by index, as ``optimizer.state_dict()``."""
+    index = {name: i for i, name in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
+
+
+def _optim_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def _fully_shard(root: nn.Module, model: nn.Module) -> None:
+    """FSDP2: each decoder layer (Hugging Face models) is its own unit, then the whole ``root``."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(model, "model", None), "layers", None) or getattr(
+        getattr(model, "transformer", None), "h", None
+    )
+    for layer in layers or []:
+        fully_shard(layer)
+    fully_shard(root)
+
+
+def _collective_device(world: World) -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", world.local_rank) if backend == "nccl" else torch.device("cpu")
+
+
+# --- the process's world ---------------------------------------------------------------------
+
+_WORLD = World()
+
+
+def current() -> World:
+    """The world set up by :func:`setup` (a single process until then)."""
+    return _WORLD
+
+
+def env_world() -> World:
+    """Rank and size from the torchrun environment, without joining the group (for early checks)."""
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if size <= 1:
+        return World()
+    missing = [k for k in ENV if not os.environ.get(k)]
+    if missing:
+        raise UserError(f"WORLD_SIZE={size} but {', '.join(missing)} not set; launch with torchrun (it sets them all)")
+    return World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ["LOCAL_RANK"]))
+
+
+def setup(cfg: Any, device: torch.device | None = None) -> World:
+    """Join the process group of a torchrun job (once per process); a single process stays one."""
+    global _WORLD
+    world = env_world()
+    d = cfg.dist
+    world.strategy, world.shard_teacher, world.timeout_s = d.strategy, d.shard_teacher, d.timeout_s
+    if not world.distributed:
+        _WORLD = world
+        return world
+    if not torch.distributed.is_initialized():
+        backend = d.backend
+        if backend == "auto":
+            backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(world.local_rank)
+        try:
+            torch.distributed.init_process_group(
+                backend=backend, timeout=datetime.timedelta(seconds=d.timeout_s), rank=world.rank, world_size=world.size
+            )
+        except (RuntimeError, ValueError, torch.distributed.DistError) as exc:
+            raise world.failure("joining the process group", exc) from None
+    _WORLD = world
+    return world
+
+
+def shutdown() -> None:
+    """Leave the process group (end of the command)."""
+    global _WORLD
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _WORLD = World()
+
+
+class NullLog:
+    """The metrics log of a rank other than 0: writes nothing."""
+
+    def drop_after(self, step: int) -> None:
+        pass
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class NullProgress:
+    """The progress display of a rank other than 0: shows nothing."""
+
+    def update(self, step: int, info: dict[str, Any], force: bool = False) -> None:
+        pass
