@@ -28,6 +28,8 @@ COMMANDS = {
     "bench": "export, quantize and benchmark every variant side by side (size, latency, quality)",
     "predict": "run an exported ONNX model (fp32 or int8) on an input file with ONNX Runtime alone",
     "print-config": "print the resolved config with a description of every field",
+    "generate": "sample completions from the teacher for a prompt set, filter and verify them, and append "
+    "the kept ones to a resumable JSONL file (generate.*)",
     "resume": "continue the run in RUN_DIR with the config saved there",
 }
 
@@ -270,6 +272,19 @@ def _cmd_predict(ns) -> int:
     return 0
 
 
+def _cmd_generate(ns) -> int:
+    from distilflow.generate.runner import run_generate
+
+    summary = run_generate(_load(ns.args))
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["reasons"].items())) or "none"
+    print(
+        f"kept {summary['kept']}, rejected {summary['rejected']} ({reasons}), duplicates {summary['duplicates']}; "
+        f"{summary['generated_prompts']} prompts generated, {summary['already_done']} already done; "
+        f"{summary['tokens_per_s']} tokens/s; {summary['samples_in_file']} samples in {summary['output']}"
+    )
+    return 0
+
+
 HANDLERS = {
     "run": _cmd_run,
     "resume": _cmd_resume,
@@ -282,6 +297,7 @@ HANDLERS = {
     "quantize": _cmd_quantize,
     "bench": _cmd_bench,
     "predict": _cmd_predict,
+    "generate": _cmd_generate,
 }
 
 

@@ -1,0 +1,193 @@
+"""Sampling completions: transformers ``generate`` (batched, left-padded, KV cache) or vLLM.
+
+Both backends take rendered prompt strings and return, per prompt, ``n`` :class:`Completion`
+objects. ``sample_ids`` is the token-level core that on-policy distillation and exact-match
+evaluation reuse on models held in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distilflow.errors import UserError
+from distilflow.models.hf import max_positions
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: int  # generated tokens, the end-of-sequence token included when one was produced
+    finish: str  # "stop" (eos or a stop string) or "length" (max_new_tokens reached)
+
+
+@dataclass
+class Sampling:
+    """How completions are drawn; ``temperature`` 0 is greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+
+def check_budget(prompt_tokens: int, max_new_tokens: int, model: nn.Module, where: str) -> None:
+    """:class:`UserError` if the prompt plus the generation budget exceed the model's positions."""
+    limit = max_positions(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise UserError(
+            f"{where}: prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"{limit} positions; lower max_new_tokens to at most {max(limit - prompt_tokens, 0)} or shorten the prompt"
+        )
+
+
+@torch.no_grad()
+def sample_ids(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    sampling: Sampling,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    use_cache: bool = True,
+    tokenizer: Any = None,
+) -> list[tuple[list[int], bool]]:
+    """New token ids for each prompt (left-padded into one batch), cut after the first eos.
+
+    Returns ``(ids, finished)`` per prompt: ``ids`` excludes the eos token; ``finished`` is True when
+    an eos (or a stop string, which needs ``tokenizer``) ended the row before ``max_new_tokens``.
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    kwargs: dict[str, Any] = {}
+    if sampling.temperature > 0:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if sampling.stop and tokenizer is not None:
+        # Our own criterion: transformers' stop_strings cannot map every tokenizer's tokens to text.
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(tokenizer, sampling.stop, width)])
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=sampling.max_new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    model.train(was_training)
+    results = []
+    for row in out[:, width:].tolist():
+        if eos_token_id is not None and eos_token_id in row:
+            results.append((row[: row.index(eos_token_id)], True))
+        else:
+            results.append((row, False))
+    return results
+
+
+class _StopStrings:
+    """Ends a row once its generated text contains a stop string (decoded, so any tokenizer works)."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], start: int) -> None:
+        self.tokenizer, self.stop, self.start = tokenizer, stop, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+class TransformersBackend:
+    """A causal LM held in memory; prompts are batched ``batch_size`` at a time."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, batch_size: int = 16) -> None:
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+
+    def encode(self, text: str, *, special_tokens: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
+
+    def generate(self, texts: list[str], *, n: int, sampling: Sampling, special_tokens: bool) -> list[list[Completion]]:
+        """``n`` completions per rendered prompt; the prompt keeps the tokenizer's special tokens
+        (e.g. BOS) when ``special_tokens`` (plain prompts, tokenized as the text data path does)."""
+        tok = self.tokenizer
+        encoded = [self.encode(text, special_tokens=special_tokens) for text in texts]
+        rows = [ids for ids in encoded for _ in range(n)]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        flat: list[Completion] = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            for ids, finished in sample_ids(
+                self.model, chunk, sampling=sampling, pad_token_id=pad, eos_token_id=tok.eos_token_id, tokenizer=tok
+            ):
+                text = tok.decode(ids, skip_special_tokens=True)
+                stopped = _cut_at_stop(text, sampling.stop)
+                flat.append(
+                    Completion(
+                        text=stopped if stopped is not None else text,
+                        tokens=len(ids) + int(finished),
+                        finish="stop" if finished or stopped is not None else "length",
+                    )
+                )
+        return [flat[i * n : (i + 1) * n] for i in range(len(texts))]
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str | None:
+    """The text before the first stop string (excluded, as vLLM does), or None if none occurs."""
+    cuts = [text.index(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else None
+
+
+class VLLMBackend:
+    """vLLM's offline ``LLM.generate`` (continuous batching, paged KV cache) on a local model folder.
+
+    Not a dependency and untested in distilflow's own test suite (no GPU there): it needs
+    ``pip install vllm`` and a machine vLLM supports.
+    """
+
+    def __init__(self, path: str | Path, *, trust_remote_code: bool, seed: int) -> None:
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise UserError(
+                "generate.backend 'vllm' needs the vllm package (pip install vllm; a GPU machine it supports), "
+                "or use generate.backend=transformers"
+            ) from None
+        self.llm = LLM(model=str(path), trust_remote_code=trust_remote_code, seed=seed)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def encode(self, text: str, *, special_tokens: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
+
+    def generate(self, texts: list[str], *, n: int, sampling: Sampling, special_tokens: bool) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+        )
+        prompts = [{"prompt_token_ids": self.encode(t, special_tokens=special_tokens)} for t in texts]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            [
+                Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
+                for o in out.outputs
+            ]
+            for out in outputs
+        ]

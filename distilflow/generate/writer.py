@@ -1,0 +1,88 @@
+"""The output JSONL of kept samples, resumable and safe against a kill.
+
+Per finished prompt, its kept samples are appended to ``OUTPUT`` and then one summary line to
+``OUTPUT.progress``, each flushed and fsynced. On start, the progress file names the finished
+prompts (they are skipped); output lines of a prompt that never reached the progress file, and a
+line cut by a kill, are dropped (the file is rewritten atomically only when there is such a line).
+So every finished completion survives, and no prompt is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PROGRESS_SUFFIX = ".progress"
+
+
+def _complete_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """Parsed JSON objects of ``path`` and whether any line had to be dropped (cut or not JSON)."""
+    if not path.is_file():
+        return [], False
+    rows, dropped = [], False
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                dropped = True  # cut by a kill mid-write
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped = True
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                dropped = True
+    return rows, dropped
+
+
+def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class SampleWriter:
+    """Appends kept samples per prompt; knows which prompts are finished."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.progress_path = self.path.with_name(self.path.name + PROGRESS_SUFFIX)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        progress, progress_dropped = _complete_lines(self.progress_path)
+        self.finished: dict[str, dict[str, Any]] = {str(row["id"]): row for row in progress if "id" in row}
+        if progress_dropped:
+            _rewrite(self.progress_path, list(self.finished.values()))
+        samples, samples_dropped = _complete_lines(self.path)
+        kept = [row for row in samples if str(row.get("id")) in self.finished]
+        self.dropped_on_resume = len(samples) - len(kept) + int(samples_dropped)
+        if samples_dropped or len(kept) != len(samples):
+            _rewrite(self.path, kept)
+        self.samples_on_disk = len(kept)
+
+    def done(self, prompt_id: str) -> bool:
+        return prompt_id in self.finished
+
+    def write_prompt(self, prompt_id: str, samples: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        """Append ``samples`` (each with ``id``), then mark the prompt finished with ``summary``."""
+        if samples:
+            with self.path.open("a", encoding="utf-8") as f:
+                for sample in samples:
+                    f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        row = {"id": prompt_id, **summary}
+        with self.progress_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.finished[prompt_id] = row
+        self.samples_on_disk += len(samples)
