@@ -352,10 +352,16 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         ns = _parse(argv)
         return HANDLERS[ns.command](ns)
-    except UserError as exc:
+    except (UserError, RuntimeError) as exc:
         world = dist.current()  # under torchrun every rank says which it is
+        error = exc if isinstance(exc, UserError) else world.comm_failure(exc)  # a collective that failed
+        if error is None:
+            raise
         where = f" (rank {world.rank} of {world.size})" if world.distributed else ""
-        print(f"distilflow: error{where}: {exc}", file=sys.stderr)
+        print(f"distilflow: error{where}: {error}", file=sys.stderr)
+        if isinstance(error, dist.DistError):  # a broken process group cannot be torn down cleanly
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("distilflow: interrupted; the last checkpoint is kept, 'distilflow resume' continues", file=sys.stderr)

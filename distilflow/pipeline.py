@@ -103,7 +103,9 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
         diff = [
             key
             for key in _differences(read_yaml(saved), resolved)
-            if not key.startswith("deploy.") and key != "output_dir"
+            # dist: how the processes share the work does not change what is trained (any world size
+            # and strategy resumes a run).
+            if not key.startswith(("deploy.", "dist.")) and key != "output_dir"
         ]
         if diff:
             raise UserError(

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import datetime
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -80,11 +81,21 @@ class World:
             raise self.failure(what, exc) from None
 
     def failure(self, what: str, exc: BaseException) -> DistError:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:160]  # gloo prefixes its source file and line
         return DistError(
-            f"{self.describe()}: {what} failed: another process stopped or did not answer within "
+            f"{what} failed: another process stopped or did not answer within "
             f"dist.timeout_s={self.timeout_s:g} s ({first}); the last checkpoint is kept, restart the job to resume"
         )
+
+    def comm_failure(self, exc: BaseException) -> DistError | None:
+        """A failed collective raised outside this module (DDP's gradient all-reduce in backward, FSDP2's
+        reduce-scatter) as one line, or None when ``exc`` is something else."""
+        text = str(exc)
+        markers = ("gloo", "NCCL", "Connection closed", "Connection reset", "Timed out", "ProcessGroup")
+        if self.distributed and (isinstance(exc, torch.distributed.DistError) or any(m in text for m in markers)):
+            return self.failure("a collective", exc)
+        return None
 
     def barrier(self, what: str = "barrier") -> None:
         if self.distributed:
@@ -277,6 +288,8 @@ class Replica:
         model_sd, optim_sd = self.world._collective(
             "gathering the checkpoint", lambda: get_state_dict(self.step, optimizer, options=options)
         )
+        if not self.world.is_main:  # cpu_offload: the full state lands on rank 0 only
+            return {}
         return {**_split(model_sd), "optimizer": _optim_by_index(optim_sd, self._names())}
 
     def load_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:

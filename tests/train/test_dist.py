@@ -1,0 +1,300 @@
+"""torchrun on CPU (gloo): 2 processes give the losses of 1, checkpoints resume across world sizes,
+bad input and dead ranks stop every rank with one line.
+
+The reference is the same command in one process (in this pytest process: no torchrun variables).
+Two-process runs are started either by ``torch.distributed.run`` itself or by :func:`launch`, which
+sets the variables torchrun sets (RANK, WORLD_SIZE, ...) for each process, so that the test sees
+each rank's own exit code and stderr (torchrun reports only its own).
+
+Tolerance: the 2-process gradient is the sum of two partial sums instead of one sum, so float32
+results differ by rounding only (~1e-7 relative per step); 1e-5 absolute on losses of order 1 and
+on gradient norms leaves two orders of magnitude for ten AdamW steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distilflow.cli import main
+from distilflow.train import dist
+from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-5
+FEATURES = "distill.feature_layers=[{student: layers.3, teacher: layers.1}]"
+RUN_MAIN = "import sys\nfrom distilflow.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+# Stands in for a kill: every process of the job stops at the start of student step 6 (after the
+# checkpoint of step 4), as the user's Ctrl-C would stop them (exit 130).
+STOP_AT_6 = """
+import sys
+from distilflow.tasks import classify
+original = classify.ClassifierTask.micro_batches
+def micro_batches(self, step):
+    if step >= 6:
+        raise KeyboardInterrupt
+    return original(self, step)
+classify.ClassifierTask.micro_batches = micro_batches
+from distilflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], *, n: int = 2, code: str = RUN_MAIN, timeout: float = 240) -> list[tuple[int, str, str]]:
+    """Run ``distilflow ARGS`` as ``n`` ranks of one job (torchrun's variables); (rc, stdout, stderr) each."""
+    port = free_port()
+    procs = []
+    for rank in range(n):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(n),
+            "LOCAL_WORLD_SIZE": str(n),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = [sys.executable, "-c", code, *args]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **pipes))
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def torchrun(args: list[str], *, n: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}"]
+    return subprocess.run([*cmd, "-m", "distilflow", *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+
+def metrics(run_dir: Path, stage: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if stage is None or r["stage"] == stage]
+
+
+def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
+    """Same logged rows (stage, step, keys), every number within TOL; throughput is not compared."""
+    assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want]
+    for g, w in zip(got, want):
+        assert set(g) == set(w), (g["stage"], g["step"])
+        for key, value in w.items():
+            if key.endswith("_per_s") or not isinstance(value, float):
+                assert key.endswith("_per_s") or g[key] == value, (key, g[key], value)
+                continue
+            assert abs(g[key] - value) <= TOL, (w["stage"], w["step"], key, g[key], value)
+
+
+@pytest.fixture(scope="module")
+def args(mnist_cache):
+    """A tiny MNIST-1D job without BatchNorm and dropout (an MLP teacher), so that the global batch,
+    not its split over processes, decides every number: 10 student steps in 3 phases
+    (feature / kd / kd + ce), 2 micro-batches of 16 per step, checkpoints every 4 steps."""
+
+    def make(output_dir: Path, *extra: str) -> list[str]:
+        return [
+            f"output_dir={output_dir}",
+            f"data.cache_dir={mnist_cache}",
+            "data.num_samples=200",
+            "data.transfer_size=64",
+            "threads=1",
+            "teacher.model.arch=mlp",
+            "teacher.model.hidden=[16, 16]",
+            "teacher.model.dropout=0.0",
+            "teacher.train.steps=6",
+            "teacher.train.batch_size=32",
+            "teacher.train.warmup_steps=1",
+            "teacher.train.log_every=1",
+            "student.model.hidden=[32, 32]",
+            "student.model.dropout=0.0",
+            "student.train.steps=10",
+            "student.train.batch_size=32",
+            "student.train.grad_accum=2",
+            "student.train.warmup_steps=1",
+            "student.train.log_every=1",
+            "student.train.eval_every=5",
+            "student.train.checkpoint_every=4",
+            "deploy.enabled=false",
+            FEATURES,
+            *extra,
+            "--no-tensorboard",
+        ]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, args) -> Path:
+    """The whole job (teacher, baseline, student) in one process."""
+    out = tmp_path_factory.mktemp("one-process")
+    assert main(["run", *args(out)]) == 0
+    return out
+
+
+def distill_args(args, reference: Path, out: Path, *extra: str) -> list[str]:
+    return ["distill", *args(out, f"teacher.model.checkpoint={reference / 'teacher'}", *extra)]
+
+
+def test_torchrun_two_processes_log_the_losses_of_one(reference, args, tmp_path):
+    out = tmp_path / "two"
+    done = torchrun(["run", *args(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Teacher, baseline and student: every logged loss, part, gradient norm and eval value.
+    assert_same_metrics(metrics(out), metrics(reference))
+    # Rank 0 alone wrote: one results table on stdout, one copy of each metrics row.
+    assert done.stdout.count("wall ") == 1
+    for stage in ("teacher", "baseline", "student"):
+        want = read_checkpoint(reference / stage / CHECKPOINT)["model"]
+        got = read_checkpoint(out / stage / CHECKPOINT)["model"]
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=TOL)
+
+
+def test_fsdp2_two_processes_log_the_losses_of_one(reference, args, tmp_path):
+    out = tmp_path / "fsdp2"
+    ranks = launch(distill_args(args, reference, out, "dist.strategy=fsdp2"))
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:] + ranks[1][2][-3000:]
+    assert_same_metrics(metrics(out, "student"), metrics(reference, "student"))
+    # The checkpoint holds the full (gathered) state in the 1-process format: same keys, same values.
+    want, got = read_checkpoint(reference / "student" / CHECKPOINT), read_checkpoint(out / "student" / CHECKPOINT)
+    assert got["optimizer"]["param_groups"][0]["params"] == want["optimizer"]["param_groups"][0]["params"]
+    for key in want["model"]:
+        torch.testing.assert_close(got["model"][key], want["model"][key], rtol=0, atol=TOL)
+    for index, state in want["optimizer"]["state"].items():
+        torch.testing.assert_close(got["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2), (2, "fsdp2")])
+def test_a_checkpoint_resumes_on_another_world_size(reference, args, tmp_path, monkeypatch, first, then):
+    """Stopped at student step 6 (checkpoint of step 4), resumed with another number of processes (or
+    strategy): the finished run logs the steps of an uninterrupted 1-process run."""
+    out = tmp_path / "resumed"
+    job = distill_args(args, reference, out)
+    if first == 2:
+        assert [r[0] for r in launch(job, code=STOP_AT_6)] == [130, 130]
+    else:
+        from distilflow.tasks import classify
+
+        original = classify.ClassifierTask.micro_batches
+
+        def stop_at_6(self, step):
+            if step >= 6:
+                raise KeyboardInterrupt
+            return original(self, step)
+
+        monkeypatch.setattr(classify.ClassifierTask, "micro_batches", stop_at_6)
+        assert main(job) == 130
+        monkeypatch.undo()
+    assert read_checkpoint(out / "student" / CHECKPOINT)["step"] == 4
+    if then == 1:
+        assert main(job) == 0
+    else:
+        extra = ["dist.strategy=fsdp2"] if then == "fsdp2" else []
+        ranks = launch(distill_args(args, reference, out, *extra))
+        assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:]
+    assert_same_metrics(metrics(out, "student"), metrics(reference, "student"))
+
+
+def test_a_world_size_that_does_not_split_the_batch_is_one_line_on_every_rank(args, tmp_path):
+    out = tmp_path / "odd"
+    ranks = launch(["run", *args(out, "student.train.batch_size=30")])  # 2 micro-batches of 15
+    for rc, _, err in ranks:
+        assert rc == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert "student.train.batch_size" in lines[0] and "30" in lines[0] and "multiple of" in lines[0]
+    assert not out.exists()  # refused before anything was written
+
+
+# Rank 1 dies at the start of student step 3.
+DIE_AT_3 = """
+import os, sys
+from distilflow.tasks import classify
+original = classify.ClassifierTask.micro_batches
+def micro_batches(self, step):
+    if step >= 3 and os.environ["RANK"] == "1":
+        os._exit(1)
+    return original(self, step)
+classify.ClassifierTask.micro_batches = micro_batches
+from distilflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+# A rank that dies (exit) or hangs (sleep) while the other waits in a collective.
+DEAD_RANK = """
+import os, sys, time
+from distilflow.config import DistConfig
+from distilflow.train import dist
+
+class Cfg:
+    dist = DistConfig(timeout_s=3.0)
+
+world = dist.setup(Cfg())
+world.all_reduce_counts({"kd": 1})  # both alive here
+if world.rank == 1:
+    if sys.argv[1] == "exit":
+        os._exit(1)
+    time.sleep(8)  # past the 3 s timeout of rank 0
+    os._exit(0)
+began = time.monotonic()
+try:
+    world.all_reduce_counts({"kd": 1})
+except dist.DistError as exc:
+    print(f"{time.monotonic() - began:.2f}", file=sys.stderr)
+    print(exc, file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(2)
+"""
+
+
+@pytest.mark.parametrize("fault", ["exit", "sleep"])
+def test_a_dead_or_stuck_rank_stops_the_others_within_the_timeout(fault):
+    rc, _, err = launch([fault], code=DEAD_RANK, timeout=60)[0]
+    assert rc == 2, err
+    seconds, message = err.strip().splitlines()[-2:]
+    assert float(seconds) < 3.0 + 5.0  # the 3 s collective timeout, plus slack for a loaded machine
+    assert "all_reduce failed: another process stopped or did not answer within dist.timeout_s=3 s" in message
+
+
+def test_cli_names_the_rank_and_exits_2_when_a_peer_dies(reference, args, tmp_path):
+    """Through the CLI: rank 1 dies at student step 3; rank 0 stops with one line, exit 2."""
+    began = time.monotonic()
+    ranks = launch(distill_args(args, reference, tmp_path / "dead", "dist.timeout_s=20"), code=DIE_AT_3, timeout=120)
+    rc, _, err = ranks[0]
+    assert ranks[1][0] == 1
+    assert rc == 2, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("distilflow: error (rank 0 of 2): ") and "another process stopped" in line
+    assert time.monotonic() - began < 120
+
+
+def test_a_single_process_is_untouched():
+    world = dist.current()
+    assert not world.distributed and world.is_main
+    batch = {"x": torch.arange(6)}
+    assert world.shard(batch) is batch
+    assert world.all_reduce_counts({"kd": 3}) == {"kd": 3}
+
+
+def test_shard_takes_each_ranks_contiguous_rows():
+    batch = {"x": torch.arange(8), "y": torch.arange(8) * 10}
+    parts = [dist.World(rank=r, size=4).shard(batch) for r in range(4)]
+    assert torch.equal(torch.cat([p["x"] for p in parts]), batch["x"])
+    assert torch.equal(parts[2]["y"], torch.tensor([40, 50]))
