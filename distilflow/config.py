@@ -165,7 +165,7 @@ class DistillConfig:
         "LMs: logits made chunk by chunk from hidden states and lm_head); auto: plain below 2^25 logits per "
         "micro-batch, else fused (chunked for classifiers).",
     )
-    loss_chunk_rows: int = _f(0, "chunked/fused: rows (tokens) per chunk; 0 = about 4M logits per chunk.")
+    loss_chunk_rows: int = _f(0, "chunked/fused: rows (tokens) per chunk; 0 = about 8M logits per chunk.")
 
 
 @dataclass

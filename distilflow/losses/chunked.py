@@ -26,8 +26,10 @@ from distilflow.losses.logits import DIVERGENCES, at_least_float32, cross_entrop
 from distilflow.losses.sparse import SparseTeacher, check_sparse, sparse_divergence, sparse_rows
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
-"""Logit entries per chunk when ``chunk_rows`` is 0 (auto): 4M entries, 16 MiB per float32 copy."""
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
+"""Logit entries per chunk when ``chunk_rows`` is 0 (auto): 8M entries, 32 MiB per float32 copy (64 rows
+at V = 128k). Smaller chunks save little more (the lm_head gradient dominates) and cost time: each
+chunk streams the whole lm_head through the matmuls again (docs/BENCHMARKS.md)."""
 
 Teacher = torch.Tensor | SparseTeacher | None
 
@@ -259,8 +261,8 @@ class _ChunkedKDCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         grad = ctx.grad
-        ctx.grad = None
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+        ctx.grad = None  # backward runs once; scaled in place, so no second (..., V) buffer
+        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None, None, None
 
 
 def chunked_kd_ce(
@@ -284,7 +286,7 @@ def chunked_kd_ce(
     ``IGNORE_INDEX`` where there is no hard label; ``mask`` ``(...)`` the rows of the KD term.
     ``vocab_size`` cuts both sides to their first ids (the shared-vocabulary cut). Values and
     gradients equal those of :func:`losses.logits.forward_kl` (etc.) and ``cross_entropy_sum``;
-    the teacher gets no gradient. ``chunk_rows`` 0 picks about 4M logits per chunk.
+    the teacher gets no gradient. ``chunk_rows`` 0 picks about 8M logits per chunk.
     """
     if vocab_size is not None:
         student_logits = student_logits[..., :vocab_size]

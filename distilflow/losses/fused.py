@@ -82,15 +82,21 @@ class _FusedKDCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, labels, mask, spec, chunk_rows, grad_enabled):
+    def forward(ctx, hidden, table, table_bias, vocab, teacher, labels, mask, spec, chunk_rows, grad_enabled):
+        # The whole lm_head comes in and is cut here: slicing it outside would make autograd
+        # allocate a second (V_table, H) gradient to scatter the cut one into.
+        weight = table[:vocab]
+        bias = table_bias[:vocab] if table_bias is not None else None
         # needs_input_grad is True under torch.no_grad too; evaluation must not pay for gradients.
         need_hidden = grad_enabled and ctx.needs_input_grad[0]
         need_weight = grad_enabled and ctx.needs_input_grad[1]
         need_bias = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         need_grad = need_hidden or need_weight or need_bias
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = torch.zeros_like(bias) if need_bias else None
+        grad_table = torch.zeros_like(table) if need_weight else None
+        grad_table_bias = torch.zeros_like(table_bias) if need_bias else None
+        grad_weight = grad_table[:vocab] if need_weight else None  # views: rows past the cut stay 0
+        grad_bias = grad_table_bias[:vocab] if need_bias else None
 
         def student_at(index):
             return F.linear(hidden[index], weight, bias)  # (n, V) for this chunk only
@@ -110,15 +116,17 @@ class _FusedKDCE(torch.autograd.Function):
 
         slices = list(row_slices(hidden.shape[:-1], chunk_rows))
         kd, ce = run_chunks(student_at, teacher, labels, mask, spec, slices, need_grad, spread)
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.grads = (grad_hidden, grad_table, grad_table_bias)
         ctx.mark_non_differentiable(kd, ce)
         return combine(kd, ce, spec), kd, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grads = [g * grad_loss.to(g.dtype) if g is not None else None for g in ctx.grads]
+        # Scaled in place: ctx owns these buffers and backward runs once (a second copy of the
+        # (V, H) lm_head gradient would cost as much as the chunks saved).
+        grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in ctx.grads]
         ctx.grads = None
-        return (*grads, None, None, None, None, None, None)
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
 
 
 def _teacher_side(teacher, vocab: int):
@@ -161,9 +169,8 @@ def fused_kd_ce(
     vocab = student.vocab
     teacher = _teacher_side(teacher, vocab)
     check_terms(teacher, labels, spec, vocab)
-    weight, bias = student.head()
     rows = chunk_rows_for(vocab, chunk_rows)
     loss, kd, ce = _FusedKDCE.apply(
-        student.hidden, weight, bias, teacher, labels, mask, spec, rows, torch.is_grad_enabled()
+        student.hidden, student.weight, student.bias, vocab, teacher, labels, mask, spec, rows, torch.is_grad_enabled()
     )
     return LossParts(loss, kd if kd_weight is not None else None, ce if ce_weight is not None else None)

@@ -146,7 +146,7 @@ def test_auto_rule_and_chunk_size():
     assert choose_loss_impl("plain", rows=10**9, vocab_size=10**6, hidden_states=True) == "plain"
     with pytest.raises(ValueError, match="loss_impl"):
         choose_loss_impl("fast", rows=1, vocab_size=1, hidden_states=True)
-    assert chunk_rows_for(131072) == 32 and chunk_rows_for(41) == (1 << 22) // 41 and chunk_rows_for(10**8) == 8
+    assert chunk_rows_for(131072) == 64 and chunk_rows_for(41) == (1 << 23) // 41 and chunk_rows_for(10**8) == 8
     assert chunk_rows_for(131072, 100) == 100
 
 
