@@ -318,6 +318,10 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
     )
     vocab = side.vocab_size if cfg.cache.use else run.work.shared_vocab(model, teacher)
     task = run.work.task("student", cfg.student.train, cfg.seed + 1, vocab_size=vocab)
+    if cfg.on_policy.lmbda > 0:  # GKD: a batch source that samples continuations from this student
+        from distilflow.tasks.on_policy import on_policy_task
+
+        task = on_policy_task(task, model, cfg.on_policy, run.work.tokenizer, seed=cfg.seed + 3)
     if cfg.cache.use:
         signals = cached
     else:
@@ -357,6 +361,10 @@ def load_trained(run: Run, stage: str) -> nn.Module:
 def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
     """The main job: teacher, baseline, distilled student, results.json and report.md."""
     began = time.monotonic()
+    if cfg.reasoning.task != "off":  # the reasoning demo has its own stage list
+        from distilflow.reasoning import run_reasoning
+
+        return run_reasoning(cfg, log_tensorboard)
     run = open_run(cfg)
     teacher, teacher_result = teacher_stage(run, log_tensorboard)
     baseline, baseline_result = baseline_stage(run, log_tensorboard, teacher)

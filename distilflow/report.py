@@ -122,6 +122,56 @@ def plot_metric(rows: list[dict], results: dict, metric: str, path: Path) -> Non
     plt.close(fig)
 
 
+def write_reasoning_report(run_dir: Path, cfg: Config, results: dict) -> Path:
+    """report.md of the reasoning demo: teacher and students side by side, trace counts, a bar chart."""
+    plt = _pyplot()
+    names = ["teacher", *results["students"]]
+    values = [results["teacher"]["exact_match"], *(r["exact_match"] for r in results["students"].values())]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    bars = ax.bar(names, values, color=["#4c72b0"] + ["#999999", "#55a868", "#c44e52", "#8172b2"][: len(names) - 1])
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("held-out exact match (greedy)")
+    fig.tight_layout()
+    fig.savefig(run_dir / "exact_match.png", dpi=110)
+    plt.close(fig)
+    task, traces = results["task"], results["traces"]
+    reasons = ", ".join(f"{k} {v}" for k, v in traces["rejected_by_reason"].items()) or "none"
+    lines = [
+        f"# distilflow report: {cfg.name} (reasoning demo)",
+        "",
+        f"Task: addition of {task['operands']} numbers of up to {task['digits']} digits with written-out column "
+        f"steps; {task['eval_prompts']} held-out prompts scored by exact match of the final answer.",
+        "",
+        "| model | data | held-out exact match | params | steps | train seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    t = results["teacher"]
+    lines.append(
+        f"| teacher | {task['teacher_problems']} worked solutions | {t['exact_match']:.3f} | {t['params']:,} | "
+        f"{t['steps']} | {t['train_seconds']} |"
+    )
+    for method, r in results["students"].items():
+        lines.append(
+            f"| {method} | {r['data']} | {r['exact_match']:.3f} | {r['params']:,} | {r['steps']} | "
+            f"{r['train_seconds']} |"
+        )
+    lines += [
+        "",
+        f"Teacher traces for {traces['prompts']} fresh prompts ({traces['samples']} samples): kept {traces['kept']}, "
+        f"rejected {traces['rejected']} ({reasons}); "
+        f"{traces['prompts_with_a_kept_trace']} prompts have at least one kept trace. The SFT student sees "
+        f"{task['gold_problems']} gold worked solutions. Whole run: {results['wall_seconds']} s.",
+        "",
+        "![exact match](exact_match.png)",
+        "",
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
     rows = _read_metrics(run_dir)
     metric = "perplexity" if cfg.task == "causal_lm" else "accuracy"

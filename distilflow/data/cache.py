@@ -46,6 +46,7 @@ from distilflow.losses.objective import Outputs
 from distilflow.losses.sparse import SparseTeacher
 from distilflow.models.heads import build_head
 from distilflow.models.taps import Taps
+from distilflow.train import dist
 from distilflow.train.checkpoint import WEIGHTS, write_json, write_weights
 from distilflow.train.precision import cast_teacher
 
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
 Batch = dict[str, torch.Tensor]
 MANIFEST = "manifest.json"
+# Under torchrun each rank lists the shards it wrote in its own part; rank 0 merges them into MANIFEST.
+RANK_PART = "manifest.rank-{rank}.json"
 VERSION = 1
 FORMATS = ("full", "topk", "sampled")
 # Keys of a shard file per format (features are added as feature.0, feature.1, ...).
@@ -336,6 +339,10 @@ def write_cache(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict[st
             return manifest
     describe, _ = teacher_files(cfg)
     done = {s["file"]: s for s in (manifest or {}).get("shards", [])}
+    done.update(_rank_parts(folder))  # listed by the ranks of an interrupted torchrun job (any world size)
+    world = dist.current()
+    world.barrier("reading the teacher cache")  # every rank has read the parts before one is rewritten
+    part = folder / (RANK_PART.format(rank=world.rank) if world.distributed else MANIFEST)
     manifest = {
         "identity": ident,
         "teacher": describe,
@@ -354,6 +361,8 @@ def write_cache(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict[st
     began = last_print = time.monotonic()
     starts = list(range(0, total, c.shard_rows))
     for index, start in enumerate(starts):
+        if index % world.size != world.rank:  # under torchrun each rank writes every world-size-th shard
+            continue
         name, stop = _shard_name(index), min(start + c.shard_rows, total)
         listed = done.get(name)
         if listed is not None and listed["rows"] == [start, stop] and _shard_ok(folder / name, listed):
@@ -371,17 +380,43 @@ def write_cache(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict[st
         manifest["shards"].append(
             {"file": name, "rows": [start, stop], "bytes": path.stat().st_size, "sha256": _sha256_files([path])}
         )
-        write_json(folder / MANIFEST, manifest)
-        if not quiet and (time.monotonic() - last_print > 10 or index + 1 == len(starts)):
+        write_json(part, manifest)
+        if not quiet and world.is_main and (time.monotonic() - last_print > 10 or index + 1 == len(starts)):
             last_print = time.monotonic()
             print(
                 f"cache-teacher: shard {index + 1}/{len(starts)} (rows {start}-{stop}) "
                 f"{time.monotonic() - began:.1f} s",
                 file=sys.stderr,
             )
+    if world.distributed:  # one manifest lists the shards of this job's ranks, in row order
+        write_json(part, manifest)  # also a rank that had no shard: no older part of that name is read
+        world.barrier("writing the teacher cache")
+        parts = _rank_parts(folder, ranks=world.size)
+        manifest["shards"] = sorted(parts.values(), key=lambda shard: shard["rows"][0])
     manifest["complete"] = True
-    write_json(folder / MANIFEST, manifest)
+    if world.is_main:
+        write_json(folder / MANIFEST, manifest)
+        for stale in folder.glob(RANK_PART.format(rank="*")):
+            stale.unlink()
+    world.barrier("writing the teacher manifest")
     return manifest
+
+
+def _rank_parts(folder: Path, ranks: int | None = None) -> dict[str, dict[str, Any]]:
+    """Shards listed in the rank parts of a torchrun job (finished or interrupted), by file name;
+    ``ranks``: only those of ranks 0 .. ranks - 1 (this job's), else every part found."""
+    shards: dict[str, dict[str, Any]] = {}
+    paths = folder.glob(RANK_PART.format(rank="*"))
+    if ranks:
+        paths = [folder / RANK_PART.format(rank=r) for r in range(ranks)]
+    for path in sorted(paths):
+        if not path.is_file():
+            continue
+        try:
+            shards.update({s["file"]: s for s in json.loads(path.read_text())["shards"]})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a part cut by a kill: its shards are written again
+    return shards
 
 
 def _shard_ok(path: Path, shard: dict[str, Any]) -> bool:

@@ -99,7 +99,10 @@ class World:
 
     def barrier(self, what: str = "barrier") -> None:
         if self.distributed:
-            self._collective(what, lambda: torch.distributed.monitored_barrier(timeout=self._timeout()))
+            if torch.distributed.get_backend() == "gloo":  # names the rank that did not arrive
+                self._collective(what, lambda: torch.distributed.monitored_barrier(timeout=self._timeout()))
+            else:
+                self._collective(what, torch.distributed.barrier)
 
     def _timeout(self) -> datetime.timedelta:
         return datetime.timedelta(seconds=self.timeout_s)

@@ -298,3 +298,77 @@ def test_shard_takes_each_ranks_contiguous_rows():
     parts = [dist.World(rank=r, size=4).shard(batch) for r in range(4)]
     assert torch.equal(torch.cat([p["x"] for p in parts]), batch["x"])
     assert torch.equal(parts[2]["y"], torch.tensor([40, 50]))
+
+
+# --- teacher cache -------------------------------------------------------------------------------
+
+CACHE = ["cache.use=true", "cache.features=true", "cache.format=topk", "cache.k=4", "cache.shard_rows=16"]  # 14 shards
+# Rank 1 dies right after writing its second shard (rank 0 then waits at the barrier until the timeout).
+DIE_AFTER_2_SHARDS = """
+import os, sys
+from distilflow.data import cache
+original, written = cache.write_weights, []
+def write_weights(*args, **kwargs):
+    original(*args, **kwargs)
+    written.append(args[0])
+    if os.environ["RANK"] == "1" and len(written) == 2:
+        os._exit(1)
+cache.write_weights = write_weights
+from distilflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cache_args(args, reference: Path, out: Path, *extra: str) -> list[str]:
+    return args(out, f"teacher.model.checkpoint={reference / 'teacher'}", *CACHE, *extra)
+
+
+def cache_teacher(args, reference: Path, out: Path, *extra: str) -> list[str]:
+    return ["cache-teacher", *(a for a in cache_args(args, reference, out, *extra) if a != "--no-tensorboard")]
+
+
+@pytest.fixture(scope="module")
+def one_process_cache(reference, args, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache-1")
+    assert main(cache_teacher(args, reference, out)) == 0
+    assert main(["distill", *cache_args(args, reference, out)]) == 0
+    return out
+
+
+def test_two_ranks_write_the_cache_of_one(reference, args, one_process_cache, tmp_path):
+    """Each rank writes every other shard; rank 0's manifest lists all 14 in row order: the same files
+    (sha256) as one process writes. A 1-process distill reads it and logs the same losses."""
+    out = tmp_path / "cache-2"
+    ranks = launch(cache_teacher(args, reference, out))
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:]
+    want = json.loads((one_process_cache / "teacher_cache" / "manifest.json").read_text())
+    got = json.loads((out / "teacher_cache" / "manifest.json").read_text())
+    assert got["shards"] == want["shards"] and got["complete"]
+    assert sorted(p.name for p in (out / "teacher_cache").iterdir()) == sorted(
+        p.name for p in (one_process_cache / "teacher_cache").iterdir()
+    )  # no rank part left behind
+    assert main(["distill", *cache_args(args, reference, out)]) == 0
+    assert_same_metrics(metrics(out, "student"), metrics(one_process_cache, "student"))
+
+
+def test_two_ranks_distill_from_a_one_process_cache(reference, args, one_process_cache, tmp_path):
+    out = tmp_path / "cached-2"
+    path = one_process_cache / "teacher_cache"
+    ranks = launch(["distill", *cache_args(args, reference, out, f"cache.path={path}")])
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:]
+    assert_same_metrics(metrics(out, "student"), metrics(one_process_cache, "student"))
+
+
+def test_a_cache_cut_short_by_a_dead_rank_is_finished_by_one_process(reference, args, one_process_cache, tmp_path):
+    out = tmp_path / "cut"
+    job = cache_teacher(args, reference, out, "dist.timeout_s=3")
+    rc0, _, err0 = launch(job, code=DIE_AFTER_2_SHARDS)[0]
+    assert rc0 == 2 and "another process stopped" in err0.strip().splitlines()[-1], err0[-3000:]
+    folder = out / "teacher_cache"
+    manifest = folder / "manifest.json"
+    assert not manifest.is_file() or not json.loads(manifest.read_text())["complete"]
+    assert (folder / "manifest.rank-1.json").is_file()  # rank 1 listed the 2 shards it finished
+    assert main(job) == 0  # one process reuses the listed shards of both ranks and writes the rest
+    want = json.loads((one_process_cache / "teacher_cache" / "manifest.json").read_text())
+    assert json.loads((folder / "manifest.json").read_text())["shards"] == want["shards"]
+    assert not list(folder.glob("manifest.rank-*.json"))
