@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distilflow.config import KDWeightConfig
+from distilflow.config import KDWeightConfig, load_config
+from distilflow.errors import UserError
 from distilflow.losses.chunked import chunk_rows_for, chunked_kd_ce
 from distilflow.losses.logits import DIVERGENCES, cross_entropy_sum
 from distilflow.losses.objective import AUTO_LARGE_LOGITS, Objective, Outputs, Targets, choose_loss_impl
@@ -176,3 +177,13 @@ def test_objective_chunked_equals_plain(terms):
     for name in terms:
         assert_close(parts[name], plain_parts[name], name)
     assert_close(grad, plain_grad)
+
+
+def test_config_keys_select_and_check_the_implementation():
+    cfg = load_config(None, ["distill.loss_impl=fused", "distill.loss_chunk_rows=128"])
+    assert (cfg.distill.loss_impl, cfg.distill.loss_chunk_rows) == ("fused", 128)
+    assert load_config().distill.loss_impl == "auto"
+    with pytest.raises(UserError, match="loss_impl"):
+        load_config(None, ["distill.loss_impl=fast"])
+    with pytest.raises(UserError, match="distill.loss_chunk_rows"):
+        load_config(None, ["distill.loss_chunk_rows=-1"])
