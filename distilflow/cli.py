@@ -273,9 +273,9 @@ def _cmd_predict(ns) -> int:
 
 
 def _cmd_generate(ns) -> int:
-    from distilflow.generate.runner import run_generate
+    from distilflow.generate.sharded import run_generate_sharded
 
-    summary = run_generate(_load(ns.args))
+    summary = run_generate_sharded(_load(ns.args))  # the plain generator in one process; split under torchrun
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["reasons"].items())) or "none"
     print(
         f"kept {summary['kept']}, rejected {summary['rejected']} ({reasons}), duplicates {summary['duplicates']}; "

@@ -372,3 +372,88 @@ def test_a_cache_cut_short_by_a_dead_rank_is_finished_by_one_process(reference, 
     want = json.loads((one_process_cache / "teacher_cache" / "manifest.json").read_text())
     assert json.loads((folder / "manifest.json").read_text())["shards"] == want["shards"]
     assert not list(folder.glob("manifest.rank-*.json"))
+
+
+# --- generation ------------------------------------------------------------------------------------
+
+# Rank 1 dies after finishing its first prompt (rank 0 then waits at the barrier until the timeout).
+DIE_AFTER_1_PROMPT = """
+import os, sys
+from distilflow.generate import writer
+original = writer.SampleWriter.write_prompt
+def write_prompt(self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    if os.environ["RANK"] == "1":
+        os._exit(1)
+writer.SampleWriter.write_prompt = write_prompt
+from distilflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def generation(tmp_path_factory) -> dict:
+    """A tiny random Llama with the arithmetic tokenizer, 7 prompts, and the 1-process output."""
+    from distilflow.data.arith import arith_tokenizer
+    from distilflow.data.stdlib_corpus import tiny_llama_config
+    from distilflow.models.hf import build_student
+
+    root = tmp_path_factory.mktemp("generate")
+    tokenizer = arith_tokenizer()
+    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    torch.manual_seed(0)
+    model = build_student(tiny_llama_config(len(tokenizer), hidden=32, layers=2, heads=4, max_positions=64, **special))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}+{2 * i}=", "answer": str(3 * i)}) + "\n" for i in range(7)))
+
+    def job(out: Path) -> list[str]:
+        # Greedy, one prompt per generate call: the rows cannot depend on how prompts are batched.
+        return [
+            "generate",
+            f"output_dir={out}",
+            f"generate.prompts={prompts}",
+            f"generate.model={root / 'model'}",
+            "generate.temperature=0",
+            "generate.n=1",
+            "generate.batch_size=1",
+            "generate.max_new_tokens=6",
+            "generate.keep_truncated=true",
+            "generate.verifier=none",
+            "dist.timeout_s=3",
+            "threads=1",
+        ]
+
+    assert main(job(root / "one")) == 0
+    return {"job": job, "one": root / "one" / "generated.jsonl"}
+
+
+def rows(path: Path) -> list[dict]:
+    return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda r: (r["id"], r["sample"]))
+
+
+def test_two_ranks_generate_the_rows_of_one(generation, tmp_path):
+    ranks = launch(generation["job"](tmp_path))
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:] + ranks[1][2][-3000:]
+    assert "7 prompts generated, 0 already done" in ranks[0][1]
+    output = tmp_path / "generated.jsonl"
+    assert rows(output) == rows(generation["one"])  # same rows, each once
+    assert sorted(p.name for p in tmp_path.glob("generated.jsonl*")) == [
+        "generated.jsonl",
+        "generated.jsonl.progress",
+        "generated.jsonl.summary.json",
+    ]  # the rank parts are merged and gone
+    # The text data path (what distill reads for sequence-level KD) reads the merged file as the 1-process one.
+    from distilflow.data.text import read_records
+
+    assert read_records(output).records == read_records(generation["one"]).records
+
+
+def test_generation_cut_by_a_dead_rank_is_finished_by_one_process(generation, tmp_path):
+    ranks = launch(generation["job"](tmp_path), code=DIE_AFTER_1_PROMPT, timeout=120)
+    assert ranks[0][0] == 2 and ranks[1][0] == 1, ranks[0][2][-3000:]
+    assert (tmp_path / "generated.jsonl.rank-1").is_file()  # rank 1's finished prompt is kept in its part
+    assert main(generation["job"](tmp_path)) == 0  # merges the parts, generates the rest
+    assert rows(tmp_path / "generated.jsonl") == rows(generation["one"])
+    assert not list(tmp_path.glob("generated.jsonl.rank-*"))
