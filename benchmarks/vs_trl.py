@@ -2,11 +2,14 @@
 
     pip install -e ".[bench]"     # trl (never a dependency of distilflow itself)
     python benchmarks/vs_trl.py [--steps 20] [--warmup 3] [--rounds 2] [--threads 1] [--device cpu] [--json PATH]
+                                [--precision fp32|bf16] [--gradient-checkpointing] [--mmap-threshold BYTES]
 
 Same teacher and student (the shapes of configs/lm_stdlib.yaml: Llama teacher 4 x 256, student 3 x 128,
 2,048-id BPE vocabulary, random init saved once to folders that both tools load), same token rows (the
 stdlib corpus packed into rows of 128), 16 rows per optimizer step, AdamW at a constant learning rate,
-gradient clipping at 1.0, fp32. The loss is off-policy forward KL on every real token: TRL with
+gradient clipping at 1.0, fp32 (``--precision bf16``: both under bf16 autocast with float32 weights,
+TRL's ``bf16=True``; ``--gradient-checkpointing``: both recompute the student's decoder layers,
+non-reentrant). The loss is off-policy forward KL on every real token: TRL with
 ``lmbda=0`` (never sample from the student) and ``beta=0`` (its generalized JSD is then
 ``F.kl_div(student_log_probs, teacher_log_probs, log_target=True)`` = KL(teacher || student) summed
 over the vocabulary, divided by the number of real tokens; its ``temperature`` only affects sampling),
@@ -23,10 +26,16 @@ rounds because a shared CPU drifts:
   the same code as ``distilflow cache-teacher``; its writing time is reported, not counted per step).
 
 Step time: median wall time from the start of one optimizer step to the start of the next, after
-``--warmup`` steps. Memory: ``peak_rss`` is the child's resident high-water mark over its whole life
+``--warmup`` steps, and the median CPU time of the process over the same intervals (with one thread
+it equals wall time on an idle machine, and it is what to compare on a shared, overloaded one).
+Memory: ``peak_rss`` is the child's resident high-water mark over its whole life
 (interpreter, libraries, models, data, training); ``train_rss`` is the high-water mark during training
 minus the resident size when training began (the high-water mark is reset then through
 /proc/self/clear_refs); on a GPU ``peak_cuda`` is torch's allocator peak during training.
+RSS counts what glibc's malloc keeps, not only live tensors: freed [tokens x vocab] blocks below its
+(dynamic, up to 32 MiB) mmap threshold stay in the heap and fragment it. ``--mmap-threshold 131072``
+fixes the threshold for both tools' children (MALLOC_MMAP_THRESHOLD_), so every large tensor is
+mapped and unmapped and RSS follows live memory (steps get much slower; compare memory only).
 """
 
 from __future__ import annotations
@@ -68,7 +77,7 @@ class Meter:
     """Step start times and memory around training, for either tool."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.starts = device, []
+        self.device, self.starts, self.cpu_starts = device, [], []
         self.setup_peak = self.rss_at_start = 0
         self.reset_ok = False
 
@@ -88,15 +97,18 @@ class Meter:
 
             torch.cuda.synchronize()
         self.starts.append(time.perf_counter())
+        self.cpu_starts.append(time.process_time())
 
     def report(self, warmup: int) -> dict:
         import torch
 
         intervals = [b - a for a, b in zip(self.starts, self.starts[1:])][warmup:]
+        cpu = [b - a for a, b in zip(self.cpu_starts, self.cpu_starts[1:])][warmup:]
         train_peak = _status_bytes("VmHWM")
         out = {
             "step_s": statistics.median(intervals),
             "step_s_all": [round(x, 4) for x in intervals],
+            "cpu_step_s": statistics.median(cpu),
             "peak_rss": max(self.setup_peak, train_peak),
             "train_rss": train_peak - self.rss_at_start if self.reset_ok else None,
             "rss_at_start": self.rss_at_start,
@@ -121,6 +133,8 @@ def _distilflow_overrides(out: Path, args) -> list[str]:
         f"student.model.path={out / 'student'}",
         "student.model.hf_config={}",
         f"student.train.steps={args.steps}",
+        f"student.train.precision={args.precision}",
+        f"student.train.gradient_checkpointing={'true' if args.gradient_checkpointing else 'false'}",
         f"student.train.batch_size={BATCH}",
         f"student.train.lr={LR}",
         f"student.train.min_lr={LR}",  # constant, as TRL's lr_scheduler_type=constant
@@ -269,8 +283,10 @@ def trl_worker(out: Path, args, folder: str) -> dict:
         save_strategy="no",
         report_to="none",
         use_cpu=args.device == "cpu",
-        bf16=False,
+        bf16=args.precision == "bf16",
         fp16=False,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=0,
         dataloader_drop_last=True,
         disable_tqdm=True,
@@ -298,8 +314,11 @@ def _child(args, mode: str, folder: str) -> dict:
     shutil.rmtree(args.out / folder, ignore_errors=True)  # a finished stage there would be reused, not trained
     command = [sys.executable, __file__, "--worker", mode, "--folder", folder, "--out", str(args.out)]
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    command += ["--device", args.device]
+    command += ["--device", args.device, "--precision", args.precision]
+    command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{done.stderr[-4000:]}")
@@ -317,6 +336,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="both tools")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="both tools")
+    parser.add_argument("--mmap-threshold", type=int, default=0, help="glibc MALLOC_MMAP_THRESHOLD_ of the children")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-vs-trl"))
     parser.add_argument("--json", default=None)
     parser.add_argument("--fresh", action="store_true", help="rebuild models, rows and cache even if --out has them")
@@ -351,7 +373,8 @@ def main() -> None:
             r = _child(args, mode, f"{mode}-{round_}")
             results[mode].append(r)
             print(
-                f"round {round_ + 1} {mode}: step {r['step_s'] * 1000:.1f} ms, peak RSS {_mib(r['peak_rss'])} MiB, "
+                f"round {round_ + 1} {mode}: step {r['step_s'] * 1000:.1f} ms (CPU {r['cpu_step_s'] * 1000:.1f} ms), "
+                f"peak RSS {_mib(r['peak_rss'])} MiB, "
                 f"training +{_mib(r['train_rss'])} MiB",
                 flush=True,
             )
@@ -360,7 +383,7 @@ def main() -> None:
         values = [r[key] for r in results[mode] if r.get(key) is not None]
         return statistics.median(values) if values else None
 
-    keys = ["step_s", "peak_rss", "train_rss"] + (["peak_cuda"] if args.device == "cuda" else [])
+    keys = ["step_s", "cpu_step_s", "peak_rss", "train_rss"] + (["peak_cuda"] if args.device == "cuda" else [])
     summary = {mode: {key: median(mode, key) for key in keys} for mode in MODES}
     for mode in MODES:
         for key in keys:
@@ -370,6 +393,9 @@ def main() -> None:
         "trl_version": trl.__version__,
         "device": args.device,
         "threads": args.threads,
+        "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "malloc_mmap_threshold": args.mmap_threshold or None,
         "steps": args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
@@ -379,11 +405,14 @@ def main() -> None:
         "summary": summary,
         "per_round": results,
     }
+    gc = ", gradient checkpointing" if args.gradient_checkpointing else ""
     print(
-        f"\nTRL {trl.__version__}, {args.device}, {args.threads} thread(s), {BATCH} x {SEQ_LEN} tokens per step, "
+        f"\nTRL {trl.__version__}, {args.device}, {args.precision}{gc}, {args.threads} thread(s), "
+        f"{BATCH} x {SEQ_LEN} tokens per step, "
         f"median of {args.rounds} rounds x {args.steps - 1 - args.warmup} steps\n"
     )
-    head = "| mode | step ms | vs TRL | peak RSS MiB | vs TRL | training RSS MiB | vs TRL |"
+    head = "| mode | step ms wall | vs TRL | step ms CPU | vs TRL | peak RSS MiB | vs TRL "
+    head += "| training RSS MiB | vs TRL |"
     if args.device == "cuda":
         head += " peak CUDA MiB | vs TRL |"
     print(head)
@@ -391,7 +420,8 @@ def main() -> None:
     for mode in MODES:
         s = summary[mode]
         line = (
-            f"| {mode} | {s['step_s'] * 1000:.1f} | {s['step_s_vs_trl']:.2f}x | {_mib(s['peak_rss'])} | "
+            f"| {mode} | {s['step_s'] * 1000:.1f} | {s['step_s_vs_trl']:.2f}x | {s['cpu_step_s'] * 1000:.1f} | "
+            f"{s['cpu_step_s_vs_trl']:.2f}x | {_mib(s['peak_rss'])} | "
             f"{s['peak_rss_vs_trl']:.2f}x | {_mib(s['train_rss'])} | {s['train_rss_vs_trl'] or float('nan'):.2f}x |"
         )
         if args.device == "cuda":
