@@ -223,6 +223,7 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | 
     vocab = run.work.shared_vocab(model, teacher)
     task = run.work.task("baseline", run.cfg.student.train, run.cfg.seed + 1, vocab_size=vocab)
     result = _train(run, "baseline", model, _supervised(run.cfg.student.train.steps), task, log_tensorboard)
+    model = result.model or model  # dist.strategy fsdp2: the unsharded trained copy
     return model.eval(), _finish(run, "baseline", model, result)
 
 

@@ -457,3 +457,86 @@ def test_generation_cut_by_a_dead_rank_is_finished_by_one_process(generation, tm
     assert main(generation["job"](tmp_path)) == 0  # merges the parts, generates the rest
     assert rows(tmp_path / "generated.jsonl") == rows(generation["one"])
     assert not list(tmp_path.glob("generated.jsonl.rank-*"))
+
+
+# --- causal LM: token-level normalisation over ranks that hold different token counts -------------
+
+
+@pytest.fixture(scope="module")
+def lm_job(tmp_path_factory):
+    """A tiny Llama teacher (2 layers) and student (1 layer) on sums ``a+b=`` -> ``c`` repeated 1-4 times,
+    unpacked: each row scores a different number of completion tokens, so the two ranks of a step hold
+    different counts and only the all-reduced count gives the 1-process normalisation."""
+    from distilflow.data.arith import arith_tokenizer
+    from distilflow.data.stdlib_corpus import tiny_llama_config
+
+    root = tmp_path_factory.mktemp("lm")
+    tokenizer = arith_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(120):
+        a, b, times = (int(torch.randint(0, high, (1,), generator=g)) for high in (999, 99, 5))
+        times = max(times, 1)
+        lines.append(json.dumps({"prompt": f"{a}+{b}=", "completion": " ".join([str(a + b)] * times)}))
+    (root / "sums.jsonl").write_text("\n".join(lines) + "\n")
+    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+    def llama(hidden: int, layers: int) -> str:
+        config = tiny_llama_config(len(tokenizer), hidden=hidden, layers=layers, heads=2, max_positions=64, **special)
+        return json.dumps(config)
+
+    def make(out: Path, *extra: str) -> list[str]:
+        return [
+            "run",
+            "configs/lm_stdlib.yaml",
+            f"output_dir={out}",
+            "data.source=text",
+            f"data.path={root / 'sums.jsonl'}",
+            f"data.tokenizer={root / 'tokenizer'}",
+            "data.seq_len=24",
+            "data.pack=false",
+            "threads=1",
+            f"teacher.model.hf_config={llama(32, 2)}",
+            f"student.model.hf_config={llama(16, 1)}",
+            "teacher.train.steps=4",
+            "teacher.train.batch_size=8",
+            "teacher.train.warmup_steps=1",
+            "teacher.train.log_every=1",
+            "student.train.steps=10",
+            "student.train.batch_size=8",
+            "student.train.grad_accum=2",
+            "student.train.warmup_steps=1",
+            "student.train.eval_every=5",
+            "student.train.log_every=1",
+            "distill.kd_weight.warmup_steps=2",
+            "deploy.enabled=false",
+            *extra,
+            "--no-tensorboard",
+        ]
+
+    return make
+
+
+@pytest.mark.parametrize("extra", [[], ["dist.strategy=fsdp2", "distill.loss_impl=fused"]], ids=["ddp", "fsdp2-fused"])
+def test_lm_two_processes_log_the_losses_of_one(lm_job, tmp_path, extra):
+    impl = [e for e in extra if e.startswith("distill.")]
+    one = tmp_path / "one"
+    assert main(lm_job(one, *impl)) == 0
+    # The premise: a micro-batch's two halves (the two ranks' shares) score different token counts.
+    from distilflow.cli import _load
+    from distilflow.pipeline import make_workload
+
+    cfg = _load([a for a in lm_job(one, *impl)[1:] if a != "--no-tensorboard"])
+    task = make_workload(cfg, torch.device("cpu")).task("student", cfg.student.train, cfg.seed + 1)
+    counts = [
+        [int((b["labels"][half, 1:] != -100).sum()) for half in (slice(0, 2), slice(2, 4))]
+        for step in range(10)
+        for b in task.micro_batches(step)
+    ]
+    assert any(first != second for first, second in counts)
+
+    two = tmp_path / "two"
+    ranks = launch(lm_job(two, *extra))
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:] + ranks[1][2][-3000:]
+    assert_same_metrics(metrics(two), metrics(one))
