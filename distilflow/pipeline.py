@@ -328,6 +328,7 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
     else:
         # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
         signals = LiveTeacher(cast_teacher(teacher, cfg.teacher.model.dtype), task, teacher_taps)
+        signals = dist.current().shard_teacher_signals(signals, teacher)  # torchrun + dist.shard_teacher: FSDP2
     result = _train(
         run,
         "student",

@@ -205,11 +205,20 @@ class World:
         )
         return Replica(ddp, step, self)
 
-    def wrap_teacher(self, teacher: nn.Module) -> nn.Module:
-        """With ``dist.shard_teacher``: the frozen teacher sharded with FSDP2 (sharded inference)."""
-        if self.distributed and self.shard_teacher:
-            _fully_shard(teacher, teacher)
-        return teacher
+    def shard_teacher_signals(self, signals: Any, teacher: nn.Module) -> Any:
+        """With ``dist.shard_teacher``: the frozen teacher's decoder layers sharded with FSDP2 (each rank
+        holds 1/N of them, gathered layer by layer in the forward); embeddings, final norm and lm_head stay
+        whole after the first forward (``reshard_after_forward=False``), so the fused loss can read the
+        lm_head and the teacher still runs as a plain module afterwards (evaluation, facts)."""
+        if not (self.distributed and self.shard_teacher):
+            return signals
+        from torch.distributed.fsdp import fully_shard
+
+        root = _Step(teacher, nn.ModuleList())
+        for layer in _decoder_layers(teacher):
+            fully_shard(layer)
+        fully_shard(root, reshard_after_forward=False)
+        return _ShardedSignals(root, signals)
 
     def place(self, device: torch.device) -> torch.device:
         """Under torchrun each rank uses its own GPU: cuda -> cuda:LOCAL_RANK."""
@@ -229,6 +238,17 @@ class _Step(nn.Module):
 
     def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
+
+
+class _ShardedSignals:
+    """Teacher signals computed inside the FSDP2 root's forward (which gathers the root's parameters)."""
+
+    def __init__(self, root: nn.Module, signals: Any) -> None:
+        self.root, self.signals = root, signals
+
+    def __call__(self, batch: Batch, *, features: bool) -> Any:
+        with torch.no_grad():
+            return self.root(lambda: self.signals(batch, features=features))
 
 
 class Replica:
@@ -350,14 +370,19 @@ def _optim_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return {"state": {names[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a Hugging Face causal LM (Llama/Qwen ``model.layers``, GPT-2 ``transformer.h``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or getattr(
+        getattr(model, "transformer", None), "h", None
+    )
+    return list(layers or [])
+
+
 def _fully_shard(root: nn.Module, model: nn.Module) -> None:
     """FSDP2: each decoder layer (Hugging Face models) is its own unit, then the whole ``root``."""
     from torch.distributed.fsdp import fully_shard
 
-    layers = getattr(getattr(model, "model", None), "layers", None) or getattr(
-        getattr(model, "transformer", None), "h", None
-    )
-    for layer in layers or []:
+    for layer in _decoder_layers(model):
         fully_shard(layer)
     fully_shard(root)
 

@@ -518,7 +518,11 @@ def lm_job(tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("extra", [[], ["dist.strategy=fsdp2", "distill.loss_impl=fused"]], ids=["ddp", "fsdp2-fused"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["dist.strategy=fsdp2", "dist.shard_teacher=true", "distill.loss_impl=fused"]],
+    ids=["ddp", "fsdp2-sharded-teacher-fused"],
+)
 def test_lm_two_processes_log_the_losses_of_one(lm_job, tmp_path, extra):
     impl = [e for e in extra if e.startswith("distill.")]
     one = tmp_path / "one"
