@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,13 +57,19 @@ class Task(Protocol):
 
 
 class TeacherSignals(Protocol):
-    """Where teacher outputs come from: a live model now; a cache of saved outputs later."""
+    """Where teacher outputs come from: a live model now; a cache of saved outputs later.
+
+    An implementation that runs a model sets ``autocast = True`` to run under the stage's
+    ``train.precision`` autocast; others (a cache reader) are called outside it.
+    """
 
     def __call__(self, batch: Batch, *, features: bool) -> Outputs: ...
 
 
 class LiveTeacher:
-    """A frozen teacher run on each batch (eval mode, no grad)."""
+    """A frozen teacher run on each batch (eval mode, no grad), under the stage's autocast."""
+
+    autocast = True
 
     def __init__(self, model: nn.Module, task: Task, taps: Taps | None) -> None:
         self.model, self.task, self.taps = model.eval(), task, taps
@@ -181,8 +188,12 @@ def fit(
         """One micro-batch: teacher signals (when the phase needs them), student forward, objective."""
         terms = objective.phase(step).terms
         wants_features = "feature" in terms
+        teacher_out = None
+        if uses_teacher(terms):
+            # A cache reader only moves stored tensors; autocast would try to "promote" its fp16 ones.
+            with amp.autocast() if getattr(teacher, "autocast", False) else nullcontext():
+                teacher_out = teacher(batch, features=wants_features)
         with amp.autocast():
-            teacher_out = teacher(batch, features=wants_features) if uses_teacher(terms) else None
             if wants_features and student_taps is not None:
                 with student_taps.capture():
                     logits = task.forward(model, batch)

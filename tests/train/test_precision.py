@@ -461,3 +461,24 @@ def test_lm_run_with_bf16_checkpointing_and_a_bf16_hf_config_teacher(tmp_path, t
     # The saved student is float32 (master weights) and loads without a trace of checkpointing.
     config = json.loads((tmp_path / "run" / "student" / "hf" / "config.json").read_text())
     assert re.fullmatch(r"float32", str(config.get("dtype", config.get("torch_dtype"))))
+
+
+@pytest.mark.parametrize("loss_impl", ["plain", "fused"])
+def test_a_cached_teacher_under_bf16(tmp_path, tiny_lm_args, loss_impl):
+    """The cache reader runs outside autocast (its fp16 top-k log-probs are data, not compute), the
+    student and the sparse loss under it; the run finishes with finite perplexities."""
+    extra = [
+        "cache.use=true",
+        "cache.k=8",
+        "student.train.precision=bf16",
+        f"distill.loss_impl={loss_impl}",
+        "distill.layer_map=null",
+        "distill.phases=[{name: kd, fraction: 1.0, terms: [kd, ce]}]",
+        "deploy.enabled=false",
+    ]
+    assert main(["run", *tiny_lm_args(tmp_path), *extra, "--no-tensorboard"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert np.isfinite(results["student"]["perplexity"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in rows if r.get("stage") == "student" and "kd" in r]
+    assert kd and all(np.isfinite(v) and v >= 0 for v in kd)
