@@ -23,7 +23,8 @@ rounds because a shared CPU drifts:
 - ``online_fused``: the same with ``distill.loss_impl=fused`` (student logits computed chunk by chunk
   from the final hidden states inside the loss, never materialised whole);
 - ``cached``: distilflow reading the teacher-signal cache (top-k, k = 32, written once beforehand by
-  the same code as ``distilflow cache-teacher``; its writing time is reported, not counted per step).
+  the same code as ``distilflow cache-teacher``; its writing time is reported, not counted per step);
+- ``cached_fused``: the cache and the fused loss together.
 
 Step time: median wall time from the start of one optimizer step to the start of the next, after
 ``--warmup`` steps, and the median CPU time of the process over the same intervals (with one thread
@@ -49,7 +50,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("trl", "online", "online_fused", "cached")
+MODES = ("trl", "online", "online_fused", "cached", "cached_fused")
 BATCH, SEQ_LEN, LR = 16, 128, 3e-3
 
 
@@ -205,12 +206,13 @@ def distilflow_worker(out: Path, args, mode: str, folder: str) -> dict:
 
     torch.set_num_threads(args.threads)
     meter = Meter(args.device)
-    extra = {"cached": ["cache.use=true"], "online_fused": ["distill.loss_impl=fused"]}.get(mode, [])
+    fused, cached = ["distill.loss_impl=fused"], ["cache.use=true"]
+    extra = {"cached": cached, "online_fused": fused, "cached_fused": cached + fused}.get(mode, [])
     cfg = _config(out, args, folder, *extra)
     run = open_run(cfg)
     rows = np.load(out / "rows.npz")["input_ids"]
     assert np.array_equal(run.work.train["input_ids"].numpy(), rows), "distilflow rows differ from TRL's"
-    teacher = None if mode == "cached" else run.work.new_model("teacher")
+    teacher = None if mode.startswith("cached") else run.work.new_model("teacher")
     make_task = run.work.task
 
     class Timed:
@@ -342,6 +344,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-vs-trl"))
     parser.add_argument("--json", default=None)
     parser.add_argument("--fresh", action="store_true", help="rebuild models, rows and cache even if --out has them")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="trl is always run")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -367,9 +370,10 @@ def main() -> None:
         prep = prepare(args.out, args)
         (args.out / "prepared.json").write_text(json.dumps(prep) + "\n")
     print(f"prepared: {prep}", flush=True)
-    results: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    modes = ["trl"] + [m for m in MODES if m in args.modes and m != "trl"]
+    results: dict[str, list[dict]] = {mode: [] for mode in modes}
     for round_ in range(args.rounds):
-        for mode in MODES:
+        for mode in modes:
             r = _child(args, mode, f"{mode}-{round_}")
             results[mode].append(r)
             print(
@@ -384,8 +388,8 @@ def main() -> None:
         return statistics.median(values) if values else None
 
     keys = ["step_s", "cpu_step_s", "peak_rss", "train_rss"] + (["peak_cuda"] if args.device == "cuda" else [])
-    summary = {mode: {key: median(mode, key) for key in keys} for mode in MODES}
-    for mode in MODES:
+    summary = {mode: {key: median(mode, key) for key in keys} for mode in modes}
+    for mode in modes:
         for key in keys:
             ref, value = summary["trl"][key], summary[mode][key]
             summary[mode][f"{key}_vs_trl"] = round(value / ref, 3) if ref and value is not None else None
@@ -417,7 +421,7 @@ def main() -> None:
         head += " peak CUDA MiB | vs TRL |"
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
-    for mode in MODES:
+    for mode in modes:
         s = summary[mode]
         line = (
             f"| {mode} | {s['step_s'] * 1000:.1f} | {s['step_s_vs_trl']:.2f}x | {s['cpu_step_s'] * 1000:.1f} | "
