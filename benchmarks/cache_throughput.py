@@ -20,8 +20,12 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from distilflow.config import load_config
-from distilflow.data.cache import write_cache
+from distilflow.data.cache import CachedTeacher, cache_dir, read_manifest, write_cache
+from distilflow.losses.logits import cross_entropy_sum, forward_kl
+from distilflow.losses.sparse import sparse_divergence
 from distilflow.pipeline import Run, baseline_stage, distill_stage, open_run, teacher_stage
 
 MODES = ("plain_ce", "online_kd", "cached_topk", "cached_sampled")
@@ -31,6 +35,37 @@ CACHES = {"cached_topk": ["cache.format=topk"], "cached_sampled": ["cache.format
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _loss_costs(work, teacher, cached_runs: list[Run], repeats: int = 5) -> dict[str, float]:
+    """CPU milliseconds of each KD or CE loss (forward + backward) on one micro-batch of student
+    logits, with the teacher signals of real rows: what separates the modes besides the teacher pass."""
+    task = work.task("student", cached_runs[0].cfg.student.train, 0)
+    batch = task.micro_batches(0)[0]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    with torch.no_grad():
+        teacher_logits = task.forward(teacher, batch)
+    student_logits = torch.randn_like(teacher_logits)
+    temperature = cached_runs[0].cfg.distill.temperature
+    signals = {}
+    for run in cached_runs:
+        reader = CachedTeacher(cache_dir(run.cfg), read_manifest(cache_dir(run.cfg)), work.device)
+        signals[run.cfg.cache.format] = reader(batch, features=False).logits
+    cases = {
+        "ce": lambda s: cross_entropy_sum(s, labels, ignore_index=-100),
+        "full forward_kl": lambda s: forward_kl(s, teacher_logits, temperature=temperature, mask=mask),
+        "topk buckets": lambda s: sparse_divergence(s, signals["topk"], temperature=temperature, mask=mask),
+        "sampled": lambda s: sparse_divergence(s, signals["sampled"], temperature=temperature, mask=mask),
+    }
+    out = {}
+    for name, fn in cases.items():
+        begin = _cpu_seconds()
+        for _ in range(repeats):
+            logits = student_logits.clone().requires_grad_(True)
+            fn(logits).backward()
+        out[name] = round(1000 * (_cpu_seconds() - begin) / repeats, 1)
+    return out
 
 
 def main() -> None:
@@ -130,6 +165,7 @@ def main() -> None:
             row[f"{name}_vs_plain_ce"] = round(median[mode] / median["plain_ce"], 3)
             row[f"{name}_vs_online_kd"] = round(median[mode] / median["online_kd"], 3)
         rows.append(row)
+    losses = _loss_costs(work, teacher, [Run(cached_config(m, "base-" + m), work) for m in CACHES])
     report = {
         "steps": args.steps,
         "rounds": args.rounds,
@@ -141,6 +177,7 @@ def main() -> None:
         "tokens_per_student": tokens,
         "cache_writes": writes,
         "modes": rows,
+        "loss_cpu_ms_per_micro_batch": losses,
     }
     print(f"\nteacher / student compute per token: {compute_ratio:.2f}x; {args.steps} steps x {args.rounds} rounds")
     print(f"{tokens} tokens per student; threads={base.cfg.threads}\n")
@@ -160,6 +197,10 @@ def main() -> None:
         print(
             f"| {mode} | {w['seconds']} | {w['cpu_seconds']} | {w['rows']} | {w['bytes']:,} | {w['bytes_per_token']} |"
         )
+    print("\nThe loss alone, forward + backward on one micro-batch of student logits (16 x 127 x V), CPU ms:")
+    print("| " + " | ".join(losses) + " |")
+    print("|" + "---|" * len(losses))
+    print("| " + " | ".join(f"{v:.0f}" for v in losses.values()) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -309,6 +309,29 @@ def test_sparse_cache_distillation_runs_and_tracks_live_kd(lm_teacher, fmt):
         assert from_cache[0]["kd"] == pytest.approx(live[0]["kd"], rel=2e-3)
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("data.seq_len=24", ("rows",)),
+        # Another corpus slice: another BPE tokenizer of the same size, other token rows.
+        ("data.train_chars=24000", ("rows", "data_sha256", "tokenizer_sha256")),
+        ("data.pack=false", ("rows", "data_sha256")),
+    ],
+)
+def test_lm_cache_of_other_data_or_tokenizer_refused(lm_teacher, capsys, change, named):
+    """Other rows (seq_len, packing) or another tokenizer (its vocabulary) than the cache was written for."""
+    root, args = lm_teacher
+    made = _with_teacher(root, args, "lm-made", "cache.format=sampled", f"cache.path={root / 'lm_cache'}")
+    if not (root / "lm_cache" / "manifest.json").is_file():
+        assert main(["cache-teacher", *made]) == 0
+    capsys.readouterr()
+    out = root / f"lm-mismatch-{change}"
+    assert main(["distill", *made, f"output_dir={out}", "cache.use=true", KD_PHASES, change]) == 2
+    line = _error(capsys)
+    assert "does not match this config" in line and any(f"{key} is" in line for key in named), line
+    assert not out.exists()
+
+
 def test_bad_cache_folder_refused(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="not a distilflow manifest"):
