@@ -291,7 +291,7 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
     cfg, d = run.cfg, run.cfg.distill
     model = _student_init(run, teacher)
     if cfg.cache.use:
-        from distilflow.data.cache import open_cache
+        from distilflow.data.cache_reader import open_cache
 
         cached, side = open_cache(run, model, teacher)
         student_taps, heads, pairs = side.student_taps, side.heads, side.pairs

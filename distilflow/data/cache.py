@@ -33,18 +33,13 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from distilflow.errors import UserError
-from distilflow.losses.objective import Outputs
-from distilflow.losses.sparse import SparseTeacher
-from distilflow.models.heads import build_head
 from distilflow.models.taps import Taps
 from distilflow.train import dist
 from distilflow.train.checkpoint import WEIGHTS, write_json, write_weights
@@ -104,10 +99,9 @@ def teacher_files(cfg: Config) -> tuple[str, list[Path]]:
 
 def train_rows(run: Run) -> Batch:
     """The rows the student is distilled on, as the student task indexes them (row i = index i)."""
-    work = run.work
     if run.work.per_token:
-        return {k: v for k, v in work.train.items()}
-    x, y = work.data.distill_set()
+        return dict(run.work.train)
+    x, y = run.work.data.distill_set()
     return {"x": x, "y": y}
 
 
@@ -120,10 +114,10 @@ def _tokenizer_sha256(run: Run) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def identity(run: Run, *, vocab_size: int, pairs: list[list[Any]], with_teacher: bool = True) -> dict[str, Any]:
+def identity(run: Run, *, vocab_size: int, pairs: list[list[Any]]) -> dict[str, Any]:
     """What cached signals depend on; a reader's identity must equal the writer's.
 
-    ``with_teacher=False`` leaves out the teacher hash (before the teacher is trained).
+    ``teacher_sha256`` is None while the teacher is not trained yet (then it is not compared).
     """
     cfg, c = run.cfg, run.cfg.cache
     rows = train_rows(run)
@@ -145,9 +139,8 @@ def identity(run: Run, *, vocab_size: int, pairs: list[list[Any]], with_teacher:
         "teacher_dtype": cfg.teacher.model.dtype,
         "features": bool(c.features),
         "feature_pairs": pairs if c.features else [],
+        "teacher_sha256": teacher_sha256(cfg),
     }
-    if with_teacher:
-        ident["teacher_sha256"] = teacher_sha256(cfg)
     return ident
 
 
@@ -159,7 +152,7 @@ def teacher_sha256(cfg: Config) -> str | None:
     return _sha256_files(files)
 
 
-def _mismatch(folder: Path, stored: dict[str, Any], expected: dict[str, Any]) -> str | None:
+def mismatch(folder: Path, stored: dict[str, Any], expected: dict[str, Any]) -> str | None:
     for key, value in expected.items():
         if value is None and key == "teacher_sha256":
             continue  # the teacher is not trained yet: checked again once it is
@@ -180,9 +173,10 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-        manifest["identity"], manifest["shards"]  # noqa: B018 - the keys every manifest has
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"teacher cache manifest '{path}' is not a distilflow manifest; delete the folder") from None
+    except json.JSONDecodeError:
+        manifest = None
+    if not isinstance(manifest, dict) or not {"identity", "shards"} <= manifest.keys():
+        raise UserError(f"teacher cache manifest '{path}' is not a distilflow manifest; delete the folder")
     return manifest
 
 
@@ -204,7 +198,7 @@ def _uses_features(cfg: Config) -> bool:
     return any("feature" in p.terms for p in cfg.distill.phases)
 
 
-def _logit_width(run: Run, model: nn.Module) -> int:
+def logit_width(run: Run, model: nn.Module) -> int:
     was_training = model.training
     with torch.no_grad():
         width = int(run.work.forward(model.eval(), run.work.probe()).shape[-1])
@@ -219,7 +213,7 @@ def check_config(run: Run, teacher: nn.Module, student: nn.Module, *, writes: bo
     cfg, c = run.cfg, run.cfg.cache
     if not (c.use or writes):
         return
-    vocab = run.work.shared_vocab(student, teacher) or _logit_width(run, teacher)
+    vocab = run.work.shared_vocab(student, teacher) or logit_width(run, teacher)
     if c.format == "topk" and c.k > vocab:
         raise UserError(f"config key 'cache.k': {c.k} is not allowed; the teacher's vocabulary has {vocab} ids")
     if c.use and getattr(getattr(cfg, "on_policy", None), "lmbda", 0) > 0:
@@ -243,7 +237,7 @@ def check_config(run: Run, teacher: nn.Module, student: nn.Module, *, writes: bo
         return
     teacher_layers = _teacher_layers(run, teacher)
     expected = identity(run, vocab_size=vocab, pairs=feature_pairs(run, student, teacher_layers))
-    problem = _mismatch(folder, manifest["identity"], expected)
+    problem = mismatch(folder, manifest["identity"], expected)
     if problem:
         raise UserError(problem)
     if c.use and manifest.get("complete"):
@@ -324,14 +318,14 @@ def write_cache(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict[st
     folder = cache_dir(cfg)
     teacher.eval()
     student = run.work.new_model("student", teacher if cfg.student.model.init_layers else None)
-    vocab = run.work.shared_vocab(student, teacher) or _logit_width(run, teacher)
+    vocab = run.work.shared_vocab(student, teacher) or logit_width(run, teacher)
     teacher_layers = _teacher_layers(run, teacher)
     pairs = feature_pairs(run, student, teacher_layers) if c.features else []
     ident = identity(run, vocab_size=vocab, pairs=pairs)
     teacher = cast_teacher(teacher, cfg.teacher.model.dtype)  # as the live teacher runs
     manifest = read_manifest(folder)
     if manifest is not None:
-        problem = _mismatch(folder, manifest["identity"], ident)
+        problem = mismatch(folder, manifest["identity"], ident)
         if problem:
             raise UserError(problem)
         if manifest.get("complete"):
@@ -441,125 +435,6 @@ def _teacher_signals(run: Run, teacher: nn.Module, batch: Batch, taps: Taps | No
     return out
 
 
-# --- reading ---------------------------------------------------------------------------------
-
-
-@dataclass
-class StudentSide:
-    """What the student's stage needs from the cache instead of the teacher model."""
-
-    student_taps: Taps | None
-    heads: nn.ModuleList
-    pairs: list[tuple[str, str, float]]
-    vocab_size: int | None  # the student task's vocabulary cut (None: none)
-
-
-class CachedTeacher:
-    """Teacher signals read from a verified cache (a :class:`~distilflow.train.loop.TeacherSignals`).
-
-    Each batch carries ``row`` ``(B,)``, the indices of its rows in the training set; the reader
-    returns dense logits (``full``) or a :class:`SparseTeacher` in ``Outputs.logits``, and the
-    cached features when asked.
-    """
-
-    def __init__(self, folder: Path, manifest: dict[str, Any], device: torch.device) -> None:
-        self.folder, self.manifest, self.device = folder, manifest, device
-        ident = manifest["identity"]
-        self.format, self.temperature, self.samples = ident["format"], ident["temperature"], ident["samples"]
-        self.starts = [s["rows"][0] for s in manifest["shards"]]
-        self.files = [
-            safe_open(str(folder / s["file"]), framework="pt", device="cpu")  # memory-mapped
-            for s in manifest["shards"]
-        ]
-
-    def _rows(self, rows: torch.Tensor, names: list[str]) -> Batch:
-        out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for row in rows.tolist():
-            shard = _bisect(self.starts, row)
-            local = row - self.starts[shard]
-            for name in names:
-                out[name].append(self.files[shard].get_slice(name)[local : local + 1])
-        return {name: torch.cat(parts).to(self.device) for name, parts in out.items()}
-
-    def __call__(self, batch: Batch, *, features: bool) -> Outputs:
-        names = list(TENSORS[self.format])
-        count = len(self.manifest["identity"]["feature_pairs"]) if features else 0
-        names += [f"feature.{i}" for i in range(count)]
-        got = self._rows(batch["row"], names)
-        if self.format == "full":
-            logits: Any = got["logits"]
-        elif self.format == "topk":
-            logits = SparseTeacher(got["ids"].long(), got["logprobs"].float(), "topk", self.temperature)
-        else:
-            weights = got["counts"].float() / self.samples
-            logits = SparseTeacher(got["ids"].long(), weights, "sampled", self.temperature)
-        return Outputs(logits, [got[f"feature.{i}"] for i in range(count)])
-
-
-def _bisect(starts: list[int], row: int) -> int:
-    lo, hi = 0, len(starts) - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if starts[mid] <= row:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def open_cache(run: Run, student: nn.Module, teacher: nn.Module | None) -> tuple[CachedTeacher, StudentSide]:
-    """The verified cache of this config, and the student-side taps, heads and vocabulary cut.
-
-    With ``teacher`` given, a missing or partial cache is written (or finished) first; without it
-    the cache must be complete.
-    """
-    cfg = run.cfg
-    folder = cache_dir(cfg)
-    manifest = read_manifest(folder)
-    if teacher is not None and not (manifest or {}).get("complete"):
-        manifest = write_cache(run, teacher)
-    if manifest is None or not manifest.get("complete"):
-        state = "has no manifest" if manifest is None else f"is incomplete ({len(manifest['shards'])} shards)"
-        raise UserError(f"teacher cache '{folder}' {state}; run 'distilflow cache-teacher' with this config first")
-    stored = manifest["identity"]
-    width = _logit_width(run, student)
-    vocab = stored["vocab_size"]
-    if vocab > width or (vocab < width and not run.work.per_token):
-        raise UserError(
-            f"teacher cache '{folder}' holds {vocab} logit columns; the student has {width}; cache for this student"
-        )
-    pairs = feature_pairs(run, student, manifest.get("teacher_layers")) if cfg.cache.features else []
-    problem = _mismatch(folder, stored, identity(run, vocab_size=vocab, pairs=pairs))
-    if problem:
-        raise UserError(problem)
-    verify_shards(folder, manifest)
-    signals = CachedTeacher(folder, manifest, run.work.device)
-    side = StudentSide(None, nn.ModuleList(), [], None if vocab == width else vocab)
-    if pairs:
-        side.pairs = [tuple(p) for p in pairs]
-        side.student_taps = Taps(student, [p[0] for p in pairs], "student")
-        side.heads = _heads(run, student, side, signals)
-    return signals, side
-
-
-def _heads(run: Run, student: nn.Module, side: StudentSide, signals: CachedTeacher) -> nn.ModuleList:
-    """One projection head per pair, as pipeline.build_heads makes them, with teacher shapes from the cache."""
-    shard = signals.files[0]
-    teacher_shapes = [tuple(shard.get_slice(f"feature.{i}").get_shape()[1:]) for i in range(len(side.pairs))]
-    was_training = student.training
-    student.eval()
-    with torch.no_grad(), side.student_taps.capture():
-        run.work.forward(student, run.work.probe())
-    student.train(was_training)
-    student_feats = side.student_taps.features()
-    torch.manual_seed(run.cfg.seed + 2)  # as build_heads: the same initial heads as a live run
-    heads = nn.ModuleList()
-    for (s_path, t_path, _), feat, t_shape in zip(side.pairs, student_feats, teacher_shapes):
-        name = f"student '{s_path}' -> teacher '{t_path}'"
-        heads.append(build_head(tuple(feat.shape[1:]), t_shape, per_token=run.work.per_token, name=name))
-    return heads.to(run.work.device)
-
-
 def cache_summary(manifest: dict[str, Any], folder: Path) -> str:
     """One line: format, rows, shards, bytes on disk and per position."""
     ident = manifest["identity"]
@@ -570,19 +445,6 @@ def cache_summary(manifest: dict[str, Any], folder: Path) -> str:
         f"{size:,} bytes ({manifest['bytes_per_position']} bytes per position"
         f"{', features included' if ident['features'] else ''})"
     )
-
-
-__all__ = [
-    "CachedTeacher",
-    "cache_complete",
-    "FORMATS",
-    "cache_dir",
-    "check_config",
-    "encode",
-    "merge_draws",
-    "open_cache",
-    "write_cache",
-]
 
 
 def cache_complete(cfg: Config) -> bool:

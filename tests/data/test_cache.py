@@ -15,7 +15,8 @@ from distilflow import pipeline
 from distilflow.cli import main
 from distilflow.config import load_config
 from distilflow.data import cache as cache_mod
-from distilflow.data.cache import CachedTeacher, encode, merge_draws, read_manifest, write_cache
+from distilflow.data.cache import encode, merge_draws, read_manifest, write_cache
+from distilflow.data.cache_reader import CachedTeacher
 from distilflow.errors import UserError
 from distilflow.losses.sparse import SparseTeacher
 
