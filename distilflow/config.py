@@ -272,6 +272,9 @@ class OnPolicyConfig:
         "On-policy distillation (GKD, Agarwal et al. 2024): probability that a step's continuations are sampled "
         "from the current student and scored by the teacher (0 = off; needs a kd phase, same tokenizer).",
     )
+    start_fraction: float = _f(
+        0.0, "Share of the student's steps trained on the fixed data before on-policy sampling starts, in [0, 1)."
+    )
     max_new_tokens: int = _f(64, "Tokens the student samples per prompt on an on-policy step.")
     temperature: float = _f(1.0, "Student sampling temperature on on-policy steps (> 0).")
     top_p: float = _f(1.0, "Student nucleus sampling on on-policy steps, in (0, 1].")

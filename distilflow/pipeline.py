@@ -322,7 +322,9 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
     if cfg.on_policy.lmbda > 0:  # GKD: a batch source that samples continuations from this student
         from distilflow.tasks.on_policy import on_policy_task
 
-        task = on_policy_task(task, model, cfg.on_policy, run.work.tokenizer, seed=cfg.seed + 3)
+        task = on_policy_task(
+            task, model, cfg.on_policy, run.work.tokenizer, seed=cfg.seed + 3, total_steps=cfg.student.train.steps
+        )
     if cfg.cache.use:
         signals = cached
     else:

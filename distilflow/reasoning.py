@@ -320,7 +320,9 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
 
             objective = _distill_objective(cfg, "jsd" if method == "gkd" else cfg.distill.divergence)
             if method == "gkd":
-                task = on_policy_task(task, model, cfg.on_policy, demo.tokenizer, seed=cfg.seed + 3)
+                task = on_policy_task(
+                    task, model, cfg.on_policy, demo.tokenizer, seed=cfg.seed + 3, total_steps=train.steps
+                )
             extra["teacher"] = LiveTeacher(teacher, task, None)
         students[method] = {**demo.train_stage(method, model, objective, task, **extra), "data": METHODS[method]}
         timings[method] = time.monotonic() - mark

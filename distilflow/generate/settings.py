@@ -45,6 +45,7 @@ def validate_generation(cfg: Any, need: Any) -> None:
     )
     p = cfg.on_policy
     need(0 <= p.lmbda <= 1, "on_policy.lmbda", p.lmbda, "must be in [0, 1] (0 = off)")
+    need(0 <= p.start_fraction < 1, "on_policy.start_fraction", p.start_fraction, "must be in [0, 1)")
     need(p.max_new_tokens >= 1, "on_policy.max_new_tokens", p.max_new_tokens, "must be >= 1")
     need(p.temperature > 0, "on_policy.temperature", p.temperature, "must be > 0 (on-policy samples are sampled)")
     need(0 < p.top_p <= 1, "on_policy.top_p", p.top_p, "must be in (0, 1]")

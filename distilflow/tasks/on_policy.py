@@ -8,6 +8,8 @@ its beta -> 1 limit). Other steps use the fixed data (sequence-level KD on teach
 training loop is unchanged: it only sees other batches.
 
 Which steps are on-policy is a pure function of ``(seed, step)``, so a resumed run draws the same.
+Sampling may start after ``start_step`` steps on the fixed data: a student that still writes noise
+learns little from the teacher's scores of it (the GKD paper starts from a fine-tuned student).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class OnPolicyTask:
         pad_token_id: int,
         eos_token_id: int | None,
         seed: int,
+        start_step: int = 0,
     ) -> None:
         if not 0.0 <= lmbda <= 1.0:
             raise UserError(f"on_policy.lmbda {lmbda} is not allowed; use a probability in [0, 1]")
@@ -60,11 +63,13 @@ class OnPolicyTask:
             )
         self.base, self.student, self.lmbda, self.sampling = base, student, lmbda, sampling
         self.pad_token_id, self.eos_token_id, self.seed = pad_token_id, eos_token_id, seed
+        self.start_step = start_step
         self.per_token, self.primary_metric, self.unit = base.per_token, base.primary_metric, base.unit
         self.on_policy_steps = 0
 
     def is_on_policy(self, step: int) -> bool:
-        return random.Random(self.seed * 1_000_003 + step).random() < self.lmbda
+        """Drawn with probability ``lmbda`` from ``start_step`` on (before: the fixed data only)."""
+        return step >= self.start_step and random.Random(self.seed * 1_000_003 + step).random() < self.lmbda
 
     def micro_batches(self, step: int) -> list[Batch]:
         batches = self.base.micro_batches(step)
@@ -122,7 +127,9 @@ class OnPolicyTask:
         return self.base.evaluate(model)
 
 
-def on_policy_task(task: CausalLMTask, student: nn.Module, settings, tokenizer, *, seed: int) -> OnPolicyTask:
+def on_policy_task(
+    task: CausalLMTask, student: nn.Module, settings, tokenizer, *, seed: int, total_steps: int
+) -> OnPolicyTask:
     """The ``on_policy:`` config section applied to ``task``; the tokenizer gives pad and eos ids."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return OnPolicyTask(
@@ -133,4 +140,5 @@ def on_policy_task(task: CausalLMTask, student: nn.Module, settings, tokenizer, 
         pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
         seed=seed,
+        start_step=round(settings.start_fraction * total_steps),
     )

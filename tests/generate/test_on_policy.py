@@ -74,6 +74,8 @@ def test_lmbda_draws_are_a_pure_function_of_the_step(tokenizer):
     draws = [task.is_on_policy(s) for s in range(2000)]
     assert draws == [OnPolicyTask(base, student, lmbda=0.3, **kwargs).is_on_policy(s) for s in range(2000)]
     assert 0.25 < sum(draws) / 2000 < 0.35
+    late = OnPolicyTask(base, student, lmbda=0.3, start_step=1000, **kwargs)
+    assert [late.is_on_policy(s) for s in range(2000)] == [False] * 1000 + draws[1000:]
     off = OnPolicyTask(base, student, lmbda=0.0, **kwargs)
     batch = off.micro_batches(3)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batch, base.micro_batches(3)))

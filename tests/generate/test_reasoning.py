@@ -35,6 +35,7 @@ def _args(out: Path) -> list[str]:
         "student.train.warmup_steps=1",
         "student.train.batch_size=4",
         "on_policy.lmbda=1.0",
+        "on_policy.start_fraction=0.0",
         "generate.n=2",
         "--no-tensorboard",
     ]
