@@ -245,6 +245,7 @@ class _ShardedSignals:
 
     def __init__(self, root: nn.Module, signals: Any) -> None:
         self.root, self.signals = root, signals
+        self.autocast = getattr(signals, "autocast", False)  # a live teacher runs under the stage's autocast
 
     def __call__(self, batch: Batch, *, features: bool) -> Any:
         with torch.no_grad():
