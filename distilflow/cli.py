@@ -52,10 +52,24 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and log notes")
         if name == "predict":
-            p.add_argument("model", help="an .onnx file written by 'distilflow export' or 'quantize'")
+            p.add_argument(
+                "model",
+                help="an .onnx file written by 'distilflow export' or 'quantize'; for streaming generation a "
+                "language-model folder: ONNX Runtime GenAI (deploy/genai-<precision>) or Hugging Face (student/hf)",
+            )
             p.add_argument("input", help="classifier: .npz (x) or .csv; language model: a text file, or the text")
             p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's folder)")
             p.add_argument("--max-new-tokens", type=int, default=48, help="language models: tokens to generate")
+            lm = p.add_argument_group("language-model folders (streaming generation)")
+            lm.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+            lm.add_argument("--temperature", type=float, default=1.0, help="--sample: softmax temperature (> 0)")
+            lm.add_argument("--top-k", type=int, default=50, help="--sample: keep the k likeliest tokens (0 = all)")
+            lm.add_argument("--top-p", type=float, default=1.0, help="--sample: nucleus probability in (0, 1]")
+            lm.add_argument("--seed", type=int, default=0, help="--sample: random seed")
+            lm.add_argument("--stop", action="append", default=[], help="repeatable: output ends before it")
+            lm.add_argument("--each-line", action="store_true", help="a text file holds one prompt per line")
+            lm.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+            lm.add_argument("--threads", type=int, default=0, help="CPU threads (0 = the runtime's default)")
             continue
         if name == "resume":
             p.add_argument("run_dir", help="a run folder written by 'distilflow run'")
@@ -268,6 +282,12 @@ def _cmd_predict(ns) -> int:
 
     if ns.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {ns.max_new_tokens} is not allowed; use 1 or more")
+    if Path(ns.model).is_dir():
+        from distilflow.deploy.lm_predict import Sampling, check_sampling, predict_lm
+
+        sampling = Sampling(ns.max_new_tokens, ns.sample, ns.temperature, ns.top_k, ns.top_p, ns.seed, ns.stop)
+        check_sampling(sampling)
+        return predict_lm(ns.model, ns.input, sampling, each_line=ns.each_line, chat=not ns.raw, threads=ns.threads)
     print(predict(ns.model, ns.input, tokenizer_path=ns.tokenizer, max_new_tokens=ns.max_new_tokens))
     return 0
 

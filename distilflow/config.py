@@ -169,6 +169,29 @@ class DistillConfig:
 
 
 @dataclass
+class GenaiConfig:
+    enabled: bool = _f(
+        False,
+        "Causal LMs: ship through ONNX Runtime GenAI's model builder (KV cache, int8/int4 weight-only) instead of "
+        "the full-sequence torch.export ONNX; needs the genai extra (pip install 'distilflow[genai]').",
+    )
+    precisions: list[Literal["fp32", "int8", "int4"]] = _f(
+        ["fp32", "int8", "int4"], "Variants built into deploy/genai-<precision>/ (weight-only for int8 and int4)."
+    )
+    block_size: Literal[16, 32, 64, 128, 256] = _f(32, "int8/int4: weights per quantization block (one scale each).")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = _f(
+        4, "int8/int4 MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32, 0 = the provider's default."
+    )
+    quantize_embeddings: bool = _f(
+        True, "int4: also store the embedding table in 4 bits (the builder quantizes embeddings in 4 bits only)."
+    )
+    execution_provider: Literal["cpu", "cuda"] = _f("cpu", "Target of the build (cuda: documented, untested here).")
+    prompt_tokens: int = _f(64, "Benchmark: prompt length (the first tokens of held-out rows).")
+    new_tokens: int = _f(64, "Benchmark: tokens decoded per prompt (end-of-text suppressed so every variant decodes all).")
+    repeats: int = _f(3, "Benchmark: timed repetitions per variant and batch size (the median is reported).")
+
+
+@dataclass
 class DeployConfig:
     enabled: bool = _f(True, "'distilflow run' ends with export, quantization and the benchmark table.")
     methods: list[Literal["dynamic", "static"]] = _f(
@@ -197,6 +220,9 @@ class DeployConfig:
     parity_tolerance: float = _f(1e-3, "Largest allowed ONNX-vs-eager logit difference, relative to the largest logit.")
     tensorrt: bool = _f(
         False, "Also run ONNX Runtime's TensorRT provider (needs onnxruntime-gpu and a GPU; else skipped with a note)."
+    )
+    genai: GenaiConfig = _f(
+        GenaiConfig(), "Causal LMs: generation through ONNX Runtime GenAI (KV cache, int8/int4), decode benchmark."
     )
 
 
@@ -490,6 +516,11 @@ def validate(cfg: Config) -> None:
     need(dep.threads >= 1, "deploy.threads", dep.threads, "must be >= 1")
     need(dep.iterations >= 1, "deploy.iterations", dep.iterations, "must be >= 1")
     need(dep.parity_tolerance > 0, "deploy.parity_tolerance", dep.parity_tolerance, "must be > 0")
+    gen = dep.genai
+    need(bool(gen.precisions), "deploy.genai.precisions", gen.precisions, "name one or more of fp32, int8, int4")
+    need(gen.prompt_tokens >= 1, "deploy.genai.prompt_tokens", gen.prompt_tokens, "must be >= 1")
+    need(gen.new_tokens >= 2, "deploy.genai.new_tokens", gen.new_tokens, "must be >= 2 (decode = all but the first)")
+    need(gen.repeats >= 1, "deploy.genai.repeats", gen.repeats, "must be >= 1")
     from distilflow.generate.settings import validate_generation  # generate, on_policy, reasoning sections
 
     validate_generation(cfg, need)

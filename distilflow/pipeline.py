@@ -280,6 +280,10 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
     from distilflow.data.cache import check_config
 
     check_config(run, teacher, student, writes=writes_cache)
+    if cfg.deploy.enabled and cfg.deploy.genai.enabled and run.work.per_token:
+        from distilflow.deploy.genai import require_genai  # the genai extra: missing is said before training
+
+        require_genai()
 
 
 def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:

@@ -214,6 +214,11 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
         "",
     ]
     deploy = results.get("deploy_info")
+    if deploy and deploy.get("genai"):  # a causal LM shipped through ONNX Runtime GenAI
+        from distilflow.deploy.stage import genai_report_lines
+
+        lines += genai_report_lines(deploy)
+        deploy = None
     if deploy:
         lines += [
             "## Deployment (the distilled student)",

@@ -174,10 +174,10 @@ def strip_metadata(path: Path) -> None:
 
 
 def quantized_summary(path: Path) -> dict[str, int]:
-    """Counts of float matmul/conv/gather nodes and of int8 nodes in an ONNX file."""
+    """Counts of float matmul/conv/gather nodes and of int8 (or GenAI 4/8-bit weight-only) nodes in an ONNX file."""
     model = _load(path)
     ops = Counter(n.op_type for n in model.graph.node)
-    keys = ("MatMul", "Gemm", "Conv", "Gather", *INT8_OPS, "DequantizeLinear")
+    keys = ("MatMul", "Gemm", "Conv", "Gather", *INT8_OPS, "DequantizeLinear", "MatMulNBits", "GatherBlockQuantized")
     return {k: ops[k] for k in keys if ops[k]}
 
 

@@ -7,16 +7,21 @@ Writes into ``<run_dir>/deploy/``: ``student.onnx`` (+ int8 variants), ``bench.j
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from distilflow.config import DeployConfig
 from distilflow.deploy.bench import benchmark, markdown, ort_variant, torch_variant
-from distilflow.deploy.export import check_parity, export_onnx
+from distilflow.deploy.export import Parity, check_parity, export_onnx, logits_module
+from distilflow.deploy.genai import MANIFEST
 from distilflow.deploy.quantize import ort_dynamic, ort_static, quantized_summary, strip_metadata, torch_int8
+from distilflow.errors import UserError
 from distilflow.train.checkpoint import write_json, write_text
 
 
@@ -35,9 +40,51 @@ def _kind(work: Any) -> str:
     return "causal_lm" if work.per_token else "classifier"
 
 
+def _genai_source(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -> Path | None:
+    """The student as a Hugging Face folder for ONNX Runtime GenAI's builder, or None when it does not
+    apply (a classifier, deploy.genai off) or cannot (unsupported architecture: said in one line)."""
+    if _kind(work) != "causal_lm" or not cfg.genai.enabled:
+        return None
+    from distilflow.deploy.genai import read_hf_config, require_genai, unsupported_reason
+
+    require_genai()
+    hf_dir = out / "student-hf"
+    student.float().cpu().eval().save_pretrained(hf_dir)
+    work.save_for_inference(hf_dir)
+    reason = unsupported_reason(read_hf_config(hf_dir), cfg.genai.execution_provider)
+    if reason:
+        print(f"distilflow: {reason}; exporting with the full-sequence torch.export path instead", file=sys.stderr)
+        return None
+    return hf_dir
+
+
+def _genai_parity(student: nn.Module, folder: Path, work: Any, cfg: DeployConfig) -> Parity:
+    """The GenAI decoder's logits (empty KV cache) against the eager student's on 8 held-out rows."""
+    from distilflow.deploy.genai import logits_function
+
+    data = {k: v[:8] for k, v in work.test_arrays().items()}
+    got = logits_function(folder, cfg.threads)(data)
+    with torch.no_grad():
+        want = logits_module(student, "causal_lm")(
+            *(torch.from_numpy(data[k]) for k in ("input_ids", "attention_mask"))
+        )
+    diff = np.abs(got - want.float().numpy())
+    parity = Parity(float(diff.max()), float(diff.max() / max(float(want.abs().max()), 1e-12)))
+    if not parity.max_rel <= cfg.parity_tolerance:
+        raise UserError(f"ONNX Runtime GenAI model does not match the eager model: {parity}")
+    return parity
+
+
 def export_student(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -> tuple[Path, Any]:
-    """``out/student.onnx`` and its parity with the eager student on real test inputs."""
+    """``out/student.onnx`` and its parity with the eager student on real test inputs; with
+    ``deploy.genai.enabled`` (causal LMs) ``out/genai-fp32/model.onnx`` instead."""
     kind = _kind(work)
+    hf_dir = _genai_source(work, student, cfg, out)
+    if hf_dir is not None:
+        from distilflow.deploy.genai import build
+
+        folder = build(hf_dir, out / "genai-fp32", "fp32", cfg.genai)
+        return folder / "model.onnx", _genai_parity(student.float().cpu().eval(), folder, work, cfg)
     student = student.float().cpu().eval()
     out.mkdir(parents=True, exist_ok=True)
     data = work.test_arrays()
@@ -50,7 +97,14 @@ def export_student(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) 
 
 
 def quantize_student(work: Any, onnx_path: Path, cfg: DeployConfig, out: Path) -> dict[str, Path]:
-    """The int8 ONNX files asked for by ``deploy.methods``, by variant name."""
+    """The int8 ONNX files asked for by ``deploy.methods``, by variant name; for a GenAI export (see
+    :func:`export_student`) the int8/int4 GenAI models of ``deploy.genai.precisions``."""
+    if onnx_path.parent.name == "genai-fp32" and (onnx_path.parent / "genai_config.json").is_file():
+        from distilflow.deploy.genai import build
+
+        hf_dir = out / "student-hf"
+        wanted = [p for p in cfg.genai.precisions if p != "fp32"]
+        return {f"genai_{p}": build(hf_dir, out / f"genai-{p}", p, cfg.genai) / "model.onnx" for p in wanted}
     common = {"per_channel": cfg.per_channel, "op_types": cfg.op_types or None, "exclude": cfg.exclude}
     paths = {}
     if "dynamic" in cfg.methods:
@@ -66,6 +120,9 @@ def quantize_student(work: Any, onnx_path: Path, cfg: DeployConfig, out: Path) -
 def deploy(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -> dict[str, Any]:
     """Export, quantize and benchmark ``student``; returns what goes into results.json."""
     kind = _kind(work)
+    hf_dir = _genai_source(work, student, cfg, out)
+    if hf_dir is not None:
+        return deploy_genai(work, student, cfg, out, hf_dir)
     onnx_path, parity = export_student(work, student, cfg, out)
     student = student.float().cpu().eval()
     quantized = quantize_student(work, onnx_path, cfg, out)
@@ -107,3 +164,66 @@ def deploy(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -> dict[
     write_json(out / "bench.json", info)
     write_text(out / "bench.md", text + "\n" + "".join(f"\n{n}" for n in notes) + "\n")
     return info
+
+
+def deploy_genai(work: Any, student: nn.Module, cfg: DeployConfig, out: Path, hf_dir: Path) -> dict[str, Any]:
+    """Causal LMs through ONNX Runtime GenAI: build every precision, then the generation benchmark
+    (eager transformers ``generate`` vs each GenAI variant, docs in :mod:`distilflow.deploy.lm_bench`)."""
+    from distilflow.deploy import lm_bench
+    from distilflow.deploy.genai import build, read_genai_config
+
+    g = cfg.genai
+    folders = {p: build(hf_dir, out / f"genai-{p}", p, g) for p in g.precisions}
+    student = student.float().cpu().eval()
+    parity = _genai_parity(student, folders["fp32"], work, cfg) if "fp32" in folders else None
+    positions = read_genai_config(next(iter(folders.values())))["model"]["context_length"]
+    if g.prompt_tokens + g.new_tokens > positions:
+        raise UserError(
+            f"deploy.genai.prompt_tokens + new_tokens = {g.prompt_tokens + g.new_tokens} exceeds the model's "
+            f"{positions} positions; lower one of them"
+        )
+    data = work.test_arrays()
+    if data["input_ids"].shape[1] < g.prompt_tokens:
+        raise UserError(
+            f"deploy.genai.prompt_tokens {g.prompt_tokens} is longer than the held-out rows "
+            f"({data['input_ids'].shape[1]} tokens, data.seq_len); lower it"
+        )
+    prompts = {b: lm_bench.prompt_rows(data, b, g.prompt_tokens) for b in lm_bench.BATCH_SIZES}
+    threads_before = torch.get_num_threads()
+    try:
+        variants = [lm_bench.torch_variant("torch_eager", hf_dir, cfg.threads)]
+        variants += [lm_bench.genai_variant(f"genai_{p}", folder, cfg.threads) for p, folder in folders.items()]
+        table = lm_bench.benchmark_generation(
+            variants, data, prompts=prompts, new_tokens=g.new_tokens, repeats=g.repeats
+        )
+    finally:
+        torch.set_num_threads(threads_before)
+    text = lm_bench.markdown(table, threads=cfg.threads, new_tokens=g.new_tokens, prompt_tokens=g.prompt_tokens)
+    manifests = {f"genai_{p}": json.loads((folder / MANIFEST).read_text()) for p, folder in folders.items()}
+    info = {
+        "variants": table,
+        "genai": manifests,
+        "parity": {"max_abs": parity.max_abs, "max_rel": parity.max_rel} if parity else None,
+        "threads": cfg.threads,
+        "notes": [],
+        "table_markdown": text,
+    }
+    write_json(out / "bench.json", info)
+    write_text(out / "bench.md", text + "\n")
+    return info
+
+
+def genai_report_lines(info: dict[str, Any]) -> list[str]:
+    """The report's deployment section for a causal LM shipped through ONNX Runtime GenAI."""
+    lines = ["## Deployment for generation (ONNX Runtime GenAI)", "", info["table_markdown"], ""]
+    if info.get("parity"):
+        p = info["parity"]
+        lines += [
+            f"GenAI fp32 logits vs the eager student: max abs diff {p['max_abs']:.3g}, relative {p['max_rel']:.3g}.",
+            "",
+        ]
+    for name, m in info["genai"].items():
+        ops = "; ".join(f"{op} {bits}" for op, bits in m["quantized_ops"].items()) or "none"
+        floats = ", ".join(m["float_matrices"]) or "none"
+        lines.append(f"- {name}: quantized ops {ops}; float weight matrices: {floats}")
+    return [*lines, "", *info["notes"], ""]
