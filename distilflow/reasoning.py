@@ -41,7 +41,7 @@ from distilflow.generate.verify import Checker, exact_match, extract_answer
 from distilflow.generate.writer import SampleWriter
 from distilflow.losses.objective import Objective
 from distilflow.models.build import count_params, load_weights
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_student, no_progress_bars
 from distilflow.schedules import Phase, phase_boundaries
 from distilflow.tasks.causal_lm import CausalLMTask
 from distilflow.train.checkpoint import WEIGHTS, write_json, write_text, write_weights
@@ -183,6 +183,10 @@ class Demo:
         finally:
             log.close()
         write_weights(folder / WEIGHTS, model.state_dict(), {"stage": stage})
+        # A Hugging Face folder as well: 'distilflow generate' and from_pretrained load it.
+        with no_progress_bars():
+            model.save_pretrained(folder / "hf")
+        self.tokenizer.save_pretrained(str(folder / "hf"))
         summary = {
             **result.metrics,
             "accuracy": result.metrics["exact_match"],

@@ -65,6 +65,8 @@ def test_demo_stages_results_and_reuse(tmp_path, capsys, monkeypatch):
     kept_lines = (out / "data" / "traces.jsonl").read_text().splitlines()
     assert len(kept_lines) == traces["kept"]
     assert results["students"]["gkd"]["on_policy_steps"] == 2  # lmbda 1: every step samples from the student
+    for stage in ("teacher", "sft", "gkd"):  # Hugging Face folders: 'distilflow generate' can use the teacher
+        assert (out / stage / "hf" / "config.json").is_file() and (out / stage / "hf" / "tokenizer.json").is_file()
     report = (out / "report.md").read_text()
     assert "| gkd |" in report and "| sft |" in report and "kept" in report
     assert "teacher" in capsys.readouterr().out
