@@ -201,7 +201,8 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         sampling=sampling,
         chat_template=g.chat_template,
         dedup=g.dedup,
-        prompts_per_call=max(1, g.batch_size // g.n) if g.backend == "transformers" else len(prompt_set.prompts),
+        # vLLM batches internally; calls of 256 prompts keep what a kill can lose small.
+        prompts_per_call=max(1, g.batch_size // g.n) if g.backend == "transformers" else 256,
         budget_model=budget_model,
         show_progress=show_progress,
     )
