@@ -23,14 +23,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 
 from distilflow.config import GenaiConfig
 from distilflow.data.stdlib_corpus import stdlib_root, train_tokenizer
 from distilflow.deploy import lm_bench
-from distilflow.deploy.genai import build, weight_summary
+from distilflow.deploy.genai import MANIFEST, build, weight_summary
 from distilflow.models.hf import build_student
 
 SHAPES = {
+    # configs/lm_stdlib.yaml's student (about 0.8M parameters, 2048-token vocabulary), for its speed ratios.
+    "demo": {
+        "model_type": "llama",
+        "vocab_size": 2048,
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+    },
     # ~58M parameters: 32k vocabulary (untied embedding and head: 2 x 16.4M), 8 layers of width 512,
     # grouped-query attention with 4 KV heads of 64: the proportions of small Llama-family models.
     "llama": {
@@ -102,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/distilflow-lm-generate", help="folder for the models")
     parser.add_argument("--json", default=None, help="write the table and settings here")
     parser.add_argument("--model", default=None, help="a trained Hugging Face folder instead of a random --shape")
+    parser.add_argument("--reuse", action="store_true", help="keep models already built in --work (same settings)")
     parser.add_argument("--eval-rows", type=int, default=128, help="--model: held-out rows scored for perplexity")
     args = parser.parse_args(argv)
 
@@ -109,14 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     if args.model:
         hf_dir, name = Path(args.model), "model"
-        from safetensors.numpy import load_file
-
         params = sum(v.size for v in load_file(str(hf_dir / "model.safetensors")).values())
     else:
         hf_dir, name = work / f"{args.shape}-hf", args.shape
-        params = make_student(args.shape, hf_dir)
+        params = make_student(args.shape, hf_dir) if not (args.reuse and hf_dir.is_dir()) else None
     cfg = GenaiConfig(enabled=True, block_size=args.block_size)
-    folders = {p: build(hf_dir, work / f"{name}-genai-{p}", p, cfg) for p in args.precisions}
+    folders = {}
+    for p in args.precisions:
+        folder = work / f"{name}-genai-{p}"
+        reuse = args.reuse and (folder / MANIFEST).is_file()
+        folders[p] = folder if reuse else build(hf_dir, folder, p, cfg)
+    if params is None:
+        params = sum(v.size for v in load_file(str(hf_dir / "model.safetensors")).values())
     print(f"{hf_dir}: {params / 1e6:.2f}M parameters; built in {time.perf_counter() - began:.0f} s")
 
     data = stdlib_held_out(hf_dir, args.eval_rows) if args.model else None

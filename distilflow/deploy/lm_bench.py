@@ -115,9 +115,11 @@ def torch_variant(name: str, hf_dir: Path, threads: int) -> GenVariant:
     from transformers import AutoModelForCausalLM
 
     from distilflow.deploy.export import logits_module
+    from distilflow.models.hf import no_progress_bars
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).float().eval()
+    with no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).float().eval()
     module = logits_module(model, "causal_lm").eval()
 
     @torch.no_grad()
@@ -219,7 +221,7 @@ def markdown(table: dict[str, dict[str, float]], *, threads: int, new_tokens: in
         cells.append(f"{(ppl / ref - 1) * 100:+.2f}%" if ppl and ref else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
-        f"\n{threads} CPU thread(s) for every variant; prompts of {prompt_tokens} held-out tokens, {new_tokens} new "
+        f"\n{threads} CPU thread(s) for every variant; prompts of {prompt_tokens} tokens, {new_tokens} new "
         "tokens (greedy, end-of-text suppressed); decode = tokens after the first; peak RSS of a child process "
         "that loads the variant and generates the largest batch once (runtime libraries included)."
     )

@@ -143,6 +143,7 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from distilflow.models.hf import no_progress_bars
         from distilflow.tasks.causal_lm import load_tokenizer
 
         if threads:
@@ -150,7 +151,8 @@ class TransformersBackend:
         self.torch = torch
         self.tokenizer = load_tokenizer(folder, what="model folder")
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).float().eval()
+            with no_progress_bars():
+                self.model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).float().eval()
         except (OSError, ValueError) as exc:
             raise UserError(f"'{folder}' could not be loaded as a causal LM: {str(exc).splitlines()[0]}") from None
         config = self.model.config
@@ -177,13 +179,16 @@ class TransformersBackend:
                 cache, logits = out[key], out.logits[0, -1].float()  # (V,)
                 token = _choose(logits, s, generator)
                 if token == eos:
-                    return
+                    break
                 new.append(token)
                 step_ids = torch.tensor([[token]])
                 full = self.tokenizer.decode(new, skip_special_tokens=True)
                 if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     yield full[len(text) :]
                     text = full
+        rest = self.tokenizer.decode(new, skip_special_tokens=True)[len(text) :]
+        if rest:  # bytes that never completed a character, as decode() shows them
+            yield rest
 
 
 def _choose(logits: Any, s: Sampling, generator: Any) -> int:

@@ -46,10 +46,12 @@ def _genai_source(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -
     if _kind(work) != "causal_lm" or not cfg.genai.enabled:
         return None
     from distilflow.deploy.genai import read_hf_config, require_genai, unsupported_reason
+    from distilflow.models.hf import no_progress_bars
 
     require_genai()
     hf_dir = out / "student-hf"
-    student.float().cpu().eval().save_pretrained(hf_dir)
+    with no_progress_bars():
+        student.float().cpu().eval().save_pretrained(hf_dir)
     work.save_for_inference(hf_dir)
     reason = unsupported_reason(read_hf_config(hf_dir), cfg.genai.execution_provider)
     if reason:

@@ -180,7 +180,9 @@ def test_int4_weights_really_are_four_bit(model_dirs, builds):
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     assert len(gathers) == 1 and inits[gathers[0].input[0]].data_type == onnx.TensorProto.INT4  # the embedding
-    # Decode the LM head by hand: within half a quantization step of the trained weight.
+    # Decode the LM head by hand. Symmetric RTN with scale = absmax / 8: rounding errs by up to half a
+    # step (uniform: a quarter step on average), the block's positive extreme is clipped to 7 steps
+    # (one step off). A wrong layout or nibble order would be off by several steps on average.
     head = next(n for n in nbits if n.name.startswith("/lm_head"))
     packed, scales = (numpy_helper.to_array(inits[name]) for name in head.input[1:3])
     hf = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], local_files_only=True)
@@ -188,7 +190,8 @@ def test_int4_weights_really_are_four_bit(model_dirs, builds):
     assert packed.dtype == np.uint8 and packed.nbytes == weight.size // 2
     decoded = unpack_int4(packed, scales, *weight.shape, block=32)
     step = np.repeat(np.abs(scales).reshape(weight.shape[0], -1), 32, axis=1)[:, : weight.shape[1]]
-    assert np.all(np.abs(decoded - weight) <= step / 2 + 1e-6)
+    error = np.abs(decoded - weight) / step
+    assert error.max() <= 1 + 1e-5 and error.mean() < 0.3
     manifest = json.loads((builds["int4"] / genai.MANIFEST).read_text())
     assert manifest["float_matrices"] == [] and manifest["quantized_ops"]["MatMulNBits"] == {"4": 11}
 
@@ -221,11 +224,24 @@ def test_predict_streams_and_stops_on_a_stop_string(backend, builds, model_dirs)
     assert out.getvalue() == expected + "\n"
 
 
-def test_genai_and_transformers_backends_pick_the_same_greedy_tokens(builds, model_dirs):
-    genai_text = "".join(complete(open_backend(builds["fp32"], 1), PROMPT, Sampling(max_new_tokens=16)))
-    hf_text = "".join(complete(open_backend(model_dirs["llama"], 1), PROMPT, Sampling(max_new_tokens=16)))
-    # Same tokens; the two decoders differ only on bytes that do not form a character (dropped vs U+FFFD).
-    assert genai_text.replace("\ufffd", "") == hf_text.replace("\ufffd", "")
+def test_transformers_backend_greedy_text_equals_generate(model_dirs):
+    """The fallback's own KV-cache loop against transformers' ``generate`` (greedy)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"], local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], local_files_only=True).eval()
+    ids = tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=16,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
+    if tokenizer.eos_token_id in out:
+        out = out[: out.index(tokenizer.eos_token_id)]
+    want = tokenizer.decode(out, skip_special_tokens=True)
+    got = "".join(complete(open_backend(model_dirs["llama"], 1), PROMPT, Sampling(max_new_tokens=16)))
+    assert got == want
 
 
 def test_sampling_is_seeded_and_prompts_come_from_jsonl(builds, tmp_path, capsys):
@@ -301,6 +317,7 @@ def prebuilt(builds, monkeypatch):
 
 def test_unsupported_architecture_falls_back_to_torch_export(model_dirs, tokenizer_dir, tmp_path, capsys):
     gpt2 = AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"], local_files_only=True)
+    capsys.readouterr()  # transformers' loading bar
     path, parity = export_student(TinyWork(tokenizer_dir), gpt2, genai_deploy_config(), tmp_path)
     assert path == tmp_path / "student.onnx" and parity.max_rel < 1e-3
     err = capsys.readouterr().err
