@@ -88,7 +88,10 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     command can use the same output_dir.
     """
     world = dist.env_world()  # under torchrun: every rank refuses a batch that does not split, before joining
-    for key, train in (("teacher.train", cfg.teacher.train), ("student.train", cfg.student.train)):
+    trained = [("student.train", cfg.student.train)]
+    if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path):  # a given teacher is not trained here
+        trained.append(("teacher.train", cfg.teacher.train))
+    for key, train in trained:
         world.check_batch(train.batch_size, train.grad_accum, key)
     run_dir = cfg.run_dir
     saved = run_dir / "config.yaml"
