@@ -28,8 +28,26 @@ import time
 from pathlib import Path
 
 from distilflow.config import load_config
-from distilflow.data.cache import write_cache
+from distilflow.data.cache import cache_dir, read_manifest, write_cache
+from distilflow.data.cache_reader import CachedTeacher
 from distilflow.pipeline import Run, baseline_stage, distill_stage, open_run, teacher_stage
+
+
+def _topk_tail(run: Run, steps: int) -> dict[str, float]:
+    """Over the scored positions of every 10th student step: the mean teacher mass outside the
+    cached top k (the tail bucket), and how often the next token lies there."""
+    reader = CachedTeacher(cache_dir(run.cfg), read_manifest(cache_dir(run.cfg)), run.work.device)
+    task = run.work.task("student", run.cfg.student.train, run.cfg.seed + 1)
+    tail = outside = positions = 0.0
+    for step in range(0, steps, 10):
+        for batch in task.micro_batches(step):
+            teacher = reader(batch, features=False).logits
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            tail += float(((1 - teacher.values.exp().sum(-1)) * mask).sum())
+            outside += float(((teacher.ids != labels.unsqueeze(-1)).all(-1) & mask).sum())
+            positions += float(mask.sum())
+    return {"mean_tail_mass": round(tail / positions, 3), "next_token_in_tail": round(outside / positions, 3)}
 
 
 def main() -> None:
@@ -95,6 +113,7 @@ def main() -> None:
                 "bytes_per_token": round(size / positions, 1),
                 "cache_bytes": size,
                 "cache_write_seconds": round(write_seconds, 1),
+                **(_topk_tail(run, args.student_steps) if cfg.cache.format == "topk" else {}),
             }
         )
         print(rows[-1], flush=True)

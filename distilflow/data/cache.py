@@ -10,7 +10,7 @@ What a row stores, per position (a sample for classifiers; each shifted token fo
 
 - ``full``: ``logits`` ``(..., V)`` in float32: classifiers and small vocabularies, where 4 bytes
   per entry is cheap and float32 makes cached distillation equal to the live teacher (fp16 would
-  change the KD loss by ~1e-3 relative; large vocabularies use ``topk`` or ``sampled``).
+  round every logit by up to 2^-11 relative; large vocabularies use ``topk`` or ``sampled``).
 - ``topk``: ``logprobs`` ``(..., k)`` float16, the teacher's largest log-probabilities at the
   distillation temperature, and their ``ids`` int32: 6 bytes per id. The tail mass is
   ``1 - sum(exp(logprobs))``.
