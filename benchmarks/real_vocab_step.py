@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--case", nargs=2, metavar=("IMPL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     tokens = 128 if args.quick else TOKENS
@@ -150,7 +151,7 @@ def main() -> None:
         f"{'loss':>6} {'precision':>9} | {'peak GiB':>8} {'above models GiB':>16} {'step s':>7} {'cpu s':>7}",
         flush=True,
     )
-    for impl, precision in VARIANTS:
+    for impl, precision in (v for v in VARIANTS if v[1] in args.precisions):
         command = [sys.executable, __file__, "--case", impl, precision, "--threads", str(args.threads)]
         command += ["--steps", str(args.steps)] + (["--quick"] if args.quick else [])
         done = subprocess.run(command, capture_output=True, text=True, env=env)

@@ -107,10 +107,10 @@ class _FusedKDCE(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[index] = grad_logits @ weight
             if need_weight:
-                if grad_logits.dtype == grad_weight.dtype == hidden.dtype:
-                    grad_weight.addmm_(grad_logits.T, hidden[index])  # in place: no (V, H) temporary
-                else:  # autocast: the product in the autocast dtype, accumulated in the weight's
-                    grad_weight.add_((grad_logits.T @ hidden[index]).to(grad_weight.dtype))
+                # In place (in-place ops are not autocast): no (V, H) temporary per chunk. Under
+                # autocast the chunk (n, V) and (n, H) are upcast, the product summed in the weight's dtype.
+                dtype = grad_weight.dtype
+                grad_weight.addmm_(grad_logits.T.to(dtype), hidden[index].to(dtype))
             if need_bias:
                 grad_bias.add_(grad_logits.sum(0).to(grad_bias.dtype))
 

@@ -263,3 +263,26 @@ def test_loop_with_fused_loss_logs_what_the_plain_loss_logs(tmp_path, family, te
     for (name, p_plain), p_fused in zip(plain_model.named_parameters(), fused_model.parameters()):
         torch.testing.assert_close(p_fused, p_plain, rtol=0, atol=1e-3 * LR, msg=name)
     assert not torch.equal(plain_model.get_input_embeddings().weight, student.get_input_embeddings().weight)
+
+
+def test_bf16_autocast_fused_matches_plain_under_autocast():
+    """Under bf16 autocast both paths run the lm_head matmul in bf16 and the loss in float32; the
+    chunks round like the whole matmul does, so values agree to bf16 precision (2^-8 relative) and
+    the float32 lm_head gradient too."""
+    hidden, weight, bias, t_hidden, t_weight = make_heads(5)
+    _, _, labels, mask = make_inputs(5, v=V)
+    options = dict(divergence="forward_kl", temperature=2.0, beta=0.5, kd_weight=0.7, ce_weight=0.3)
+    ref, mine = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_total, _, _ = plain_total(F.linear(*ref), F.linear(t_hidden, t_weight), labels, mask, **options)
+        out = fused_kd_ce(
+            HiddenStates(*mine), HiddenStates(t_hidden, t_weight), labels, mask=mask, chunk_rows=4, **options
+        )
+    ref_grads = torch.autograd.grad(ref_total, ref)
+    grads = torch.autograd.grad(out.loss, mine)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss.detach(), ref_total.detach(), rtol=2**-8, atol=0)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.dtype == torch.float32
+        scale = float(ref_grad.abs().max())
+        torch.testing.assert_close(grad, ref_grad, rtol=2**-6, atol=2**-7 * scale)
