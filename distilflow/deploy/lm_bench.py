@@ -6,7 +6,8 @@ greedily (end-of-text suppressed, so every variant does the same work):
 
 - prefill latency: wall time from the call to the first new token (set-up, prompt pass, one pick);
 - decode tokens/s: ``batch * (new_tokens - 1)`` over the time from the first to the last new
-  token: the KV-cached steps (medians of ``repeats`` timed calls after one warm-up);
+  token: the KV-cached steps (medians of ``repeats`` timed calls after one warm-up, interleaved
+  across variants);
 - size on disk: the fp32 safetensors for torch, the model files (graph + weights) for GenAI;
 - peak memory: the peak RSS (VmHWM) of a child process that imports only what the variant needs, loads it
   and generates the batch-8 workload once (so it includes the runtime itself: torch + transformers
@@ -137,14 +138,11 @@ def genai_variant(name: str, folder: Path, threads: int) -> GenVariant:
     return GenVariant(name, genai_generate_fn(model), logits_function(folder, threads), model_size(folder), spec)
 
 
-def time_generation(fn: GenerateFn, prompts: np.ndarray, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(prefill ms: time to the first new token, decode tokens/s over the remaining ``new_tokens - 1``);
-    medians of ``repeats`` calls after one warm-up call (allocations, kernel selection)."""
-    fn(prompts, new_tokens)
-    runs = [fn(prompts, new_tokens) for _ in range(repeats)]
+def _summary(runs: list[tuple[float, float]], batch: int, new_tokens: int) -> tuple[float, float]:
+    """(prefill ms, decode tokens/s over the ``new_tokens - 1`` steps after the first) from medians of ``runs``."""
     first = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
-    return first * 1000, prompts.shape[0] * (new_tokens - 1) / max(decode, 1e-9)
+    return first * 1000, batch * (new_tokens - 1) / max(decode, 1e-9)
 
 
 def peak_memory_mb(spec: dict[str, Any], prompts: np.ndarray, new_tokens: int) -> dict[str, float]:
@@ -178,11 +176,20 @@ def benchmark_generation(
     """One row per variant: size, prefill ms and decode tokens/s per batch size, peak RSS, perplexity."""
     from distilflow.deploy.bench import quality
 
+    # Timed calls are interleaved (every variant once per round), so that a load change on a shared
+    # machine hits all variants alike instead of whichever ran during it.
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for round_ in range(repeats + 1):  # round 0: warm-up
+        for variant in variants:
+            for batch, rows in prompts.items():
+                timing = variant.generate(rows, new_tokens)
+                if round_:
+                    runs.setdefault((variant.name, batch), []).append(timing)
     table: dict[str, dict[str, float]] = {}
     for variant in variants:
         row: dict[str, float] = {"size_bytes": variant.size_bytes}
         for batch, rows in prompts.items():
-            prefill, rate = time_generation(variant.generate, rows, new_tokens, repeats)
+            prefill, rate = _summary(runs[variant.name, batch], rows.shape[0], new_tokens)
             row[f"prefill_ms_b{batch}"] = round(prefill, 3)
             row[f"decode_tokens_per_s_b{batch}"] = round(rate, 1)
         if memory and variant.spec:
