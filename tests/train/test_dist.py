@@ -237,6 +237,21 @@ from distilflow.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+# Rank 1 dies in its backward pass of student step 3: rank 0 is then inside DDP's gradient all-reduce.
+DIE_IN_BACKWARD_3 = """
+import os, sys
+from distilflow.train import precision
+original, calls = precision.Precision.backward, []
+def backward(self, loss):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) > 2 * 3:  # steps 0-2 done (2 micro-batches each)
+        os._exit(1)
+    return original(self, loss)
+precision.Precision.backward = backward
+from distilflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 # A rank that dies (exit) or hangs (sleep) while the other waits in a collective.
 DEAD_RANK = """
 import os, sys, time
@@ -274,10 +289,12 @@ def test_a_dead_or_stuck_rank_stops_the_others_within_the_timeout(fault):
     assert "the test barrier failed: another process stopped or did not answer within dist.timeout_s=3 s" in message
 
 
-def test_cli_names_the_rank_and_exits_2_when_a_peer_dies(reference, args, tmp_path):
-    """Through the CLI: rank 1 dies at student step 3; rank 0 stops with one line, exit 2."""
+@pytest.mark.parametrize("code", [DIE_AT_3, DIE_IN_BACKWARD_3], ids=["between-steps", "in-ddp-backward"])
+def test_cli_names_the_rank_and_exits_2_when_a_peer_dies(reference, args, tmp_path, code):
+    """Through the CLI: rank 1 dies at student step 3 (before the step's first collective, or inside
+    DDP's gradient all-reduce); rank 0 stops with one line, exit 2."""
     began = time.monotonic()
-    ranks = launch(distill_args(args, reference, tmp_path / "dead", "dist.timeout_s=20"), code=DIE_AT_3, timeout=120)
+    ranks = launch(distill_args(args, reference, tmp_path / "dead", "dist.timeout_s=20"), code=code, timeout=120)
     rc, _, err = ranks[0]
     assert ranks[1][0] == 1
     assert rc == 2, err[-3000:]
