@@ -222,14 +222,12 @@ def weight_summary(folder: str | Path) -> dict[str, Any]:
 
     model = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
     ops: dict[str, Counter] = {}
-    table_bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT8: 8}
-    types = {i.name: i.data_type for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            # 'bits' defaults to 4 in both ops (the builder writes it for MatMulNBits only); a
+            # GatherBlockQuantized table is INT4, or uint8 packing two 4-bit values (tied embeddings).
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
             ops.setdefault(node.op_type, Counter())[bits] += 1
-        elif node.op_type == "GatherBlockQuantized":  # no 'bits' attribute: the table's type says it
-            ops.setdefault(node.op_type, Counter())[table_bits.get(types.get(node.input[0]), 8)] += 1
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     size_of = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2}
     size_of |= {onnx.TensorProto.INT4: 0.5, onnx.TensorProto.UINT4: 0.5}  # two 4-bit values per byte

@@ -356,3 +356,28 @@ def test_genai_config_values_are_checked_at_load():
         load_config(None, ["deploy.genai.new_tokens=1"])
     with pytest.raises(UserError, match="deploy.genai.block_size"):
         load_config(None, ["deploy.genai.block_size=48"])
+
+
+def test_lm_run_deploy_stage_writes_genai_results_and_report(tiny_lm_args, tmp_path):
+    """``distilflow run`` on the tiny stdlib LM (tied embeddings; head size 16) with deploy.genai on."""
+    student = (
+        "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+        "num_key_value_heads: 2, max_position_embeddings: 64, tie_word_embeddings: true}"
+    )
+    genai_args = ["deploy.genai.enabled=true", "deploy.genai.precisions=[int4]", "deploy.genai.repeats=1"]
+    genai_args += ["deploy.genai.prompt_tokens=8", "deploy.genai.new_tokens=8", f"student.model.hf_config={student}"]
+    assert main(["run", *tiny_lm_args(tmp_path), *genai_args, "--no-tensorboard"]) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert list(results["deploy"]) == ["torch_eager", "genai_int4"]
+    for row in results["deploy"].values():
+        assert row["decode_tokens_per_s_b1"] > 0 and row["decode_tokens_per_s_b8"] > 0 and row["size_bytes"] > 0
+    eager, int4 = results["deploy"]["torch_eager"], results["deploy"]["genai_int4"]
+    # Teacher-forced over the same rows; 4-bit weights of this 1-layer model move it by well under 5 %.
+    assert int4["perplexity"] == pytest.approx(eager["perplexity"], rel=0.05)
+    assert results["deploy_info"]["genai"]["genai_int4"]["quantized_ops"] == {
+        "GatherBlockQuantized": {"4": 1},
+        "MatMulNBits": {"4": 6},
+    }
+    assert "Deployment for generation (ONNX Runtime GenAI)" in (run / "report.md").read_text()
+    assert (run / "deploy" / "genai-int4" / "genai_config.json").is_file()
