@@ -381,3 +381,17 @@ def test_lm_run_deploy_stage_writes_genai_results_and_report(tiny_lm_args, tmp_p
     }
     assert "Deployment for generation (ONNX Runtime GenAI)" in (run / "report.md").read_text()
     assert (run / "deploy" / "genai-int4" / "genai_config.json").is_file()
+
+
+@pytest.mark.parametrize("backend", ["genai", "transformers"])
+def test_chat_template_is_applied_when_the_tokenizer_has_one(backend, builds, model_dirs, tmp_path):
+    folder = Path(shutil.copytree(builds["fp32"] if backend == "genai" else model_dirs["llama"], tmp_path / "m"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<user> {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<bot> {% endif %}"
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"], local_files_only=True)
+    runner = open_backend(folder, threads=1)
+    assert runner.encode("hi", chat=True) == tokenizer("<user> hi\n<bot> ")["input_ids"]  # rendered by hand
+    assert runner.encode("hi", chat=False) == tokenizer("hi")["input_ids"]  # --raw
