@@ -172,10 +172,10 @@ def _cmd_distill(ns) -> int:
 
     cfg = _load(ns.args)
     run = open_run(cfg)
-    from distilflow.data.cache import cache_complete
+    from distilflow.data.cache import reads_cache
 
     # A complete teacher cache stands in for the teacher (which is then not loaded at all).
-    from_cache = cfg.cache.use and not cfg.student.model.init_layers and cache_complete(cfg)
+    from_cache = reads_cache(cfg)
     given = cfg.teacher.model.checkpoint or cfg.teacher.model.path
     if not from_cache and not given and not _has_weights(run.stage_dir("teacher")):
         raise UserError(

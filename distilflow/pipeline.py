@@ -267,21 +267,28 @@ def _taps_and_heads(run: Run, student: nn.Module, teacher: nn.Module):
 
 def preflight(run: Run, *, writes_cache: bool = False) -> None:
     """Resolve feature layers and build heads on untrained models, so that a bad layer path or
-    shapes no head can map fail before any training (shapes do not depend on the weights)."""
-    teacher = run.work.new_model("teacher")
-    if run.cfg.teacher.model.checkpoint:  # a missing, foreign or pickled file is refused here
-        load_weights(teacher, run.cfg.teacher.model.checkpoint, "teacher")
-    student = _student_init(run, teacher)
-    _taps_and_heads(run, student, teacher)
-    # Precision, gradient checkpointing and teacher dtype must fit the models and the device.
+    shapes no head can map fail before any training (shapes do not depend on the weights).
+
+    When distillation reads a complete teacher cache (``reads_cache``), no teacher is built or loaded
+    (a 7B teacher folder would take minutes and its size in memory): the student is checked against
+    the cache, whose manifest stands in for the teacher (see ``check_config``)."""
+    from distilflow.data.cache import check_config, reads_cache
+
     cfg, device = run.cfg, run.work.device
-    if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path):
-        check_train_options(cfg.teacher.train, teacher, device, "teacher.train")
+    teacher = None
+    if writes_cache or not reads_cache(cfg):
+        teacher = run.work.new_model("teacher")
+        if cfg.teacher.model.checkpoint:  # a missing, foreign or pickled file is refused here
+            load_weights(teacher, cfg.teacher.model.checkpoint, "teacher")
+    student = _student_init(run, teacher)
+    if teacher is not None:
+        _taps_and_heads(run, student, teacher)
+    # Precision, gradient checkpointing and teacher dtype must fit the models and the device.
+    if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path):  # trained here: a fresh model, no file read
+        check_train_options(cfg.teacher.train, teacher or run.work.new_model("teacher"), device, "teacher.train")
     check_train_options(cfg.student.train, student, device, "student.train")
     check_teacher_dtype(cfg.teacher.model.dtype, device)
     # cache.k within the vocabulary; an existing teacher cache made for this config (and intact, with use on).
-    from distilflow.data.cache import check_config
-
     check_config(run, teacher, student, writes=writes_cache)
     if cfg.deploy.enabled and cfg.deploy.genai.enabled and run.work.per_token:
         from distilflow.deploy.genai import require_genai  # the genai extra: missing is said before training

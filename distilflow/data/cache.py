@@ -206,15 +206,19 @@ def logit_width(run: Run, model: nn.Module) -> int:
     return width
 
 
-def check_config(run: Run, teacher: nn.Module, student: nn.Module, *, writes: bool = False) -> None:
+def check_config(run: Run, teacher: nn.Module | None, student: nn.Module, *, writes: bool = False) -> None:
     """Before anything is written, when the cache is used (or ``writes``: cache-teacher): k within
     the vocabulary, features cached if a phase needs them, and an existing cache at ``cache.path``
-    made for this config (as far as it is known yet: the teacher may not be trained)."""
+    made for this config (as far as it is known yet: the teacher may not be trained).
+
+    ``teacher`` None (:func:`reads_cache`): the complete cache stands in for the teacher; it is
+    checked against the config and the student as the student stage opens it (its manifest holds
+    the vocabulary, teacher layers, feature shapes and the hash of the teacher's files)."""
     cfg, c = run.cfg, run.cfg.cache
     if not (c.use or writes):
         return
-    vocab = run.work.shared_vocab(student, teacher) or logit_width(run, teacher)
-    if c.format == "topk" and c.k > vocab:
+    vocab = None if teacher is None else run.work.shared_vocab(student, teacher) or logit_width(run, teacher)
+    if vocab is not None and c.format == "topk" and c.k > vocab:
         raise UserError(f"config key 'cache.k': {c.k} is not allowed; the teacher's vocabulary has {vocab} ids")
     if c.use and getattr(getattr(cfg, "on_policy", None), "lmbda", 0) > 0:
         raise UserError(
@@ -231,6 +235,17 @@ def check_config(run: Run, teacher: nn.Module, student: nn.Module, *, writes: bo
             "config key 'cache.features': False is not allowed with cache.use while distill.phases use the "
             "'feature' term; set cache.features=true (and cache-teacher again) or drop the feature term"
         )
+    if teacher is None:
+        from distilflow.data.cache_reader import open_cache
+
+        describe, files = teacher_files(cfg)
+        missing = [f for f in files if not f.is_file()]
+        if (cfg.teacher.model.checkpoint or cfg.teacher.model.path) and missing:  # else: its hash is not compared
+            raise UserError(
+                f"teacher {describe}: '{missing[0]}' does not exist; give the teacher the cache was made of"
+            )
+        open_cache(run, student, None)  # identity, shards, student taps and heads from the cached shapes
+        return
     folder = cache_dir(cfg)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -451,3 +466,9 @@ def cache_complete(cfg: Config) -> bool:
     """Whether ``cache.path`` holds a finished cache (its match and integrity are checked when opened)."""
     manifest = read_manifest(cache_dir(cfg))
     return bool(manifest and manifest.get("complete"))
+
+
+def reads_cache(cfg: Config) -> bool:
+    """Whether distill and run take the teacher's outputs from a complete cache, so that no teacher model
+    is built or loaded for distillation (``student.model.init_layers`` still copies teacher layers)."""
+    return bool(cfg.cache.use and not cfg.student.model.init_layers and cache_complete(cfg))

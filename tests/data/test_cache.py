@@ -337,3 +337,52 @@ def test_bad_cache_folder_refused(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="not a distilflow manifest"):
         read_manifest(tmp_path)
+
+
+def test_distill_from_complete_cache_never_loads_hf_teacher(lm_teacher, monkeypatch):
+    """A Hugging Face folder teacher (teacher.model.path) with a complete cache: distill reads the cache and
+    loads no teacher weights, not even in preflight; the losses equal those of the run that wrote the cache."""
+    root, args = lm_teacher
+    hf_teacher = [f"teacher.model.path={root / 'live/teacher/hf'}", "teacher.model.hf_config={}"]
+    cache = [*hf_teacher, "cache.use=true", "cache.format=full", "cache.features=true", f"cache.path={root / 'hf'}"]
+    assert main(["distill", *args, f"output_dir={root / 'hf-writes'}", *cache, "--no-tensorboard"]) == 0
+    assert read_manifest(root / "hf")["complete"]
+
+    from transformers import AutoModelForCausalLM
+
+    loads = []
+
+    def no_weights(*_a, **_k):
+        loads.append(1)
+        raise AssertionError("the teacher's weights must not be loaded when a complete cache is used")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    assert main(["distill", *args, f"output_dir={root / 'hf-reads'}", *cache, "--no-tensorboard"]) == 0
+    assert not loads
+    writes, reads = _losses(root / "hf-writes"), _losses(root / "hf-reads")
+    assert {r["phase"] for r in reads} == {"feature_alignment", "soft_label_pretrain", "joint_optimization"}
+    # Both runs read the same cache with the same student: the same computations, so equal losses.
+    for a, b in zip(writes, reads, strict=True):
+        assert {k: b[k] for k in ("loss", "kd", "ce", "feature") if k in a} == {
+            k: a[k] for k in ("loss", "kd", "ce", "feature") if k in a
+        }, a["step"]
+    # The patch does guard the loading path: without the cache the teacher folder is loaded (and refused here).
+    with pytest.raises(AssertionError, match="must not be loaded"):
+        main(["distill", *args, f"output_dir={root / 'hf-live'}", *hf_teacher])
+    assert loads
+
+
+def test_complete_cache_of_a_missing_teacher_file_refused(classifier_teacher, capsys):
+    """The teacher is not loaded when a complete cache is read, but a given teacher file must still exist:
+    its hash is what ties the cache to this teacher."""
+    root, args = classifier_teacher
+    made = _with_teacher(root, args, "topk", "cache.format=topk", "cache.k=3", f"cache.path={root / 'topk_cache'}")
+    if not (root / "topk_cache" / "manifest.json").is_file():
+        assert main(["cache-teacher", *made]) == 0
+    out = root / "gone-teacher"
+    gone = root / "nowhere.safetensors"
+    capsys.readouterr()
+    assert main(["distill", *made, f"output_dir={out}", "cache.use=true", f"teacher.model.checkpoint={gone}"]) == 2
+    line = _error(capsys)
+    assert str(gone) in line and "does not exist" in line
+    assert not out.exists()
