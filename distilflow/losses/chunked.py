@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distilflow.losses.logits import DIVERGENCES, at_least_float32, cross_entropy_sum
-from distilflow.losses.sparse import SparseTeacher, check_sparse, sparse_divergence, sparse_rows
+from distilflow.losses.logits import at_least_float32, cross_entropy_sum
+from distilflow.losses.sparse import SparseTeacher, check_sparse, kd_divergence, sparse_rows
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
@@ -98,18 +98,9 @@ def chunk_terms(
     """KD and CE sums of one chunk, by the plain functions. ``student_logits`` ``(n, V)``."""
     kd = ce = None
     if spec.kd_weight is not None:
-        if isinstance(teacher, SparseTeacher):
-            kd = sparse_divergence(
-                student_logits,
-                teacher,
-                divergence=spec.divergence,
-                temperature=spec.temperature,
-                mask=mask,
-                beta=spec.beta,
-            )
-        else:
-            extra = {"beta": spec.beta} if spec.divergence == "jsd" else {}
-            kd = DIVERGENCES[spec.divergence](student_logits, teacher, temperature=spec.temperature, mask=mask, **extra)
+        kd = kd_divergence(
+            student_logits, teacher, divergence=spec.divergence, temperature=spec.temperature, mask=mask, beta=spec.beta
+        )
     if spec.ce_weight is not None:
         ce = cross_entropy_sum(student_logits, labels, ignore_index=IGNORE_INDEX)
     return kd, ce

@@ -16,8 +16,8 @@ from torch import nn
 from distilflow.losses.chunked import LossParts, chunked_kd_ce
 from distilflow.losses.features import FEATURE_LOSSES
 from distilflow.losses.fused import HiddenStates, fused_kd_ce
-from distilflow.losses.logits import DIVERGENCES, cross_entropy_sum
-from distilflow.losses.sparse import SparseTeacher, sparse_divergence
+from distilflow.losses.logits import cross_entropy_sum
+from distilflow.losses.sparse import SparseTeacher, kd_divergence
 from distilflow.schedules import Phase, kd_weight, phase_at
 
 IGNORE_INDEX = -100
@@ -210,21 +210,16 @@ class Objective(nn.Module):
         if "kd" in weights:
             mask = targets.kd_mask if self.per_token else None
             signal = teacher.logits
-            if isinstance(signal, SparseTeacher):
-                total = sparse_divergence(
-                    student.logits,
-                    signal,
-                    divergence=self.divergence,
-                    temperature=self.temperature,
-                    mask=mask,
-                    beta=self.jsd_beta,
-                )
-            else:
-                if isinstance(signal, HiddenStates):
-                    signal = signal.logits_at()
-                extra = {"beta": self.jsd_beta} if self.divergence == "jsd" else {}
-                fn = DIVERGENCES[self.divergence]
-                total = fn(student.logits, signal, temperature=self.temperature, mask=mask, **extra)
+            if isinstance(signal, HiddenStates):
+                signal = signal.logits_at()
+            total = kd_divergence(
+                student.logits,
+                signal,
+                divergence=self.divergence,
+                temperature=self.temperature,
+                mask=mask,
+                beta=self.jsd_beta,
+            )
             parts["kd"] = total / max(rows["kd"], 1)
         if "ce" in weights:
             total = cross_entropy_sum(student.logits, targets.labels, ignore_index=IGNORE_INDEX)

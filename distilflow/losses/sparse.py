@@ -177,3 +177,22 @@ def sparse_divergence(
     return topk_divergence(
         student_logits, teacher, divergence=divergence, temperature=temperature, mask=mask, beta=beta
     )
+
+
+def kd_divergence(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | SparseTeacher,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """The KD term against dense teacher logits ``(..., V)`` (losses/logits.py) or a :class:`SparseTeacher`
+    (:func:`sparse_divergence`). ``student_logits`` ``(..., V)``, ``mask`` ``(...)``. Returns a scalar."""
+    if isinstance(teacher, SparseTeacher):
+        return sparse_divergence(
+            student_logits, teacher, divergence=divergence, temperature=temperature, mask=mask, beta=beta
+        )
+    extra = {"beta": beta} if divergence == "jsd" else {}
+    return DIVERGENCES[divergence](student_logits, teacher, temperature=temperature, mask=mask, **extra)
