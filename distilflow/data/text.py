@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distilflow.data.chat import chat_messages
 from distilflow.errors import UserError
 from distilflow.losses.objective import IGNORE_INDEX
 from distilflow.models.hf import max_positions
@@ -68,15 +69,10 @@ def _record_from_row(row: Any) -> Record | None:
     if not isinstance(row, dict):
         raise _BadRow(f"is a JSON {type(row).__name__}, not an object; {FIELDS_HINT}")
     if row.get("messages") is not None:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise _BadRow("'messages' is not a non-empty list of {role, content} objects")
-        for message in messages:
-            if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
-                raise _BadRow(f"message {message!r} needs string 'role' and 'content'")
+        messages = chat_messages(row["messages"], _BadRow)
         if messages[-1]["role"] != "assistant":
             raise _BadRow(f"last message has role {messages[-1]['role']!r}; it must be 'assistant' (the completion)")
-        return Record(messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+        return Record(messages=messages)
     if row.get("prompt") is not None or row.get("completion") is not None:
         prompt, completion = row.get("prompt"), row.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distilflow.data.chat import chat_messages
 from distilflow.errors import UserError
 
 FIELDS_HINT = "expected 'prompt' (a string) or 'messages' (a list of {role, content}), optional 'answer'"
@@ -64,15 +65,10 @@ def _prompt_from_row(row: Any) -> tuple[str | None, list[dict[str, str]] | None,
         raise _BadLine("'id' must be a string or an integer")
     given_id = None if given_id is None else str(given_id)
     if row.get("messages") is not None:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise _BadLine("'messages' is not a non-empty list of {role, content} objects")
-        for message in messages:
-            if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
-                raise _BadLine(f"message {message!r} needs string 'role' and 'content'")
+        messages = chat_messages(row["messages"], _BadLine)
         if messages[-1]["role"] == "assistant":
             raise _BadLine("the last message is the assistant's; a prompt ends with a user (or system) message")
-        return None, [{"role": m["role"], "content": m["content"]} for m in messages], answer, given_id
+        return None, messages, answer, given_id
     if isinstance(row.get("prompt"), str) and row["prompt"].strip():
         return row["prompt"], None, answer, given_id
     raise _BadLine(f"has no usable field; {FIELDS_HINT}")
