@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from distilflow.generate.prompts import read_prompts
-from distilflow.generate.writer import PROGRESS_SUFFIX, _complete_lines
+from distilflow.generate.writer import PROGRESS_SUFFIX, _complete_lines, _rewrite
 from distilflow.train import dist
 
 COUNTS = ("prompts", "already_done", "generated_prompts", "kept", "rejected", "duplicates", "tokens")
@@ -118,18 +116,8 @@ def merge_parts(output: Path, order: list[str]) -> None:
     progress.sort(key=lambda row: rank.get(str(row.get("id")), last))
     # Rows first: a crash before the progress file is replaced leaves rows of unlisted prompts,
     # which the writer drops on its next start, while the parts (removed last) still hold them.
-    _write_lines(output, rows)
-    _write_lines(progress_path, progress)
+    _rewrite(output, rows)
+    _rewrite(progress_path, progress)
     for part in parts:
         for path in (part, *part.parent.glob(part.name + ".*")):
             path.unlink(missing_ok=True)
-
-
-def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
