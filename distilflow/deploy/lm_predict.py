@@ -49,7 +49,11 @@ def check_sampling(s: Sampling) -> None:
 def read_prompts(source: str, *, each_line: bool = False) -> tuple[list[str], bool]:
     """The prompts of ``source`` and whether they came from JSONL (then the output is JSONL too)."""
     path = Path(source)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # text longer than a file name can be
+        is_file = False
+    if not is_file:
         return [source], False
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
