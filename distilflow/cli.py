@@ -10,8 +10,8 @@ import json
 import logging
 import os
 import sys
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 from distilflow.errors import UserError
