@@ -187,7 +187,9 @@ class GenaiConfig:
     )
     execution_provider: Literal["cpu", "cuda"] = _f("cpu", "Target of the build (cuda: documented, untested here).")
     prompt_tokens: int = _f(64, "Benchmark: prompt length (the first tokens of held-out rows).")
-    new_tokens: int = _f(64, "Benchmark: tokens decoded per prompt (end-of-text suppressed so every variant decodes all).")
+    new_tokens: int = _f(
+        64, "Benchmark: tokens decoded per prompt (end-of-text suppressed so every variant decodes all)."
+    )
     repeats: int = _f(3, "Benchmark: timed repetitions per variant and batch size (the median is reported).")
 
 

@@ -172,7 +172,7 @@ def test_build_model_errors(user_module, arch, message):
 def test_build_model_bad_kwargs(user_module):
     with pytest.raises(
         UserError,
-        match=r"failed when called with \['depth', 'input_shape', 'num_classes'\]: TypeError: .*unexpected keyword .*'depth'",
+        match=r"failed when called with \['depth', 'input_shape', 'num_classes'\]: TypeError: .*unexpected .*'depth'",
     ):
         build_model(ModelConfig(arch=f"{user_module}:make", kwargs={"depth": 2}), (6,), 3, "student")
 
