@@ -1,6 +1,6 @@
 """Load-time checks of the ``generate:``, ``on_policy:`` and ``reasoning:`` config sections.
 
-Called from :func:`distilflow.config.validate` with its ``need(ok, key, value, rule)`` helper, so
+Called from :func:`distilflow.config_checks.validate` with its ``need(ok, key, value, rule)`` helper, so
 each failure is the same one line naming the key, the value and what is allowed.
 """
 

@@ -1,0 +1,175 @@
+"""Value checks of a resolved config that types alone cannot express (ranges, combinations).
+
+Kept apart from the dataclasses of distilflow/config.py, which say what the keys are; this says
+which values are allowed together. Each failure names the key, the value and the rule.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from distilflow.errors import UserError
+
+if TYPE_CHECKING:
+    from distilflow.config import Config
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express; each failure names key, value and rule."""
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise UserError(f"config key '{key}': {value!r} is not allowed; {rule}")
+
+    d = cfg.distill
+    need(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0")
+    need(0 < d.jsd_beta < 1, "distill.jsd_beta", d.jsd_beta, "must be in (0, 1)")
+    off = "must be > 0 (to turn a term off, leave it out of distill.phases)"
+    need(d.ce_weight > 0, "distill.ce_weight", d.ce_weight, off)
+    need(d.feature_weight > 0, "distill.feature_weight", d.feature_weight, off)
+    need(d.loss_chunk_rows >= 0, "distill.loss_chunk_rows", d.loss_chunk_rows, "must be >= 0 (0 = auto)")
+    kw = d.kd_weight
+    need(kw.base_weight > 0, "distill.kd_weight.base_weight", kw.base_weight, off)
+    need(kw.warmup_steps >= 0, "distill.kd_weight.warmup_steps", kw.warmup_steps, "must be >= 0")
+    need(0 < kw.decay_rate <= 1, "distill.kd_weight.decay_rate", kw.decay_rate, "must be in (0, 1]")
+    need(
+        0 <= kw.min_weight <= kw.base_weight,
+        "distill.kd_weight.min_weight",
+        kw.min_weight,
+        "must be in [0, base_weight]",
+    )
+    need(len(d.phases) > 0, "distill.phases", d.phases, "at least one phase is needed")
+    for i, layer in enumerate(d.feature_layers):
+        need(bool(layer.student), f"distill.feature_layers[{i}].student", layer.student, "name a student module path")
+        need(bool(layer.teacher), f"distill.feature_layers[{i}].teacher", layer.teacher, "name a teacher module path")
+        need(layer.weight > 0, f"distill.feature_layers[{i}].weight", layer.weight, "must be > 0 (or drop the pair)")
+    uses_features = any("feature" in p.terms for p in d.phases)
+    need(
+        not uses_features or bool(d.feature_layers) or d.layer_map is not None,
+        "distill.feature_layers",
+        [],
+        "a phase uses the 'feature' term, so name at least one student/teacher layer pair (or distill.layer_map)",
+    )
+    need(
+        d.layer_map is None or not d.feature_layers,
+        "distill.layer_map",
+        d.layer_map,
+        "give either layer_map or feature_layers, not both (set distill.feature_layers=[])",
+    )
+    need(
+        d.layer_map is None or d.layer_map == "uniform" or isinstance(d.layer_map, list),
+        "distill.layer_map",
+        d.layer_map,
+        "use 'uniform' or a list of [student, teacher] layer index pairs",
+    )
+    lm = cfg.task == "causal_lm"
+    need(d.layer_map is None or lm, "distill.layer_map", d.layer_map, "only causal LMs (data.source text or stdlib)")
+    for stage in ("teacher", "student"):
+        m = getattr(cfg, stage).model
+        if lm:
+            need(m.arch == "hf", f"{stage}.model.arch", m.arch, f"data.source '{cfg.data.source}' needs arch 'hf'")
+            need(
+                (m.path is None) != (not m.hf_config),
+                f"{stage}.model.path",
+                m.path,
+                "an hf model needs exactly one of path (a local save_pretrained folder) or hf_config",
+            )
+        else:
+            need(m.arch != "hf", f"{stage}.model.arch", m.arch, "'hf' models need data.source text or stdlib")
+    for stage in ("teacher", "student"):
+        t = getattr(cfg, stage).train
+        pre = f"{stage}.train"
+        need(t.steps >= 1, f"{pre}.steps", t.steps, "must be >= 1")
+        need(t.batch_size >= 1, f"{pre}.batch_size", t.batch_size, "must be >= 1")
+        need(t.grad_accum >= 1, f"{pre}.grad_accum", t.grad_accum, "must be >= 1")
+        need(
+            t.batch_size % t.grad_accum == 0,
+            f"{pre}.batch_size",
+            t.batch_size,
+            f"must be divisible by grad_accum ({t.grad_accum})",
+        )
+        need(t.lr > 0, f"{pre}.lr", t.lr, "must be > 0")
+        need(0 <= t.min_lr <= t.lr, f"{pre}.min_lr", t.min_lr, "must be in [0, lr]")
+        need(0 <= t.warmup_steps <= t.steps, f"{pre}.warmup_steps", t.warmup_steps, "must be in [0, steps]")
+        need(t.weight_decay >= 0, f"{pre}.weight_decay", t.weight_decay, "must be >= 0")
+        need(t.grad_clip >= 0, f"{pre}.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
+        for key in ("eval_every", "log_every", "checkpoint_every"):
+            need(getattr(t, key) >= 0, f"{pre}.{key}", getattr(t, key), "must be >= 0")
+        m = getattr(cfg, stage).model
+        need(0 <= m.dropout < 1, f"{stage}.model.dropout", m.dropout, "must be in [0, 1)")
+        need(all(h >= 1 for h in m.hidden), f"{stage}.model.hidden", m.hidden, "widths must be >= 1")
+        need(
+            len(m.channels) >= 1 and all(c >= 1 for c in m.channels),
+            f"{stage}.model.channels",
+            m.channels,
+            "one or more channel counts >= 1",
+        )
+        need(m.kernel_size >= 1, f"{stage}.model.kernel_size", m.kernel_size, "must be >= 1")
+    need(
+        cfg.student.model.dtype == "float32",
+        "student.model.dtype",
+        cfg.student.model.dtype,
+        "students keep float32 weights; use student.train.precision (bf16, fp16) for low-precision compute",
+    )
+    data = cfg.data
+    sources = ("mnist1d", "npz", "csv", "text", "stdlib")
+    need(
+        data.source in sources or ":" in data.source,
+        "data.source",
+        data.source,
+        f"use one of {', '.join(sources)} or 'module.path:factory'",
+    )
+    need(
+        data.source in ("mnist1d", "stdlib") or ":" in data.source or data.path is not None,
+        "data.path",
+        data.path,
+        f"source '{data.source}' needs a file path",
+    )
+    need(data.seq_len >= 2, "data.seq_len", data.seq_len, "must be >= 2")
+    need(data.vocab_size >= 300, "data.vocab_size", data.vocab_size, "must be >= 300 (256 bytes + merges)")
+    need(data.train_chars > 0, "data.train_chars", data.train_chars, "must be > 0")
+    need(data.eval_chars > 0, "data.eval_chars", data.eval_chars, "must be > 0")
+    need(0 < data.test_fraction < 1, "data.test_fraction", data.test_fraction, "must be in (0, 1)")
+    need(0 < data.train_split < 1, "data.train_split", data.train_split, "must be in (0, 1)")
+    need(data.num_samples >= 20, "data.num_samples", data.num_samples, "must be >= 20")
+    need(data.transfer_size >= 0, "data.transfer_size", data.transfer_size, "must be >= 0")
+    need(
+        data.transfer_size == 0 or data.transfer_seed != data.seed,
+        "data.transfer_seed",
+        data.transfer_seed,
+        "must differ from data.seed, or the transfer set repeats the labeled samples",
+    )
+    need(cfg.threads >= 0, "threads", cfg.threads, "must be >= 0")
+    dep = cfg.deploy
+    need(dep.bits == 8, "deploy.bits", dep.bits, "only 8-bit integer quantization is supported")
+    need(dep.observe_steps >= 1, "deploy.observe_steps", dep.observe_steps, "must be >= 1 (calibration batches)")
+    need(dep.calibration_batch >= 1, "deploy.calibration_batch", dep.calibration_batch, "must be >= 1")
+    need(
+        bool(dep.batch_sizes) and all(b >= 1 for b in dep.batch_sizes),
+        "deploy.batch_sizes",
+        dep.batch_sizes,
+        "one or more sizes >= 1",
+    )
+    need(dep.threads >= 1, "deploy.threads", dep.threads, "must be >= 1")
+    need(dep.iterations >= 1, "deploy.iterations", dep.iterations, "must be >= 1")
+    need(dep.parity_tolerance > 0, "deploy.parity_tolerance", dep.parity_tolerance, "must be > 0")
+    gen = dep.genai
+    need(bool(gen.precisions), "deploy.genai.precisions", gen.precisions, "name one or more of fp32, int8, int4")
+    need(gen.prompt_tokens >= 1, "deploy.genai.prompt_tokens", gen.prompt_tokens, "must be >= 1")
+    need(gen.new_tokens >= 2, "deploy.genai.new_tokens", gen.new_tokens, "must be >= 2 (decode = all but the first)")
+    need(gen.repeats >= 1, "deploy.genai.repeats", gen.repeats, "must be >= 1")
+    from distilflow.generate.settings import validate_generation  # generate, on_policy, reasoning sections
+
+    validate_generation(cfg, need)
+    c = cfg.cache
+    need(c.k >= 1, "cache.k", c.k, "must be >= 1")
+    need(1 <= c.samples <= 255, "cache.samples", c.samples, "must be in [1, 255] (counts are stored as uint8)")
+    need(c.shard_rows >= 1, "cache.shard_rows", c.shard_rows, "must be >= 1")
+    need(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "must be > 0 (seconds)")
+    names = [p.name for p in d.phases]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    # Metrics, plots and the report key on the phase name.
+    need(not twice, "distill.phases", names, f"phase names must be unique ({', '.join(twice)} given twice)")
+    from distilflow.schedules import phase_boundaries  # validates fractions and steps
+
+    phase_boundaries(d.phases, cfg.student.train.steps)
