@@ -50,6 +50,11 @@ def _topk_tail(run: Run, steps: int) -> dict[str, float]:
     return {"mean_tail_mass": round(tail / positions, 3), "next_token_in_tail": round(outside / positions, 3)}
 
 
+def _seconds(result: dict) -> dict[str, float]:
+    """The student stage's training wall time (the end-to-end cost a cache changes)."""
+    return {"train_seconds": result.get("train_seconds", 0.0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-steps", type=int, default=300)
@@ -89,9 +94,11 @@ def main() -> None:
     vocab = len(work.tokenizer)
     rows = [{"student": "teacher", "perplexity": teacher_result["perplexity"], "bytes_per_token": None}]
     _, result = baseline_stage(base, log_tensorboard=False, teacher=teacher)
-    rows.append({"student": "no_teacher", "perplexity": result["perplexity"], "bytes_per_token": 0})
+    rows.append({"student": "no_teacher", "perplexity": result["perplexity"], "bytes_per_token": 0, **_seconds(result)})
     _, result = distill_stage(base, teacher, log_tensorboard=False)
-    rows.append({"student": "full", "perplexity": result["perplexity"], "bytes_per_token": vocab * 4})
+    rows.append(
+        {"student": "full", "perplexity": result["perplexity"], "bytes_per_token": vocab * 4, **_seconds(result)}
+    )
     print(rows, flush=True)
 
     teacher_file = out / "base" / "teacher" / "model.safetensors"
@@ -113,6 +120,7 @@ def main() -> None:
                 "bytes_per_token": round(size / positions, 1),
                 "cache_bytes": size,
                 "cache_write_seconds": round(write_seconds, 1),
+                **_seconds(result),
                 **(_topk_tail(run, args.student_steps) if cfg.cache.format == "topk" else {}),
             }
         )
