@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 from distilflow.config import load_config
-from distilflow.data.cache import cache_dir, read_manifest, write_cache
+from distilflow.data.cache import cache_dir, read_manifest
 from distilflow.data.cache_reader import CachedTeacher
+from distilflow.data.cache_writer import write_cache
 from distilflow.pipeline import Run, baseline_stage, distill_stage, open_run, teacher_stage
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from distilflow.config import load_config
-from distilflow.data.cache import cache_dir, read_manifest, write_cache
+from distilflow.data.cache import cache_dir, read_manifest
 from distilflow.data.cache_reader import CachedTeacher
+from distilflow.data.cache_writer import write_cache
 from distilflow.losses.logits import cross_entropy_sum, forward_kl
 from distilflow.losses.sparse import sparse_divergence
 from distilflow.pipeline import Run, baseline_stage, distill_stage, open_run, teacher_stage

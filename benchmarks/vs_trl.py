@@ -172,7 +172,7 @@ def prepare(out: Path, args) -> dict:
     import torch
 
     from distilflow.config import load_config
-    from distilflow.data.cache import write_cache
+    from distilflow.data.cache_writer import write_cache
     from distilflow.models.hf import build_student, no_progress_bars
     from distilflow.pipeline import Run, make_workload
 

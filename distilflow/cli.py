@@ -260,7 +260,8 @@ def _cmd_bench(ns) -> int:
 
 
 def _cmd_cache_teacher(ns) -> int:
-    from distilflow.data.cache import cache_dir, cache_summary, write_cache
+    from distilflow.data.cache import cache_dir, cache_summary
+    from distilflow.data.cache_writer import write_cache
     from distilflow.pipeline import open_run, teacher_stage
 
     cfg = _load(ns.args)

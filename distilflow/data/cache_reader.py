@@ -26,8 +26,8 @@ from distilflow.data.cache import (
     mismatch,
     read_manifest,
     verify_shards,
-    write_cache,
 )
+from distilflow.data.cache_writer import write_cache
 from distilflow.errors import UserError
 from distilflow.losses.objective import Outputs
 from distilflow.losses.sparse import SparseTeacher

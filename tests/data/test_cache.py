@@ -15,8 +15,10 @@ from distilflow import pipeline
 from distilflow.cli import main
 from distilflow.config import load_config
 from distilflow.data import cache as cache_mod
-from distilflow.data.cache import encode, merge_draws, read_manifest, write_cache
+from distilflow.data import cache_writer
+from distilflow.data.cache import read_manifest
 from distilflow.data.cache_reader import CachedTeacher
+from distilflow.data.cache_writer import encode, merge_draws, write_cache
 from distilflow.errors import UserError
 from distilflow.losses.sparse import SparseTeacher
 
@@ -170,7 +172,7 @@ def test_interrupted_write_resumes_to_identical_files(classifier_teacher, monkey
     assert main(["cache-teacher", *whole]) == 0
 
     broken = _with_teacher(root, args, "broken", "cache.format=sampled", "cache.samples=9")
-    real_encode, calls = cache_mod.encode, {"n": 0}
+    real_encode, calls = cache_writer.encode, {"n": 0}
 
     def failing_encode(*a, **k):
         calls["n"] += 1
@@ -178,13 +180,13 @@ def test_interrupted_write_resumes_to_identical_files(classifier_teacher, monkey
             raise KeyboardInterrupt
         return real_encode(*a, **k)
 
-    monkeypatch.setattr(cache_mod, "encode", failing_encode)
+    monkeypatch.setattr(cache_writer, "encode", failing_encode)
     assert main(["cache-teacher", *broken]) == 130
     folder = root / "broken" / "teacher_cache"
     partial = read_manifest(folder)
     assert not partial["complete"] and len(partial["shards"]) == 2
     assert not list(folder.glob("*.tmp"))  # no half-written shard left behind
-    monkeypatch.setattr(cache_mod, "encode", real_encode)
+    monkeypatch.setattr(cache_writer, "encode", real_encode)
     assert main(["cache-teacher", *broken]) == 0
     reference = root / "whole" / "teacher_cache"
     names = sorted(p.name for p in reference.iterdir())

@@ -324,14 +324,14 @@ CACHE = ["cache.use=true", "cache.features=true", "cache.format=topk", "cache.k=
 # Rank 1 dies right after writing its second shard (rank 0 then waits at the barrier until the timeout).
 DIE_AFTER_2_SHARDS = """
 import os, sys
-from distilflow.data import cache
-original, written = cache.write_weights, []
+from distilflow.data import cache_writer
+original, written = cache_writer.write_weights, []
 def write_weights(*args, **kwargs):
     original(*args, **kwargs)
     written.append(args[0])
     if os.environ["RANK"] == "1" and len(written) == 2:
         os._exit(1)
-cache.write_weights = write_weights
+cache_writer.write_weights = write_weights
 from distilflow.cli import main
 sys.exit(main(sys.argv[1:]))
 """
