@@ -386,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("distilflow: interrupted; the last checkpoint is kept, 'distilflow resume' continues", file=sys.stderr)
+        if dist.current().distributed:
+            # Every rank is interrupted at once (Ctrl-C under torchrun): tearing the process group down
+            # races the peers' exit, and gloo aborts the process (SIGABRT) when a peer has gone first.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     finally:
         dist.shutdown()  # leave the torchrun process group, if one was joined
