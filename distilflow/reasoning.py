@@ -40,15 +40,14 @@ from distilflow.generate.runner import generate_to_file
 from distilflow.generate.verify import Checker, exact_match, extract_answer
 from distilflow.generate.writer import SampleWriter
 from distilflow.losses.objective import Objective
-from distilflow.models.build import count_params, load_weights
+from distilflow.models.build import count_params
 from distilflow.models.hf import build_student, no_progress_bars
+from distilflow.pipeline import RESULT, Run, _load_finished, _train
 from distilflow.schedules import Phase, phase_boundaries
 from distilflow.tasks.causal_lm import CausalLMTask
 from distilflow.train.checkpoint import WEIGHTS, write_json, write_text, write_weights
-from distilflow.train.logging import MetricsLog
-from distilflow.train.loop import LiveTeacher, fit
+from distilflow.train.loop import LiveTeacher
 
-RESULT = "result.json"
 METHODS = {
     "sft": "SFT on gold worked solutions",
     "seq_kd": "sequence-level KD (verified teacher traces)",
@@ -162,26 +161,13 @@ class Demo:
 
     def train_stage(self, stage: str, model: nn.Module, objective: Objective, task, **extra) -> dict:
         """Train (or reuse) ``stage``; returns its result dict."""
-        folder = self.dir / stage
-        if (folder / RESULT).is_file() and (folder / WEIGHTS).is_file():
-            load_weights(model, folder / WEIGHTS, stage)
-            return json.loads((folder / RESULT).read_text())
-        train = self.cfg.teacher.train if stage == "teacher" else self.cfg.student.train
-        log = MetricsLog(self.dir, stage, tensorboard=self.log_tensorboard)
-        try:
-            result = fit(
-                stage=stage,
-                model=model,
-                objective=objective,
-                task=task,
-                train=train,
-                stage_dir=folder,
-                log=log,
-                config=to_dict(self.cfg),
-                **extra,
-            )
-        finally:
-            log.close()
+        # The pipeline's stage mechanics (reuse a finished stage; fit with its metrics log); they read
+        # only the config and the run folder, so the demo needs no workload of the pipeline's kinds.
+        run, folder = Run(self.cfg, None), self.dir / stage
+        done = _load_finished(run, stage, model)
+        if done is not None:
+            return done
+        result = _train(run, stage, model, objective, task, self.log_tensorboard, **extra)
         write_weights(folder / WEIGHTS, model.state_dict(), {"stage": stage})
         # A Hugging Face folder as well: 'distilflow generate' and from_pretrained load it.
         with no_progress_bars():
