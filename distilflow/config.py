@@ -203,6 +203,12 @@ class DeployConfig:
     observe_steps: int = _f(16, "static: calibration batches of training data (the article's observe_steps).")
     calibration_batch: int = _f(32, "static: rows (samples or sequences) per calibration batch.")
     per_channel: bool = _f(False, "Per-output-channel weight scales instead of one per tensor.")
+    reduce_range: Literal["auto"] | bool = _f(
+        "auto",
+        "7-bit int8 weights, which ONNX Runtime needs on x86 CPUs without VNNI (their U8S8 kernel saturates): "
+        "auto = a probe of this machine's kernel decides; true for such a target or an unknown x86 one; false for "
+        "VNNI or ARM targets.",
+    )
     op_types: list[str] = _f(
         [], "ONNX operator types to quantise (empty = ONNX Runtime's defaults, e.g. MatMul, Gemm, Conv, Gather)."
     )

@@ -19,14 +19,17 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from distilflow.deploy import quiet_logs
+from distilflow.deploy.int8_kernels import resolve_reduce_range
 from distilflow.errors import UserError
 
+IntType = Literal["int8", "uint8"]
 INT8_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLinear", "QuantizeLinear")
 
 
@@ -87,11 +90,29 @@ def _excluded_nodes(model, patterns: list[str]) -> list[str]:
     return names
 
 
+def _quant_type(name: IntType):
+    from onnxruntime.quantization import QuantType
+
+    return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
+
+
 def ort_dynamic(
-    src: Path, dst: Path, *, per_channel: bool = False, op_types: list[str] | None = None, exclude: list[str] = ()
+    src: Path,
+    dst: Path,
+    *,
+    per_channel: bool = False,
+    reduce_range: bool | Literal["auto"] = "auto",
+    weight_type: IntType = "int8",
+    op_types: list[str] | None = None,
+    exclude: list[str] = (),
 ) -> Path:
-    """int8 weights, per-batch int8 activations. ``exclude``: regexes over node names or module paths kept in float."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """int8 weights, per-batch uint8 activations. ``exclude``: regexes over node names or module paths kept in float.
+
+    ``reduce_range``: 7-bit weights, which x86 CPUs without VNNI need; 'auto': where this machine's
+    kernel needs them (:mod:`distilflow.deploy.int8_kernels`). ``weight_type`` 'uint8' makes ONNX
+    Runtime run its U8U8 kernels (no saturation, but slower; benchmarks/int8_kernels.py).
+    """
+    from onnxruntime.quantization import quantize_dynamic
 
     model = _load(src)
     excluded = _excluded_nodes(model, list(exclude))
@@ -104,7 +125,8 @@ def ort_dynamic(
             str(dst),
             op_types_to_quantize=op_types or None,
             per_channel=per_channel,
-            weight_type=QuantType.QInt8,
+            reduce_range=resolve_reduce_range(reduce_range),
+            weight_type=_quant_type(weight_type),
             nodes_to_exclude=excluded,
         )
     return dst
@@ -126,11 +148,19 @@ def ort_static(
     calibration: list[dict[str, np.ndarray]],
     *,
     per_channel: bool = False,
+    reduce_range: bool | Literal["auto"] = "auto",
+    activation_type: IntType = "int8",
+    weight_type: IntType = "int8",
     op_types: list[str] | None = None,
     exclude: list[str] = (),
 ) -> Path:
-    """int8 weights and activations (QDQ), scales from MinMax over ``calibration`` feeds."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """int8 weights and activations (QDQ), scales from MinMax over ``calibration`` feeds.
+
+    int8 activations are symmetric (ONNX Runtime shifts them to uint8 on x86, so they meet the same
+    U8S8 kernels as dynamic quantization); 'uint8' activations are asymmetric. ``reduce_range`` and
+    ``weight_type`` as in :func:`ort_dynamic`.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     if not calibration:
         raise UserError(
@@ -148,11 +178,12 @@ def ort_static(
             op_types_to_quantize=op_types or None,
             nodes_to_quantize=weight_nodes(model),
             per_channel=per_channel,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
+            reduce_range=resolve_reduce_range(reduce_range),
+            activation_type=_quant_type(activation_type),
+            weight_type=_quant_type(weight_type),
             nodes_to_exclude=_excluded_nodes(model, list(exclude)),
             calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": True},
+            extra_options={"ActivationSymmetric": activation_type == "int8"},
         )
     return dst
 

@@ -20,6 +20,7 @@ from distilflow.config import DeployConfig
 from distilflow.deploy.bench import benchmark, markdown, ort_variant, torch_variant
 from distilflow.deploy.export import Parity, check_parity, export_onnx, logits_module
 from distilflow.deploy.genai import MANIFEST
+from distilflow.deploy.int8_kernels import decision, describe, kernel_report
 from distilflow.deploy.quantize import ort_dynamic, ort_static, quantized_summary, strip_metadata, torch_int8
 from distilflow.errors import UserError
 from distilflow.train.checkpoint import write_json, write_text
@@ -107,7 +108,12 @@ def quantize_student(work: Any, onnx_path: Path, cfg: DeployConfig, out: Path) -
         hf_dir = out / "student-hf"
         wanted = [p for p in cfg.genai.precisions if p != "fp32"]
         return {f"genai_{p}": build(hf_dir, out / f"genai-{p}", p, cfg.genai) / "model.onnx" for p in wanted}
-    common = {"per_channel": cfg.per_channel, "op_types": cfg.op_types or None, "exclude": cfg.exclude}
+    common = {
+        "per_channel": cfg.per_channel,
+        "reduce_range": cfg.reduce_range,
+        "op_types": cfg.op_types or None,
+        "exclude": cfg.exclude,
+    }
     paths = {}
     if "dynamic" in cfg.methods:
         paths["ort_int8_dynamic"] = ort_dynamic(onnx_path, out / "student.int8-dynamic.onnx", **common)
@@ -150,7 +156,8 @@ def deploy(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -> dict[
         )
     finally:
         torch.set_num_threads(threads_before)
-    text = markdown(table, kind=kind, batch_sizes=cfg.batch_sizes, threads=cfg.threads)
+    kernels = decision(cfg.reduce_range)
+    text = markdown(table, kind=kind, batch_sizes=cfg.batch_sizes, threads=cfg.threads) + "\n" + describe(kernels)
     info = {
         "variants": table,
         "parity": {"max_abs": parity.max_abs, "max_rel": parity.max_rel},
@@ -158,6 +165,7 @@ def deploy(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -> dict[
         | {name: quantized_summary(path) for name, path in quantized.items()},
         "excluded_from_quantization": cfg.exclude,
         "per_channel": cfg.per_channel,
+        "int8_kernels": kernels,
         "torch_int8_backend": backend,
         "threads": cfg.threads,
         "notes": notes,
@@ -206,6 +214,7 @@ def deploy_genai(work: Any, student: nn.Module, cfg: DeployConfig, out: Path, hf
         "variants": table,
         "genai": manifests,
         "parity": {"max_abs": parity.max_abs, "max_rel": parity.max_rel} if parity else None,
+        "cpu": kernel_report(),  # what the GenAI int8/int4 kernels ran on (MatMulNBits; no reduce_range there)
         "threads": cfg.threads,
         "notes": [],
         "table_markdown": text,
