@@ -25,13 +25,15 @@ from distilflow.cli import main
 from distilflow.config import load_config
 from distilflow.deploy.bench import benchmark, latency_ms, markdown, ort_variant, quality, torch_variant
 from distilflow.deploy.export import export_onnx
+from distilflow.deploy.int8_kernels import describe, u8s8_saturates
 from distilflow.deploy.predict import predict
 from distilflow.deploy.quantize import ort_dynamic, torch_int8
 from distilflow.errors import UserError
 from distilflow.models.zoo import MLP
 from distilflow.tasks.classify import ClassifierWorkload
 
-from .test_export_quantize import CLASSES, FEATURES, VOCAB, blobs, lm_feeds, run_onnx, tiny_llama
+from .int8_reference import CLASSES, FEATURES, blobs, initializers
+from .test_export_quantize import VOCAB, lm_feeds, run_onnx, tiny_llama
 
 ERROR = "distilflow: error: "
 VARIANTS = ("torch_fp32", "ort_fp32", "ort_int8_dynamic", "ort_int8_static", "torch_int8")
@@ -87,6 +89,7 @@ def classifier(tmp_path_factory):
     return model, fp32, int8, data
 
 
+@pytest.mark.int8_kernels
 def test_benchmark_classifier_rows_and_accuracy_by_hand(classifier, tmp_path):
     model, fp32, int8, data = classifier
     quantized, _ = torch_int8(model, backend="torch_ao")
@@ -243,10 +246,17 @@ def mnist_run(tmp_path_factory, tiny_overrides) -> tuple[Path, list[str]]:
     return run_dir, args
 
 
+def largest_int8_weight(path: Path) -> int:
+    """max |q| over the int8 weight matrices of a quantized file: 127 for 8-bit weights, 64 for reduce_range."""
+    tensors = initializers(path)
+    return max(int(np.abs(v.astype(int)).max()) for k, v in tensors.items() if v.dtype == np.int8 and "weight" in k)
+
+
 def tensorrt_usable() -> bool:
     return "TensorrtExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
 
 
+@pytest.mark.int8_kernels
 def test_run_ends_with_the_deploy_table(mnist_run):
     run_dir, _ = mnist_run
     results = json.loads((run_dir / "results.json").read_text())
@@ -270,6 +280,15 @@ def test_run_ends_with_the_deploy_table(mnist_run):
     assert info["quantized_nodes"]["ort_int8_dynamic"] == {"MatMulInteger": 3, "DynamicQuantizeLinear": 3}
     assert info["quantized_nodes"]["ort_int8_static"]["DequantizeLinear"] >= 9
     assert info["torch_int8_backend"] == "torch_ao" and info["threads"] == 1 and info["per_channel"] is False
+    # The kernel path the int8 rows ran on, and deploy.reduce_range 'auto' decided by this CPU's probe:
+    # 7-bit weights (|q| <= 64) exactly where ONNX Runtime's U8S8 kernel saturates.
+    kernels = info["int8_kernels"]
+    assert kernels["u8s8_saturates"] is u8s8_saturates() and kernels["reduce_range_setting"] == "auto"
+    assert kernels["reduce_range"] is u8s8_saturates()
+    assert kernels["onnxruntime"] == ort.__version__
+    assert kernels["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["table_markdown"].splitlines()[-1] == describe(kernels)
+    assert largest_int8_weight(folder / "student.int8-dynamic.onnx") == (64 if kernels["reduce_range"] else 127)
     if tensorrt_usable():
         assert info["notes"] == []
     else:
@@ -323,6 +342,15 @@ def test_export_quantize_bench_commands_on_the_finished_run(mnist_run, capsys):
         if name != "torch_int8":
             assert row["size_bytes"] == before["variants"][name]["size_bytes"], name
 
+    # An explicit deploy.reduce_range is for another target: kept whatever this CPU is.
+    for setting, largest in (("true", 64), ("false", 127)):
+        assert main(["quantize", *args, f"deploy.reduce_range={setting}"]) == 0
+        capsys.readouterr()
+        for file in ("dynamic", "static"):
+            assert largest_int8_weight(folder / f"student.int8-{file}.onnx") == largest, (setting, file)
+    assert main(["quantize", *args]) == 0  # back to this machine's choice for the predict tests below
+    capsys.readouterr()
+
 
 @pytest.fixture(scope="module")
 def mnist_test_set(mnist_run, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
@@ -346,6 +374,7 @@ def printed_rows(out: str) -> list[tuple[int, int, float]]:
     return rows
 
 
+@pytest.mark.int8_kernels
 def test_predict_command_with_the_int8_model(mnist_run, mnist_test_set, capsys):
     run_dir, _ = mnist_run
     path, x, logits = mnist_test_set
@@ -388,7 +417,11 @@ def test_predict_command_bad_input(mnist_run, mnist_test_set, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("deploy.bits=4", "deploy.bits"), ("deploy.observe_steps=0", "deploy.observe_steps")],
+    [
+        ("deploy.bits=4", "deploy.bits"),
+        ("deploy.observe_steps=0", "deploy.observe_steps"),
+        ("deploy.reduce_range=maybe", "deploy.reduce_range"),
+    ],
 )
 def test_bad_deploy_config_is_refused(override, key, tmp_path, capsys):
     line = one_error(capsys, ["print-config", f"output_dir={tmp_path / 'run'}", override])

@@ -27,6 +27,7 @@ from distilflow.config import DeployConfig, GenaiConfig, load_config
 from distilflow.data.stdlib_corpus import stdlib_root, tiny_llama_config, train_tokenizer
 from distilflow.deploy import genai
 from distilflow.deploy.bench import quality
+from distilflow.deploy.int8_kernels import kernel_report
 from distilflow.deploy.lm_predict import Sampling, StopFilter, complete, open_backend, predict_lm
 from distilflow.deploy.stage import deploy, export_student, quantize_student
 from distilflow.errors import UserError
@@ -144,6 +145,7 @@ def test_fp32_greedy_output_equals_transformers_generate(family, model_dirs, bui
     assert got == want
 
 
+@pytest.mark.int8_kernels
 def test_fp32_perplexity_equals_eager_reference(model_dirs, builds, tokenizer_dir):
     data = held_out_rows(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], local_files_only=True).eval()
@@ -349,6 +351,7 @@ def test_deploy_stage_benchmarks_every_variant(model_dirs, tokenizer_dir, tmp_pa
     assert table["genai_fp32"]["perplexity"] == pytest.approx(table["torch_eager"]["perplexity"], rel=1e-4)
     assert table["genai_int4"]["size_bytes"] < table["genai_fp32"]["size_bytes"] / 4
     assert json.loads((tmp_path / "bench.json").read_text())["variants"] == table
+    assert info["cpu"] == kernel_report()  # the CPU and kernel path the GenAI variants ran on
 
 
 def test_genai_config_values_are_checked_at_load():
@@ -358,6 +361,7 @@ def test_genai_config_values_are_checked_at_load():
         load_config(None, ["deploy.genai.block_size=48"])
 
 
+@pytest.mark.int8_kernels
 def test_lm_run_deploy_stage_writes_genai_results_and_report(tiny_lm_args, tmp_path):
     """``distilflow run`` on the tiny stdlib LM (tied embeddings; head size 16) with deploy.genai on."""
     student = (
