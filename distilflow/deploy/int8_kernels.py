@@ -113,7 +113,7 @@ def describe(info: dict[str, Any]) -> str:
     weights = "7-bit weights" if info["reduce_range"] else "8-bit weights"
     return (
         f"int8 kernels: ONNX Runtime {info['onnxruntime']}, CPU {info['cpu_capability']} "
-        f"(/proc/cpuinfo: {flags}); {info['kernel_path']} (probe); "
+        f"(/proc/cpuinfo: {flags}); probe: {info['kernel_path']}; "
         f"deploy.reduce_range {str(info['reduce_range_setting']).lower()} -> "
         f"{str(info['reduce_range']).lower()} ({weights})."
     )

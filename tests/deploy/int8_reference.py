@@ -172,9 +172,10 @@ def int8_expectation(ops: list, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # The largest |z| a test allows, z = (int8 logit - its noise-free value) / noise std: each logit's
-# error is a sum of >= 40 independent rounding errors, close to Gaussian, and a Gaussian passes 6
-# sigma somewhere in 4,000 logits with probability ~1e-5 (measured: 3.4 at most, on AVX-512 VNNI,
-# emulated AVX2 with reduce_range, emulated AVX). A saturating kernel sends z past 40.
+# error is a sum of many (16 to 256 per layer) independent rounding errors, close to Gaussian, and
+# a Gaussian passes 6 sigma somewhere in 4,000 logits with probability ~1e-5. Measured with exact
+# kernels (AVX-512 VNNI, emulated AVX2 with reduce_range, emulated AVX): 3.8 at most, rms 0.75-1.0;
+# with the saturating kernel (emulated AVX2, 8-bit weights): 8 to 105 (docs/BENCHMARKS.md).
 Z_MAX = 6.0
 
 
