@@ -79,7 +79,7 @@ def child(impl: str, precision: str, tokens: int, steps: int) -> dict:
         grad_accum=1,
         seed=0,
         device=torch.device("cpu"),
-        hidden_states=impl == "fused",
+        loss_impl=impl,
     )
     signals = LiveTeacher(teacher, task, None)
     objective = Objective(
@@ -89,7 +89,7 @@ def child(impl: str, precision: str, tokens: int, steps: int) -> dict:
         temperature=2.0,
         ce_weight=0.3,
         per_token=True,
-        loss_impl="plain" if impl == "plain" else "auto",
+        loss_impl=impl,
     )
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -189,7 +189,7 @@ def _cmd_distill(ns) -> int:
 
 
 def _cmd_eval(ns) -> int:
-    from distilflow.pipeline import load_trained, open_run
+    from distilflow.pipeline import load_trained, open_run, stage_loss_impl
 
     cfg = _load(ns.args)
     stages = [ns.model] if ns.model else ["teacher", "baseline", "student"]
@@ -209,7 +209,9 @@ def _cmd_eval(ns) -> int:
             continue
         model = load_trained(run, stage)
         vocab = run.work.shared_vocab(model, reference) if stage != "teacher" else None
-        task = run.work.task(stage, cfg.student.train, cfg.seed, vocab_size=vocab)
+        train = cfg.teacher.train if stage == "teacher" else cfg.student.train
+        impl = stage_loss_impl(cfg, run.work, train, [model], vocab)  # evaluated as it was trained
+        task = run.work.task(stage, train, cfg.seed, vocab, loss_impl=impl, chunk_rows=cfg.distill.loss_chunk_rows)
         results[stage] = {**task.evaluate(model), **run.work.facts(model)}
     if not results:
         raise UserError(f"no trained models in '{run.dir}'; run 'distilflow run' with this config first")

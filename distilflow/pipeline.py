@@ -17,9 +17,9 @@ import torch
 import yaml
 from torch import nn
 
-from distilflow.config import Config, config_from_dict, read_yaml, to_dict
+from distilflow.config import Config, TrainConfig, config_from_dict, read_yaml, to_dict
 from distilflow.errors import UserError
-from distilflow.losses.objective import Objective
+from distilflow.losses.objective import Objective, choose_loss_impl
 from distilflow.models.build import load_weights
 from distilflow.models.heads import build_head
 from distilflow.models.taps import Taps
@@ -134,8 +134,39 @@ def config_of_run(run_dir: str | Path) -> Config:
     return config_from_dict(read_yaml(path))
 
 
-def _supervised(total_steps: int) -> Objective:
-    return Objective([Phase("supervised", 0, total_steps, ("ce",))], total_steps=total_steps, ce_weight=1.0)
+def stage_loss_impl(
+    cfg: Config, work, train: TrainConfig, models: list[nn.Module], vocab_size: int | None = None
+) -> str:
+    """``distill.loss_impl`` resolved once for a stage; its task and its objective get this one value.
+
+    ``auto`` decides by the logit entries of one micro-batch of the global batch (``train``), so the
+    choice does not depend on the number of processes. ``fused`` needs every model that runs
+    through the stage's task (the student, and a live teacher) to compute its logits as
+    ``lm_head(hidden)``; under ``auto`` a model that does not falls back to ``chunked``, an explicit
+    ``fused`` is refused with one line.
+    """
+    positions, columns = work.logit_shape(models[0], vocab_size)
+    micro = max(train.batch_size // max(train.grad_accum, 1), 1)
+    setting = cfg.distill.loss_impl
+    impl = choose_loss_impl(setting, rows=micro * positions, vocab_size=columns, hidden_states=work.per_token)
+    if impl == "fused":
+        problem = next((p for p in map(work.fused_problem, models) if p), None)
+        if problem and setting == "fused":
+            raise UserError(f"distill.loss_impl fused: {problem}; use distill.loss_impl=chunked or plain")
+        if problem:
+            impl = "chunked"
+    return impl
+
+
+def supervised_objective(total_steps: int, loss_impl: str, chunk_rows: int) -> Objective:
+    """The teacher's and the baseline's objective: cross-entropy on the labels alone."""
+    return Objective(
+        [Phase("supervised", 0, total_steps, ("ce",))],
+        total_steps=total_steps,
+        ce_weight=1.0,
+        loss_impl=loss_impl,
+        chunk_rows=chunk_rows,
+    )
 
 
 def _finish(run: Run, stage: str, model: nn.Module, result: FitResult, heads: nn.Module | None = None) -> dict:
@@ -191,7 +222,8 @@ def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, di
     """The teacher: from ``teacher.model.checkpoint`` or a pretrained ``path``, reused, or trained now."""
     cfg = run.cfg
     model = run.work.new_model("teacher")
-    task = run.work.task("teacher", cfg.teacher.train, cfg.seed)
+    impl, chunk_rows = stage_loss_impl(cfg, run.work, cfg.teacher.train, [model]), cfg.distill.loss_chunk_rows
+    task = run.work.task("teacher", cfg.teacher.train, cfg.seed, loss_impl=impl, chunk_rows=chunk_rows)
     if cfg.teacher.model.checkpoint or cfg.teacher.model.path:
         if cfg.teacher.model.checkpoint:
             load_weights(model, cfg.teacher.model.checkpoint, "teacher")
@@ -200,7 +232,8 @@ def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, di
     done = _load_finished(run, "teacher", model)
     if done is not None:
         return model.eval(), done
-    result = _train(run, "teacher", model, _supervised(cfg.teacher.train.steps), task, log_tensorboard)
+    objective = supervised_objective(cfg.teacher.train.steps, impl, chunk_rows)
+    result = _train(run, "teacher", model, objective, task, log_tensorboard)
     model = result.model or model  # dist.strategy fsdp2: the unsharded trained copy
     return model.eval(), _finish(run, "teacher", model, result)
 
@@ -223,9 +256,14 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | 
     if done is not None:
         return model.eval(), done
     # Scored over the ids it shares with the teacher, exactly as the distilled student is.
+    cfg = run.cfg
     vocab = run.work.shared_vocab(model, teacher)
-    task = run.work.task("baseline", run.cfg.student.train, run.cfg.seed + 1, vocab_size=vocab)
-    result = _train(run, "baseline", model, _supervised(run.cfg.student.train.steps), task, log_tensorboard)
+    impl, chunk_rows = stage_loss_impl(cfg, run.work, cfg.student.train, [model], vocab), cfg.distill.loss_chunk_rows
+    task = run.work.task(
+        "baseline", cfg.student.train, cfg.seed + 1, vocab_size=vocab, loss_impl=impl, chunk_rows=chunk_rows
+    )
+    objective = supervised_objective(cfg.student.train.steps, impl, chunk_rows)
+    result = _train(run, "baseline", model, objective, task, log_tensorboard)
     model = result.model or model  # dist.strategy fsdp2: the unsharded trained copy
     return model.eval(), _finish(run, "baseline", model, result)
 
@@ -315,6 +353,9 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
     if done is not None:
         return model.eval(), done
     steps = cfg.student.train.steps
+    vocab = side.vocab_size if cfg.cache.use else run.work.shared_vocab(model, teacher)
+    # A cached teacher's outputs are stored tensors: only the student runs through the task.
+    impl = stage_loss_impl(cfg, run.work, cfg.student.train, [model] + ([] if cfg.cache.use else [teacher]), vocab)
     objective = Objective(
         phase_boundaries(d.phases, steps),
         total_steps=steps,
@@ -328,11 +369,12 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
         layer_weights=[p[2] for p in pairs],
         heads=heads,
         per_token=run.work.per_token,
-        loss_impl=d.loss_impl,
+        loss_impl=impl,
         chunk_rows=d.loss_chunk_rows,
     )
-    vocab = side.vocab_size if cfg.cache.use else run.work.shared_vocab(model, teacher)
-    task = run.work.task("student", cfg.student.train, cfg.seed + 1, vocab_size=vocab)
+    task = run.work.task(
+        "student", cfg.student.train, cfg.seed + 1, vocab_size=vocab, loss_impl=impl, chunk_rows=d.loss_chunk_rows
+    )
     if cfg.on_policy.lmbda > 0:  # GKD: a batch source that samples continuations from this student
         from distilflow.tasks.on_policy import on_policy_task
 

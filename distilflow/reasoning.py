@@ -42,9 +42,9 @@ from distilflow.generate.writer import SampleWriter
 from distilflow.losses.objective import Objective
 from distilflow.models.build import count_params
 from distilflow.models.hf import build_student, no_progress_bars
-from distilflow.pipeline import RESULT, Run, _load_finished, _train
-from distilflow.schedules import Phase, phase_boundaries
-from distilflow.tasks.causal_lm import CausalLMTask
+from distilflow.pipeline import RESULT, Run, _load_finished, _train, stage_loss_impl, supervised_objective
+from distilflow.schedules import phase_boundaries
+from distilflow.tasks.causal_lm import CausalLMTask, fused_problem, lm_logit_shape
 from distilflow.train.checkpoint import WEIGHTS, write_json, write_text, write_weights
 from distilflow.train.loop import LiveTeacher
 
@@ -142,10 +142,18 @@ class Demo:
         torch.manual_seed(seed)
         return build_student(self.hf_config(model_cfg.hf_config), role=role).to(self.device)
 
+    per_token = True
+
     def rows(self, records: list[Record]) -> dict[str, torch.Tensor]:
         return tokenize(records, self.tokenizer, seq_len=self.seq_len, pack=False)
 
-    def task(self, records: list[Record], train, seed: int) -> ExactMatchTask:
+    def logit_shape(self, model: nn.Module, vocab_size: int | None = None) -> tuple[int, int]:
+        return lm_logit_shape(model, self.seq_len, vocab_size)
+
+    def fused_problem(self, model: nn.Module) -> str | None:
+        return fused_problem(model, self.rows([Record(prompt=p.prompt, completion=p.solution) for p in self.held[:1]]))
+
+    def task(self, records: list[Record], train, seed: int, *, loss_impl: str, chunk_rows: int) -> ExactMatchTask:
         held = self.rows([Record(prompt=p.prompt, completion=p.solution) for p in self.held[:8]])
         return ExactMatchTask(
             self.rows(records),
@@ -157,6 +165,8 @@ class Demo:
             problems=self.held,
             tokenizer=self.tokenizer,
             max_new_tokens=self.max_new_tokens,
+            loss_impl=loss_impl,
+            chunk_rows=chunk_rows,
         )
 
     def train_stage(self, stage: str, model: nn.Module, objective: Objective, task, **extra) -> dict:
@@ -186,11 +196,7 @@ class Demo:
         return summary
 
 
-def _supervised(steps: int) -> Objective:
-    return Objective([Phase("supervised", 0, steps, ("ce",))], total_steps=steps, ce_weight=1.0)
-
-
-def _distill_objective(cfg: Config, divergence: str) -> Objective:
+def _distill_objective(cfg: Config, divergence: str, loss_impl: str) -> Objective:
     d, steps = cfg.distill, cfg.student.train.steps
     return Objective(
         phase_boundaries(d.phases, steps),
@@ -201,6 +207,8 @@ def _distill_objective(cfg: Config, divergence: str) -> Objective:
         jsd_beta=d.jsd_beta,
         ce_weight=d.ce_weight,
         per_token=True,
+        loss_impl=loss_impl,
+        chunk_rows=d.loss_chunk_rows,
     )
 
 
@@ -279,8 +287,11 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
     mark = time.monotonic()
     teacher = demo.new_model("teacher", cfg.seed)
     teacher_records = [Record(prompt=p.prompt, completion=p.solution) for p in demo.teacher_set]
-    teacher_task = demo.task(teacher_records, cfg.teacher.train, cfg.seed)
-    teacher_result = demo.train_stage("teacher", teacher, _supervised(cfg.teacher.train.steps), teacher_task)
+    chunk_rows = cfg.distill.loss_chunk_rows
+    impl = stage_loss_impl(cfg, demo, cfg.teacher.train, [teacher])
+    teacher_task = demo.task(teacher_records, cfg.teacher.train, cfg.seed, loss_impl=impl, chunk_rows=chunk_rows)
+    objective = supervised_objective(cfg.teacher.train.steps, impl, chunk_rows)
+    teacher_result = demo.train_stage("teacher", teacher, objective, teacher_task)
     teacher.eval()
     timings["teacher"] = time.monotonic() - mark
 
@@ -301,14 +312,16 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
         records = (
             [Record(prompt=p.prompt, completion=p.solution) for p in demo.gold] if method == "sft" else trace_records
         )
-        task = demo.task(records, train, cfg.seed + 2)
+        distilled = method not in ("sft", "seq_kd")
+        impl = stage_loss_impl(cfg, demo, train, [model, teacher] if distilled else [model])
+        task = demo.task(records, train, cfg.seed + 2, loss_impl=impl, chunk_rows=chunk_rows)
         extra: dict[str, Any] = {}
-        if method in ("sft", "seq_kd"):
-            objective = _supervised(train.steps)
+        if not distilled:
+            objective = supervised_objective(train.steps, impl, chunk_rows)
         else:
             from distilflow.tasks.on_policy import on_policy_task
 
-            objective = _distill_objective(cfg, "jsd" if method == "gkd" else cfg.distill.divergence)
+            objective = _distill_objective(cfg, "jsd" if method == "gkd" else cfg.distill.divergence, impl)
             if method == "gkd":
                 task = on_policy_task(
                     task, model, cfg.on_policy, demo.tokenizer, seed=cfg.seed + 3, total_steps=train.steps

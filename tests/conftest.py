@@ -97,3 +97,44 @@ def _keep_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def loss_calls(monkeypatch):
+    """Spies on the loss functions: a list of ``(stage, implementation, chunk_rows)``, one per call.
+
+    The stage is the one ``fit`` is training; the implementation is ``plain`` (the objective's plain
+    terms), ``chunked`` or ``fused`` (the objective's one-pass terms, with the chunk size they were
+    given), or ``fused eval`` (a causal-LM task's held-out cross-entropy on hidden states).
+    """
+    from distilflow import pipeline
+    from distilflow.losses import objective
+    from distilflow.tasks import causal_lm
+
+    calls: list[tuple[str, str, int | None]] = []
+    current = {"stage": None}
+    real_fit = pipeline.fit
+
+    def fit(**kwargs):
+        current["stage"] = kwargs["stage"]
+        return real_fit(**kwargs)
+
+    def spy(function, name):
+        def wrapper(*args, **kwargs):
+            calls.append((current["stage"], name, kwargs.get("chunk_rows")))
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    real_plain = objective.Objective.plain_terms
+
+    def plain_terms(self, *args, **kwargs):
+        calls.append((current["stage"], "plain", None))
+        return real_plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit", fit)
+    monkeypatch.setattr(objective.Objective, "plain_terms", plain_terms)
+    monkeypatch.setattr(objective, "chunked_kd_ce", spy(objective.chunked_kd_ce, "chunked"))
+    monkeypatch.setattr(objective, "fused_kd_ce", spy(objective.fused_kd_ce, "fused"))
+    monkeypatch.setattr(causal_lm, "fused_kd_ce", spy(causal_lm.fused_kd_ce, "fused eval"))
+    return calls

@@ -22,6 +22,7 @@ from distilflow.schedules import Phase, kd_weight, phase_at
 
 IGNORE_INDEX = -100
 LOSS_IMPLS = ("auto", "plain", "chunked", "fused")
+RESOLVED_IMPLS = ("plain", "chunked", "fused")
 AUTO_LARGE_LOGITS = 1 << 25
 """``auto`` leaves ``plain`` once a micro-batch's logits hold this many entries (32M: 128 MiB in
 float32, so the plain loss, about seven such tensors at its peak, would pass 0.9 GiB)."""
@@ -98,7 +99,10 @@ class Objective(nn.Module):
     """Combines the active terms of the phase at ``step``.
 
     ``heads`` (one projection head per layer pair, see models/heads.py) are trained with the
-    student; they live here because the feature term is their only user.
+    student; they live here because the feature term is their only user. ``loss_impl`` (plain,
+    chunked or fused) and ``chunk_rows`` are the stage's resolved ``distill.loss_impl`` and
+    ``distill.loss_chunk_rows``: the task was built with the same values (fused: it gives hidden
+    states instead of logits), so the two never decide apart.
     """
 
     def __init__(
@@ -116,7 +120,7 @@ class Objective(nn.Module):
         layer_weights: list[float] | None = None,
         heads: nn.ModuleList | None = None,
         per_token: bool = False,
-        loss_impl: str = "auto",
+        loss_impl: str = "plain",
         chunk_rows: int = 0,
     ) -> None:
         super().__init__()
@@ -132,7 +136,8 @@ class Objective(nn.Module):
         self.layer_weights = layer_weights or []
         self.heads = heads if heads is not None else nn.ModuleList()
         self.per_token = per_token
-        choose_loss_impl(loss_impl, rows=0, vocab_size=0, hidden_states=False)  # validates the name
+        if loss_impl not in RESOLVED_IMPLS:  # decided once per stage (choose_loss_impl), never here
+            raise ValueError(f"loss_impl must be one of {', '.join(RESOLVED_IMPLS)} (resolved), got {loss_impl!r}")
         self.loss_impl = loss_impl
         self.chunk_rows = chunk_rows
 
@@ -171,7 +176,8 @@ class Objective(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         loss = None
         if "kd" in weights or "ce" in weights:
-            impl = self.impl_for(student.logits)
+            impl = self.loss_impl
+            self.check_outputs(student.logits)
             if impl == "plain":
                 parts.update(self.plain_terms(weights, student, teacher, targets, rows))
             else:
@@ -194,13 +200,11 @@ class Objective(nn.Module):
             loss = logits.anchor() if isinstance(logits, HiddenStates) else logits.sum() * 0.0
         return loss, parts
 
-    def impl_for(self, student_logits: torch.Tensor | HiddenStates) -> str:
-        """``fused`` when the student gave hidden states (the task chose it), else plain or chunked."""
-        if isinstance(student_logits, HiddenStates):
-            return "fused"
-        shape = student_logits.shape
-        rows = shape[:-1].numel()
-        return choose_loss_impl(self.loss_impl, rows=rows, vocab_size=shape[-1], hidden_states=False)
+    def check_outputs(self, student_logits: torch.Tensor | HiddenStates) -> None:
+        """The task made what this stage's implementation needs: hidden states for ``fused``, logits otherwise."""
+        if isinstance(student_logits, HiddenStates) != (self.loss_impl == "fused"):
+            given = "hidden states" if isinstance(student_logits, HiddenStates) else "logits"
+            raise ValueError(f"loss_impl {self.loss_impl!r} was given {given}; the task and the objective disagree")
 
     def plain_terms(
         self, weights: dict[str, float], student: Outputs, teacher: Outputs | None, targets: Targets, rows

@@ -26,7 +26,7 @@ from distilflow.data.batches import batch_indices
 from distilflow.data.text import Record, check_seq_len, read_records, split, tokenize
 from distilflow.errors import UserError
 from distilflow.losses.fused import HiddenStates, fused_kd_ce
-from distilflow.losses.objective import IGNORE_INDEX, Targets, choose_loss_impl
+from distilflow.losses.objective import IGNORE_INDEX, Targets
 from distilflow.models.build import count_params, forward_macs
 from distilflow.models.hf import (
     TOKENIZER_FILES,
@@ -49,41 +49,46 @@ def lm_logits(model: nn.Module, batch: Batch, vocab_size: int | None = None) -> 
     return truncate_vocab(logits, vocab_size) if vocab_size else logits
 
 
-_CHECKED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FUSABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _check_fusable(model: nn.Module, base: nn.Module, head: nn.Module, batch: Batch) -> None:
-    """Once per model: its logits must be ``lm_head(base_model(...).last_hidden_state)``; a model that
-    caps, scales or post-processes logits (e.g. Gemma 2's soft-capping) cannot use the fused loss."""
-    if _CHECKED_HEADS.get(model):
-        return
-    row = {k: batch[k][:1, :8] for k in ("input_ids", "attention_mask")}
-    was_training = model.training
-    model.eval()  # no dropout, so that the two passes see the same network
-    with torch.no_grad():
-        expected = model(**row, use_cache=False).logits.float()
-        got = head(base(**row, use_cache=False).last_hidden_state).float()
-    model.train(was_training)
-    scale = float(expected.abs().max()) + 1e-6
-    if got.shape != expected.shape or float((got - expected).abs().max()) > 1e-3 * scale:
-        raise UserError(
-            f"distill.loss_impl fused: {type(model).__name__} does not compute its logits as lm_head(final hidden "
-            "state) (logit scaling or soft-capping?); use distill.loss_impl=chunked or plain"
-        )
-    _CHECKED_HEADS[model] = True
+def fused_problem(model: nn.Module, batch: Batch) -> str | None:
+    """Why ``model`` cannot use the fused loss, or None when it can: its logits must be
+    ``lm_head(base_model(...).last_hidden_state)`` with a linear lm_head; a model that caps, scales
+    or post-processes its logits (e.g. Gemma 2's soft-capping) cannot. Checked once per model on the
+    first row of ``batch``."""
+    if model in _FUSABLE:
+        return _FUSABLE[model]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", model)
+    if not isinstance(head, nn.Linear) or base is model:
+        problem = f"{type(model).__name__} has no linear lm_head and base model"
+    else:
+        row = {k: batch[k][:1, :8] for k in ("input_ids", "attention_mask")}
+        was_training = model.training
+        model.eval()  # no dropout, so that the two passes see the same network
+        with torch.no_grad():
+            expected = model(**row, use_cache=False).logits.float()
+            got = head(base(**row, use_cache=False).last_hidden_state).float()
+        model.train(was_training)
+        scale = float(expected.abs().max()) + 1e-6
+        problem = None
+        if got.shape != expected.shape or float((got - expected).abs().max()) > 1e-3 * scale:
+            problem = (
+                f"{type(model).__name__} does not compute its logits as lm_head(final hidden state) "
+                "(logit scaling or soft-capping?)"
+            )
+    _FUSABLE[model] = problem
+    return problem
 
 
 def lm_hidden_states(model: nn.Module, batch: Batch, vocab_size: int | None = None) -> HiddenStates:
     """Final hidden states ``(B, T - 1, H)`` (position t predicts token t + 1) and the lm_head, for the
     fused loss (losses/fused.py): the ``(B, T - 1, V)`` logits are never made here."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    base = getattr(model, "base_model", model)
-    if not isinstance(head, nn.Linear) or base is model:
-        raise UserError(
-            f"distill.loss_impl fused needs a causal LM with a linear lm_head and a base model; "
-            f"{type(model).__name__} has none; use distill.loss_impl=chunked or plain"
-        )
-    _check_fusable(model, base, head, batch)
+    problem = fused_problem(model, batch)
+    if problem:
+        raise UserError(f"distill.loss_impl fused: {problem}; use distill.loss_impl=chunked or plain")
+    head, base = model.get_output_embeddings(), model.base_model
     # Through base_model, so that forward hooks on decoder layers (feature taps) still fire.
     hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     states = HiddenStates(hidden.last_hidden_state[:, :-1], head.weight, head.bias, vocab_size)
@@ -92,11 +97,18 @@ def lm_hidden_states(model: nn.Module, batch: Batch, vocab_size: int | None = No
     return states
 
 
+def lm_logit_shape(model: nn.Module, seq_len: int, vocab_size: int | None) -> tuple[int, int]:
+    """Scored positions per row (``seq_len - 1``: shifted logits) and logit columns (the shared-vocabulary
+    cut, else the model's output width)."""
+    return max(seq_len - 1, 1), vocab_size or model.get_output_embeddings().out_features
+
+
 class CausalLMTask:
     """Rows of ``input_ids`` / ``attention_mask`` / ``labels`` ``(N, T)``; scored on shifted labels.
 
-    ``hidden_states``: :meth:`forward` gives :class:`HiddenStates` (final hidden states and lm_head)
-    instead of logits, for the fused loss (``distill.loss_impl``); evaluation follows.
+    ``loss_impl`` and ``chunk_rows``: the stage's resolved ``distill.loss_impl`` (the objective has the
+    same); with ``fused`` :meth:`forward` gives :class:`HiddenStates` (final hidden states and lm_head)
+    instead of logits, and evaluation computes its cross-entropy chunk by chunk too.
     """
 
     per_token = True
@@ -113,9 +125,11 @@ class CausalLMTask:
         seed: int,
         device: torch.device,
         vocab_size: int | None = None,
-        hidden_states: bool = False,
+        loss_impl: str = "plain",
+        chunk_rows: int = 0,
     ) -> None:
-        self.hidden_states = hidden_states
+        self.loss_impl, self.chunk_rows = loss_impl, chunk_rows
+        self.hidden_states = loss_impl == "fused"
         self.train = {k: v.to(device) for k, v in train.items()}
         # "row" travels with every micro-batch, so a teacher-signal cache finds the rows' cached outputs.
         self.train["row"] = torch.arange(len(self.train["input_ids"]), device=device)
@@ -152,7 +166,9 @@ class CausalLMTask:
             out = self.forward(model, batch)
             labels = batch["labels"][:, 1:]
             if isinstance(out, HiddenStates):  # chunk by chunk: the (B, T - 1, V) logits are never made
-                total += float(fused_kd_ce(out, None, labels, kd_weight=None, ce_weight=1.0).ce)
+                total += float(
+                    fused_kd_ce(out, None, labels, kd_weight=None, ce_weight=1.0, chunk_rows=self.chunk_rows).ce
+                )
             else:
                 logits = out.float()
                 total += float(
@@ -303,13 +319,17 @@ class CausalLMWorkload:
         # align_vocab takes the teacher's size first; its notice names both in that order.
         return align_vocab(self.tokenizer, self.tokenizer, teacher_size, student_size)
 
-    def task(self, stage: str, train: TrainConfig, seed: int, vocab_size: int | None = None) -> CausalLMTask:
-        # distill.loss_impl: the fused loss needs hidden states instead of logits (every stage: the
-        # teacher's and the baseline's CE are fused too). auto decides by a micro-batch's logit count.
-        rows = max(train.batch_size // max(train.grad_accum, 1), 1) * max(self.cfg.data.seq_len - 1, 1)
-        impl = choose_loss_impl(
-            self.cfg.distill.loss_impl, rows=rows, vocab_size=vocab_size or len(self.tokenizer), hidden_states=True
-        )
+    def task(
+        self,
+        stage: str,
+        train: TrainConfig,
+        seed: int,
+        vocab_size: int | None = None,
+        *,
+        loss_impl: str = "plain",
+        chunk_rows: int = 0,
+    ) -> CausalLMTask:
+        """Every stage trains on the same rows; ``loss_impl`` is the stage's resolved implementation."""
         return CausalLMTask(
             self.train,
             self.held_out,
@@ -318,8 +338,17 @@ class CausalLMWorkload:
             seed=seed,
             device=self.device,
             vocab_size=vocab_size,
-            hidden_states=impl == "fused",
+            loss_impl=loss_impl,
+            chunk_rows=chunk_rows,
         )
+
+    def logit_shape(self, model: nn.Module, vocab_size: int | None) -> tuple[int, int]:
+        """Scored positions per row and logit columns (what ``distill.loss_impl: auto`` decides by)."""
+        return lm_logit_shape(model, self.cfg.data.seq_len, vocab_size)
+
+    def fused_problem(self, model: nn.Module) -> str | None:
+        """Why ``model`` cannot use the fused loss (None: it can)."""
+        return fused_problem(model, self.probe())
 
     def probe(self) -> Batch:
         return {k: v[:2].to(self.device) for k, v in self.train.items() if k != "labels"}

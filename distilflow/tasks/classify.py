@@ -91,8 +91,19 @@ class ClassifierWorkload:
         """Classifiers' teacher and student predict the same classes: nothing to cut."""
         return None
 
-    def task(self, stage: str, train: TrainConfig, seed: int, vocab_size: None = None) -> ClassifierTask:
-        """Teacher and baseline learn from the labeled samples; the student also from the transfer set."""
+    def task(
+        self,
+        stage: str,
+        train: TrainConfig,
+        seed: int,
+        vocab_size: None = None,
+        *,
+        loss_impl: str = "plain",
+        chunk_rows: int = 0,
+    ) -> ClassifierTask:
+        """Teacher and baseline learn from the labeled samples; the student also from the transfer set.
+
+        ``loss_impl`` changes nothing here: a classifier's logits are its output under every implementation."""
         x, y = self.data.distill_set() if stage == "student" else (self.data.train_x, self.data.train_y)
         return ClassifierTask(
             x,
@@ -107,6 +118,13 @@ class ClassifierWorkload:
 
     def probe(self) -> Batch:
         return {"x": self.data.train_x[:2].to(self.device)}
+
+    def logit_shape(self, model: nn.Module, vocab_size: None = None) -> tuple[int, int]:
+        """One scored position per sample, one logit per class."""
+        return 1, self.data.num_classes
+
+    def fused_problem(self, model: nn.Module) -> str:
+        return "a classifier's logits are its output (no lm_head to fuse)"
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["x"])

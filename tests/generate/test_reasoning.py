@@ -91,3 +91,16 @@ def test_refusals(tmp_path, capsys, override, message):
     assert main([*args, override]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("setting", ["chunked", "fused"])
+def test_every_demo_stage_uses_the_configured_loss(tmp_path, monkeypatch, loss_calls, setting):
+    """The teacher and each student run distill.loss_impl with distill.loss_chunk_rows (spied on the losses)."""
+    monkeypatch.setattr(reasoning, "Checker", lambda **kwargs: Checker(verifier=None, keep_truncated=True))
+    args = [*_args(tmp_path / "run"), f"distill.loss_impl={setting}", "distill.loss_chunk_rows=7"]
+    assert main(args) == 0
+    stages = ("teacher", "sft", "seq_kd", "seq_token_kd", "gkd")
+    used = {stage: set() for stage in stages}
+    for stage, impl, chunk_rows in loss_calls:
+        used[stage].add((impl, chunk_rows))
+    assert used == {stage: {(setting, 7)} for stage in stages}

@@ -193,7 +193,8 @@ def run_steps(tmp_path, name, student, teacher, terms, *, hidden_states, vocab_s
         seed=3,
         device=torch.device("cpu"),
         vocab_size=vocab_size,
-        hidden_states=hidden_states,
+        loss_impl="fused" if hidden_states else "plain",
+        chunk_rows=5,
     )
     student_taps = teacher_taps = None
     heads = nn.ModuleList()
@@ -214,6 +215,7 @@ def run_steps(tmp_path, name, student, teacher, terms, *, hidden_states, vocab_s
         layer_weights=[1.0] * len(pairs),
         heads=heads,
         per_token=True,
+        loss_impl="fused" if hidden_states else "plain",
         chunk_rows=5,
     )
     train = TrainConfig(

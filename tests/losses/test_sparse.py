@@ -203,7 +203,7 @@ def test_objective_takes_a_sparse_teacher_in_every_implementation():
             temperature=2.0,
             ce_weight=0.3,
             per_token=True,
-            loss_impl="plain" if impl == "fused" else impl,
+            loss_impl=impl,
             chunk_rows=5,
         )
         leaf = weight.clone().requires_grad_()
