@@ -161,9 +161,9 @@ class DistillConfig:
     phases: list[PhaseConfig] = _f(DEFAULT_PHASES, "Ordered phases of distillation and the loss terms of each.")
     loss_impl: Literal["auto", "plain", "chunked", "fused"] = _f(
         "auto",
-        "KD + CE implementation: plain; chunked (rows in chunks, no full [tokens x vocab] softmax); fused (causal "
-        "LMs: logits made chunk by chunk from hidden states and lm_head); auto: plain below 2^25 logits per "
-        "micro-batch, else fused (chunked for classifiers).",
+        "KD + CE implementation of every stage: plain; chunked (rows in chunks, no full [tokens x vocab] softmax); "
+        "fused (causal LMs: logits made chunk by chunk from hidden states and lm_head); auto: causal LMs fused from "
+        "2^20 logit entries per micro-batch, classifiers chunked from 2^25, plain below (docs/BENCHMARKS.md).",
     )
     loss_chunk_rows: int = _f(0, "chunked/fused: rows (tokens) per chunk; 0 = about 8M logits per chunk.")
 

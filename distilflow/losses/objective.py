@@ -23,25 +23,30 @@ from distilflow.schedules import Phase, kd_weight, phase_at
 IGNORE_INDEX = -100
 LOSS_IMPLS = ("auto", "plain", "chunked", "fused")
 RESOLVED_IMPLS = ("plain", "chunked", "fused")
+AUTO_FUSED_LOGITS = 1 << 20
+"""Causal LMs: ``auto`` picks ``fused`` once one micro-batch's logits hold this many entries (1M).
+Measured (docs/BENCHMARKS.md, "auto's crossover"): from 1M entries on, fused holds 0.57-0.70x of
+plain's loss memory (0.4x at 16M, 0.11x at 64M) at plain's CPU time within the noise of the
+measurement up to 16M entries (a single chunk); below, the loss needs under 50 MiB either way."""
 AUTO_LARGE_LOGITS = 1 << 25
-"""``auto`` leaves ``plain`` once a micro-batch's logits hold this many entries (32M: 128 MiB in
-float32, so the plain loss, about seven such tensors at its peak, would pass 0.9 GiB)."""
+"""Classifiers (no lm_head to fuse): ``auto`` picks ``chunked`` from 32M entries (128 MiB in float32,
+so the plain loss, about seven such tensors at its peak, would pass 0.9 GiB)."""
 
 
 def choose_loss_impl(setting: str, *, rows: int, vocab_size: int, hidden_states: bool) -> str:
     """The loss implementation for ``rows`` scored positions of ``vocab_size`` logits per micro-batch.
 
-    ``auto``: ``plain`` below ``AUTO_LARGE_LOGITS`` logit entries (classifiers, small vocabularies,
-    the LM demo); above, ``fused`` where the model can give hidden states and its lm_head
-    (``hidden_states``: causal LMs), else ``chunked``. An explicit ``fused`` without hidden states
+    ``auto``: where the model can give hidden states and its lm_head (``hidden_states``: causal LMs),
+    ``fused`` from ``AUTO_FUSED_LOGITS`` logit entries, ``plain`` below; for classifiers ``chunked``
+    from ``AUTO_LARGE_LOGITS``, ``plain`` below. An explicit ``fused`` without hidden states
     (classifiers, whose logits are the model's output) is ``chunked``.
     """
     if setting not in LOSS_IMPLS:
         raise ValueError(f"loss_impl must be one of {', '.join(LOSS_IMPLS)}, got {setting!r}")
     if setting == "auto":
-        if rows * vocab_size < AUTO_LARGE_LOGITS:
-            return "plain"
-        setting = "fused"
+        if hidden_states:
+            return "fused" if rows * vocab_size >= AUTO_FUSED_LOGITS else "plain"
+        return "chunked" if rows * vocab_size >= AUTO_LARGE_LOGITS else "plain"
     if setting == "fused" and not hidden_states:
         return "chunked"
     return setting

@@ -16,7 +16,14 @@ from distilflow.config import KDWeightConfig, load_config
 from distilflow.errors import UserError
 from distilflow.losses.chunked import chunk_rows_for, chunked_kd_ce
 from distilflow.losses.logits import DIVERGENCES, cross_entropy_sum
-from distilflow.losses.objective import AUTO_LARGE_LOGITS, Objective, Outputs, Targets, choose_loss_impl
+from distilflow.losses.objective import (
+    AUTO_FUSED_LOGITS,
+    AUTO_LARGE_LOGITS,
+    Objective,
+    Outputs,
+    Targets,
+    choose_loss_impl,
+)
 from distilflow.schedules import Phase
 
 B, T, V = 3, 7, 41
@@ -138,11 +145,16 @@ def test_bfloat16_logits_give_the_plain_value_and_a_bfloat16_gradient():
 
 
 def test_auto_rule_and_chunk_size():
-    assert choose_loss_impl("auto", rows=16 * 127, vocab_size=2048, hidden_states=True) == "plain"  # the LM demo
+    # Causal LMs: fused from 2^20 logit entries per micro-batch (the LM demo has 16 x 127 x 2048 = 4.2M).
+    assert choose_loss_impl("auto", rows=16 * 127, vocab_size=2048, hidden_states=True) == "fused"
+    assert choose_loss_impl("auto", rows=8 * 31, vocab_size=300, hidden_states=True) == "plain"  # tests' tiny LM
+    assert choose_loss_impl("auto", rows=AUTO_FUSED_LOGITS, vocab_size=1, hidden_states=True) == "fused"
+    assert choose_loss_impl("auto", rows=AUTO_FUSED_LOGITS - 1, vocab_size=1, hidden_states=True) == "plain"
     assert choose_loss_impl("auto", rows=4 * 511, vocab_size=151936, hidden_states=True) == "fused"
+    # Classifiers: chunked from 2^25.
     assert choose_loss_impl("auto", rows=4 * 511, vocab_size=151936, hidden_states=False) == "chunked"
     assert choose_loss_impl("auto", rows=AUTO_LARGE_LOGITS, vocab_size=1, hidden_states=False) == "chunked"
-    assert choose_loss_impl("auto", rows=AUTO_LARGE_LOGITS - 1, vocab_size=1, hidden_states=True) == "plain"
+    assert choose_loss_impl("auto", rows=AUTO_LARGE_LOGITS - 1, vocab_size=1, hidden_states=False) == "plain"
     assert choose_loss_impl("fused", rows=1, vocab_size=10, hidden_states=False) == "chunked"
     assert choose_loss_impl("plain", rows=10**9, vocab_size=10**6, hidden_states=True) == "plain"
     with pytest.raises(ValueError, match="loss_impl"):
