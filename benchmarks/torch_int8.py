@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     run = open_run(config_of_run(args.run_dir))
     student = load_trained(run, "student").float().cpu()
-    kind = "causal_lm" if run.work.per_token else "classifier"
+    kind = run.work.kind
     torch.set_num_threads(args.threads)
     variants = [torch_variant("torch_fp32", student, kind)]
     for backend in ("torchao", "torch_ao"):

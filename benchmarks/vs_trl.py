@@ -174,7 +174,8 @@ def prepare(out: Path, args) -> dict:
     from distilflow.config import load_config
     from distilflow.data.cache_writer import write_cache
     from distilflow.models.hf import build_student, no_progress_bars
-    from distilflow.pipeline import Run, make_workload
+    from distilflow.pipeline import Run
+    from distilflow.workload import make_workload
 
     shapes = load_config("configs/lm_stdlib.yaml")
     base = load_config("configs/lm_stdlib.yaml", ["data.train_chars=300000", "data.eval_chars=20000"])

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
@@ -22,17 +22,15 @@ from distilflow.errors import UserError
 from distilflow.losses.objective import Objective, choose_loss_impl
 from distilflow.models.build import load_weights
 from distilflow.models.heads import build_head
+from distilflow.models.layers import LayerPair, layer_pairs
 from distilflow.models.taps import Taps
 from distilflow.schedules import Phase, phase_boundaries
-from distilflow.tasks.classify import ClassifierWorkload
 from distilflow.train import dist
 from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_text, write_weights
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import FitResult, LiveTeacher, fit
 from distilflow.train.precision import cast_teacher, check_teacher_dtype, check_train_options
-
-if TYPE_CHECKING:
-    from distilflow.tasks.causal_lm import CausalLMWorkload
+from distilflow.workload import Workload, make_workload
 
 RESULT = "result.json"
 
@@ -63,7 +61,7 @@ class Run:
     """Everything the stages share: config, workload (data, model builders, device), folder."""
 
     cfg: Config
-    work: ClassifierWorkload | CausalLMWorkload
+    work: Workload
 
     @property
     def dir(self) -> Path:
@@ -73,20 +71,14 @@ class Run:
         return self.dir / stage
 
 
-def make_workload(cfg: Config, device: torch.device) -> ClassifierWorkload | CausalLMWorkload:
-    if cfg.task == "causal_lm":
-        from distilflow.tasks.causal_lm import CausalLMWorkload
-
-        return CausalLMWorkload(cfg, device)
-    return ClassifierWorkload(cfg, device)
-
-
 def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     """Check the output folder (same config or empty), load data, check the models, save the config.
 
     Everything that can fail on bad input runs before anything is written, so the corrected
     command can use the same output_dir.
     """
+    if cfg.reasoning.task != "off":  # its own stage list (distilflow/reasoning.py), with its own folder layout
+        raise UserError(f"reasoning.task {cfg.reasoning.task!r}: the reasoning demo runs with 'distilflow run' only")
     world = dist.env_world()  # under torchrun: every rank refuses a batch that does not split, before joining
     trained = [("student.train", cfg.student.train)]
     if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path):  # a given teacher is not trained here
@@ -135,7 +127,7 @@ def config_of_run(run_dir: str | Path) -> Config:
 
 
 def stage_loss_impl(
-    cfg: Config, work, train: TrainConfig, models: list[nn.Module], vocab_size: int | None = None
+    cfg: Config, work: Workload, train: TrainConfig, models: list[nn.Module], vocab_size: int | None = None
 ) -> str:
     """``distill.loss_impl`` resolved once for a stage; its task and its objective get this one value.
 
@@ -169,10 +161,13 @@ def supervised_objective(total_steps: int, loss_impl: str, chunk_rows: int) -> O
     )
 
 
-def _finish(run: Run, stage: str, model: nn.Module, result: FitResult, heads: nn.Module | None = None) -> dict:
+def _finish(
+    run: Run, stage: str, model: nn.Module, result: FitResult, heads: nn.Module | None = None, facts: dict | None = None
+) -> dict:
     stage_dir = run.stage_dir(stage)
     summary = {
         **result.metrics,
+        **(facts or {}),
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
         f"train_{result.unit}_per_s": round(result.units_per_s, 1),
@@ -272,7 +267,7 @@ def build_heads(
     run: Run,
     student: nn.Module,
     teacher: nn.Module,
-    pairs: list[tuple[str, str, float]],
+    pairs: list[LayerPair],
     student_taps: Taps,
     teacher_taps: Taps,
 ) -> nn.ModuleList:
@@ -287,18 +282,18 @@ def build_heads(
     s_feats, t_feats = student_taps.features(), teacher_taps.features()
     torch.manual_seed(run.cfg.seed + 2)
     heads = nn.ModuleList()
-    for (s_path, t_path, _), s, t in zip(pairs, s_feats, t_feats):
-        name = f"student '{s_path}' -> teacher '{t_path}'"
+    for pair, s, t in zip(pairs, s_feats, t_feats):
+        name = f"student '{pair.student}' -> teacher '{pair.teacher}'"
         heads.append(build_head(tuple(s.shape[1:]), tuple(t.shape[1:]), per_token=run.work.per_token, name=name))
     return heads.to(run.work.device)
 
 
 def _taps_and_heads(run: Run, student: nn.Module, teacher: nn.Module):
-    pairs = run.work.feature_pairs(student, teacher)
+    pairs = layer_pairs(run.cfg.distill, run.work.layer_paths(student), run.work.layer_paths(teacher))
     if not pairs:
         return None, None, nn.ModuleList(), []
-    student_taps = Taps(student, [p[0] for p in pairs], "student")
-    teacher_taps = Taps(teacher, [p[1] for p in pairs], "teacher")
+    student_taps = Taps(student, [p.student for p in pairs], "student")
+    teacher_taps = Taps(teacher, [p.teacher for p in pairs], "teacher")
     heads = build_heads(run, student, teacher, pairs, student_taps, teacher_taps)
     return student_taps, teacher_taps, heads, pairs
 
@@ -366,7 +361,7 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
         ce_weight=d.ce_weight,
         feature_weight=d.feature_weight,
         feature_loss=d.feature_loss,
-        layer_weights=[p[2] for p in pairs],
+        layer_weights=[p.weight for p in pairs],
         heads=heads,
         per_token=run.work.per_token,
         loss_impl=impl,

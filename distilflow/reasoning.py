@@ -31,22 +31,30 @@ import yaml
 from torch import nn
 
 from distilflow.config import Config, read_yaml, to_dict
-from distilflow.data.arith import ANSWER_PATTERN, FORMAT, Problem, arith_tokenizer, make_problems, max_tokens
-from distilflow.data.text import Record, read_records, tokenize
+from distilflow.data.arith import ANSWER_PATTERN, FORMAT
+from distilflow.data.text import read_records
 from distilflow.errors import UserError
-from distilflow.generate.backends import Sampling, TransformersBackend, sample_ids
+from distilflow.generate.backends import Sampling, TransformersBackend
 from distilflow.generate.prompts import Prompt
 from distilflow.generate.runner import generate_to_file
-from distilflow.generate.verify import Checker, exact_match, extract_answer
+from distilflow.generate.verify import Checker, exact_match
 from distilflow.generate.writer import SampleWriter
 from distilflow.losses.objective import Objective
 from distilflow.models.build import count_params
-from distilflow.models.hf import build_student, no_progress_bars
-from distilflow.pipeline import RESULT, Run, _load_finished, _train, stage_loss_impl, supervised_objective
+from distilflow.pipeline import (
+    Run,
+    _finish,
+    _load_finished,
+    _train,
+    resolve_device,
+    stage_loss_impl,
+    supervised_objective,
+)
 from distilflow.schedules import phase_boundaries
-from distilflow.tasks.causal_lm import CausalLMTask, fused_problem, lm_logit_shape
-from distilflow.train.checkpoint import WEIGHTS, write_json, write_text, write_weights
+from distilflow.tasks.reasoning import ReasoningWorkload
+from distilflow.train.checkpoint import write_json, write_text
 from distilflow.train.loop import LiveTeacher
+from distilflow.workload import make_workload
 
 METHODS = {
     "sft": "SFT on gold worked solutions",
@@ -54,38 +62,6 @@ METHODS = {
     "seq_token_kd": "sequence-level + token-level KD",
     "gkd": "on-policy GKD",
 }
-
-
-class ExactMatchTask(CausalLMTask):
-    """A causal-LM task scored by exact match of the final answer on held-out prompts (greedy)."""
-
-    primary_metric = "exact_match"
-
-    def __init__(self, *args: Any, problems: list[Problem], tokenizer: Any, max_new_tokens: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.problems, self.tokenizer, self.max_new_tokens = problems, tokenizer, max_new_tokens
-
-    def evaluate(self, model: nn.Module, batch_size: int = 250) -> dict[str, float]:
-        return {"exact_match": exact_match_accuracy(model, self.tokenizer, self.problems, self.max_new_tokens)}
-
-
-@torch.no_grad()
-def exact_match_accuracy(
-    model: nn.Module, tokenizer: Any, problems: list[Problem], max_new_tokens: int, batch_size: int = 250
-) -> float:
-    """Share of problems whose greedy completion's final answer equals Python's integer sum."""
-    correct = 0
-    greedy = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        prompts = [tokenizer(p.prompt)["input_ids"] for p in chunk]
-        outputs = sample_ids(
-            model, prompts, sampling=greedy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-        )
-        for problem, (ids, _) in zip(chunk, outputs):
-            extracted = extract_answer(tokenizer.decode(ids, skip_special_tokens=True), ANSWER_PATTERN)
-            correct += extracted is not None and exact_match(extracted, problem.answer)
-    return correct / len(problems)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -101,99 +77,18 @@ def _check_folder(cfg: Config) -> None:
         )
 
 
-class Demo:
-    """Paths, data and models shared by the stages of one reasoning run."""
-
-    def __init__(self, cfg: Config, log_tensorboard: bool) -> None:
-        from distilflow.pipeline import resolve_device
-
-        self.cfg, self.log_tensorboard = cfg, log_tensorboard
-        self.dir = cfg.run_dir
-        self.device = resolve_device(cfg.device)
-        r = cfg.reasoning
-        self.seq_len = cfg.data.seq_len
-        need = max_tokens(r.digits, r.operands)
-        if need > self.seq_len:
-            raise UserError(
-                f"config key 'data.seq_len': {self.seq_len} is too short for {r.operands} operands of {r.digits} "
-                f"digits; use at least {need}"
-            )
-        self.tokenizer = arith_tokenizer()
-        self.teacher_set, self.gold, self.fresh, self.held = make_problems(
-            [r.teacher_problems, r.gold_problems, r.fresh_prompts, r.eval_prompts],
-            digits=r.digits,
-            operands=r.operands,
-            seed=cfg.data.seed,
-        )
-        self.max_new_tokens = need - r.operands * (r.digits + 1)
-
-    def hf_config(self, values: dict[str, Any]) -> dict[str, Any]:
-        tok = self.tokenizer
-        filled = {
-            "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-            "bos_token_id": tok.bos_token_id,
-        }
-        return {**filled, **values}
-
-    def new_model(self, role: str, seed: int) -> nn.Module:
-        model_cfg = (self.cfg.teacher if role == "teacher" else self.cfg.student).model
-        torch.manual_seed(seed)
-        return build_student(self.hf_config(model_cfg.hf_config), role=role).to(self.device)
-
-    per_token = True
-
-    def rows(self, records: list[Record]) -> dict[str, torch.Tensor]:
-        return tokenize(records, self.tokenizer, seq_len=self.seq_len, pack=False)
-
-    def logit_shape(self, model: nn.Module, vocab_size: int | None = None) -> tuple[int, int]:
-        return lm_logit_shape(model, self.seq_len, vocab_size)
-
-    def fused_problem(self, model: nn.Module) -> str | None:
-        return fused_problem(model, self.rows([Record(prompt=p.prompt, completion=p.solution) for p in self.held[:1]]))
-
-    def task(self, records: list[Record], train, seed: int, *, loss_impl: str, chunk_rows: int) -> ExactMatchTask:
-        held = self.rows([Record(prompt=p.prompt, completion=p.solution) for p in self.held[:8]])
-        return ExactMatchTask(
-            self.rows(records),
-            held,
-            batch_size=train.batch_size,
-            grad_accum=train.grad_accum,
-            seed=seed,
-            device=self.device,
-            problems=self.held,
-            tokenizer=self.tokenizer,
-            max_new_tokens=self.max_new_tokens,
-            loss_impl=loss_impl,
-            chunk_rows=chunk_rows,
-        )
-
-    def train_stage(self, stage: str, model: nn.Module, objective: Objective, task, **extra) -> dict:
-        """Train (or reuse) ``stage``; returns its result dict."""
-        # The pipeline's stage mechanics (reuse a finished stage; fit with its metrics log); they read
-        # only the config and the run folder, so the demo needs no workload of the pipeline's kinds.
-        run, folder = Run(self.cfg, None), self.dir / stage
-        done = _load_finished(run, stage, model)
-        if done is not None:
-            return done
-        result = _train(run, stage, model, objective, task, self.log_tensorboard, **extra)
-        write_weights(folder / WEIGHTS, model.state_dict(), {"stage": stage})
-        # A Hugging Face folder as well: 'distilflow generate' and from_pretrained load it.
-        with no_progress_bars():
-            model.save_pretrained(folder / "hf")
-        self.tokenizer.save_pretrained(str(folder / "hf"))
-        summary = {
-            **result.metrics,
-            "accuracy": result.metrics["exact_match"],
-            "params": count_params(model),
-            "steps": result.steps,
-            "train_seconds": round(result.seconds, 2),
-        }
-        if hasattr(task, "on_policy_steps"):
-            summary["on_policy_steps"] = task.on_policy_steps
-        write_json(folder / RESULT, summary)
-        return summary
+def train_stage(
+    run: Run, stage: str, model: nn.Module, objective: Objective, task, log_tensorboard: bool, **extra
+) -> dict:
+    """Train (or reuse) ``stage`` with the pipeline's stage mechanics; returns its result dict."""
+    done = _load_finished(run, stage, model)
+    if done is not None:
+        return done
+    result = _train(run, stage, model, objective, task, log_tensorboard, **extra)
+    extra_facts = {"accuracy": result.metrics["exact_match"], "params": count_params(model)}
+    if hasattr(task, "on_policy_steps"):
+        extra_facts["on_policy_steps"] = task.on_policy_steps
+    return _finish(run, stage, model, result, facts=extra_facts)
 
 
 def _distill_objective(cfg: Config, divergence: str, loss_impl: str) -> Objective:
@@ -221,23 +116,24 @@ def _check_phases(cfg: Config) -> None:
         )
 
 
-def traces_stage(demo: Demo, teacher: nn.Module) -> dict:
+def traces_stage(run: Run, teacher: nn.Module) -> dict:
     """The teacher's verified traces for the fresh prompts (resumable: finished prompts are skipped)."""
-    g = demo.cfg.generate
-    path = demo.dir / "data" / "traces.jsonl"
+    work: ReasoningWorkload = run.work
+    g = run.cfg.generate
+    path = run.dir / "data" / "traces.jsonl"
     writer = SampleWriter(path)
     prompts = [
-        Prompt(id=str(i), text=p.prompt, answer=p.answer, where=f"fresh prompt {i}") for i, p in enumerate(demo.fresh)
+        Prompt(id=str(i), text=p.prompt, answer=p.answer, where=f"fresh prompt {i}") for i, p in enumerate(work.fresh)
     ]
     checker = Checker(verifier=exact_match, answer_pattern=ANSWER_PATTERN, format=FORMAT)
-    torch.manual_seed(demo.cfg.seed + 5)
+    torch.manual_seed(run.cfg.seed + 5)
     stats = generate_to_file(
         prompts,
-        TransformersBackend(teacher, demo.tokenizer, batch_size=g.batch_size),
+        TransformersBackend(teacher, work.tokenizer, batch_size=g.batch_size),
         checker,
         writer,
         n=g.n,
-        sampling=Sampling(max_new_tokens=demo.max_new_tokens, temperature=g.temperature, top_p=g.top_p),
+        sampling=Sampling(max_new_tokens=work.max_new_tokens, temperature=g.temperature, top_p=g.top_p),
         dedup=g.dedup,
         prompts_per_call=max(1, g.batch_size // g.n),
         budget_model=teacher,
@@ -260,7 +156,7 @@ def traces_stage(demo: Demo, teacher: nn.Module) -> dict:
         "tokens_per_s_this_call": stats.as_dict()["tokens_per_s"],
         "path": str(path),
     }
-    write_json(demo.dir / "data" / "traces_summary.json", info)
+    write_json(run.dir / "data" / "traces_summary.json", info)
     return info
 
 
@@ -271,50 +167,47 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
     _check_folder(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    demo = Demo(cfg, log_tensorboard)
-    demo.dir.mkdir(parents=True, exist_ok=True)
-    write_text(demo.dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    demo.tokenizer.save_pretrained(str(demo.dir / "tokenizer"))
-    data = demo.dir / "data"
-    for name, problems in (("teacher_train", demo.teacher_set), ("gold", demo.gold), ("held_out", demo.held)):
+    work: ReasoningWorkload = make_workload(cfg, resolve_device(cfg.device))
+    run = Run(cfg, work)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    write_text(run.dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    work.tokenizer.save_pretrained(str(run.dir / "tokenizer"))
+    data = run.dir / "data"
+    for name, problems in (("teacher_train", work.teacher_set), ("gold", work.gold), ("held_out", work.held)):
         rows = [{"prompt": p.prompt, "completion": p.solution, "answer": p.answer} for p in problems]
         _write_jsonl(data / f"{name}.jsonl", rows)
-    fresh = [{"id": str(i), "prompt": p.prompt, "answer": p.answer} for i, p in enumerate(demo.fresh)]
+    fresh = [{"id": str(i), "prompt": p.prompt, "answer": p.answer} for i, p in enumerate(work.fresh)]
     _write_jsonl(data / "fresh_prompts.jsonl", fresh)
     timings: dict[str, float] = {}
+    chunk_rows = cfg.distill.loss_chunk_rows
 
     # Teacher.
     mark = time.monotonic()
-    teacher = demo.new_model("teacher", cfg.seed)
-    teacher_records = [Record(prompt=p.prompt, completion=p.solution) for p in demo.teacher_set]
-    chunk_rows = cfg.distill.loss_chunk_rows
-    impl = stage_loss_impl(cfg, demo, cfg.teacher.train, [teacher])
-    teacher_task = demo.task(teacher_records, cfg.teacher.train, cfg.seed, loss_impl=impl, chunk_rows=chunk_rows)
+    teacher = work.new_model("teacher")
+    impl = stage_loss_impl(cfg, work, cfg.teacher.train, [teacher])
+    teacher_task = work.task("teacher", cfg.teacher.train, cfg.seed, loss_impl=impl, chunk_rows=chunk_rows)
     objective = supervised_objective(cfg.teacher.train.steps, impl, chunk_rows)
-    teacher_result = demo.train_stage("teacher", teacher, objective, teacher_task)
+    teacher_result = train_stage(run, "teacher", teacher, objective, teacher_task, log_tensorboard)
     teacher.eval()
     timings["teacher"] = time.monotonic() - mark
 
     # Traces.
     mark = time.monotonic()
-    traces = traces_stage(demo, teacher)
+    traces = traces_stage(run, teacher)
     timings["traces"] = time.monotonic() - mark
     if traces["kept"] == 0:
         raise UserError("the teacher wrote no verified trace; train it longer (teacher.train.steps) or check the task")
-    trace_records = read_records(data / "traces.jsonl").records
+    work.traces = read_records(data / "traces.jsonl").records
 
     # Students: same init, same steps, same batch size.
     students: dict[str, dict] = {}
     train = cfg.student.train
     for method in cfg.reasoning.methods:
         mark = time.monotonic()
-        model = demo.new_model("student", cfg.seed + 1)
-        records = (
-            [Record(prompt=p.prompt, completion=p.solution) for p in demo.gold] if method == "sft" else trace_records
-        )
+        model = work.new_model("student")
         distilled = method not in ("sft", "seq_kd")
-        impl = stage_loss_impl(cfg, demo, train, [model, teacher] if distilled else [model])
-        task = demo.task(records, train, cfg.seed + 2, loss_impl=impl, chunk_rows=chunk_rows)
+        impl = stage_loss_impl(cfg, work, train, [model, teacher] if distilled else [model])
+        task = work.task(method, train, cfg.seed + 2, loss_impl=impl, chunk_rows=chunk_rows)
         extra: dict[str, Any] = {}
         if not distilled:
             objective = supervised_objective(train.steps, impl, chunk_rows)
@@ -324,10 +217,11 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
             objective = _distill_objective(cfg, "jsd" if method == "gkd" else cfg.distill.divergence, impl)
             if method == "gkd":
                 task = on_policy_task(
-                    task, model, cfg.on_policy, demo.tokenizer, seed=cfg.seed + 3, total_steps=train.steps
+                    task, model, cfg.on_policy, work.tokenizer, seed=cfg.seed + 3, total_steps=train.steps
                 )
             extra["teacher"] = LiveTeacher(teacher, task, None)
-        students[method] = {**demo.train_stage(method, model, objective, task, **extra), "data": METHODS[method]}
+        result = train_stage(run, method, model, objective, task, log_tensorboard, **extra)
+        students[method] = {**result, "data": METHODS[method]}
         timings[method] = time.monotonic() - mark
         print(f"[reasoning] {method}: exact match {students[method]['exact_match']:.3f}", file=sys.stderr)
 
@@ -336,10 +230,10 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
         "task": {
             "digits": cfg.reasoning.digits,
             "operands": cfg.reasoning.operands,
-            "teacher_problems": len(demo.teacher_set),
-            "gold_problems": len(demo.gold),
-            "fresh_prompts": len(demo.fresh),
-            "eval_prompts": len(demo.held),
+            "teacher_problems": len(work.teacher_set),
+            "gold_problems": len(work.gold),
+            "fresh_prompts": len(work.fresh),
+            "eval_prompts": len(work.held),
         },
         "teacher": teacher_result,
         "traces": traces,
@@ -347,10 +241,10 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
         "wall_seconds": round(time.monotonic() - began, 2),
     }
-    write_json(demo.dir / "results.json", results)
+    write_json(run.dir / "results.json", results)
     from distilflow.report import write_reasoning_report
 
-    write_reasoning_report(demo.dir, cfg, results)
+    write_reasoning_report(run.dir, cfg, results)
     print(reasoning_table(results))
     return results
 

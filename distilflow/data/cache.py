@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from distilflow.errors import UserError
+from distilflow.models.layers import layer_pairs
 from distilflow.train.checkpoint import WEIGHTS
 
 if TYPE_CHECKING:
@@ -92,16 +95,31 @@ def teacher_files(cfg: Config) -> tuple[str, list[Path]]:
     return f"{m.arch} trained in {cfg.run_dir / 'teacher'}", [cfg.run_dir / "teacher" / WEIGHTS]
 
 
+@dataclass
+class CacheSource:
+    """What the cache reads from a run (``Workload.cache_source``), instead of the whole run.
+
+    ``rows``: the rows the student is distilled on, as the student task indexes them (row i is
+    index i; every tensor ``(N, ...)``, on the CPU); ``forward(model, batch)``: the teacher's logits
+    as the loss sees them; ``tokenizer``: the tokenizer of teacher and student (None for classifiers).
+    """
+
+    rows: Batch
+    forward: Callable[[nn.Module, Batch], torch.Tensor]
+    tokenizer: Any = None
+
+    def probe(self, device: torch.device) -> Batch:
+        """The first two rows, without labels, on ``device`` (shapes of logits and features)."""
+        return {k: v[:2].to(device) for k, v in self.rows.items() if k not in ("labels", "y")}
+
+
 def train_rows(run: Run) -> Batch:
     """The rows the student is distilled on, as the student task indexes them (row i = index i)."""
-    if run.work.per_token:
-        return dict(run.work.train)
-    x, y = run.work.data.distill_set()
-    return {"x": x, "y": y}
+    return run.work.cache_source().rows
 
 
 def _tokenizer_sha256(run: Run) -> str | None:
-    tok = getattr(run.work, "tokenizer", None)
+    tok = run.work.cache_source().tokenizer
     if tok is None:
         return None
     backend = getattr(tok, "backend_tokenizer", None)
@@ -128,7 +146,7 @@ def identity(run: Run, *, vocab_size: int, pairs: list[list[Any]]) -> dict[str, 
         "temperature": cfg.distill.temperature if sparse else None,
         "vocab_size": vocab_size,
         "rows": len(next(iter(rows.values()))),
-        "seq_len": cfg.data.seq_len if run.work.per_token else None,
+        "seq_len": cfg.data.seq_len if cfg.task == "causal_lm" else None,
         "data_sha256": _sha256_tensors([rows[k] for k in sorted(rows)]),
         "tokenizer_sha256": _tokenizer_sha256(run),
         "teacher_dtype": cfg.teacher.model.dtype,
@@ -176,17 +194,11 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def feature_pairs(run: Run, student: nn.Module, teacher_layers: list[str] | None) -> list[list[Any]]:
-    """The configured layer pairs ``[student path, teacher path, weight]``, as the live run builds them.
-
-    ``teacher_layers``: the teacher's decoder-layer paths (for ``distill.layer_map``), from the manifest.
-    """
-    d = run.cfg.distill
-    if d.layer_map is None:
-        return [[p.student, p.teacher, p.weight] for p in d.feature_layers]
-    from distilflow.models.hf import decoder_layers, layer_map
-
-    s_paths, t_paths = decoder_layers(student), teacher_layers or []
-    return [[s_paths[i], t_paths[j], 1.0] for i, j in layer_map(len(s_paths), len(t_paths), d.layer_map)]
+    """The configured layer pairs ``[student path, teacher path, weight]`` (the manifest's form), by the
+    live run's rule (:func:`~distilflow.models.layers.layer_pairs`); ``teacher_layers``: the teacher's
+    decoder-layer paths (for ``distill.layer_map``), from the manifest."""
+    pairs = layer_pairs(run.cfg.distill, run.work.layer_paths(student), teacher_layers or [])
+    return [[p.student, p.teacher, p.weight] for p in pairs]
 
 
 def _uses_features(cfg: Config) -> bool:
@@ -255,11 +267,9 @@ def check_config(run: Run, teacher: nn.Module | None, student: nn.Module, *, wri
 
 
 def _teacher_layers(run: Run, teacher: nn.Module) -> list[str] | None:
-    if not run.work.per_token or run.cfg.distill.layer_map is None:
+    if run.cfg.distill.layer_map is None:
         return None
-    from distilflow.models.hf import decoder_layers
-
-    return decoder_layers(teacher)
+    return run.work.layer_paths(teacher)
 
 
 def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from distilflow.errors import UserError
 from distilflow.losses.objective import Outputs
 from distilflow.losses.sparse import SparseTeacher
 from distilflow.models.heads import build_head
+from distilflow.models.layers import LayerPair
 from distilflow.models.taps import Taps
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ class StudentSide:
 
     student_taps: Taps | None
     heads: nn.ModuleList
-    pairs: list[tuple[str, str, float]]
+    pairs: list[LayerPair]
     vocab_size: int | None  # the student task's vocabulary cut (None: none)
 
 
@@ -130,8 +131,8 @@ def open_cache(run: Run, student: nn.Module, teacher: nn.Module | None) -> tuple
     signals = CachedTeacher(folder, manifest, run.work.device)
     side = StudentSide(None, nn.ModuleList(), [], None if vocab == width else vocab)
     if pairs:
-        side.pairs = [tuple(p) for p in pairs]
-        side.student_taps = Taps(student, [p[0] for p in pairs], "student")
+        side.pairs = [LayerPair(*p) for p in pairs]
+        side.student_taps = Taps(student, [p.student for p in side.pairs], "student")
         side.heads = _heads(run, student, side, signals)
     return signals, side
 
@@ -148,7 +149,7 @@ def _heads(run: Run, student: nn.Module, side: StudentSide, signals: CachedTeach
     student_feats = side.student_taps.features()
     torch.manual_seed(run.cfg.seed + 2)  # as build_heads: the same initial heads as a live run
     heads = nn.ModuleList()
-    for (s_path, t_path, _), feat, t_shape in zip(side.pairs, student_feats, teacher_shapes):
-        name = f"student '{s_path}' -> teacher '{t_path}'"
+    for pair, feat, t_shape in zip(side.pairs, student_feats, teacher_shapes):
+        name = f"student '{pair.student}' -> teacher '{pair.teacher}'"
         heads.append(build_head(tuple(feat.shape[1:]), t_shape, per_token=run.work.per_token, name=name))
     return heads.to(run.work.device)

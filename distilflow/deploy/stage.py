@@ -24,6 +24,7 @@ from distilflow.deploy.int8_kernels import decision, describe, kernel_report
 from distilflow.deploy.quantize import ort_dynamic, ort_static, quantized_summary, strip_metadata, torch_int8
 from distilflow.errors import UserError
 from distilflow.train.checkpoint import write_json, write_text
+from distilflow.workload import Workload
 
 
 def tensorrt_status() -> str | None:
@@ -37,14 +38,10 @@ def tensorrt_status() -> str | None:
     return None
 
 
-def _kind(work: Any) -> str:
-    return "causal_lm" if work.per_token else "classifier"
-
-
-def _genai_source(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -> Path | None:
+def _genai_source(work: Workload, student: nn.Module, cfg: DeployConfig, out: Path) -> Path | None:
     """The student as a Hugging Face folder for ONNX Runtime GenAI's builder, or None when it does not
     apply (a classifier, deploy.genai off) or cannot (unsupported architecture: said in one line)."""
-    if _kind(work) != "causal_lm" or not cfg.genai.enabled:
+    if work.kind != "causal_lm" or not cfg.genai.enabled:
         return None
     from distilflow.deploy.genai import read_hf_config, require_genai, unsupported_reason
     from distilflow.models.hf import no_progress_bars
@@ -61,7 +58,7 @@ def _genai_source(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -
     return hf_dir
 
 
-def _genai_parity(student: nn.Module, folder: Path, work: Any, cfg: DeployConfig) -> Parity:
+def _genai_parity(student: nn.Module, folder: Path, work: Workload, cfg: DeployConfig) -> Parity:
     """The GenAI decoder's logits (empty KV cache) against the eager student's on 8 held-out rows."""
     from distilflow.deploy.genai import logits_function
 
@@ -78,10 +75,10 @@ def _genai_parity(student: nn.Module, folder: Path, work: Any, cfg: DeployConfig
     return parity
 
 
-def export_student(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -> tuple[Path, Any]:
+def export_student(work: Workload, student: nn.Module, cfg: DeployConfig, out: Path) -> tuple[Path, Any]:
     """``out/student.onnx`` and its parity with the eager student on real test inputs; with
     ``deploy.genai.enabled`` (causal LMs) ``out/genai-fp32/model.onnx`` instead."""
-    kind = _kind(work)
+    kind = work.kind
     hf_dir = _genai_source(work, student, cfg, out)
     if hf_dir is not None:
         from distilflow.deploy.genai import build
@@ -99,7 +96,7 @@ def export_student(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) 
     return onnx_path, parity
 
 
-def quantize_student(work: Any, onnx_path: Path, cfg: DeployConfig, out: Path) -> dict[str, Path]:
+def quantize_student(work: Workload, onnx_path: Path, cfg: DeployConfig, out: Path) -> dict[str, Path]:
     """The int8 ONNX files asked for by ``deploy.methods``, by variant name; for a GenAI export (see
     :func:`export_student`) the int8/int4 GenAI models of ``deploy.genai.precisions``."""
     if onnx_path.parent.name == "genai-fp32" and (onnx_path.parent / "genai_config.json").is_file():
@@ -125,9 +122,9 @@ def quantize_student(work: Any, onnx_path: Path, cfg: DeployConfig, out: Path) -
     return paths
 
 
-def deploy(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -> dict[str, Any]:
+def deploy(work: Workload, student: nn.Module, cfg: DeployConfig, out: Path) -> dict[str, Any]:
     """Export, quantize and benchmark ``student``; returns what goes into results.json."""
-    kind = _kind(work)
+    kind = work.kind
     hf_dir = _genai_source(work, student, cfg, out)
     if hf_dir is not None:
         return deploy_genai(work, student, cfg, out, hf_dir)
@@ -176,7 +173,7 @@ def deploy(work: Any, student: nn.Module, cfg: DeployConfig, out: Path) -> dict[
     return info
 
 
-def deploy_genai(work: Any, student: nn.Module, cfg: DeployConfig, out: Path, hf_dir: Path) -> dict[str, Any]:
+def deploy_genai(work: Workload, student: nn.Module, cfg: DeployConfig, out: Path, hf_dir: Path) -> dict[str, Any]:
     """Causal LMs through ONNX Runtime GenAI: build every precision, then the generation benchmark
     (eager transformers ``generate`` vs each GenAI variant, docs in :mod:`distilflow.deploy.lm_bench`)."""
     from distilflow.deploy import lm_bench

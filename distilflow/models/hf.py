@@ -22,6 +22,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, Pr
 from transformers.utils import logging as hf_logging
 
 from distilflow.errors import UserError
+from distilflow.models.layers import decoder_layers
 
 # What a tokenizer directory must hold (any one of them), besides tokenizer_config.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -195,67 +196,6 @@ def copy_from_teacher(student: nn.Module, teacher: nn.Module, init_layers: list[
     with torch.no_grad():  # check everything first, so a failure leaves the student untouched
         for param, source_param in pairs:
             param.copy_(source_param.to(param.dtype))
-
-
-def num_layers(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    return getattr(config.get_text_config(), "num_hidden_layers", None)
-
-
-def decoder_layers(model: nn.Module) -> list[str]:
-    """Module paths of the decoder blocks, in order: ``model.layers.0`` ... or ``transformer.h.0`` ...
-
-    Found generically: the shallowest ``nn.ModuleList`` whose length is the config's
-    ``num_hidden_layers`` (or, without a config, the longest one of identical blocks). Each block's
-    output (first tensor of its output) is the ``(B, T, hidden)`` hidden state after that layer.
-    """
-    expected = num_layers(model)
-    candidates = []
-    for path, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1:
-            continue
-        if expected is None or len(module) == expected:
-            candidates.append((path.count("."), -len(module), path, len(module)))
-    if not candidates:
-        raise UserError(f"found no decoder layer stack (a ModuleList of {expected} blocks) in {type(model).__name__}")
-    _, _, path, count = min(candidates)
-    return [f"{path}.{i}" for i in range(count)]
-
-
-def layer_map(student_layers: int, teacher_layers: int, spec: str | list) -> list[tuple[int, int]]:
-    """Pairs ``(student_layer, teacher_layer)`` for feature alignment.
-
-    ``"uniform"``: student layer ``i`` -> teacher layer ``round((i + 1) * T / S) - 1`` with halves
-    rounded up, so the last student layer maps to the last teacher layer (S=2, T=4: [(0, 1), (1, 3)]).
-    A list of ``[student, teacher]`` pairs is checked and returned as tuples in the given order.
-    """
-    if spec == "uniform":
-        # (2x + 1) // 2 rounds halves up in integers, with no float error.
-        return [
-            (i, ((i + 1) * teacher_layers * 2 + student_layers) // (2 * student_layers) - 1)
-            for i in range(student_layers)
-        ]
-    if not isinstance(spec, (list, tuple)) or not spec:
-        raise UserError(f"layer map {spec!r} is not allowed; use 'uniform' or a list of [student, teacher] pairs")
-    pairs = []
-    for pair in spec:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(x, int) for x in pair):
-            raise UserError(f"layer map entry {pair!r} is not a [student, teacher] pair of integers")
-        student_layer, teacher_layer = pair
-        if not 0 <= student_layer < student_layers:
-            raise UserError(
-                f"layer map student layer {student_layer} is out of range; the student has {student_layers}"
-            )
-        if not 0 <= teacher_layer < teacher_layers:
-            raise UserError(
-                f"layer map teacher layer {teacher_layer} is out of range; the teacher has {teacher_layers}"
-            )
-        pairs.append((student_layer, teacher_layer))
-    return pairs
 
 
 def align_vocab(teacher_tok: Any, student_tok: Any, teacher_vocab_size: int, student_vocab_size: int) -> int:

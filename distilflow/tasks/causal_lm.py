@@ -23,6 +23,7 @@ from torch import nn
 
 from distilflow.config import Config, TrainConfig
 from distilflow.data.batches import batch_indices
+from distilflow.data.cache import CacheSource
 from distilflow.data.text import Record, check_seq_len, read_records, split, tokenize
 from distilflow.errors import UserError
 from distilflow.losses.fused import HiddenStates, fused_kd_ce
@@ -32,12 +33,11 @@ from distilflow.models.hf import (
     TOKENIZER_FILES,
     align_vocab,
     build_student,
-    decoder_layers,
-    layer_map,
     load_causal_lm,
     no_progress_bars,
     truncate_vocab,
 )
+from distilflow.models.layers import find_decoder_layers
 
 Batch = dict[str, torch.Tensor]
 
@@ -220,44 +220,52 @@ def _stdlib_tokenizer(cfg: Config, texts: list[str]) -> Any:
 
 
 class CausalLMWorkload:
-    """Builds the tokenizer, token data, teacher and student of a causal-LM run from its config."""
+    """Builds the tokenizer, token data, teacher and student of a causal-LM run from its config
+    (a :class:`~distilflow.workload.Workload`)."""
 
+    kind = "causal_lm"
     per_token = True
     primary_metric = "perplexity"
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        d = cfg.data
         self._loaded: dict[str, nn.Module] = {}
         self.skipped = 0
+        self.tokenizer, train_records, held_records = self.load_records()
+        self.train, self.held_out = self.rows(train_records), self.rows(held_records)
+
+    def rows(self, records: list[Record]) -> Batch:
+        """Token rows ``(N, data.seq_len)`` of ``records`` (packed when ``data.pack``)."""
+        return tokenize(records, self.tokenizer, seq_len=self.cfg.data.seq_len, pack=self.cfg.data.pack)
+
+    def load_records(self) -> tuple[Any, list[Record], list[Record]]:
+        """The tokenizer, the training records and the held-out records of ``data.source``."""
+        d = self.cfg.data
         if d.source == "stdlib":
             from distilflow.data.stdlib_corpus import load_stdlib_corpus
 
             corpus = load_stdlib_corpus(train_chars=d.train_chars, eval_chars=d.eval_chars)
             train_records = [Record(completion=text) for text in corpus.train]
             held_records = [Record(completion=text) for text in corpus.eval]
-            self.tokenizer = self._tokenizer() or _stdlib_tokenizer(cfg, corpus.train)
+            return self._tokenizer() or _stdlib_tokenizer(self.cfg, corpus.train), train_records, held_records
+        tokenizer = self._tokenizer()
+        if tokenizer is None:
+            raise UserError(
+                "no tokenizer for data.source 'text': set data.tokenizer, or give student.model.path or "
+                "teacher.model.path (a folder with a tokenizer)"
+            )
+        records = read_records(d.path, on_error=d.on_error)
+        if d.test_path:
+            train_records, held_records = records.records, read_records(d.test_path, on_error=d.on_error).records
         else:
-            self.tokenizer = self._tokenizer()
-            if self.tokenizer is None:
-                raise UserError(
-                    "no tokenizer for data.source 'text': set data.tokenizer, or give student.model.path or "
-                    "teacher.model.path (a folder with a tokenizer)"
-                )
-            records = read_records(d.path, on_error=d.on_error)
-            if d.test_path:
-                train_records, held_records = records.records, read_records(d.test_path, on_error=d.on_error).records
-            else:
-                train_records, held_records = split(records.records, fraction=d.test_fraction, seed=d.seed)
-            self.skipped = records.skipped
-            if records.skipped:
-                first = records.problems[0] if records.problems else ""
-                print(
-                    f"distilflow: skipped {records.skipped} bad lines (data.on_error=skip); first: {first}",
-                    file=sys.stderr,
-                )
-        self.train = tokenize(train_records, self.tokenizer, seq_len=d.seq_len, pack=d.pack)
-        self.held_out = tokenize(held_records, self.tokenizer, seq_len=d.seq_len, pack=d.pack)
+            train_records, held_records = split(records.records, fraction=d.test_fraction, seed=d.seed)
+        self.skipped = records.skipped
+        if records.skipped:
+            first = records.problems[0] if records.problems else ""
+            print(
+                f"distilflow: skipped {records.skipped} bad lines (data.on_error=skip); first: {first}", file=sys.stderr
+            )
+        return tokenizer, train_records, held_records
 
     def _tokenizer(self) -> Any | None:
         c = self.cfg
@@ -296,7 +304,7 @@ class CausalLMWorkload:
             # is not copied). Students are trained twice (baseline, distilled), so each gets a copy.
             model = self._loaded[role] if role == "teacher" else copy.deepcopy(self._loaded[role])
         else:
-            torch.manual_seed(self.cfg.seed)
+            torch.manual_seed(self.model_seed(role))
             init_layers = m.init_layers if role == "student" else None
             model = build_student(
                 self._hf_config(m.hf_config),
@@ -306,6 +314,10 @@ class CausalLMWorkload:
             )
         check_seq_len(self.cfg.data.seq_len, model)
         return model.to(self.device)
+
+    def model_seed(self, role: str) -> int:
+        """The seed a fresh model of ``role`` is initialised from: the run's (teacher and students alike)."""
+        return self.cfg.seed
 
     def shared_vocab(self, student: nn.Module, teacher: nn.Module | None) -> int | None:
         """Logit columns a student is trained and scored on: the ids it shares with the teacher
@@ -329,9 +341,9 @@ class CausalLMWorkload:
         loss_impl: str = "plain",
         chunk_rows: int = 0,
     ) -> CausalLMTask:
-        """Every stage trains on the same rows; ``loss_impl`` is the stage's resolved implementation."""
-        return CausalLMTask(
-            self.train,
+        """The rows of ``stage`` (:meth:`stage_rows`) as a task; ``loss_impl``: the stage's resolved one."""
+        return self.task_class(
+            self.stage_rows(stage),
             self.held_out,
             batch_size=train.batch_size,
             grad_accum=train.grad_accum,
@@ -340,9 +352,20 @@ class CausalLMWorkload:
             vocab_size=vocab_size,
             loss_impl=loss_impl,
             chunk_rows=chunk_rows,
+            **self.task_options(),
         )
 
-    def logit_shape(self, model: nn.Module, vocab_size: int | None) -> tuple[int, int]:
+    task_class: type[CausalLMTask] = CausalLMTask
+
+    def stage_rows(self, stage: str) -> Batch:
+        """What ``stage`` trains on: every stage of a causal-LM run trains on the same rows."""
+        return self.train
+
+    def task_options(self) -> dict[str, Any]:
+        """Keyword arguments of :attr:`task_class` beyond those of :class:`CausalLMTask`."""
+        return {}
+
+    def logit_shape(self, model: nn.Module, vocab_size: int | None = None) -> tuple[int, int]:
         """Scored positions per row and logit columns (what ``distill.loss_impl: auto`` decides by)."""
         return lm_logit_shape(model, self.cfg.data.seq_len, vocab_size)
 
@@ -356,13 +379,13 @@ class CausalLMWorkload:
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return lm_logits(model, batch)
 
-    def feature_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str, float]]:
-        """``distill.layer_map`` over the decoder stacks, or the explicit ``feature_layers``."""
-        d = self.cfg.distill
-        if d.layer_map is None:
-            return [(p.student, p.teacher, p.weight) for p in d.feature_layers]
-        s_paths, t_paths = decoder_layers(student), decoder_layers(teacher)
-        return [(s_paths[i], t_paths[j], 1.0) for i, j in layer_map(len(s_paths), len(t_paths), d.layer_map)]
+    def layer_paths(self, model: nn.Module) -> list[str]:
+        """The decoder blocks' module paths (what ``distill.layer_map`` pairs)."""
+        return find_decoder_layers(model)
+
+    def cache_source(self) -> CacheSource:
+        """Every stage trains on the same token rows."""
+        return CacheSource(dict(self.train), self.forward, self.tokenizer)
 
     def facts(self, model: nn.Module) -> dict[str, int]:
         """Parameters, and multiply-accumulates per token of a forward pass over one full row."""

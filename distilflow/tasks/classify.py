@@ -8,6 +8,7 @@ from torch import nn
 
 from distilflow.config import Config, TrainConfig
 from distilflow.data.batches import batch_indices
+from distilflow.data.cache import CacheSource
 from distilflow.data.classification import ClassificationData, load_classification
 from distilflow.losses.objective import Targets
 from distilflow.models.build import build_model, count_macs, count_params
@@ -72,10 +73,12 @@ class ClassifierTask:
 
 
 class ClassifierWorkload:
-    """Builds the classifier models and tasks of a run from its config."""
+    """Builds the classifier models and tasks of a run from its config (a :class:`~distilflow.workload.Workload`)."""
 
+    kind = "classifier"
     per_token = False
     primary_metric = "accuracy"
+    tokenizer = None
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
@@ -129,8 +132,14 @@ class ClassifierWorkload:
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["x"])
 
-    def feature_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str, float]]:
-        return [(p.student, p.teacher, p.weight) for p in self.cfg.distill.feature_layers]
+    def layer_paths(self, model: nn.Module) -> list[str]:
+        """Classifiers name their feature layers (``distill.feature_layers``); no stack to map."""
+        return []
+
+    def cache_source(self) -> CacheSource:
+        """The distillation set (labeled samples, then the transfer set) as the student task indexes it."""
+        x, y = self.data.distill_set()
+        return CacheSource({"x": x, "y": y}, self.forward)
 
     def facts(self, model: nn.Module) -> dict[str, int]:
         return {"params": count_params(model), "macs": count_macs(model, self.data.test_x[:1].to(self.device))}

@@ -283,8 +283,9 @@ def test_missing_extra_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 class TinyWork:
-    """What the deploy stage uses of a causal-LM workload."""
+    """What the deploy stage uses of a causal-LM workload (part of the Workload protocol)."""
 
+    kind = "causal_lm"
     per_token = True
 
     def __init__(self, tokenizer_dir: Path) -> None:

@@ -14,12 +14,11 @@ from distilflow.models.hf import (
     VocabNotice,
     align_vocab,
     build_student,
-    decoder_layers,
-    layer_map,
     load_causal_lm,
     max_positions,
     truncate_vocab,
 )
+from distilflow.models.layers import decoder_layers, layer_map
 from distilflow.models.taps import Taps
 
 from .conftest import FAMILIES, family_config

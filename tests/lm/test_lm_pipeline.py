@@ -17,7 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from distilflow.cli import main
 from distilflow.config import load_config
 from distilflow.data.stdlib_corpus import load_stdlib_corpus, stdlib_root, train_tokenizer
-from distilflow.models.hf import VocabNotice, build_student, decoder_layers
+from distilflow.models.hf import VocabNotice, build_student
+from distilflow.models.layers import decoder_layers
 from distilflow.tasks.causal_lm import CausalLMWorkload
 
 from .conftest import family_config

@@ -21,7 +21,8 @@ from distilflow.errors import UserError
 from distilflow.losses.fused import HiddenStates, fused_kd_ce
 from distilflow.losses.objective import IGNORE_INDEX, Objective
 from distilflow.models.heads import build_head
-from distilflow.models.hf import build_student, decoder_layers
+from distilflow.models.hf import build_student
+from distilflow.models.layers import decoder_layers
 from distilflow.models.taps import Taps
 from distilflow.schedules import phase_boundaries
 from distilflow.tasks.causal_lm import CausalLMTask, lm_hidden_states

@@ -547,7 +547,7 @@ def test_lm_two_processes_log_the_losses_of_one(lm_job, tmp_path, extra):
     assert main(lm_job(one, *impl)) == 0
     # The premise: a micro-batch's two halves (the two ranks' shares) score different token counts.
     from distilflow.cli import _load
-    from distilflow.pipeline import make_workload
+    from distilflow.workload import make_workload
 
     cfg = _load([a for a in lm_job(one, *impl)[1:] if a != "--no-tensorboard"])
     task = make_workload(cfg, torch.device("cpu")).task("student", cfg.student.train, cfg.seed + 1)
