@@ -29,9 +29,9 @@ from pathlib import Path
 
 from distilflow.config import load_config
 from distilflow.data.cache import cache_dir, read_manifest
-from distilflow.data.cache_reader import CachedTeacher
-from distilflow.data.cache_writer import write_cache
-from distilflow.pipeline import Run, baseline_stage, distill_stage, open_run, teacher_stage
+from distilflow.pipeline import baseline_stage, cache_stage, distill_stage, open_run, teacher_stage
+from distilflow.stages import Run
+from distilflow.teachers.cached import CachedTeacher
 
 
 def _topk_tail(run: Run, steps: int) -> dict[str, float]:
@@ -109,7 +109,7 @@ def main() -> None:
         cfg = config(name, *extra, "cache.use=true", f"teacher.model.checkpoint={teacher_file}")
         run = Run(cfg, work)
         written = time.monotonic()
-        manifest = write_cache(run, teacher, quiet=True)
+        manifest = cache_stage(run, teacher, quiet=True)
         write_seconds = time.monotonic() - written
         positions = manifest["identity"]["rows"] * (cfg.data.seq_len - 1)
         size = sum(s["bytes"] for s in manifest["shards"])

@@ -24,11 +24,11 @@ import torch
 
 from distilflow.config import load_config
 from distilflow.data.cache import cache_dir, read_manifest
-from distilflow.data.cache_reader import CachedTeacher
-from distilflow.data.cache_writer import write_cache
 from distilflow.losses.logits import cross_entropy_sum, forward_kl
 from distilflow.losses.sparse import sparse_divergence
-from distilflow.pipeline import Run, baseline_stage, distill_stage, open_run, teacher_stage
+from distilflow.pipeline import baseline_stage, cache_stage, distill_stage, open_run, teacher_stage
+from distilflow.stages import Run
+from distilflow.teachers.cached import CachedTeacher
 
 MODES = ("plain_ce", "online_kd", "cached_topk", "cached_sampled")
 CACHES = {"cached_topk": ["cache.format=topk"], "cached_sampled": ["cache.format=sampled"]}
@@ -123,7 +123,7 @@ def main() -> None:
     for mode in CACHES:
         cfg = cached_config(mode, "base-" + mode)
         began, cpu = time.monotonic(), _cpu_seconds()
-        manifest = write_cache(Run(cfg, work), teacher, quiet=True)
+        manifest = cache_stage(Run(cfg, work), teacher, quiet=True)
         positions = manifest["identity"]["rows"] * (cfg.data.seq_len - 1)
         size = sum(s["bytes"] for s in manifest["shards"])
         writes[mode] = {

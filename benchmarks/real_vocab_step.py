@@ -66,7 +66,7 @@ def child(impl: str, precision: str, tokens: int, steps: int) -> dict:
     from distilflow.losses.objective import Objective, Outputs, add_counts
     from distilflow.schedules import Phase
     from distilflow.tasks.causal_lm import CausalLMTask
-    from distilflow.train.loop import LiveTeacher
+    from distilflow.teachers.live import LiveTeacher
 
     teacher, student = qwen2(TEACHER, 0), qwen2(STUDENT, 1).train()
     g = torch.Generator().manual_seed(2)

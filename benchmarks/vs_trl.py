@@ -172,9 +172,9 @@ def prepare(out: Path, args) -> dict:
     import torch
 
     from distilflow.config import load_config
-    from distilflow.data.cache_writer import write_cache
     from distilflow.models.hf import build_student, no_progress_bars
-    from distilflow.pipeline import Run
+    from distilflow.pipeline import cache_stage
+    from distilflow.stages import Run
     from distilflow.workload import make_workload
 
     shapes = load_config("configs/lm_stdlib.yaml")
@@ -191,7 +191,7 @@ def prepare(out: Path, args) -> dict:
     run_work = make_workload(cfg, torch.device("cpu"))
     assert torch.equal(run_work.train["input_ids"], work.train["input_ids"]), "tokenization differs"
     began = time.monotonic()
-    manifest = write_cache(Run(cfg, run_work), run_work.new_model("teacher"), quiet=True)
+    manifest = cache_stage(Run(cfg, run_work), run_work.new_model("teacher"), quiet=True)
     return {
         "rows": int(work.train["input_ids"].shape[0]),
         "cache_seconds": round(time.monotonic() - began, 2),

@@ -189,7 +189,8 @@ def _cmd_distill(ns) -> int:
 
 
 def _cmd_eval(ns) -> int:
-    from distilflow.pipeline import load_trained, open_run, stage_loss_impl
+    from distilflow.pipeline import load_trained, open_run
+    from distilflow.stages import stage_loss_impl
 
     cfg = _load(ns.args)
     stages = [ns.model] if ns.model else ["teacher", "baseline", "student"]
@@ -263,8 +264,7 @@ def _cmd_bench(ns) -> int:
 
 def _cmd_cache_teacher(ns) -> int:
     from distilflow.data.cache import cache_dir, cache_summary
-    from distilflow.data.cache_writer import write_cache
-    from distilflow.pipeline import open_run, teacher_stage
+    from distilflow.pipeline import cache_stage, open_run, teacher_stage
 
     cfg = _load(ns.args)
     run = open_run(cfg, writes_cache=True)
@@ -275,7 +275,7 @@ def _cmd_cache_teacher(ns) -> int:
         )
     teacher, _ = teacher_stage(run, log_tensorboard=False)
     began = time.monotonic()
-    manifest = write_cache(run, teacher)
+    manifest = cache_stage(run, teacher)
     print(f"{cache_summary(manifest, cache_dir(cfg))}; {time.monotonic() - began:.1f} s")
     return 0
 

@@ -162,6 +162,26 @@ def validate(cfg: Config) -> None:
 
     validate_generation(cfg, need)
     c = cfg.cache
+    need(
+        not (c.use and cfg.on_policy.lmbda > 0),
+        "cache.use",
+        c.use,
+        "not with on_policy.lmbda > 0; on-policy continuations are sampled during training, so their teacher "
+        "outputs cannot be cached",
+    )
+    need(
+        not (c.use and c.format == "sampled") or d.divergence == "forward_kl",
+        "distill.divergence",
+        d.divergence,
+        "a sampled cache estimates forward KL only; use forward_kl or cache.format=topk",
+    )
+    need(
+        not (c.use and uses_features and not c.features),
+        "cache.features",
+        c.features,
+        "distill.phases use the 'feature' term while cache.use is on; set cache.features=true (and cache-teacher "
+        "again) or drop the feature term",
+    )
     need(c.k >= 1, "cache.k", c.k, "must be >= 1")
     need(1 <= c.samples <= 255, "cache.samples", c.samples, "must be in [1, 255] (counts are stored as uint8)")
     need(c.shard_rows >= 1, "cache.shard_rows", c.shard_rows, "must be >= 1")

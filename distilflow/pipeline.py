@@ -7,9 +7,7 @@ checkpoint and final weights; a finished stage is reused, an unfinished one resu
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,34 +15,30 @@ import torch
 import yaml
 from torch import nn
 
-from distilflow.config import Config, TrainConfig, config_from_dict, read_yaml, to_dict
+from distilflow.config import Config, config_from_dict, read_yaml, to_dict
+from distilflow.data.cache import cache_complete, check_cache, logit_width, reads_cache, teacher_files
+from distilflow.data.cache_writer import write_cache
+from distilflow.device import resolve_device
 from distilflow.errors import UserError
-from distilflow.losses.objective import Objective, choose_loss_impl
 from distilflow.models.build import load_weights
-from distilflow.models.heads import build_head
+from distilflow.models.heads import build_heads
 from distilflow.models.layers import LayerPair, layer_pairs
-from distilflow.models.taps import Taps
-from distilflow.schedules import Phase, phase_boundaries
+from distilflow.models.taps import Taps, feature_shapes
+from distilflow.stages import (
+    Run,
+    distill_objective,
+    finish_stage,
+    load_finished,
+    stage_loss_impl,
+    supervised_objective,
+    train_stage,
+)
+from distilflow.teachers.cached import OpenedCache, open_cache
+from distilflow.teachers.live import LiveTeacher
 from distilflow.train import dist
-from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_text, write_weights
-from distilflow.train.logging import MetricsLog
-from distilflow.train.loop import FitResult, LiveTeacher, fit
+from distilflow.train.checkpoint import WEIGHTS, write_json, write_text
 from distilflow.train.precision import cast_teacher, check_teacher_dtype, check_train_options
-from distilflow.workload import Workload, make_workload
-
-RESULT = "result.json"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"config key 'device': {name!r} is not allowed; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"config key 'device': {name!r} is not available on this machine; use cpu or auto")
-    return device
+from distilflow.workload import make_workload
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -54,21 +48,6 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
         return out
     return [] if a == b else [prefix]
-
-
-@dataclass
-class Run:
-    """Everything the stages share: config, workload (data, model builders, device), folder."""
-
-    cfg: Config
-    work: Workload
-
-    @property
-    def dir(self) -> Path:
-        return self.cfg.run_dir
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.dir / stage
 
 
 def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
@@ -126,93 +105,6 @@ def config_of_run(run_dir: str | Path) -> Config:
     return config_from_dict(read_yaml(path))
 
 
-def stage_loss_impl(
-    cfg: Config, work: Workload, train: TrainConfig, models: list[nn.Module], vocab_size: int | None = None
-) -> str:
-    """``distill.loss_impl`` resolved once for a stage; its task and its objective get this one value.
-
-    ``auto`` decides by the logit entries of one micro-batch of the global batch (``train``), so the
-    choice does not depend on the number of processes. ``fused`` needs every model that runs
-    through the stage's task (the student, and a live teacher) to compute its logits as
-    ``lm_head(hidden)``; under ``auto`` a model that does not falls back to ``chunked``, an explicit
-    ``fused`` is refused with one line.
-    """
-    positions, columns = work.logit_shape(models[0], vocab_size)
-    micro = max(train.batch_size // max(train.grad_accum, 1), 1)
-    setting = cfg.distill.loss_impl
-    impl = choose_loss_impl(setting, rows=micro * positions, vocab_size=columns, hidden_states=work.per_token)
-    if impl == "fused":
-        problem = next((p for p in map(work.fused_problem, models) if p), None)
-        if problem and setting == "fused":
-            raise UserError(f"distill.loss_impl fused: {problem}; use distill.loss_impl=chunked or plain")
-        if problem:
-            impl = "chunked"
-    return impl
-
-
-def supervised_objective(total_steps: int, loss_impl: str, chunk_rows: int) -> Objective:
-    """The teacher's and the baseline's objective: cross-entropy on the labels alone."""
-    return Objective(
-        [Phase("supervised", 0, total_steps, ("ce",))],
-        total_steps=total_steps,
-        ce_weight=1.0,
-        loss_impl=loss_impl,
-        chunk_rows=chunk_rows,
-    )
-
-
-def _finish(
-    run: Run, stage: str, model: nn.Module, result: FitResult, heads: nn.Module | None = None, facts: dict | None = None
-) -> dict:
-    stage_dir = run.stage_dir(stage)
-    summary = {
-        **result.metrics,
-        **(facts or {}),
-        "steps": result.steps,
-        "train_seconds": round(result.seconds, 2),
-        f"train_{result.unit}_per_s": round(result.units_per_s, 1),
-        **result.memory,
-    }
-    world = dist.current()
-    if world.is_main:  # under torchrun rank 0 writes; the others wait for the files (barrier below)
-        write_weights(stage_dir / WEIGHTS, model.state_dict(), {"stage": stage})
-        if heads is not None and len(list(heads.parameters())):
-            write_weights(stage_dir / HEADS, heads.state_dict(), {"stage": stage})
-        run.work.save(stage_dir, model)
-        write_json(stage_dir / RESULT, summary)
-    world.barrier(f"saving the {stage}")
-    return summary
-
-
-def _load_finished(run: Run, stage: str, model: nn.Module) -> dict | None:
-    stage_dir = run.stage_dir(stage)
-    if not (stage_dir / RESULT).is_file() or not (stage_dir / WEIGHTS).is_file():
-        return None
-    load_weights(model, stage_dir / WEIGHTS, stage)
-    return json.loads((stage_dir / RESULT).read_text())
-
-
-def _train(
-    run: Run, stage: str, model: nn.Module, objective: Objective, task, log_tensorboard: bool, **extra
-) -> FitResult:
-    train = run.cfg.teacher.train if stage == "teacher" else run.cfg.student.train
-    log = MetricsLog(run.dir, stage, tensorboard=log_tensorboard) if dist.current().is_main else dist.NullLog()
-    try:
-        return fit(
-            stage=stage,
-            model=model,
-            objective=objective,
-            task=task,
-            train=train,
-            stage_dir=run.stage_dir(stage),
-            log=log,
-            config=to_dict(run.cfg),
-            **extra,
-        )
-    finally:
-        log.close()
-
-
 def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
     """The teacher: from ``teacher.model.checkpoint`` or a pretrained ``path``, reused, or trained now."""
     cfg = run.cfg
@@ -224,20 +116,13 @@ def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, di
             load_weights(model, cfg.teacher.model.checkpoint, "teacher")
         source = cfg.teacher.model.checkpoint or cfg.teacher.model.path
         return model.eval(), {**task.evaluate(model), "steps": 0, "loaded_from": source}
-    done = _load_finished(run, "teacher", model)
+    done = load_finished(run, "teacher", model)
     if done is not None:
         return model.eval(), done
     objective = supervised_objective(cfg.teacher.train.steps, impl, chunk_rows)
-    result = _train(run, "teacher", model, objective, task, log_tensorboard)
+    result = train_stage(run, "teacher", model, objective, task, log_tensorboard=log_tensorboard)
     model = result.model or model  # dist.strategy fsdp2: the unsharded trained copy
-    return model.eval(), _finish(run, "teacher", model, result)
-
-
-def _student_init(run: Run, teacher: nn.Module | None) -> nn.Module:
-    model = run.work.new_model("student", teacher)
-    if run.cfg.student.model.checkpoint:
-        load_weights(model, run.cfg.student.model.checkpoint, "student")
-    return model
+    return model.eval(), finish_stage(run, "teacher", model, result)
 
 
 def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | None = None) -> tuple[nn.Module, dict]:
@@ -247,7 +132,7 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | 
     the baseline starts where the distilled student starts.
     """
     model = _student_init(run, teacher)
-    done = _load_finished(run, "baseline", model)
+    done = load_finished(run, "baseline", model)
     if done is not None:
         return model.eval(), done
     # Scored over the ids it shares with the teacher, exactly as the distilled student is.
@@ -258,75 +143,21 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | 
         "baseline", cfg.student.train, cfg.seed + 1, vocab_size=vocab, loss_impl=impl, chunk_rows=chunk_rows
     )
     objective = supervised_objective(cfg.student.train.steps, impl, chunk_rows)
-    result = _train(run, "baseline", model, objective, task, log_tensorboard)
+    result = train_stage(run, "baseline", model, objective, task, log_tensorboard=log_tensorboard)
     model = result.model or model  # dist.strategy fsdp2: the unsharded trained copy
-    return model.eval(), _finish(run, "baseline", model, result)
+    return model.eval(), finish_stage(run, "baseline", model, result)
 
 
-def build_heads(
-    run: Run,
-    student: nn.Module,
-    teacher: nn.Module,
-    pairs: list[LayerPair],
-    student_taps: Taps,
-    teacher_taps: Taps,
-) -> nn.ModuleList:
-    """One projection head per layer pair, sized from the shapes seen on a probe batch."""
-    probe, forward = run.work.probe(), run.work.forward
-    was_training = student.training
-    student.eval()
-    with torch.no_grad(), student_taps.capture(), teacher_taps.capture():
-        forward(student, probe)
-        forward(teacher, probe)
-    student.train(was_training)
-    s_feats, t_feats = student_taps.features(), teacher_taps.features()
-    torch.manual_seed(run.cfg.seed + 2)
-    heads = nn.ModuleList()
-    for pair, s, t in zip(pairs, s_feats, t_feats):
-        name = f"student '{pair.student}' -> teacher '{pair.teacher}'"
-        heads.append(build_head(tuple(s.shape[1:]), tuple(t.shape[1:]), per_token=run.work.per_token, name=name))
-    return heads.to(run.work.device)
-
-
-def _taps_and_heads(run: Run, student: nn.Module, teacher: nn.Module):
-    pairs = layer_pairs(run.cfg.distill, run.work.layer_paths(student), run.work.layer_paths(teacher))
-    if not pairs:
-        return None, None, nn.ModuleList(), []
-    student_taps = Taps(student, [p.student for p in pairs], "student")
-    teacher_taps = Taps(teacher, [p.teacher for p in pairs], "teacher")
-    heads = build_heads(run, student, teacher, pairs, student_taps, teacher_taps)
-    return student_taps, teacher_taps, heads, pairs
-
-
-def preflight(run: Run, *, writes_cache: bool = False) -> None:
-    """Resolve feature layers and build heads on untrained models, so that a bad layer path or
-    shapes no head can map fail before any training (shapes do not depend on the weights).
-
-    When distillation reads a complete teacher cache (``reads_cache``), no teacher is built or loaded
-    (a 7B teacher folder would take minutes and its size in memory): the student is checked against
-    the cache, whose manifest stands in for the teacher (see ``check_config``)."""
-    from distilflow.data.cache import check_config, reads_cache
-
-    cfg, device = run.cfg, run.work.device
-    teacher = None
-    if writes_cache or not reads_cache(cfg):
-        teacher = run.work.new_model("teacher")
-        if cfg.teacher.model.checkpoint:  # a missing, foreign or pickled file is refused here
-            load_weights(teacher, cfg.teacher.model.checkpoint, "teacher")
-    student = _student_init(run, teacher)
-    if teacher is not None:
-        _taps_and_heads(run, student, teacher)
-    # Precision, gradient checkpointing and teacher dtype must fit the models and the device.
-    if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path):  # trained here: a fresh model, no file read
-        check_train_options(cfg.teacher.train, teacher or run.work.new_model("teacher"), device, "teacher.train")
-    check_train_options(cfg.student.train, student, device, "student.train")
-    check_teacher_dtype(cfg.teacher.model.dtype, device)
-    # cache.k within the vocabulary; an existing teacher cache made for this config (and intact, with use on).
-    check_config(run, teacher, student, writes=writes_cache)
-    if cfg.deploy.enabled and cfg.deploy.genai.enabled and run.work.per_token:
-        from distilflow.deploy.genai import require_genai  # the genai extra: missing is said before training
-
-        require_genai()
+def cache_stage(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict:
+    """The teacher-signal cache of this config written (or finished) from ``teacher``; its manifest
+    (``quiet``: no progress lines)."""
+    cfg, work = run.cfg, run.work
+    student = work.new_model("student", teacher if cfg.student.model.init_layers else None)
+    source = work.cache_source()
+    vocab = work.shared_vocab(student, teacher) or logit_width(source, teacher)
+    teacher_layers = _teacher_layers(run, teacher)
+    pairs = _pairs(run, student, teacher_layers) if cfg.cache.features else []
+    return write_cache(cfg, source, teacher, vocab_size=vocab, pairs=pairs, teacher_layers=teacher_layers, quiet=quiet)
 
 
 def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
@@ -335,40 +166,33 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
     With ``cache.use`` the teacher's outputs come from the teacher-signal cache (written first when
     missing and a teacher is given; ``teacher`` may be None when the cache is complete).
     """
-    cfg, d = run.cfg, run.cfg.distill
+    cfg = run.cfg
     model = _student_init(run, teacher)
     if cfg.cache.use:
-        from distilflow.data.cache_reader import open_cache
-
-        cached, side = open_cache(run, model, teacher)
-        student_taps, heads, pairs = side.student_taps, side.heads, side.pairs
+        if teacher is not None and not cache_complete(cfg):
+            cache_stage(run, teacher)
+        cached = _open_cache(run, model)
+        pairs, vocab = cached.pairs, cached.vocab_size
+        student_taps = _student_taps(model, pairs)
+        heads = _heads(run, model, student_taps, pairs, cached.teacher.feature_shapes())
     else:
-        student_taps, teacher_taps, heads, pairs = _taps_and_heads(run, model, teacher)
-    done = _load_finished(run, "student", model)
+        pairs, student_taps, teacher_taps, heads = _live_side(run, model, teacher)
+        vocab = run.work.shared_vocab(model, teacher)
+    done = load_finished(run, "student", model)
     if done is not None:
         return model.eval(), done
-    steps = cfg.student.train.steps
-    vocab = side.vocab_size if cfg.cache.use else run.work.shared_vocab(model, teacher)
     # A cached teacher's outputs are stored tensors: only the student runs through the task.
     impl = stage_loss_impl(cfg, run.work, cfg.student.train, [model] + ([] if cfg.cache.use else [teacher]), vocab)
-    objective = Objective(
-        phase_boundaries(d.phases, steps),
-        total_steps=steps,
-        kd_schedule=d.kd_weight,
-        temperature=d.temperature,
-        divergence=d.divergence,
-        jsd_beta=d.jsd_beta,
-        ce_weight=d.ce_weight,
-        feature_weight=d.feature_weight,
-        feature_loss=d.feature_loss,
+    objective = distill_objective(
+        cfg.distill,
+        cfg.student.train.steps,
+        loss_impl=impl,
+        per_token=run.work.per_token,
         layer_weights=[p.weight for p in pairs],
         heads=heads,
-        per_token=run.work.per_token,
-        loss_impl=impl,
-        chunk_rows=d.loss_chunk_rows,
     )
     task = run.work.task(
-        "student", cfg.student.train, cfg.seed + 1, vocab_size=vocab, loss_impl=impl, chunk_rows=d.loss_chunk_rows
+        "student", cfg.student.train, cfg.seed + 1, vocab, loss_impl=impl, chunk_rows=cfg.distill.loss_chunk_rows
     )
     if cfg.on_policy.lmbda > 0:  # GKD: a batch source that samples continuations from this student
         from distilflow.tasks.on_policy import on_policy_task
@@ -377,23 +201,120 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
             task, model, cfg.on_policy, run.work.tokenizer, seed=cfg.seed + 3, total_steps=cfg.student.train.steps
         )
     if cfg.cache.use:
-        signals = cached
+        signals = cached.teacher
     else:
         # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
         signals = LiveTeacher(cast_teacher(teacher, cfg.teacher.model.dtype), task, teacher_taps)
         signals = dist.current().shard_teacher_signals(signals, teacher)  # torchrun + dist.shard_teacher: FSDP2
-    result = _train(
+    result = train_stage(
         run,
         "student",
         model,
         objective,
         task,
-        log_tensorboard,
+        log_tensorboard=log_tensorboard,
         teacher=signals,
         student_taps=student_taps,
     )
     model, heads = result.model or model, result.heads or heads  # dist.strategy fsdp2: unsharded copies
-    return model.eval(), _finish(run, "student", model, result, heads)
+    return model.eval(), finish_stage(run, "student", model, result, heads)
+
+
+# --- the student's side of feature alignment and of the teacher cache ---------------------------
+
+
+def _student_init(run: Run, teacher: nn.Module | None) -> nn.Module:
+    model = run.work.new_model("student", teacher)
+    if run.cfg.student.model.checkpoint:
+        load_weights(model, run.cfg.student.model.checkpoint, "student")
+    return model
+
+
+def _teacher_layers(run: Run, teacher: nn.Module) -> list[str] | None:
+    """The teacher's decoder-layer paths when ``distill.layer_map`` pairs them (a cache records them)."""
+    return run.work.layer_paths(teacher) if run.cfg.distill.layer_map is not None else None
+
+
+def _pairs(run: Run, student: nn.Module, teacher_layers: list[str] | None) -> list[LayerPair]:
+    return layer_pairs(run.cfg.distill, run.work.layer_paths(student), teacher_layers or [])
+
+
+def _student_taps(student: nn.Module, pairs: list[LayerPair]) -> Taps | None:
+    return Taps(student, [p.student for p in pairs], "student") if pairs else None
+
+
+def _heads(
+    run: Run, student: nn.Module, taps: Taps | None, pairs: list[LayerPair], teacher_shapes: list[tuple[int, ...]]
+) -> nn.ModuleList:
+    """One projection head per layer pair, from the student's feature shapes onto the teacher's."""
+    if taps is None:
+        return nn.ModuleList()
+    student_shapes = feature_shapes(student, taps, run.work.forward, run.work.probe())
+    torch.manual_seed(run.cfg.seed + 2)  # the same initial heads for a live and a cached teacher
+    return build_heads(pairs, student_shapes, teacher_shapes, per_token=run.work.per_token).to(run.work.device)
+
+
+def _live_side(run: Run, student: nn.Module, teacher: nn.Module):
+    """Layer pairs, student and teacher taps, and projection heads sized from the shapes on a probe batch."""
+    pairs = layer_pairs(run.cfg.distill, run.work.layer_paths(student), run.work.layer_paths(teacher))
+    student_taps = _student_taps(student, pairs)
+    teacher_taps = Taps(teacher, [p.teacher for p in pairs], "teacher") if pairs else None
+    teacher_shapes = feature_shapes(teacher, teacher_taps, run.work.forward, run.work.probe()) if pairs else []
+    return pairs, student_taps, teacher_taps, _heads(run, student, student_taps, pairs, teacher_shapes)
+
+
+def _open_cache(run: Run, student: nn.Module) -> OpenedCache:
+    """The complete cache of this config, verified against the student (see teachers/cached.py)."""
+    source = run.work.cache_source()
+    return open_cache(
+        run.cfg,
+        source,
+        student_width=logit_width(source, student),
+        per_token=run.work.per_token,
+        pairs_for=lambda teacher_layers: _pairs(run, student, teacher_layers),
+        device=run.work.device,
+    )
+
+
+def preflight(run: Run, *, writes_cache: bool = False) -> None:
+    """Resolve feature layers and build heads on untrained models, so that a bad layer path or
+    shapes no head can map fail before any training (shapes do not depend on the weights).
+
+    When distillation reads a complete teacher cache (``reads_cache``), no teacher is built or loaded
+    (a 7B teacher folder would take minutes and its size in memory): the student is checked against
+    the cache, whose manifest stands in for the teacher."""
+    cfg, device = run.cfg, run.work.device
+    teacher = None
+    if writes_cache or not reads_cache(cfg):
+        teacher = run.work.new_model("teacher")
+        if cfg.teacher.model.checkpoint:  # a missing, foreign or pickled file is refused here
+            load_weights(teacher, cfg.teacher.model.checkpoint, "teacher")
+    student = _student_init(run, teacher)
+    if teacher is not None:
+        _live_side(run, student, teacher)
+    # Precision, gradient checkpointing and teacher dtype must fit the models and the device.
+    if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path):  # trained here: a fresh model, no file read
+        check_train_options(cfg.teacher.train, teacher or run.work.new_model("teacher"), device, "teacher.train")
+    check_train_options(cfg.student.train, student, device, "student.train")
+    check_teacher_dtype(cfg.teacher.model.dtype, device)
+    if teacher is None:  # a complete cache stands in for the teacher
+        describe, files = teacher_files(cfg)
+        missing = [f for f in files if not f.is_file()]
+        if (cfg.teacher.model.checkpoint or cfg.teacher.model.path) and missing:  # else: its hash is not compared
+            raise UserError(
+                f"teacher {describe}: '{missing[0]}' does not exist; give the teacher the cache was made of"
+            )
+        _open_cache(run, student)
+    elif cfg.cache.use or writes_cache:
+        # cache.k within the vocabulary; an existing teacher cache made for this config (intact, with use on).
+        source = run.work.cache_source()
+        vocab = run.work.shared_vocab(student, teacher) or logit_width(source, teacher)
+        pairs = _pairs(run, student, _teacher_layers(run, teacher))
+        check_cache(cfg, source, vocab_size=vocab, pairs=pairs, writes=writes_cache)
+    if cfg.deploy.enabled and cfg.deploy.genai.enabled and run.work.per_token:
+        from distilflow.deploy.genai import require_genai  # the genai extra: missing is said before training
+
+        require_genai()
 
 
 def load_trained(run: Run, stage: str) -> nn.Module:

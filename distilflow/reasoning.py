@@ -33,27 +33,26 @@ from torch import nn
 from distilflow.config import Config, read_yaml, to_dict
 from distilflow.data.arith import ANSWER_PATTERN, FORMAT
 from distilflow.data.text import read_records
+from distilflow.device import resolve_device
 from distilflow.errors import UserError
 from distilflow.generate.backends import Sampling, TransformersBackend
 from distilflow.generate.prompts import Prompt
 from distilflow.generate.runner import generate_to_file
 from distilflow.generate.verify import Checker, exact_match
 from distilflow.generate.writer import SampleWriter
-from distilflow.losses.objective import Objective
 from distilflow.models.build import count_params
-from distilflow.pipeline import (
+from distilflow.stages import (
     Run,
-    _finish,
-    _load_finished,
-    _train,
-    resolve_device,
+    distill_objective,
+    finish_stage,
+    load_finished,
     stage_loss_impl,
     supervised_objective,
+    train_stage,
 )
-from distilflow.schedules import phase_boundaries
 from distilflow.tasks.reasoning import ReasoningWorkload
+from distilflow.teachers.live import LiveTeacher
 from distilflow.train.checkpoint import write_json, write_text
-from distilflow.train.loop import LiveTeacher
 from distilflow.workload import make_workload
 
 METHODS = {
@@ -77,34 +76,16 @@ def _check_folder(cfg: Config) -> None:
         )
 
 
-def train_stage(
-    run: Run, stage: str, model: nn.Module, objective: Objective, task, log_tensorboard: bool, **extra
-) -> dict:
-    """Train (or reuse) ``stage`` with the pipeline's stage mechanics; returns its result dict."""
-    done = _load_finished(run, stage, model)
+def reasoning_stage(run: Run, stage: str, model: nn.Module, objective, task, log_tensorboard: bool, **extra) -> dict:
+    """Train (or reuse) ``stage`` through the same stage functions as the pipeline; its result dict."""
+    done = load_finished(run, stage, model)
     if done is not None:
         return done
-    result = _train(run, stage, model, objective, task, log_tensorboard, **extra)
-    extra_facts = {"accuracy": result.metrics["exact_match"], "params": count_params(model)}
+    result = train_stage(run, stage, model, objective, task, log_tensorboard=log_tensorboard, **extra)
+    facts = {"accuracy": result.metrics["exact_match"], "params": count_params(model)}
     if hasattr(task, "on_policy_steps"):
-        extra_facts["on_policy_steps"] = task.on_policy_steps
-    return _finish(run, stage, model, result, facts=extra_facts)
-
-
-def _distill_objective(cfg: Config, divergence: str, loss_impl: str) -> Objective:
-    d, steps = cfg.distill, cfg.student.train.steps
-    return Objective(
-        phase_boundaries(d.phases, steps),
-        total_steps=steps,
-        kd_schedule=d.kd_weight,
-        temperature=d.temperature,
-        divergence=divergence,
-        jsd_beta=d.jsd_beta,
-        ce_weight=d.ce_weight,
-        per_token=True,
-        loss_impl=loss_impl,
-        chunk_rows=d.loss_chunk_rows,
-    )
+        facts["on_policy_steps"] = task.on_policy_steps
+    return finish_stage(run, stage, model, result, facts=facts)
 
 
 def _check_phases(cfg: Config) -> None:
@@ -187,7 +168,7 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
     impl = stage_loss_impl(cfg, work, cfg.teacher.train, [teacher])
     teacher_task = work.task("teacher", cfg.teacher.train, cfg.seed, loss_impl=impl, chunk_rows=chunk_rows)
     objective = supervised_objective(cfg.teacher.train.steps, impl, chunk_rows)
-    teacher_result = train_stage(run, "teacher", teacher, objective, teacher_task, log_tensorboard)
+    teacher_result = reasoning_stage(run, "teacher", teacher, objective, teacher_task, log_tensorboard)
     teacher.eval()
     timings["teacher"] = time.monotonic() - mark
 
@@ -214,13 +195,16 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
         else:
             from distilflow.tasks.on_policy import on_policy_task
 
-            objective = _distill_objective(cfg, "jsd" if method == "gkd" else cfg.distill.divergence, impl)
+            divergence = "jsd" if method == "gkd" else cfg.distill.divergence
+            objective = distill_objective(
+                cfg.distill, train.steps, loss_impl=impl, per_token=True, divergence=divergence
+            )
             if method == "gkd":
                 task = on_policy_task(
                     task, model, cfg.on_policy, work.tokenizer, seed=cfg.seed + 3, total_steps=train.steps
                 )
             extra["teacher"] = LiveTeacher(teacher, task, None)
-        result = train_stage(run, method, model, objective, task, log_tensorboard, **extra)
+        result = reasoning_stage(run, method, model, objective, task, log_tensorboard, **extra)
         students[method] = {**result, "data": METHODS[method]}
         timings[method] = time.monotonic() - mark
         print(f"[reasoning] {method}: exact match {students[method]['exact_match']:.3f}", file=sys.stderr)

@@ -107,13 +107,13 @@ def loss_calls(monkeypatch):
     terms), ``chunked`` or ``fused`` (the objective's one-pass terms, with the chunk size they were
     given), or ``fused eval`` (a causal-LM task's held-out cross-entropy on hidden states).
     """
-    from distilflow import pipeline
+    from distilflow import stages
     from distilflow.losses import objective
     from distilflow.tasks import causal_lm
 
     calls: list[tuple[str, str, int | None]] = []
     current = {"stage": None}
-    real_fit = pipeline.fit
+    real_fit = stages.fit
 
     def fit(**kwargs):
         current["stage"] = kwargs["stage"]
@@ -132,7 +132,7 @@ def loss_calls(monkeypatch):
         calls.append((current["stage"], "plain", None))
         return real_plain(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "fit", fit)
+    monkeypatch.setattr(stages, "fit", fit)
     monkeypatch.setattr(objective.Objective, "plain_terms", plain_terms)
     monkeypatch.setattr(objective, "chunked_kd_ce", spy(objective.chunked_kd_ce, "chunked"))
     monkeypatch.setattr(objective, "fused_kd_ce", spy(objective.fused_kd_ce, "fused"))

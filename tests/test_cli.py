@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distilflow import pipeline
+from distilflow import stages
 from distilflow.cli import main
 from distilflow.config import Config
 
@@ -100,7 +100,7 @@ def test_second_run_reuses_finished_stages(finished_run, monkeypatch, capsys):
     def no_training(**kwargs):
         raise AssertionError(f"stage {kwargs['stage']} trained again")
 
-    monkeypatch.setattr(pipeline, "fit", no_training)
+    monkeypatch.setattr(stages, "fit", no_training)
     assert main(["run", *args, "--no-tensorboard"]) == 0
     out = capsys.readouterr().out
     for stage in STAGES:
@@ -138,7 +138,7 @@ def test_eval_prints_the_accuracies_of_the_run(finished_run, capsys):
 
 def test_resume_continues_an_interrupted_run_bit_exactly(finished_run, tmp_path, tiny_overrides, monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    real_fit = pipeline.fit
+    real_fit = stages.fit
 
     def interrupted_fit(**kwargs):
         if kwargs["stage"] == "student":
@@ -153,14 +153,14 @@ def test_resume_continues_an_interrupted_run_bit_exactly(finished_run, tmp_path,
             task.micro_batches = micro_batches
         return real_fit(**kwargs)
 
-    monkeypatch.setattr(pipeline, "fit", interrupted_fit)
+    monkeypatch.setattr(stages, "fit", interrupted_fit)
     assert main(["run", *tiny_overrides(run_dir), "--no-tensorboard"]) == 130
     assert "distilflow resume" in capsys.readouterr().err
     assert not (run_dir / "results.json").exists()
     assert not (run_dir / "student" / "model.safetensors").exists()
     assert torch.load(run_dir / "student" / "checkpoint.pt", weights_only=True)["step"] == 4
 
-    monkeypatch.setattr(pipeline, "fit", real_fit)
+    monkeypatch.setattr(stages, "fit", real_fit)
     assert main(["resume", str(run_dir), "--no-tensorboard"]) == 0
     _check_results(run_dir)  # each student step logged once
     # The same weights as the run that was never interrupted.

@@ -14,7 +14,7 @@ import pytest
 from distilflow.cli import main
 from distilflow.config import load_config
 from distilflow.errors import UserError
-from distilflow.pipeline import stage_loss_impl
+from distilflow.stages import stage_loss_impl
 
 STAGES = ("teacher", "baseline", "student")
 

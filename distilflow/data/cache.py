@@ -40,12 +40,11 @@ import torch
 from torch import nn
 
 from distilflow.errors import UserError
-from distilflow.models.layers import layer_pairs
+from distilflow.models.layers import LayerPair
 from distilflow.train.checkpoint import WEIGHTS
 
 if TYPE_CHECKING:
     from distilflow.config import Config
-    from distilflow.pipeline import Run
 
 Batch = dict[str, torch.Tensor]
 MANIFEST = "manifest.json"
@@ -63,7 +62,8 @@ def cache_dir(cfg: Config) -> Path:
     return Path(cfg.cache.path).expanduser() if cfg.cache.path else cfg.run_dir / "teacher_cache"
 
 
-def _sha256_files(paths: list[Path]) -> str:
+def sha256_files(paths: list[Path]) -> str:
+    """One sha256 over the names and bytes of ``paths``, in order."""
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
@@ -113,27 +113,21 @@ class CacheSource:
         return {k: v[:2].to(device) for k, v in self.rows.items() if k not in ("labels", "y")}
 
 
-def train_rows(run: Run) -> Batch:
-    """The rows the student is distilled on, as the student task indexes them (row i = index i)."""
-    return run.work.cache_source().rows
-
-
-def _tokenizer_sha256(run: Run) -> str | None:
-    tok = run.work.cache_source().tokenizer
-    if tok is None:
+def _tokenizer_sha256(tokenizer: Any) -> str | None:
+    if tokenizer is None:
         return None
-    backend = getattr(tok, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def identity(run: Run, *, vocab_size: int, pairs: list[list[Any]]) -> dict[str, Any]:
+def identity(cfg: Config, source: CacheSource, *, vocab_size: int, pairs: list[LayerPair]) -> dict[str, Any]:
     """What cached signals depend on; a reader's identity must equal the writer's.
 
     ``teacher_sha256`` is None while the teacher is not trained yet (then it is not compared).
     """
-    cfg, c = run.cfg, run.cfg.cache
-    rows = train_rows(run)
+    c = cfg.cache
+    rows = source.rows
     sparse = c.format != "full"
     ident: dict[str, Any] = {
         "version": VERSION,
@@ -148,10 +142,11 @@ def identity(run: Run, *, vocab_size: int, pairs: list[list[Any]]) -> dict[str, 
         "rows": len(next(iter(rows.values()))),
         "seq_len": cfg.data.seq_len if cfg.task == "causal_lm" else None,
         "data_sha256": _sha256_tensors([rows[k] for k in sorted(rows)]),
-        "tokenizer_sha256": _tokenizer_sha256(run),
+        "tokenizer_sha256": _tokenizer_sha256(source.tokenizer),
         "teacher_dtype": cfg.teacher.model.dtype,
         "features": bool(c.features),
-        "feature_pairs": pairs if c.features else [],
+        # The manifest's form of a pair: [student path, teacher path, weight].
+        "feature_pairs": [[p.student, p.teacher, p.weight] for p in pairs] if c.features else [],
         "teacher_sha256": teacher_sha256(cfg),
     }
     return ident
@@ -162,7 +157,7 @@ def teacher_sha256(cfg: Config) -> str | None:
     _, files = teacher_files(cfg)
     if not files or not all(f.is_file() for f in files):
         return None
-    return _sha256_files(files)
+    return sha256_files(files)
 
 
 def mismatch(folder: Path, stored: dict[str, Any], expected: dict[str, Any]) -> str | None:
@@ -193,83 +188,39 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def feature_pairs(run: Run, student: nn.Module, teacher_layers: list[str] | None) -> list[list[Any]]:
-    """The configured layer pairs ``[student path, teacher path, weight]`` (the manifest's form), by the
-    live run's rule (:func:`~distilflow.models.layers.layer_pairs`); ``teacher_layers``: the teacher's
-    decoder-layer paths (for ``distill.layer_map``), from the manifest."""
-    pairs = layer_pairs(run.cfg.distill, run.work.layer_paths(student), teacher_layers or [])
-    return [[p.student, p.teacher, p.weight] for p in pairs]
-
-
-def _uses_features(cfg: Config) -> bool:
+def uses_features(cfg: Config) -> bool:
     return any("feature" in p.terms for p in cfg.distill.phases)
 
 
-def logit_width(run: Run, model: nn.Module) -> int:
+def logit_width(source: CacheSource, model: nn.Module) -> int:
+    """The logit columns ``model`` gives on the source's rows (eval mode, no gradient)."""
     was_training = model.training
     with torch.no_grad():
-        width = int(run.work.forward(model.eval(), run.work.probe()).shape[-1])
+        width = int(source.forward(model.eval(), source.probe(next(model.parameters()).device)).shape[-1])
     model.train(was_training)
     return width
 
 
-def check_config(run: Run, teacher: nn.Module | None, student: nn.Module, *, writes: bool = False) -> None:
-    """Before anything is written, when the cache is used (or ``writes``: cache-teacher): k within
-    the vocabulary, features cached if a phase needs them, and an existing cache at ``cache.path``
-    made for this config (as far as it is known yet: the teacher may not be trained).
-
-    ``teacher`` None (:func:`reads_cache`): the complete cache stands in for the teacher; it is
-    checked against the config and the student as the student stage opens it (its manifest holds
-    the vocabulary, teacher layers, feature shapes and the hash of the teacher's files)."""
-    cfg, c = run.cfg, run.cfg.cache
+def check_cache(cfg: Config, source: CacheSource, *, vocab_size: int, pairs: list[LayerPair], writes: bool) -> None:
+    """Before anything is written, when the cache is used (or ``writes``: cache-teacher) and the teacher
+    model is at hand: ``cache.k`` within its ``vocab_size`` logit columns, and an existing cache at
+    ``cache.path`` made for this config (as far as it is known yet: the teacher may not be trained),
+    its shards intact when it is complete and used. (A config without the teacher model, reading a
+    complete cache, is checked as the cache is opened: distilflow/teachers/cached.py.)"""
+    c = cfg.cache
     if not (c.use or writes):
         return
-    vocab = None if teacher is None else run.work.shared_vocab(student, teacher) or logit_width(run, teacher)
-    if vocab is not None and c.format == "topk" and c.k > vocab:
-        raise UserError(f"config key 'cache.k': {c.k} is not allowed; the teacher's vocabulary has {vocab} ids")
-    if c.use and getattr(getattr(cfg, "on_policy", None), "lmbda", 0) > 0:
-        raise UserError(
-            "config key 'cache.use': True is not allowed with on_policy.lmbda > 0; on-policy continuations are "
-            "sampled during training, so their teacher outputs cannot be cached"
-        )
-    if c.use and c.format == "sampled" and cfg.distill.divergence != "forward_kl":
-        raise UserError(
-            f"config key 'distill.divergence': {cfg.distill.divergence!r} is not allowed with a sampled cache "
-            "(it estimates forward KL only); use forward_kl or cache.format=topk"
-        )
-    if c.use and _uses_features(cfg) and not c.features:
-        raise UserError(
-            "config key 'cache.features': False is not allowed with cache.use while distill.phases use the "
-            "'feature' term; set cache.features=true (and cache-teacher again) or drop the feature term"
-        )
-    if teacher is None:
-        from distilflow.data.cache_reader import open_cache
-
-        describe, files = teacher_files(cfg)
-        missing = [f for f in files if not f.is_file()]
-        if (cfg.teacher.model.checkpoint or cfg.teacher.model.path) and missing:  # else: its hash is not compared
-            raise UserError(
-                f"teacher {describe}: '{missing[0]}' does not exist; give the teacher the cache was made of"
-            )
-        open_cache(run, student, None)  # identity, shards, student taps and heads from the cached shapes
-        return
+    if c.format == "topk" and c.k > vocab_size:
+        raise UserError(f"config key 'cache.k': {c.k} is not allowed; the teacher's vocabulary has {vocab_size} ids")
     folder = cache_dir(cfg)
     manifest = read_manifest(folder)
     if manifest is None:
         return
-    teacher_layers = _teacher_layers(run, teacher)
-    expected = identity(run, vocab_size=vocab, pairs=feature_pairs(run, student, teacher_layers))
-    problem = mismatch(folder, manifest["identity"], expected)
+    problem = mismatch(folder, manifest["identity"], identity(cfg, source, vocab_size=vocab_size, pairs=pairs))
     if problem:
         raise UserError(problem)
     if c.use and manifest.get("complete"):
         verify_shards(folder, manifest)
-
-
-def _teacher_layers(run: Run, teacher: nn.Module) -> list[str] | None:
-    if run.cfg.distill.layer_map is None:
-        return None
-    return run.work.layer_paths(teacher)
 
 
 def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:
@@ -284,7 +235,7 @@ def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:
                 f"teacher cache shard '{path}' has {path.stat().st_size} bytes, the manifest says {shard['bytes']} "
                 "(truncated or replaced); delete it and run 'distilflow cache-teacher' again"
             )
-        if _sha256_files([path]) != shard["sha256"]:
+        if sha256_files([path]) != shard["sha256"]:
             raise UserError(
                 f"teacher cache shard '{path}' does not match its sha256 in the manifest (corrupted); "
                 "delete it and run 'distilflow cache-teacher' again"

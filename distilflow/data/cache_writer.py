@@ -24,26 +24,24 @@ from distilflow.data.cache import (
     RANK_PART,
     TENSORS,
     Batch,
-    _sha256_files,
-    _teacher_layers,
+    CacheSource,
     cache_dir,
-    feature_pairs,
     identity,
-    logit_width,
     mismatch,
     read_manifest,
+    sha256_files,
     teacher_files,
-    train_rows,
     verify_shards,
 )
 from distilflow.errors import UserError
+from distilflow.models.layers import LayerPair
 from distilflow.models.taps import Taps
 from distilflow.train import dist
 from distilflow.train.checkpoint import write_json, write_weights
 from distilflow.train.precision import cast_teacher
 
 if TYPE_CHECKING:
-    from distilflow.pipeline import Run
+    from distilflow.config import Config
 
 # --- writing ---------------------------------------------------------------------------------
 
@@ -78,19 +76,29 @@ def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def write_cache(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict[str, Any]:
-    """Run ``teacher`` over the training rows and write the cache; resume a partial one.
+def write_cache(
+    cfg: Config,
+    source: CacheSource,
+    teacher: nn.Module,
+    *,
+    vocab_size: int,
+    pairs: list[LayerPair],
+    teacher_layers: list[str] | None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run ``teacher`` over the source's rows and write the cache; resume a partial one.
 
+    ``vocab_size``: the logit columns kept (the shared-vocabulary cut); ``pairs``: the layer pairs whose
+    teacher features are cached (with ``cache.features``); ``teacher_layers``: the teacher's decoder
+    layers, recorded for ``distill.layer_map`` (a reader pairs them without the teacher model).
     Returns the manifest. Refuses a folder holding a cache of another config.
     """
-    cfg, c = run.cfg, run.cfg.cache
+    c = cfg.cache
     folder = cache_dir(cfg)
     teacher.eval()
-    student = run.work.new_model("student", teacher if cfg.student.model.init_layers else None)
-    vocab = run.work.shared_vocab(student, teacher) or logit_width(run, teacher)
-    teacher_layers = _teacher_layers(run, teacher)
-    pairs = feature_pairs(run, student, teacher_layers) if c.features else []
-    ident = identity(run, vocab_size=vocab, pairs=pairs)
+    pairs = pairs if c.features else []
+    ident = identity(cfg, source, vocab_size=vocab_size, pairs=pairs)
+    vocab = vocab_size
     teacher = cast_teacher(teacher, cfg.teacher.model.dtype)  # as the live teacher runs
     manifest = read_manifest(folder)
     if manifest is not None:
@@ -117,10 +125,11 @@ def write_cache(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict[st
         ),
         "shards": [],
     }
-    rows = train_rows(run)
+    rows = source.rows
+    device = next(teacher.parameters()).device
     total = ident["rows"]
     micro = max(cfg.student.train.batch_size // cfg.student.train.grad_accum, 1)
-    taps = Taps(teacher, [p[1] for p in pairs], "teacher") if pairs else None
+    taps = Taps(teacher, [p.teacher for p in pairs], "teacher") if pairs else None
     began = last_print = time.monotonic()
     starts = list(range(0, total, c.shard_rows))
     for index, start in enumerate(starts):
@@ -134,14 +143,14 @@ def write_cache(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict[st
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + index)
         pieces: dict[str, list[torch.Tensor]] = {}
         for lo in range(start, stop, micro):
-            batch = {key: value[lo : min(lo + micro, stop)].to(run.work.device) for key, value in rows.items()}
-            for key, value in _teacher_signals(run, teacher, batch, taps, vocab, generator).items():
+            batch = {key: value[lo : min(lo + micro, stop)].to(device) for key, value in rows.items()}
+            for key, value in _teacher_signals(cfg, source, teacher, batch, taps, vocab, generator).items():
                 pieces.setdefault(key, []).append(value.cpu())
         tensors = {key: torch.cat(parts).contiguous() for key, parts in pieces.items()}
         path = folder / name
         write_weights(path, tensors, {"rows": f"{start}:{stop}"})  # tmp file + rename
         manifest["shards"].append(
-            {"file": name, "rows": [start, stop], "bytes": path.stat().st_size, "sha256": _sha256_files([path])}
+            {"file": name, "rows": [start, stop], "bytes": path.stat().st_size, "sha256": sha256_files([path])}
         )
         write_json(part, manifest)
         if not quiet and world.is_main and (time.monotonic() - last_print > 10 or index + 1 == len(starts)):
@@ -183,21 +192,23 @@ def _rank_parts(folder: Path, ranks: int | None = None) -> dict[str, dict[str, A
 
 
 def _shard_ok(path: Path, shard: dict[str, Any]) -> bool:
-    return path.is_file() and path.stat().st_size == shard["bytes"] and _sha256_files([path]) == shard["sha256"]
+    return path.is_file() and path.stat().st_size == shard["bytes"] and sha256_files([path]) == shard["sha256"]
 
 
 @torch.no_grad()
-def _teacher_signals(run: Run, teacher: nn.Module, batch: Batch, taps: Taps | None, vocab: int, generator) -> Batch:
-    c = run.cfg.cache
+def _teacher_signals(
+    cfg: Config, source: CacheSource, teacher: nn.Module, batch: Batch, taps: Taps | None, vocab: int, generator
+) -> Batch:
+    c = cfg.cache
     if taps is not None:
         with taps.capture():
-            logits = run.work.forward(teacher, batch)
+            logits = source.forward(teacher, batch)
         features = taps.features()
     else:
-        logits, features = run.work.forward(teacher, batch), []
+        logits, features = source.forward(teacher, batch), []
     logits = logits[..., :vocab]  # the shared-vocabulary cut (a no-op when sizes agree)
     out = encode(
-        logits, fmt=c.format, k=c.k, samples=c.samples, temperature=run.cfg.distill.temperature, generator=generator
+        logits, fmt=c.format, k=c.k, samples=c.samples, temperature=cfg.distill.temperature, generator=generator
     )
     for i, feature in enumerate(features):
         out[f"feature.{i}"] = feature.float()

@@ -179,8 +179,8 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     if g.backend == "vllm":
         backend: Any = VLLMBackend(folder, trust_remote_code=cfg.teacher.model.trust_remote_code, seed=cfg.seed)
     else:
+        from distilflow.device import resolve_device
         from distilflow.models.hf import load_causal_lm
-        from distilflow.pipeline import resolve_device
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

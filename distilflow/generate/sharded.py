@@ -33,8 +33,8 @@ def output_path(cfg: Any) -> Path:
 
 def run_generate_sharded(cfg: Any) -> dict[str, Any]:
     """The ``generate`` command: the plain generator in one process, split over the ranks under torchrun."""
+    from distilflow.device import resolve_device
     from distilflow.generate.runner import run_generate
-    from distilflow.pipeline import resolve_device
 
     world = dist.setup(cfg, resolve_device(cfg.device))
     if not cfg.generate.prompts:

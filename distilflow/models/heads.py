@@ -15,10 +15,14 @@ Anything else (conv maps of different spatial sizes) raises a UserError naming b
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from distilflow.errors import UserError
+
+if TYPE_CHECKING:
+    from distilflow.models.layers import LayerPair
 
 
 def build_head(
@@ -48,3 +52,19 @@ def build_head(
         f"feature pair {name}: no projection head maps student shape {s} onto teacher shape {t}; allowed: "
         "vectors, or conv maps with the same spatial size, or a vector on either side"
     )
+
+
+def build_heads(
+    pairs: list[LayerPair],
+    student_shapes: list[tuple[int, ...]],
+    teacher_shapes: list[tuple[int, ...]],
+    *,
+    per_token: bool,
+) -> nn.ModuleList:
+    """One head per layer pair, from the per-sample shapes of its student and teacher features (the
+    teacher's seen on a live teacher or read from a cache: the same heads either way)."""
+    heads = nn.ModuleList()
+    for pair, student_shape, teacher_shape in zip(pairs, student_shapes, teacher_shapes):
+        name = f"student '{pair.student}' -> teacher '{pair.teacher}'"
+        heads.append(build_head(student_shape, teacher_shape, per_token=per_token, name=name))
+    return heads

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -61,3 +61,16 @@ class Taps:
             missing = [i for i, f in enumerate(self.captured) if f is None]
             raise UserError(f"tapped modules {missing} did not run in the forward pass; tap modules that are used")
         return list(self.captured)  # type: ignore[arg-type]
+
+
+def feature_shapes(
+    model: nn.Module, taps: Taps, forward: Callable[[nn.Module, dict], object], batch: dict
+) -> list[tuple[int, ...]]:
+    """Per-sample shapes of the tapped features of ``forward(model, batch)`` (eval mode, no gradient;
+    the model's mode is restored): what projection heads are sized from. Shapes do not depend on weights."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), taps.capture():
+        forward(model, batch)
+    model.train(was_training)
+    return [tuple(feature.shape[1:]) for feature in taps.features()]

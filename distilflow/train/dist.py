@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from distilflow.errors import UserError
-from distilflow.train.replica import Replica, _decoder_layers, _fully_shard, _ShardedSignals, _some_unused, _Step
+from distilflow.train.replica import Replica, _decoder_layers, _fully_shard, _some_unused, _Step
 
 Batch = dict[str, torch.Tensor]
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -217,7 +217,9 @@ class World:
         for layer in _decoder_layers(teacher):
             fully_shard(layer)
         fully_shard(root, reshard_after_forward=False)
-        return _ShardedSignals(root, signals)
+        from distilflow.teachers.sharded import ShardedTeacher
+
+        return ShardedTeacher(root, signals)
 
     def place(self, device: torch.device) -> torch.device:
         """Under torchrun each rank uses its own GPU: cuda -> cuda:LOCAL_RANK."""

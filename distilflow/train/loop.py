@@ -23,6 +23,7 @@ from distilflow.errors import UserError
 from distilflow.losses.objective import Objective, Outputs, Targets, add_counts, uses_teacher
 from distilflow.models.taps import Taps
 from distilflow.schedules import lr_at
+from distilflow.teachers.base import TeacherSignals
 from distilflow.train import dist
 from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
 from distilflow.train.logging import MetricsLog, Progress
@@ -54,35 +55,6 @@ class Task(Protocol):
     def targets(self, batch: Batch) -> Targets: ...
 
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
-
-
-class TeacherSignals(Protocol):
-    """Where teacher outputs come from: a live model now; a cache of saved outputs later.
-
-    An implementation that runs a model sets ``autocast = True`` to run under the stage's
-    ``train.precision`` autocast; others (a cache reader) are called outside it.
-    """
-
-    def __call__(self, batch: Batch, *, features: bool) -> Outputs: ...
-
-
-class LiveTeacher:
-    """A frozen teacher run on each batch (eval mode, no grad), under the stage's autocast."""
-
-    autocast = True
-
-    def __init__(self, model: nn.Module, task: Task, taps: Taps | None) -> None:
-        self.model, self.task, self.taps = model.eval(), task, taps
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def __call__(self, batch: Batch, *, features: bool) -> Outputs:
-        if features and self.taps is not None:
-            with self.taps.capture():
-                logits = self.task.forward(self.model, batch)
-            return Outputs(logits, self.taps.features())
-        return Outputs(self.task.forward(self.model, batch))
 
 
 class NonFiniteLoss(UserError):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from distilflow.train.dist import Batch, World
+    from distilflow.train.dist import World
 
 
 class _Step(nn.Module):
@@ -30,18 +30,6 @@ class _Step(nn.Module):
 
     def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
-
-
-class _ShardedSignals:
-    """Teacher signals computed inside the FSDP2 root's forward (which gathers the root's parameters)."""
-
-    def __init__(self, root: nn.Module, signals: Any) -> None:
-        self.root, self.signals = root, signals
-        self.autocast = getattr(signals, "autocast", False)  # a live teacher runs under the stage's autocast
-
-    def __call__(self, batch: Batch, *, features: bool) -> Any:
-        with torch.no_grad():
-            return self.root(lambda: self.signals(batch, features=features))
 
 
 class Replica:

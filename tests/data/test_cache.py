@@ -17,10 +17,10 @@ from distilflow.config import load_config
 from distilflow.data import cache as cache_mod
 from distilflow.data import cache_writer
 from distilflow.data.cache import read_manifest
-from distilflow.data.cache_reader import CachedTeacher
-from distilflow.data.cache_writer import encode, merge_draws, write_cache
+from distilflow.data.cache_writer import encode, merge_draws
 from distilflow.errors import UserError
 from distilflow.losses.sparse import SparseTeacher
+from distilflow.teachers.cached import CachedTeacher
 
 ERROR = "distilflow: error: "
 # Student phases of 10 steps with KD (and CE) from the first step, for the sparse-format runs.
@@ -94,7 +94,7 @@ def test_run_with_cache_reports_teacher_metric(classifier_teacher):
 
 
 def _logits_of(run, teacher, rows: torch.Tensor) -> torch.Tensor:
-    batch = {k: v[rows] for k, v in cache_mod.train_rows(run).items()}
+    batch = {k: v[rows] for k, v in run.work.cache_source().rows.items()}
     with torch.no_grad():
         return run.work.forward(teacher.eval(), batch).float()
 
@@ -105,7 +105,7 @@ def test_topk_signals_equal_top_k_of_teacher_log_softmax(tmp_path, tiny_lm_args)
     cfg = load_config(args[0], args[1:])
     run = pipeline.open_run(cfg)
     teacher, _ = pipeline.teacher_stage(run, log_tensorboard=False)
-    write_cache(run, teacher, quiet=True)
+    pipeline.cache_stage(run, teacher, quiet=True)
     manifest = read_manifest(cache_mod.cache_dir(cfg))
     reader = CachedTeacher(cache_mod.cache_dir(cfg), manifest, torch.device("cpu"))
     rows = torch.tensor([0, 8, 9, 17, manifest["identity"]["rows"] - 1])  # across shard borders

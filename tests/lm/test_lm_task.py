@@ -19,8 +19,9 @@ from distilflow.models.layers import decoder_layers
 from distilflow.models.taps import Taps
 from distilflow.schedules import phase_boundaries
 from distilflow.tasks.causal_lm import CausalLMTask
+from distilflow.teachers.live import LiveTeacher
 from distilflow.train.logging import MetricsLog
-from distilflow.train.loop import LiveTeacher, fit
+from distilflow.train.loop import fit
 
 from .conftest import FAMILIES, family_config
 

@@ -26,8 +26,9 @@ from distilflow.models.layers import decoder_layers
 from distilflow.models.taps import Taps
 from distilflow.schedules import phase_boundaries
 from distilflow.tasks.causal_lm import CausalLMTask, lm_hidden_states
+from distilflow.teachers.live import LiveTeacher
 from distilflow.train.logging import MetricsLog
-from distilflow.train.loop import LiveTeacher, fit
+from distilflow.train.loop import fit
 
 from .test_chunked import DIVERGENCE_NAMES, assert_close, make_inputs, plain_total
 

@@ -19,9 +19,10 @@ from distilflow.models.taps import Taps
 from distilflow.models.zoo import CNN, MLP
 from distilflow.schedules import Phase, phase_boundaries
 from distilflow.tasks.classify import ClassifierTask
+from distilflow.teachers.live import LiveTeacher
 from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint
 from distilflow.train.logging import MetricsLog
-from distilflow.train.loop import LiveTeacher, NonFiniteLoss, fit
+from distilflow.train.loop import NonFiniteLoss, fit
 
 WIDTH, CLASSES = 24, 3
 STEPS = 8

@@ -27,9 +27,10 @@ from distilflow.models.zoo import CNN, MLP
 from distilflow.schedules import Phase
 from distilflow.tasks.causal_lm import CausalLMTask, lm_logits
 from distilflow.tasks.classify import ClassifierTask
+from distilflow.teachers.live import LiveTeacher
 from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint
 from distilflow.train.logging import MetricsLog
-from distilflow.train.loop import LiveTeacher, NonFiniteLoss, fit
+from distilflow.train.loop import NonFiniteLoss, fit
 from distilflow.train.precision import (
     MAX_SKIPPED,
     Precision,

@@ -1,0 +1,187 @@
+"""Stage mechanics shared by every list of stages (distilflow/pipeline.py, distilflow/reasoning.py).
+
+A stage (teacher, baseline, student, a reasoning method) lives in ``<run_dir>/<stage>/``: its
+checkpoint while it trains, then ``model.safetensors``, what the workload saves beside it and
+``result.json``. :func:`load_finished` reuses a finished stage, :func:`train_stage` runs the loop
+(which resumes an unfinished one from its checkpoint) with the stage's metrics log, and
+:func:`finish_stage` writes the finished stage. :func:`stage_loss_impl` decides ``distill.loss_impl``
+once per stage; :func:`supervised_objective` and :func:`distill_objective` build the objectives.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from distilflow.config import Config, DistillConfig, TrainConfig, to_dict
+from distilflow.errors import UserError
+from distilflow.losses.objective import Objective, choose_loss_impl
+from distilflow.models.build import load_weights
+from distilflow.models.taps import Taps
+from distilflow.schedules import Phase, phase_boundaries
+from distilflow.teachers.base import TeacherSignals
+from distilflow.train import dist
+from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_weights
+from distilflow.train.logging import MetricsLog
+from distilflow.train.loop import FitResult, Task, fit
+from distilflow.workload import Workload
+
+RESULT = "result.json"
+
+
+@dataclass
+class Run:
+    """What the stages of one run share: the config, the workload (data, models, device) and the folder."""
+
+    cfg: Config
+    work: Workload
+
+    @property
+    def dir(self) -> Path:
+        return self.cfg.run_dir
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.dir / stage
+
+
+def stage_loss_impl(
+    cfg: Config, work: Workload, train: TrainConfig, models: list[nn.Module], vocab_size: int | None = None
+) -> str:
+    """``distill.loss_impl`` resolved once for a stage; its task and its objective get this one value.
+
+    ``auto`` decides by the logit entries of one micro-batch of the global batch (``train``), so the
+    choice does not depend on the number of processes. ``fused`` needs every model that runs
+    through the stage's task (the student, and a live teacher) to compute its logits as
+    ``lm_head(hidden)``; under ``auto`` a model that does not falls back to ``chunked``, an explicit
+    ``fused`` is refused with one line.
+    """
+    positions, columns = work.logit_shape(models[0], vocab_size)
+    micro = max(train.batch_size // max(train.grad_accum, 1), 1)
+    setting = cfg.distill.loss_impl
+    impl = choose_loss_impl(setting, rows=micro * positions, vocab_size=columns, hidden_states=work.per_token)
+    if impl == "fused":
+        problem = next((p for p in map(work.fused_problem, models) if p), None)
+        if problem and setting == "fused":
+            raise UserError(f"distill.loss_impl fused: {problem}; use distill.loss_impl=chunked or plain")
+        if problem:
+            impl = "chunked"
+    return impl
+
+
+def supervised_objective(total_steps: int, loss_impl: str, chunk_rows: int) -> Objective:
+    """The teacher's and the baseline's objective: cross-entropy on the labels alone."""
+    return Objective(
+        [Phase("supervised", 0, total_steps, ("ce",))],
+        total_steps=total_steps,
+        ce_weight=1.0,
+        loss_impl=loss_impl,
+        chunk_rows=chunk_rows,
+    )
+
+
+def distill_objective(
+    distill: DistillConfig,
+    total_steps: int,
+    *,
+    loss_impl: str,
+    per_token: bool,
+    divergence: str | None = None,
+    layer_weights: list[float] | None = None,
+    heads: nn.ModuleList | None = None,
+) -> Objective:
+    """The ``distill:`` section as the student's objective: its phases, terms, weights and schedule.
+
+    ``divergence`` overrides ``distill.divergence`` (the reasoning demo's on-policy student uses
+    ``jsd``); ``layer_weights`` and ``heads``: one per feature layer pair."""
+    return Objective(
+        phase_boundaries(distill.phases, total_steps),
+        total_steps=total_steps,
+        kd_schedule=distill.kd_weight,
+        temperature=distill.temperature,
+        divergence=divergence or distill.divergence,
+        jsd_beta=distill.jsd_beta,
+        ce_weight=distill.ce_weight,
+        feature_weight=distill.feature_weight,
+        feature_loss=distill.feature_loss,
+        layer_weights=layer_weights,
+        heads=heads,
+        per_token=per_token,
+        loss_impl=loss_impl,
+        chunk_rows=distill.loss_chunk_rows,
+    )
+
+
+def load_finished(run: Run, stage: str, model: nn.Module) -> dict | None:
+    """The result of ``stage`` with its final weights loaded into ``model``, or None when it has not finished."""
+    stage_dir = run.stage_dir(stage)
+    if not (stage_dir / RESULT).is_file() or not (stage_dir / WEIGHTS).is_file():
+        return None
+    load_weights(model, stage_dir / WEIGHTS, stage)
+    return json.loads((stage_dir / RESULT).read_text())
+
+
+def train_stage(
+    run: Run,
+    stage: str,
+    model: nn.Module,
+    objective: Objective,
+    task: Task,
+    *,
+    log_tensorboard: bool,
+    teacher: TeacherSignals | None = None,
+    student_taps: Taps | None = None,
+) -> FitResult:
+    """Train ``model`` as ``stage`` (resuming its checkpoint) with the stage's metrics log (rank 0 writes).
+
+    The teacher stage trains by ``teacher.train``, every other stage by ``student.train``."""
+    train = run.cfg.teacher.train if stage == "teacher" else run.cfg.student.train
+    log = MetricsLog(run.dir, stage, tensorboard=log_tensorboard) if dist.current().is_main else dist.NullLog()
+    try:
+        return fit(
+            stage=stage,
+            model=model,
+            objective=objective,
+            task=task,
+            train=train,
+            stage_dir=run.stage_dir(stage),
+            log=log,
+            config=to_dict(run.cfg),
+            teacher=teacher,
+            student_taps=student_taps,
+        )
+    finally:
+        log.close()
+
+
+def finish_stage(
+    run: Run,
+    stage: str,
+    model: nn.Module,
+    result: FitResult,
+    heads: nn.Module | None = None,
+    facts: dict | None = None,
+) -> dict:
+    """Write the finished ``stage``: final weights, projection heads (if any), what the workload saves
+    beside them, and ``result.json`` (the evaluation, ``facts``, steps, time, throughput, peak memory),
+    which it returns. Under torchrun rank 0 writes and the others wait."""
+    stage_dir = run.stage_dir(stage)
+    summary = {
+        **result.metrics,
+        **(facts or {}),
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        f"train_{result.unit}_per_s": round(result.units_per_s, 1),
+        **result.memory,
+    }
+    world = dist.current()
+    if world.is_main:
+        write_weights(stage_dir / WEIGHTS, model.state_dict(), {"stage": stage})
+        if heads is not None and len(list(heads.parameters())):
+            write_weights(stage_dir / HEADS, heads.state_dict(), {"stage": stage})
+        run.work.save(stage_dir, model)
+        write_json(stage_dir / RESULT, summary)
+    world.barrier(f"saving the {stage}")
+    return summary
