@@ -8,7 +8,8 @@ import torch
 
 
 @lru_cache(maxsize=4)
-def _permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the ``num_samples`` rows in ``epoch`` (cached: consecutive steps read one epoch)."""
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
@@ -23,7 +24,7 @@ def batch_indices(step: int, *, num_samples: int, batch_size: int, seed: int) ->
     taken = 0
     while taken < batch_size:
         epoch, offset = divmod(start + taken, num_samples)
-        piece = _permutation(num_samples, seed, epoch)[offset : offset + batch_size - taken]
+        piece = epoch_permutation(num_samples, seed, epoch)[offset : offset + batch_size - taken]
         pieces.append(piece)
         taken += len(piece)
     return torch.cat(pieces)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from distilflow.generate.prompts import read_prompts
-from distilflow.generate.writer import PROGRESS_SUFFIX, _complete_lines, _rewrite
+from distilflow.generate.writer import PROGRESS_SUFFIX, read_complete_lines, rewrite_lines
 from distilflow.train import dist
 
 COUNTS = ("prompts", "already_done", "generated_prompts", "kept", "rejected", "duplicates", "tokens")
@@ -63,7 +63,7 @@ def run_generate_sharded(cfg: Any) -> dict[str, Any]:
     if world.is_main:
         merge_parts(output, order)
     total = _combine(summaries, prompts=len(prompt_set.prompts), done_before=len(prompt_set.prompts) - len(todo))
-    total |= {"output": str(output), "samples_in_file": len(_complete_lines(output)[0])}
+    total |= {"output": str(output), "samples_in_file": len(read_complete_lines(output)[0])}
     total["bad_lines_skipped"] = prompt_set.skipped
     if world.is_main:
         output.with_name(output.name + ".summary.json").write_text(json.dumps(total, indent=2) + "\n")
@@ -75,7 +75,7 @@ def run_generate_sharded(cfg: Any) -> dict[str, Any]:
 
 
 def _finished(output: Path) -> set[str]:
-    progress, _ = _complete_lines(output.with_name(output.name + PROGRESS_SUFFIX))
+    progress, _ = read_complete_lines(output.with_name(output.name + PROGRESS_SUFFIX))
     return {str(row["id"]) for row in progress if "id" in row}
 
 
@@ -100,14 +100,14 @@ def merge_parts(output: Path, order: list[str]) -> None:
     if not parts:
         return
     progress_path = output.with_name(output.name + PROGRESS_SUFFIX)
-    progress, _ = _complete_lines(progress_path)
+    progress, _ = read_complete_lines(progress_path)
     done = {str(row["id"]) for row in progress if "id" in row}
-    rows = [row for row in _complete_lines(output)[0] if str(row.get("id")) in done]
+    rows = [row for row in read_complete_lines(output)[0] if str(row.get("id")) in done]
     for part in parts:
-        part_progress, _ = _complete_lines(part.with_name(part.name + PROGRESS_SUFFIX))
+        part_progress, _ = read_complete_lines(part.with_name(part.name + PROGRESS_SUFFIX))
         new = [row for row in part_progress if "id" in row and str(row["id"]) not in done]
         ids = {str(row["id"]) for row in new}
-        rows += [row for row in _complete_lines(part)[0] if str(row.get("id")) in ids]
+        rows += [row for row in read_complete_lines(part)[0] if str(row.get("id")) in ids]
         progress += new
         done |= ids
     rank = {pid: i for i, pid in enumerate(order)}
@@ -116,8 +116,8 @@ def merge_parts(output: Path, order: list[str]) -> None:
     progress.sort(key=lambda row: rank.get(str(row.get("id")), last))
     # Rows first: a crash before the progress file is replaced leaves rows of unlisted prompts,
     # which the writer drops on its next start, while the parts (removed last) still hold them.
-    _rewrite(output, rows)
-    _rewrite(progress_path, progress)
+    rewrite_lines(output, rows)
+    rewrite_lines(progress_path, progress)
     for part in parts:
         for path in (part, *part.parent.glob(part.name + ".*")):
             path.unlink(missing_ok=True)

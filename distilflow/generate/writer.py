@@ -18,7 +18,7 @@ from typing import Any
 PROGRESS_SUFFIX = ".progress"
 
 
-def _complete_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
+def read_complete_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """Parsed JSON objects of ``path`` and whether any line had to be dropped (cut or not JSON)."""
     if not path.is_file():
         return [], False
@@ -40,7 +40,8 @@ def _complete_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
     return rows, dropped
 
 
-def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
+def rewrite_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` atomically by ``rows`` as JSON lines (a temporary file, fsynced, renamed)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for row in rows:
@@ -57,15 +58,15 @@ class SampleWriter:
         self.path = Path(path)
         self.progress_path = self.path.with_name(self.path.name + PROGRESS_SUFFIX)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        progress, progress_dropped = _complete_lines(self.progress_path)
+        progress, progress_dropped = read_complete_lines(self.progress_path)
         self.finished: dict[str, dict[str, Any]] = {str(row["id"]): row for row in progress if "id" in row}
         if progress_dropped:
-            _rewrite(self.progress_path, list(self.finished.values()))
-        samples, samples_dropped = _complete_lines(self.path)
+            rewrite_lines(self.progress_path, list(self.finished.values()))
+        samples, samples_dropped = read_complete_lines(self.path)
         kept = [row for row in samples if str(row.get("id")) in self.finished]
         self.dropped_on_resume = len(samples) - len(kept) + int(samples_dropped)
         if samples_dropped or len(kept) != len(samples):
-            _rewrite(self.path, kept)
+            rewrite_lines(self.path, kept)
         self.samples_on_disk = len(kept)
 
     def done(self, prompt_id: str) -> bool:

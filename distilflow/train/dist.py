@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from distilflow.errors import UserError
-from distilflow.train.replica import Replica, _decoder_layers, _fully_shard, _some_unused, _Step
+from distilflow.models.layers import decoder_layer_modules
+from distilflow.train.replica import Replica, TrainedModules, fully_shard_modules, leaves_parameters_unused
 
 Batch = dict[str, torch.Tensor]
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -73,7 +74,8 @@ class World:
 
     # --- collectives -------------------------------------------------------------------------
 
-    def _collective(self, what: str, fn: Callable[[], Any]) -> Any:
+    def collective(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, a collective: a failure or a timeout becomes one line (:class:`DistError`)."""
         try:
             return fn()
         except (RuntimeError, torch.distributed.DistError) as exc:
@@ -99,9 +101,9 @@ class World:
     def barrier(self, what: str = "barrier") -> None:
         if self.distributed:
             if torch.distributed.get_backend() == "gloo":  # names the rank that did not arrive
-                self._collective(what, lambda: torch.distributed.monitored_barrier(timeout=self._timeout()))
+                self.collective(what, lambda: torch.distributed.monitored_barrier(timeout=self._timeout()))
             else:
-                self._collective(what, torch.distributed.barrier)
+                self.collective(what, torch.distributed.barrier)
 
     def _timeout(self) -> datetime.timedelta:
         return datetime.timedelta(seconds=self.timeout_s)
@@ -125,14 +127,14 @@ class World:
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
         device = _collective_device(self)
         tensor = tensor.to(device)
-        self._collective("all_reduce", lambda: torch.distributed.all_reduce(tensor))
+        self.collective("all_reduce", lambda: torch.distributed.all_reduce(tensor))
         return tensor.cpu()
 
     def all_gather_objects(self, value: Any) -> list[Any]:
         if not self.distributed:
             return [value]
         out: list[Any] = [None] * self.size
-        self._collective("all_gather_object", lambda: torch.distributed.all_gather_object(out, value))
+        self.collective("all_gather_object", lambda: torch.distributed.all_gather_object(out, value))
         return out
 
     @contextmanager
@@ -181,7 +183,7 @@ class World:
     def wrap(self, model: nn.Module, objective: Any) -> Replica:
         """The trained modules (student and the objective's projection heads) as this world trains them."""
         heads = objective.heads
-        step = _Step(model, heads)
+        step = TrainedModules(model, heads)
         if not self.distributed:
             return Replica(step, step, self)
         if self.strategy == "fsdp2":
@@ -189,7 +191,7 @@ class World:
             # CPU) receives the trained weights at the end, for the stages that follow (save, eval, export).
             device = next(model.parameters()).device
             plain = (copy.deepcopy(model).cpu(), copy.deepcopy(heads).cpu(), device)
-            _fully_shard(step, model)
+            fully_shard_modules(step, model)
             return Replica(step, step, self, plain)
         from torch.nn.parallel import DistributedDataParallel
 
@@ -200,7 +202,7 @@ class World:
             # A phase may leave parameters without a gradient (the output layer in a feature-only
             # phase, the heads outside feature phases); DDP must then find them each step (a graph
             # traversal), and keeps their .grad None exactly as a single process does.
-            find_unused_parameters=_some_unused(objective),
+            find_unused_parameters=leaves_parameters_unused(objective),
         )
         return Replica(ddp, step, self)
 
@@ -213,8 +215,8 @@ class World:
             return signals
         from torch.distributed.fsdp import fully_shard
 
-        root = _Step(teacher, nn.ModuleList())
-        for layer in _decoder_layers(teacher):
+        root = TrainedModules(teacher, nn.ModuleList())
+        for layer in decoder_layer_modules(teacher):
             fully_shard(layer)
         fully_shard(root, reshard_after_forward=False)
         from distilflow.teachers.sharded import ShardedTeacher

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from distilflow.models.layers import decoder_layer_modules
+
 if TYPE_CHECKING:
     from distilflow.train.dist import World
 
 
-class _Step(nn.Module):
+class TrainedModules(nn.Module):
     """Student and heads as one module, run through a closure: DDP and FSDP2 see the whole
     micro-batch (student forward, teacher signals, objective) as one forward, so they learn which
     parameters the loss used, and the heads (applied in the objective) are synchronised too."""
@@ -35,7 +37,7 @@ class _Step(nn.Module):
 class Replica:
     """What the loop trains: call it with a closure, take its parameters for the optimizer."""
 
-    def __init__(self, wrapped: nn.Module, step: _Step, world: World, plain: tuple | None = None) -> None:
+    def __init__(self, wrapped: nn.Module, step: TrainedModules, world: World, plain: tuple | None = None) -> None:
         self.wrapped, self.step, self.world, self.plain = wrapped, step, world, plain
 
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -67,7 +69,7 @@ class Replica:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-        full = self.world._collective("gathering the weights", lambda: get_model_state_dict(self.step, options=options))
+        full = self.world.collective("gathering the weights", lambda: get_model_state_dict(self.step, options=options))
         parts = _split({k: v.detach().cpu() for k, v in full.items()})
         model, heads, device = self.plain
         model.load_state_dict(parts["model"])
@@ -89,7 +91,7 @@ class Replica:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = self.world._collective(
+        model_sd, optim_sd = self.world.collective(
             "gathering the checkpoint", lambda: get_state_dict(self.step, optimizer, options=options)
         )
         if not self.world.is_main:  # cpu_offload: the full state lands on rank 0 only
@@ -109,7 +111,7 @@ class Replica:
         model_sd.update({f"heads.{k}": v for k, v in state["heads"].items()})
         optim_sd = _optim_by_name(state["optimizer"], self._names())
         options = StateDictOptions(full_state_dict=True)
-        self.world._collective(
+        self.world.collective(
             "loading the checkpoint",
             lambda: set_state_dict(
                 self.step, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options
@@ -120,7 +122,7 @@ class Replica:
         return [n for n, p in self.step.named_parameters() if p.requires_grad]
 
 
-def _some_unused(objective: Any) -> bool:
+def leaves_parameters_unused(objective: Any) -> bool:
     """Whether a phase leaves trained parameters without a gradient: one without kd or ce (the output
     layer), or one without the feature term while there are projection heads."""
     heads = len(list(objective.heads.parameters())) > 0
@@ -151,18 +153,10 @@ def _optim_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return {"state": {names[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a Hugging Face causal LM (Llama/Qwen ``model.layers``, GPT-2 ``transformer.h``)."""
-    layers = getattr(getattr(model, "model", None), "layers", None) or getattr(
-        getattr(model, "transformer", None), "h", None
-    )
-    return list(layers or [])
-
-
-def _fully_shard(root: nn.Module, model: nn.Module) -> None:
-    """FSDP2: each decoder layer (Hugging Face models) is its own unit, then the whole ``root``."""
+def fully_shard_modules(root: nn.Module, model: nn.Module) -> None:
+    """FSDP2: each decoder layer of ``model`` (Hugging Face models) is its own unit, then the whole ``root``."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in _decoder_layers(model):
+    for layer in decoder_layer_modules(model):
         fully_shard(layer)
     fully_shard(root)

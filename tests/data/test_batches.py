@@ -18,7 +18,7 @@ def test_pure_function_of_seed_and_step():
     kwargs = {"num_samples": 23, "batch_size": 5, "seed": 7}
     forward = [batch_indices(s, **kwargs) for s in range(12)]
     # Another order of calls, a cold cache and other seeds in between change nothing.
-    batches._permutation.cache_clear()
+    batches.epoch_permutation.cache_clear()
     for s in reversed(range(12)):
         batch_indices(s, num_samples=23, batch_size=5, seed=8)
         assert torch.equal(batch_indices(s, **kwargs), forward[s])

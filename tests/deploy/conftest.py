@@ -1,16 +1,39 @@
-"""The fitted MLP and its data, shared by the int8 tests (built once per session)."""
+"""Shared by the deploy tests: the fitted MLP and its data (built once per session, for the int8 tests), a
+tiny Llama and its token feeds, and an ONNX Runtime session independent of distilflow's own."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+import torch
 from torch import nn
 
+from distilflow.data.stdlib_corpus import tiny_llama_config
 from distilflow.deploy.int8_kernels import resolve_reduce_range
+from distilflow.models.hf import build_student
 
 from . import int8_reference
+
+VOCAB = 64
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Logits from a fresh ONNX Runtime session, independent of distilflow's own sessions."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], feeds)[0]
+
+
+def tiny_llama() -> nn.Module:
+    torch.manual_seed(0)
+    return build_student(tiny_llama_config(VOCAB, hidden=16, layers=1, heads=2, max_positions=64)).eval()
+
+
+def lm_feeds(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 @pytest.fixture(scope="session")

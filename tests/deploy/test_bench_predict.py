@@ -32,8 +32,8 @@ from distilflow.errors import UserError
 from distilflow.models.zoo import MLP
 from distilflow.tasks.classify import ClassifierWorkload
 
+from .conftest import VOCAB, lm_feeds, run_onnx, tiny_llama
 from .int8_reference import CLASSES, FEATURES, blobs, initializers
-from .test_export_quantize import VOCAB, lm_feeds, run_onnx, tiny_llama
 
 ERROR = "distilflow: error: "
 VARIANTS = ("torch_fp32", "ort_fp32", "ort_int8_dynamic", "ort_int8_static", "torch_int8")

@@ -16,32 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from distilflow.data.stdlib_corpus import tiny_llama_config
 from distilflow.deploy.export import check_parity, export_onnx
 from distilflow.deploy.quantize import ort_dynamic, ort_static, quantized_summary, torch_int8, weight_nodes
 from distilflow.errors import UserError
-from distilflow.models.hf import build_student
 from distilflow.models.zoo import CNN, MLP
 
+from .conftest import VOCAB, lm_feeds, run_onnx, tiny_llama
 from .int8_reference import CLASSES, FEATURES, Z_MAX, blobs, initializers, lm_int8_noise, noise_z
-
-VOCAB = 64
-
-
-def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """Logits from a fresh ONNX Runtime session, independent of distilflow's own sessions."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], feeds)[0]
-
-
-def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    return build_student(tiny_llama_config(VOCAB, hidden=16, layers=1, heads=2, max_positions=64)).eval()
-
-
-def lm_feeds(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def eager(model: nn.Module, x: np.ndarray) -> np.ndarray:

@@ -19,8 +19,8 @@ from distilflow.deploy.int8_kernels import decision, describe, resolve_reduce_ra
 from distilflow.deploy.quantize import ort_dynamic
 from distilflow.errors import UserError
 
+from .conftest import run_onnx
 from .int8_reference import Z_MAX, dequantized, initializers, noise_z
-from .test_export_quantize import run_onnx
 
 pytestmark = pytest.mark.int8_kernels
 

@@ -45,3 +45,18 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
     return path
+
+
+def greedy_reference(model, prompt: list[int], steps: int, eos: int) -> list[int]:
+    """Greedy decoding by re-running the whole sequence for every new token (no cache, no padding)."""
+    ids = list(prompt)
+    new = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+            token = int(logits.argmax())
+            if token == eos:
+                break
+            new.append(token)
+            ids.append(token)
+    return new

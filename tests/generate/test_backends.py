@@ -12,22 +12,7 @@ from distilflow.errors import UserError
 from distilflow.generate.backends import Sampling, TransformersBackend, check_budget, sample_ids
 from distilflow.models.hf import load_causal_lm
 
-from .conftest import write_jsonl
-
-
-def _greedy_reference(model, prompt: list[int], steps: int, eos: int) -> list[int]:
-    """Greedy decoding by re-running the whole sequence for every new token (no cache, no padding)."""
-    ids = list(prompt)
-    new = []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
-            token = int(logits.argmax())
-            if token == eos:
-                break
-            new.append(token)
-            ids.append(token)
-    return new
+from .conftest import greedy_reference, write_jsonl
 
 
 def test_kv_cache_generation_equals_uncached_greedy(model_dir, tokenizer):
@@ -42,7 +27,7 @@ def test_kv_cache_generation_equals_uncached_greedy(model_dir, tokenizer):
     assert cached == uncached
     # And both equal the plain one-sequence-at-a-time loop (an independent implementation).
     for prompt, (ids, finished) in zip(prompts, cached):
-        assert ids == _greedy_reference(model, prompt, 20, eos)
+        assert ids == greedy_reference(model, prompt, 20, eos)
         assert finished == (len(ids) < 20)
 
 

@@ -15,8 +15,7 @@ from distilflow.models.hf import build_student
 from distilflow.tasks.causal_lm import CausalLMTask
 from distilflow.tasks.on_policy import OnPolicyTask, prompt_lengths
 
-from .conftest import tiny_config
-from .test_backends import _greedy_reference
+from .conftest import greedy_reference, tiny_config
 
 
 def _task(tokenizer, records, batch_size=4):
@@ -54,7 +53,7 @@ def test_on_policy_rows_are_prompt_then_student_greedy_continuation(tokenizer):
             assert batch["input_ids"][row, :n].tolist() == prompt  # the prompt is kept
             real = int(batch["attention_mask"][row].sum())
             continuation = batch["input_ids"][row, n:real].tolist()
-            expected = _greedy_reference(student, prompt, 10, tokenizer.eos_token_id)
+            expected = greedy_reference(student, prompt, 10, tokenizer.eos_token_id)
             if len(expected) < 10:
                 expected = expected + [tokenizer.eos_token_id]
             assert continuation == expected  # the student's own continuation

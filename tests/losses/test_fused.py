@@ -30,7 +30,7 @@ from distilflow.teachers.live import LiveTeacher
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import fit
 
-from .test_chunked import DIVERGENCE_NAMES, assert_close, make_inputs, plain_total
+from .conftest import DIVERGENCE_NAMES, assert_close, make_inputs, plain_total
 
 H_STUDENT, H_TEACHER, V = 6, 10, 37
 

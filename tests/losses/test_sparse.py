@@ -18,7 +18,7 @@ from distilflow.losses.objective import Objective, Outputs, Targets
 from distilflow.losses.sparse import SparseTeacher, sampled_forward_kl, sparse_divergence, topk_divergence
 from distilflow.schedules import Phase
 
-from .test_chunked import DIVERGENCE_NAMES, assert_close
+from .conftest import DIVERGENCE_NAMES, assert_close
 
 V = 23
 

@@ -546,10 +546,11 @@ def test_lm_two_processes_log_the_losses_of_one(lm_job, tmp_path, extra):
     one = tmp_path / "one"
     assert main(lm_job(one, *impl)) == 0
     # The premise: a micro-batch's two halves (the two ranks' shares) score different token counts.
-    from distilflow.cli import _load
+    from distilflow.config import load_config
     from distilflow.workload import make_workload
 
-    cfg = _load([a for a in lm_job(one, *impl)[1:] if a != "--no-tensorboard"])
+    config, *overrides = [a for a in lm_job(one, *impl)[1:] if a != "--no-tensorboard"]
+    cfg = load_config(config, overrides)
     task = make_workload(cfg, torch.device("cpu")).task("student", cfg.student.train, cfg.seed + 1)
     counts = [
         [int((b["labels"][half, 1:] != -100).sum()) for half in (slice(0, 2), slice(2, 4))]
