@@ -286,10 +286,11 @@ def _cmd_predict(ns) -> int:
     if ns.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {ns.max_new_tokens} is not allowed; use 1 or more")
     if Path(ns.model).is_dir():
-        from distilflow.deploy.lm_predict import Sampling, check_sampling, predict_lm
+        from distilflow.deploy.lm_predict import predict_lm
+        from distilflow.generate.sampling import sampling_from_flags
 
-        sampling = Sampling(ns.max_new_tokens, ns.sample, ns.temperature, ns.top_k, ns.top_p, ns.seed, ns.stop)
-        check_sampling(sampling)
+        flags = dict(sample=ns.sample, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed)
+        sampling = sampling_from_flags(ns.max_new_tokens, **flags, stop=ns.stop)
         return predict_lm(ns.model, ns.input, sampling, each_line=ns.each_line, chat=not ns.raw, threads=ns.threads)
     print(predict(ns.model, ns.input, tokenizer_path=ns.tokenizer, max_new_tokens=ns.max_new_tokens))
     return 0

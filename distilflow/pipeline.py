@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from distilflow.config import Config, config_from_dict, read_yaml, to_dict
+from distilflow.config import Config, config_from_dict, read_yaml
 from distilflow.data.cache import cache_complete, check_cache, logit_width, reads_cache, teacher_files
 from distilflow.data.cache_writer import write_cache
 from distilflow.device import resolve_device
@@ -26,9 +25,11 @@ from distilflow.models.layers import LayerPair, layer_pairs
 from distilflow.models.taps import Taps, feature_shapes
 from distilflow.stages import (
     Run,
+    check_output_dir,
     distill_objective,
     finish_stage,
     load_finished,
+    save_config,
     stage_loss_impl,
     supervised_objective,
     train_stage,
@@ -36,18 +37,9 @@ from distilflow.stages import (
 from distilflow.teachers.cached import OpenedCache, open_cache
 from distilflow.teachers.live import LiveTeacher
 from distilflow.train import dist
-from distilflow.train.checkpoint import WEIGHTS, write_json, write_text
+from distilflow.train.checkpoint import WEIGHTS, write_json
 from distilflow.train.precision import cast_teacher, check_teacher_dtype, check_train_options
 from distilflow.workload import make_workload
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b)):
-            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if a == b else [prefix]
 
 
 def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
@@ -64,37 +56,14 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
         trained.append(("teacher.train", cfg.teacher.train))
     for key, train in trained:
         world.check_batch(train.batch_size, train.grad_accum, key)
-    run_dir = cfg.run_dir
-    saved = run_dir / "config.yaml"
-    resolved = to_dict(cfg)
-    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"output_dir '{run_dir}': '{blocking}' is a file, not a folder; choose another output_dir")
-    if saved.is_file():
-        # Deploy settings do not change what was trained: a finished run may be re-exported and
-        # re-quantized with other ones (the saved config then records the latest).
-        # output_dir only says where the folder is (a run folder given to eval or export, or moved).
-        diff = [
-            key
-            for key in _differences(read_yaml(saved), resolved)
-            # dist: how the processes share the work does not change what is trained (any world size
-            # and strategy resumes a run).
-            if not key.startswith(("deploy.", "dist.")) and key != "output_dir"
-        ]
-        if diff:
-            raise UserError(
-                f"output_dir '{run_dir}' holds a run with a different config (keys: {', '.join(diff[:6])}); "
-                "choose another output_dir, or 'distilflow resume' it with its own config"
-            )
+    check_output_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     world = dist.setup(cfg, resolve_device(cfg.device))  # torchrun: join the process group (else nothing)
     with world.main_first("preparing the data"):  # rank 0 fills the dataset and tokenizer caches first
         run = Run(cfg, make_workload(cfg, world.place(resolve_device(cfg.device))))
     preflight(run, writes_cache=writes_cache)  # cache-teacher: cache.k and the cache folder too
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if world.is_main:
-        write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
+    save_config(cfg)
     return run
 
 

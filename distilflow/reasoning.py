@@ -27,25 +27,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from distilflow.config import Config, read_yaml, to_dict
+from distilflow.config import Config
 from distilflow.data.arith import ANSWER_PATTERN, FORMAT
 from distilflow.data.text import read_records
 from distilflow.device import resolve_device
 from distilflow.errors import UserError
-from distilflow.generate.backends import Sampling, TransformersBackend
+from distilflow.generate.backends import TransformersBackend
 from distilflow.generate.prompts import Prompt
 from distilflow.generate.runner import generate_to_file
+from distilflow.generate.sampling import Sampling
 from distilflow.generate.verify import Checker, exact_match
 from distilflow.generate.writer import SampleWriter
 from distilflow.models.build import count_params
 from distilflow.stages import (
     Run,
+    check_output_dir,
     distill_objective,
     finish_stage,
     load_finished,
+    save_config,
     stage_loss_impl,
     supervised_objective,
     train_stage,
@@ -65,15 +67,6 @@ METHODS = {
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def _check_folder(cfg: Config) -> None:
-    saved = cfg.run_dir / "config.yaml"
-    if saved.is_file() and read_yaml(saved) != to_dict(cfg):
-        raise UserError(
-            f"output_dir '{cfg.run_dir}' holds a run with a different config; choose another output_dir, "
-            "or 'distilflow resume' it with its own config"
-        )
 
 
 def reasoning_stage(run: Run, stage: str, model: nn.Module, objective, task, log_tensorboard: bool, **extra) -> dict:
@@ -145,13 +138,12 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
     """All stages of the demo; writes results.json and report.md into the run folder."""
     began = time.monotonic()
     _check_phases(cfg)
-    _check_folder(cfg)
+    check_output_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     work: ReasoningWorkload = make_workload(cfg, resolve_device(cfg.device))
     run = Run(cfg, work)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    write_text(run.dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    save_config(cfg)
     work.tokenizer.save_pretrained(str(run.dir / "tokenizer"))
     data = run.dir / "data"
     for name, problems in (("teacher_train", work.teacher_set), ("gold", work.gold), ("held_out", work.held)):

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
 from torch import nn
 
-from distilflow.config import Config, DistillConfig, TrainConfig, to_dict
+from distilflow.config import Config, DistillConfig, TrainConfig, read_yaml, to_dict
 from distilflow.errors import UserError
 from distilflow.losses.objective import Objective, choose_loss_impl
 from distilflow.models.build import load_weights
@@ -24,12 +26,54 @@ from distilflow.models.taps import Taps
 from distilflow.schedules import Phase, phase_boundaries
 from distilflow.teachers.base import TeacherSignals
 from distilflow.train import dist
-from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_weights
+from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_text, write_weights
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import FitResult, Task, fit
 from distilflow.workload import Workload
 
 RESULT = "result.json"
+CONFIG = "config.yaml"
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if a == b else [prefix]
+
+
+def check_output_dir(cfg: Config) -> None:
+    """The output folder is new, or holds a run of this same config (so its stages may be reused or
+    resumed); else one line, before anything is written. Keys that do not change what is trained are
+    not compared: ``deploy.*`` (a finished run may be re-exported and re-quantized with other
+    settings; the saved config then records the latest), ``dist.*`` (any world size and strategy
+    resumes a run) and ``output_dir`` (where the folder is: a run folder given to eval, or moved)."""
+    run_dir = cfg.run_dir
+    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"output_dir '{run_dir}': '{blocking}' is a file, not a folder; choose another output_dir")
+    saved = run_dir / CONFIG
+    if not saved.is_file():
+        return
+    diff = [
+        key
+        for key in _differences(read_yaml(saved), to_dict(cfg))
+        if not key.startswith(("deploy.", "dist.")) and key != "output_dir"
+    ]
+    if diff:
+        raise UserError(
+            f"output_dir '{run_dir}' holds a run with a different config (keys: {', '.join(diff[:6])}); "
+            "choose another output_dir, or 'distilflow resume' it with its own config"
+        )
+
+
+def save_config(cfg: Config) -> None:
+    """The resolved config as ``<run_dir>/config.yaml`` (rank 0 writes under torchrun)."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.current().is_main:
+        write_text(cfg.run_dir / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 @dataclass

@@ -1,21 +1,21 @@
 """``distilflow predict MODEL_FOLDER PROMPT``: streaming generation from a language model folder.
 
-Two backends behind one interface: an ONNX Runtime GenAI folder (``genai_config.json``, written by
-the deploy stage with ``deploy.genai.enabled``) runs on ``onnxruntime_genai``; a Hugging Face folder
-(``config.json`` + weights, e.g. ``runs/<name>/student/hf``) runs on transformers with its KV cache
-as the fallback. Greedy or sampled (temperature, top-k, top-p, seed), at most ``max_new_tokens``,
-cut before the first stop string; a prompt is wrapped in the chat template when the tokenizer has
-one (unless ``raw``). Prompts come from the text itself, a text file (one prompt, or one per line
+Two backends behind one interface (``prompt_ids``, ``stream``, ``positions``): an ONNX Runtime GenAI
+folder (``genai_config.json``, written by the deploy stage with ``deploy.genai.enabled``) runs on
+``onnxruntime_genai`` (:class:`GenaiBackend`); a Hugging Face folder (``config.json`` + weights, e.g.
+``runs/<name>/student/hf``) runs on transformers with its KV cache as the fallback (the
+``TransformersBackend`` of distilflow/generate/backends.py, which ``distilflow generate`` uses too).
+Greedy or sampled (generate/sampling.py: temperature, top-k, top-p, seed), at most
+``max_new_tokens``, cut before the first stop string; a prompt is wrapped in the chat template when
+the tokenizer has one (unless ``raw``). Prompts come from the text itself, a text file (one prompt, or one per line
 with ``each_line``) or a JSONL file (``{"prompt": ...}`` per line).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,27 +23,7 @@ import numpy as np
 
 from distilflow.deploy.genai import is_genai_folder, open_model, read_genai_config
 from distilflow.errors import UserError
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 48
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    seed: int = 0
-    stop: list[str] = field(default_factory=list)
-
-
-def check_sampling(s: Sampling) -> None:
-    """Bad sampling settings as one line naming the option."""
-    if s.temperature <= 0:
-        raise UserError(f"--temperature {s.temperature} is not allowed; use a value > 0")
-    if not 0 < s.top_p <= 1:
-        raise UserError(f"--top-p {s.top_p} is not allowed; use a value in (0, 1]")
-    if s.top_k < 0:
-        raise UserError(f"--top-k {s.top_k} is not allowed; use 0 (all tokens) or more")
+from distilflow.generate.sampling import Sampling
 
 
 def read_prompts(source: str, *, each_line: bool = False) -> tuple[list[str], bool]:
@@ -114,18 +94,22 @@ class GenaiBackend:
         self.positions = read_genai_config(folder)["model"]["context_length"]
         self.chat = _has_chat_template(folder)
 
-    def encode(self, prompt: str, chat: bool) -> list[int]:
+    def prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+        """``prompt`` in the folder's chat template when ``chat`` and it has one, tokenized."""
         if chat and self.chat:
             prompt = self.tokenizer.apply_chat_template(
                 json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True
             )
         return [int(t) for t in self.tokenizer.encode(prompt)]
 
-    def tokens(self, ids: list[int], s: Sampling) -> Iterator[str]:
+    def stream(self, ids: list[int], s: Sampling) -> Iterator[str]:
+        """The text of one completion of ``ids``, piece by piece (GenAI's search: greedy or sampled)."""
         params = self.og.GeneratorParams(self.model)
         options: dict[str, Any] = {"max_length": min(len(ids) + s.max_new_tokens, self.positions)}
-        options |= {"do_sample": s.do_sample, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p}
-        if s.do_sample:
+        # GenAI takes a temperature even for greedy search; 1.0 is its neutral value.
+        temperature = 1.0 if s.greedy else s.temperature
+        options |= {"do_sample": not s.greedy, "temperature": temperature, "top_k": s.top_k, "top_p": s.top_p}
+        if not s.greedy:
             options["random_seed"] = s.seed
         params.set_search_options(**options)
         generator = self.og.Generator(self.model, params)
@@ -140,78 +124,6 @@ class GenaiBackend:
             yield stream.decode(token)
 
 
-class TransformersBackend:
-    """A Hugging Face folder on transformers: a token-by-token loop over its KV cache."""
-
-    def __init__(self, folder: Path, threads: int = 0) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from distilflow.models.hf import no_progress_bars
-        from distilflow.tasks.causal_lm import load_tokenizer
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
-        self.tokenizer = load_tokenizer(folder, what="model folder")
-        try:
-            with no_progress_bars():
-                self.model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).float().eval()
-        except (OSError, ValueError) as exc:
-            raise UserError(f"'{folder}' could not be loaded as a causal LM: {str(exc).splitlines()[0]}") from None
-        config = self.model.config
-        self.positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
-        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
-
-    def encode(self, prompt: str, chat: bool) -> list[int]:
-        if chat and self.chat:
-            messages = [{"role": "user", "content": prompt}]
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(prompt)["input_ids"])
-
-    def tokens(self, ids: list[int], s: Sampling) -> Iterator[str]:
-        torch = self.torch
-        generator = torch.Generator().manual_seed(s.seed)
-        eos = self.tokenizer.eos_token_id
-        new: list[int] = []
-        cache, step_ids, text = None, torch.tensor([ids]), ""
-        # transformers 5 names the KV cache argument and output 'cache' (4.x: 'past_key_values').
-        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        with torch.no_grad():
-            for _ in range(min(s.max_new_tokens, self.positions - len(ids))):
-                out = self.model(input_ids=step_ids, use_cache=True, **({key: cache} if cache is not None else {}))
-                cache, logits = out[key], out.logits[0, -1].float()  # (V,)
-                token = _choose(logits, s, generator)
-                if token == eos:
-                    break
-                new.append(token)
-                step_ids = torch.tensor([[token]])
-                full = self.tokenizer.decode(new, skip_special_tokens=True)
-                if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    yield full[len(text) :]
-                    text = full
-        rest = self.tokenizer.decode(new, skip_special_tokens=True)[len(text) :]
-        if rest:  # bytes that never completed a character, as decode() shows them
-            yield rest
-
-
-def _choose(logits: Any, s: Sampling, generator: Any) -> int:
-    """Greedy argmax, or a sample after temperature, top-k and top-p (nucleus) filtering."""
-    torch = sys.modules["torch"]
-    if not s.do_sample:
-        return int(logits.argmax())
-    logits = logits / max(s.temperature, 1e-6)
-    if 0 < s.top_k < logits.numel():
-        cutoff = torch.topk(logits, s.top_k).values[-1]
-        logits = logits.masked_fill(logits < cutoff, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    if s.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p  # tokens after the nucleus is full
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
-
-
 def _has_chat_template(folder: Path) -> bool:
     if (folder / "chat_template.jinja").is_file():
         return True
@@ -219,25 +131,29 @@ def _has_chat_template(folder: Path) -> bool:
     return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
 
 
-def open_backend(model: str | Path, threads: int = 0) -> GenaiBackend | TransformersBackend:
+def open_backend(model: str | Path, threads: int = 0) -> Any:
+    """A :class:`GenaiBackend` for an ONNX Runtime GenAI folder, else the transformers backend of
+    distilflow/generate/backends.py for a Hugging Face folder (imported only then: torch stays out of
+    a GenAI predict)."""
     folder = Path(model)
     if not folder.is_dir():
         raise UserError(f"model folder '{folder}' does not exist")
     if is_genai_folder(folder):
         return GenaiBackend(folder, threads)
     if (folder / "config.json").is_file():
-        return TransformersBackend(folder, threads)
+        from distilflow.generate.backends import TransformersBackend
+
+        return TransformersBackend.from_folder(folder, threads)
     raise UserError(
         f"'{folder}' is not a model folder: expected genai_config.json (ONNX Runtime GenAI) "
         "or config.json with weights (Hugging Face)"
     )
 
 
-def complete(
-    backend: GenaiBackend | TransformersBackend, prompt: str, s: Sampling, *, chat: bool = True
-) -> Iterator[str]:
-    """Stream the continuation of ``prompt``, ending before the first stop string."""
-    ids = backend.encode(prompt, chat)
+def complete(backend: Any, prompt: str, s: Sampling, *, chat: bool = True) -> Iterator[str]:
+    """Stream the continuation of ``prompt`` from a backend of :func:`open_backend`, ending before the
+    first stop string."""
+    ids = backend.prompt_ids(prompt, chat)
     if not ids:
         raise UserError("the prompt is empty after tokenisation; give some text")
     if len(ids) >= backend.positions:
@@ -246,7 +162,7 @@ def complete(
             f"{backend.positions - 1} prompt tokens leave room to generate"
         )
     stop = StopFilter(s.stop)
-    for piece in backend.tokens(ids, s):
+    for piece in backend.stream(ids, s):
         text = stop.feed(piece)
         if text:
             yield text

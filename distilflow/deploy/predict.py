@@ -97,7 +97,7 @@ def predict(model_path: str, source: str, *, tokenizer_path: str | None = None, 
         raise UserError(
             f"'{model_path}' takes inputs {names}; distilflow exports take x, or input_ids and attention_mask"
         )
-    from distilflow.tasks.causal_lm import load_tokenizer
+    from distilflow.models.hf import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path or Path(model_path).parent)
     text = Path(source).read_text() if Path(source).is_file() else source

@@ -1,12 +1,16 @@
-"""Sampling completions: transformers ``generate`` (batched, left-padded, KV cache) or vLLM.
+"""Sampling completions: transformers (batched ``generate`` with a KV cache, or streamed) or vLLM.
 
-Both backends take rendered prompt strings and return, per prompt, ``n`` :class:`Completion`
-objects. ``sample_ids`` is the token-level core that on-policy distillation and exact-match
-evaluation reuse on models held in memory.
+Both backends' :meth:`generate` take rendered prompt strings and return, per prompt, ``n``
+:class:`Completion` objects (``distilflow generate``). ``sample_ids`` is the token-level core that
+on-policy distillation and exact-match evaluation reuse on models held in memory; the transformers
+backend also streams one completion token by token (:meth:`TransformersBackend.stream`, for
+``distilflow predict`` on a Hugging Face folder). How tokens are drawn: :class:`Sampling`.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 
 from distilflow.errors import UserError
+from distilflow.generate.sampling import Sampling
 from distilflow.models.hf import max_positions
 
 
@@ -23,16 +28,6 @@ class Completion:
     text: str
     tokens: int  # generated tokens, the end-of-sequence token included when one was produced
     finish: str  # "stop" (eos or a stop string) or "length" (max_new_tokens reached)
-
-
-@dataclass
-class Sampling:
-    """How completions are drawn; ``temperature`` 0 is greedy decoding."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
 
 
 def check_budget(prompt_tokens: int, max_new_tokens: int, model: nn.Module, where: str) -> None:
@@ -72,8 +67,8 @@ def sample_ids(
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids) :] = 1
     kwargs: dict[str, Any] = {}
-    if sampling.temperature > 0:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    if not sampling.greedy:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if sampling.stop and tokenizer is not None:
@@ -112,13 +107,43 @@ class _StopStrings:
 
 
 class TransformersBackend:
-    """A causal LM held in memory; prompts are batched ``batch_size`` at a time."""
+    """A causal LM held in memory: batched sampling (:meth:`generate`, ``batch_size`` sequences at a
+    time) and token-by-token streaming over its KV cache (:meth:`stream`)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, batch_size: int = 16) -> None:
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.positions = max_positions(model) or 2048
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+
+    @classmethod
+    def from_folder(cls, folder: Path, threads: int = 0) -> TransformersBackend:
+        """A Hugging Face folder (``config.json`` + weights + tokenizer), in float32; a folder transformers
+        cannot load is one line."""
+        from transformers import AutoModelForCausalLM
+
+        from distilflow.models.hf import load_tokenizer, no_progress_bars
+
+        if threads:
+            torch.set_num_threads(threads)
+        tokenizer = load_tokenizer(folder, what="model folder")
+        try:
+            with no_progress_bars():
+                model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).float()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"'{folder}' could not be loaded as a causal LM: {str(exc).splitlines()[0]}") from None
+        return cls(model, tokenizer)
 
     def encode(self, text: str, *, special_tokens: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
+
+    def prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+        """``prompt`` as a user message in the chat template (when ``chat`` and the tokenizer has one; the
+        template carries its special tokens), else as plain text with the tokenizer's special tokens."""
+        if chat and self.chat:
+            messages = [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.encode(text, special_tokens=False))
+        return list(self.encode(prompt, special_tokens=True))
 
     def generate(self, texts: list[str], *, n: int, sampling: Sampling, special_tokens: bool) -> list[list[Completion]]:
         """``n`` completions per rendered prompt; the prompt keeps the tokenizer's special tokens
@@ -143,6 +168,48 @@ class TransformersBackend:
                     )
                 )
         return [flat[i * n : (i + 1) * n] for i in range(len(texts))]
+
+    def stream(self, ids: list[int], sampling: Sampling) -> Iterator[str]:
+        """The text of one completion of ``ids``, piece by piece as tokens are drawn (stop strings are
+        the caller's: see deploy/lm_predict.StopFilter); ends at eos or ``max_new_tokens``."""
+        generator = torch.Generator().manual_seed(sampling.seed)
+        eos = self.tokenizer.eos_token_id
+        new: list[int] = []
+        cache, step_ids, text = None, torch.tensor([ids]), ""
+        # transformers 5 names the KV cache argument and output 'cache' (4.x: 'past_key_values').
+        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            for _ in range(min(sampling.max_new_tokens, self.positions - len(ids))):
+                out = self.model(input_ids=step_ids, use_cache=True, **({key: cache} if cache is not None else {}))
+                cache, logits = out[key], out.logits[0, -1].float()  # (V,)
+                token = choose_token(logits, sampling, generator)
+                if token == eos:
+                    break
+                new.append(token)
+                step_ids = torch.tensor([[token]])
+                full = self.tokenizer.decode(new, skip_special_tokens=True)
+                if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    yield full[len(text) :]
+                    text = full
+        rest = self.tokenizer.decode(new, skip_special_tokens=True)[len(text) :]
+        if rest:  # bytes that never completed a character, as decode() shows them
+            yield rest
+
+
+def choose_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """Greedy argmax of ``logits`` ``(V,)``, or a sample after temperature, top-k and top-p (nucleus) filtering."""
+    if sampling.greedy:
+        return int(logits.argmax())
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.numel():
+        cutoff = torch.topk(logits, sampling.top_k).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # tokens after the nucleus is full
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str | None:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from distilflow.errors import UserError
-from distilflow.generate.backends import Completion, Sampling, TransformersBackend, VLLMBackend, check_budget
+from distilflow.generate.backends import Completion, TransformersBackend, VLLMBackend, check_budget
 from distilflow.generate.prompts import Prompt, read_prompts, render_prompt
+from distilflow.generate.sampling import Sampling
 from distilflow.generate.verify import Checker, load_verifier
 from distilflow.generate.writer import SampleWriter
 

@@ -50,6 +50,26 @@ def no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, what: str = "tokenizer folder") -> Any:
+    """A tokenizer from a local folder; a missing pad token is set to eos (padding is masked anyway).
+
+    ``what`` names the folder in errors (e.g. "student model directory" when it comes from a model path).
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{what} '{folder}' does not exist; give a folder written by save_pretrained")
+    # Checked here because transformers' own error for a folder without one is cut off after one line.
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{what} '{folder}' has no tokenizer; expected one of {', '.join(TOKENIZER_FILES)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{what} '{folder}' could not be loaded: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_causal_lm(
     path: str | Path,
     *,

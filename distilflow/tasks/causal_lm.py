@@ -30,10 +30,10 @@ from distilflow.losses.fused import HiddenStates, fused_kd_ce
 from distilflow.losses.objective import IGNORE_INDEX, Targets
 from distilflow.models.build import count_params, forward_macs
 from distilflow.models.hf import (
-    TOKENIZER_FILES,
     align_vocab,
     build_student,
     load_causal_lm,
+    load_tokenizer,
     no_progress_bars,
     truncate_vocab,
 )
@@ -183,28 +183,6 @@ class CausalLMTask:
         model.train(was_training)
         loss = total / max(count, 1)
         return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss}
-
-
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, what: str = "tokenizer folder") -> Any:
-    """A tokenizer from a local folder; a missing pad token is set to eos (padding is masked anyway).
-
-    ``what`` names the folder in errors (e.g. "student model directory" when it comes from a model path).
-    """
-    from transformers import AutoTokenizer
-
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"{what} '{folder}' does not exist; give a folder written by save_pretrained")
-    # Checked here because transformers' own error for a folder without one is cut off after one line.
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"{what} '{folder}' has no tokenizer; expected one of {', '.join(TOKENIZER_FILES)}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"{what} '{folder}' could not be loaded: {str(error).splitlines()[0]}") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _stdlib_tokenizer(cfg: Config, texts: list[str]) -> Any:

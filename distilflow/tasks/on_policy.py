@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from distilflow.errors import UserError
-from distilflow.generate.backends import Sampling, sample_ids
+from distilflow.generate.backends import sample_ids
+from distilflow.generate.sampling import Sampling
 from distilflow.losses.objective import IGNORE_INDEX, Targets
 from distilflow.tasks.causal_lm import CausalLMTask
 

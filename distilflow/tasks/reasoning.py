@@ -18,7 +18,8 @@ from distilflow.config import Config
 from distilflow.data.arith import ANSWER_PATTERN, Problem, arith_tokenizer, make_problems, max_tokens
 from distilflow.data.text import Record, tokenize
 from distilflow.errors import UserError
-from distilflow.generate.backends import Sampling, sample_ids
+from distilflow.generate.backends import sample_ids
+from distilflow.generate.sampling import Sampling
 from distilflow.generate.verify import exact_match, extract_answer
 from distilflow.tasks.causal_lm import Batch, CausalLMTask, CausalLMWorkload
 

@@ -28,9 +28,10 @@ from distilflow.data.stdlib_corpus import stdlib_root, tiny_llama_config, train_
 from distilflow.deploy import genai
 from distilflow.deploy.bench import quality
 from distilflow.deploy.int8_kernels import kernel_report
-from distilflow.deploy.lm_predict import Sampling, StopFilter, complete, open_backend, predict_lm
+from distilflow.deploy.lm_predict import StopFilter, complete, open_backend, predict_lm
 from distilflow.deploy.stage import deploy, export_student, quantize_student
 from distilflow.errors import UserError
+from distilflow.generate.sampling import Sampling
 from distilflow.models.hf import build_student
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -222,7 +223,7 @@ def test_predict_streams_and_stops_on_a_stop_string(backend, builds, model_dirs)
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     expected = full[: full.index(stop)]
     out = io.StringIO()
-    assert predict_lm(str(folder), PROMPT, Sampling(max_new_tokens=24, stop=[stop]), threads=1, out=out) == 0
+    assert predict_lm(str(folder), PROMPT, Sampling(max_new_tokens=24, stop=(stop,)), threads=1, out=out) == 0
     assert out.getvalue() == expected + "\n"
 
 
@@ -398,5 +399,5 @@ def test_chat_template_is_applied_when_the_tokenizer_has_one(backend, builds, mo
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"], local_files_only=True)
     runner = open_backend(folder, threads=1)
-    assert runner.encode("hi", chat=True) == tokenizer("<user> hi\n<bot> ")["input_ids"]  # rendered by hand
-    assert runner.encode("hi", chat=False) == tokenizer("hi")["input_ids"]  # --raw
+    assert runner.prompt_ids("hi", chat=True) == tokenizer("<user> hi\n<bot> ")["input_ids"]  # rendered by hand
+    assert runner.prompt_ids("hi", chat=False) == tokenizer("hi")["input_ids"]  # --raw

@@ -9,7 +9,8 @@ import torch
 
 from distilflow.cli import main
 from distilflow.errors import UserError
-from distilflow.generate.backends import Sampling, TransformersBackend, check_budget, sample_ids
+from distilflow.generate.backends import TransformersBackend, check_budget, sample_ids
+from distilflow.generate.sampling import Sampling
 from distilflow.models.hf import load_causal_lm
 
 from .conftest import greedy_reference, write_jsonl
@@ -114,3 +115,16 @@ def test_malformed_prompt_line_is_one_line_error(model_dir, tmp_path, capsys):
     code = main(["generate", f"generate.prompts={prompts}", f"generate.model={model_dir}", f"output_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 2 and f"{prompts}: line 2 is not valid JSON" in err and err.count("\n") == 1
+
+
+def test_streamed_and_batched_greedy_completions_agree(model_dir, tokenizer):
+    """One backend, two decoders: its KV-cache streaming loop (distilflow predict) and the batched
+    transformers generate (distilflow generate) write the same greedy completion."""
+    model, _ = load_causal_lm(model_dir, role="test", torch_dtype=torch.float32)
+    backend = TransformersBackend(model, tokenizer)
+    greedy = Sampling(max_new_tokens=12)
+    assert greedy.greedy
+    for text in ("12+34=", "987+654=<think>"):
+        batched = backend.generate([text], n=1, sampling=greedy, special_tokens=True)[0][0].text
+        streamed = "".join(backend.stream(backend.prompt_ids(text, chat=False), greedy))
+        assert streamed == batched and streamed

@@ -9,7 +9,7 @@ import torch
 
 from distilflow.data.text import Record, tokenize
 from distilflow.errors import UserError
-from distilflow.generate.backends import Sampling
+from distilflow.generate.sampling import Sampling
 from distilflow.losses.objective import IGNORE_INDEX
 from distilflow.models.hf import build_student
 from distilflow.tasks.causal_lm import CausalLMTask

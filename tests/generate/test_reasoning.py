@@ -70,10 +70,15 @@ def test_demo_stages_results_and_reuse(tmp_path, capsys, monkeypatch):
     report = (out / "report.md").read_text()
     assert "| gkd |" in report and "| sft |" in report and "kept" in report
     assert "teacher" in capsys.readouterr().out
-    # A second run reuses every finished stage and gives the same results.
-    assert main(_args(out)) == 0
+    # A second run reuses every finished stage and gives the same results; deploy settings do not
+    # change what was trained (the pipeline's folder rule), another student budget does.
+    assert main([*_args(out), "deploy.threads=2"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["students"] == results["students"] and again["traces"]["kept"] == traces["kept"]
+    capsys.readouterr()
+    assert main([*_args(out), "student.train.steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a run with a different config (keys: student.train.steps)" in err
 
 
 @pytest.mark.parametrize(

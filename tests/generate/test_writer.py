@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from distilflow.generate.backends import Completion, Sampling
+from distilflow.generate.backends import Completion
 from distilflow.generate.prompts import Prompt
 from distilflow.generate.runner import generate_to_file
+from distilflow.generate.sampling import Sampling
 from distilflow.generate.verify import Checker, load_verifier
 from distilflow.generate.writer import SampleWriter
 
