@@ -68,8 +68,8 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     out = Path(args.out)
     common = [
-        "data.train_chars=1000000",
-        "data.eval_chars=60000",
+        "data.stdlib.train_chars=1000000",
+        "data.stdlib.eval_chars=60000",
         "threads=1",
         f"teacher.train.steps={args.teacher_steps}",
         f"teacher.train.warmup_steps={min(50, args.teacher_steps)}",
@@ -111,7 +111,7 @@ def main() -> None:
         written = time.monotonic()
         manifest = cache_stage(run, teacher, quiet=True)
         write_seconds = time.monotonic() - written
-        positions = manifest["identity"]["rows"] * (cfg.data.seq_len - 1)
+        positions = manifest["identity"]["rows"] * (cfg.data.stdlib.seq_len - 1)
         size = sum(s["bytes"] for s in manifest["shards"])
         _, result = distill_stage(run, None, log_tensorboard=False)
         rows.append(

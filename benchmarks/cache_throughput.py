@@ -82,8 +82,8 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     out = Path(args.out)
     common = [
-        "data.train_chars=250000",
-        "data.eval_chars=2000",  # evaluation runs once at the end of each student: kept negligible
+        "data.stdlib.train_chars=250000",
+        "data.stdlib.eval_chars=2000",  # evaluation runs once at the end of each student: kept negligible
         "threads=1",
         "teacher.train.steps=20",
         "teacher.train.warmup_steps=5",
@@ -124,7 +124,7 @@ def main() -> None:
         cfg = cached_config(mode, "base-" + mode)
         began, cpu = time.monotonic(), _cpu_seconds()
         manifest = cache_stage(Run(cfg, work), teacher, quiet=True)
-        positions = manifest["identity"]["rows"] * (cfg.data.seq_len - 1)
+        positions = manifest["identity"]["rows"] * (cfg.data.stdlib.seq_len - 1)
         size = sum(s["bytes"] for s in manifest["shards"])
         writes[mode] = {
             "seconds": round(time.monotonic() - began, 2),

@@ -48,8 +48,8 @@ def workloads(args: argparse.Namespace, out: Path) -> dict[str, dict]:
     lm = [
         "configs/lm_stdlib.yaml",
         f"data.cache_dir={out / 'cache'}",
-        "data.train_chars=250000",
-        "data.eval_chars=2000",
+        "data.stdlib.train_chars=250000",
+        "data.stdlib.eval_chars=2000",
         "teacher.train.steps=10",
         "teacher.train.warmup_steps=2",
         "teacher.train.eval_every=0",

@@ -89,7 +89,7 @@ def make_student(shape: str, folder: Path) -> int:
 
 
 def stdlib_held_out(tokenizer_dir: Path, rows: int, seq_len: int = 128) -> dict[str, np.ndarray]:
-    """The LM demo's held-out rows (data.eval_chars 200000, packed rows of seq_len tokens), the first ``rows``."""
+    """The LM demo's held-out rows (data.stdlib.eval_chars 200000, packed rows of seq_len), the first ``rows``."""
     from transformers import AutoTokenizer
 
     from distilflow.data.stdlib_corpus import load_stdlib_corpus

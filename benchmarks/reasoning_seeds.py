@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_seed(config: Path, seed: int, out: Path, extra: list[str]) -> subprocess.Popen:
     command = [sys.executable, "-m", "distilflow", "run", str(config), f"seed={seed}", f"output_dir={out}"]
-    command += [f"data.path={out}/data/gold.jsonl", *extra, "--no-tensorboard"]
+    command += [f"data.text.path={out}/data/gold.jsonl", *extra, "--no-tensorboard"]
     log = (out.parent / f"{out.name}.log").open("w")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 

@@ -124,15 +124,15 @@ class Meter:
 
 def _distilflow_overrides(out: Path, args) -> list[str]:
     return [
-        "data.train_chars=300000",
-        "data.eval_chars=20000",
-        f"data.seq_len={SEQ_LEN}",
+        "data.stdlib.train_chars=300000",
+        "data.stdlib.eval_chars=20000",
+        f"data.stdlib.seq_len={SEQ_LEN}",
         f"threads={args.threads}",
         f"device={args.device}",
-        f"teacher.model.path={out / 'teacher'}",
-        "teacher.model.hf_config={}",
-        f"student.model.path={out / 'student'}",
-        "student.model.hf_config={}",
+        f"teacher.model.hf.path={out / 'teacher'}",
+        "teacher.model.hf.config={}",
+        f"student.model.hf.path={out / 'student'}",
+        "student.model.hf.config={}",
         f"student.train.steps={args.steps}",
         f"student.train.precision={args.precision}",
         f"student.train.gradient_checkpointing={'true' if args.gradient_checkpointing else 'false'}",
@@ -178,11 +178,11 @@ def prepare(out: Path, args) -> dict:
     from distilflow.workload import make_workload
 
     shapes = load_config("configs/lm_stdlib.yaml")
-    base = load_config("configs/lm_stdlib.yaml", ["data.train_chars=300000", "data.eval_chars=20000"])
+    base = load_config("configs/lm_stdlib.yaml", ["data.stdlib.train_chars=300000", "data.stdlib.eval_chars=20000"])
     work = make_workload(base, torch.device("cpu"))
     for role, stage in (("teacher", shapes.teacher), ("student", shapes.student)):
         torch.manual_seed(0 if role == "teacher" else 1)
-        model = build_student(work._hf_config(stage.model.hf_config), role=role)
+        model = build_student(work.hf_config(stage.model.hf.config), role=role)
         with no_progress_bars():
             model.save_pretrained(out / role)
         work.tokenizer.save_pretrained(out / role)

@@ -176,11 +176,11 @@ def _cmd_distill(ns) -> int:
 
     # A complete teacher cache stands in for the teacher (which is then not loaded at all).
     from_cache = reads_cache(cfg)
-    given = cfg.teacher.model.checkpoint or cfg.teacher.model.path
+    given = cfg.teacher.model.pretrained
     if not from_cache and not given and not _has_weights(run.stage_dir("teacher")):
         raise UserError(
             f"no trained teacher in '{run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
-            "first, or set teacher.model.checkpoint=PATH (or teacher.model.path for a Hugging Face folder)"
+            "first, or set teacher.model.checkpoint=PATH (or teacher.model.hf.path for a Hugging Face folder)"
         )
     teacher = None if from_cache else teacher_stage(run, log_tensorboard=False)[0]
     _, result = distill_stage(run, teacher, log_tensorboard=not ns.no_tensorboard)
@@ -198,7 +198,7 @@ def _cmd_eval(ns) -> int:
     if unknown:
         raise UserError(f"--model {unknown[0]!r} is not allowed; use teacher, baseline or student")
     run = open_run(cfg)
-    given_teacher = bool(cfg.teacher.model.checkpoint or cfg.teacher.model.path)
+    given_teacher = bool(cfg.teacher.model.pretrained)
     # Students are scored as in training: over the vocabulary they share with the teacher (whose
     # size, not weights, decides it).
     reference = run.work.new_model("teacher")
@@ -268,10 +268,10 @@ def _cmd_cache_teacher(ns) -> int:
 
     cfg = _load(ns.args)
     run = open_run(cfg, writes_cache=True)
-    if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path) and not _has_weights(run.stage_dir("teacher")):
+    if not cfg.teacher.model.pretrained and not _has_weights(run.stage_dir("teacher")):
         raise UserError(
             f"no trained teacher in '{run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
-            "first, or set teacher.model.checkpoint=PATH (or teacher.model.path for a Hugging Face folder)"
+            "first, or set teacher.model.checkpoint=PATH (or teacher.model.hf.path for a Hugging Face folder)"
         )
     teacher, _ = teacher_stage(run, log_tensorboard=False)
     began = time.monotonic()

@@ -7,70 +7,60 @@ of the wrong type fails at load time with one line naming the key, the value and
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from distilflow.config_checks import validate
+from distilflow.config_kinds import (
+    DATA_SECTIONS,
+    CNNConfig,
+    DataConfig,
+    FactoryConfig,
+    FilesConfig,
+    HFConfig,
+    MLPConfig,
+    MNIST1DConfig,
+    ModelConfig,
+    StdlibConfig,
+    StudentHFConfig,
+    StudentModelConfig,
+    TeacherModelConfig,
+    TextConfig,
+    TokenRowsConfig,
+    model_section,
+)
+from distilflow.config_migrate import describe_migration, migrate
 from distilflow.typed_config import build, describe, help_field, merge, parse_override, read_yaml, set_path, to_dict
 
-__all__ = ["Config", "describe", "load_config", "config_from_dict", "read_yaml", "to_dict", "validate"]
+__all__ = [
+    "CNNConfig",
+    "Config",
+    "DATA_SECTIONS",
+    "DataConfig",
+    "FactoryConfig",
+    "FilesConfig",
+    "HFConfig",
+    "MLPConfig",
+    "MNIST1DConfig",
+    "ModelConfig",
+    "StdlibConfig",
+    "StudentHFConfig",
+    "StudentModelConfig",
+    "TeacherModelConfig",
+    "TextConfig",
+    "TokenRowsConfig",
+    "config_from_dict",
+    "describe",
+    "load_config",
+    "model_section",
+    "read_yaml",
+    "to_dict",
+    "validate",
+]
 
 _f = help_field
-
-
-@dataclass
-class DataConfig:
-    source: str = _f(
-        "mnist1d",
-        "Classifiers: built-in 'mnist1d', your .npz (x, y) / .csv file, or 'module.path:factory' returning "
-        "arrays x, y, x_test, y_test (and optional x_transfer). Causal LMs: 'text' (your .txt, .jsonl, .parquet, "
-        ".csv files) or the built-in 'stdlib' corpus (the Python standard library's source).",
-    )
-    path: str | None = _f(None, "Training file (npz/csv), or text file or folder of text files (text).")
-    test_path: str | None = _f(None, "Held-out file or folder; without it test_fraction of path is held out.")
-    test_fraction: float = _f(0.2, "Fraction of path held out for testing when test_path is not set.")
-    label_column: str = _f("label", "CSV column holding the integer class label; every other column is a feature.")
-    transfer_path: str | None = _f(None, "Optional unlabeled transfer set for distillation (.npz with x, or .csv).")
-    num_samples: int = _f(5000, "MNIST-1D: samples generated for train + test (paper default 5000).")
-    train_split: float = _f(0.8, "MNIST-1D: fraction of num_samples used for training (paper: 4000/1000).")
-    seed: int = _f(42, "MNIST-1D: generator seed of the labeled set (paper default 42).")
-    transfer_size: int = _f(40000, "MNIST-1D: unlabeled transfer samples generated with other seeds (0 = none).")
-    transfer_seed: int = _f(1, "MNIST-1D: generator seed of the transfer set (must differ from seed).")
-    cache_dir: str = _f("~/.cache/distilflow", "Where generated datasets are cached.")
-    seq_len: int = _f(128, "Text: tokens per training row (must not exceed the models' maximum positions).")
-    pack: bool = _f(True, "Text: pack plain documents into full rows (EOS between them); false pads each one.")
-    on_error: Literal["raise", "skip"] = _f(
-        "raise", "Text: a JSONL line that is not JSON or lacks the fields: 'raise' (name file and line) or 'skip'."
-    )
-    tokenizer: str | None = _f(None, "Text: tokenizer folder; default the student's, else the teacher's.")
-    vocab_size: int = _f(2048, "stdlib: vocabulary of the byte-level BPE tokenizer trained on the corpus.")
-    train_chars: int = _f(8_000_000, "stdlib: characters of training text (held-out modules excluded).")
-    eval_chars: int = _f(200_000, "stdlib: characters of held-out text (a fixed set of modules).")
-
-
-@dataclass
-class ModelConfig:
-    arch: str = _f(
-        "mlp",
-        "Built-in 'mlp', 'cnn1d', 'cnn2d', your own 'module.path:factory', or 'hf' (a Hugging Face causal LM "
-        "from path or hf_config).",
-    )
-    hidden: list[int] = _f([192, 192], "mlp: widths of the hidden layers.")
-    channels: list[int] = _f([32, 32, 32], "cnn1d/cnn2d: channels of each conv block.")
-    kernel_size: int = _f(5, "cnn1d/cnn2d: convolution kernel size.")
-    dropout: float = _f(0.0, "Dropout before the classifier layer.")
-    kwargs: dict[str, Any] = _f({}, "Keyword arguments passed to a 'module.path:factory' model.")
-    checkpoint: str | None = _f(None, "Reuse trained weights (.safetensors or a stage checkpoint) instead of training.")
-    path: str | None = _f(None, "hf: local folder written by save_pretrained (weights, config, tokenizer).")
-    hf_config: dict[str, Any] = _f({}, "hf: a transformers config (model_type plus fields) to build a fresh model.")
-    init_layers: list[int] | None = _f(None, "hf student: teacher decoder layers copied into the student's layers.")
-    trust_remote_code: bool = _f(False, "hf: allow code from the model folder to run (off unless you set it).")
-    dtype: Literal["float32", "bfloat16", "float16"] = _f(
-        "float32",
-        "Teacher: dtype of its weights in the distillation forward passes (a trained teacher is cast after "
-        "training; a folder is loaded in it); float16 needs a GPU. Students train in float32 (see train.precision).",
-    )
 
 
 @dataclass
@@ -97,9 +87,15 @@ class TrainConfig:
 
 
 @dataclass
-class StageConfig:
-    model: ModelConfig = _f(ModelConfig(), "Architecture of this model.")
-    train: TrainConfig = _f(TrainConfig(), "Optimisation of this model.")
+class TeacherConfig:
+    model: TeacherModelConfig = _f(TeacherModelConfig(arch="cnn1d"), "Architecture of the teacher.")
+    train: TrainConfig = _f(TrainConfig(steps=2000), "Optimisation of the teacher.")
+
+
+@dataclass
+class StudentConfig:
+    model: StudentModelConfig = _f(StudentModelConfig(arch="mlp"), "Architecture of the student.")
+    train: TrainConfig = _f(TrainConfig(steps=4000), "Optimisation of the student (baseline and distilled alike).")
 
 
 @dataclass
@@ -154,9 +150,11 @@ class DistillConfig:
         None,
         "Causal LMs: 'uniform' or explicit [student, teacher] decoder-layer index pairs; builds feature_layers.",
     )
-    feature_layers: list[FeatureLayerConfig] = _f(
-        [FeatureLayerConfig(student="layers.3", teacher="pool")],
-        "Student/teacher layer pairs to align (projection heads are built from the observed shapes).",
+    feature_layers: list[FeatureLayerConfig] | None = _f(
+        None,
+        "Student/teacher layer pairs to align (projection heads are built from the observed shapes). Unset: when a "
+        "phase uses the feature term, the built-in models' last hidden layers (mlp: layers.<2 x hidden - 1>, cnn: "
+        "pool); Hugging Face models pair decoder layers with layer_map instead. Resolved when the config is loaded.",
     )
     phases: list[PhaseConfig] = _f(DEFAULT_PHASES, "Ordered phases of distillation and the loss terms of each.")
     loss_impl: Literal["auto", "plain", "chunked", "fused"] = _f(
@@ -221,7 +219,7 @@ class DeployConfig:
         "PyTorch-native int8: auto (torch.ao on CPU while PyTorch ships it, else torchao), torchao, torch_ao, off.",
     )
     batch_sizes: list[int] = _f(
-        [1, 64], "Batch sizes (samples or sequences of data.seq_len) whose latency is measured."
+        [1, 64], "Batch sizes (samples, or sequences of the data section's seq_len) whose latency is measured."
     )
     threads: int = _f(1, "CPU threads for every variant in the benchmark (fixed so that the ratios compare).")
     iterations: int = _f(20, "Timed calls per variant and batch size (after 3 warm-up calls).")
@@ -269,7 +267,7 @@ class GenerateConfig:
     prompts: str | None = _f(None, "JSONL prompt set: lines with 'prompt' or chat 'messages', optional 'answer', 'id'.")
     output: str | None = _f(None, "Output JSONL of kept samples (default <run_dir>/generated.jsonl); resumable.")
     model: str | None = _f(
-        None, "Model folder that generates (default: teacher.model.path, else this run's trained teacher/hf)."
+        None, "Model folder that generates (default: teacher.model.hf.path, else this run's trained teacher/hf)."
     )
     backend: Literal["transformers", "vllm"] = _f(
         "transformers", "transformers generate (KV cache, batched), or vllm when installed (untested here)."
@@ -340,13 +338,11 @@ class Config:
     device: str = _f("cpu", "'cpu', 'cuda', 'cuda:N' or 'auto'.")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default).")
     data: DataConfig = _f(DataConfig(), "Where the data comes from.")
-    teacher: StageConfig = _f(
-        StageConfig(model=ModelConfig(arch="cnn1d"), train=TrainConfig(steps=2000)),
-        "The teacher: trained first (or loaded from model.checkpoint).",
+    teacher: TeacherConfig = _f(
+        TeacherConfig(), "The teacher: trained first (or loaded from model.checkpoint or a model.hf.path folder)."
     )
-    student: StageConfig = _f(
-        StageConfig(model=ModelConfig(arch="mlp"), train=TrainConfig(steps=4000)),
-        "The student: trained once without a teacher (baseline) and once distilled, same budget.",
+    student: StudentConfig = _f(
+        StudentConfig(), "The student: trained once without a teacher (baseline) and once distilled, same budget."
     )
     distill: DistillConfig = _f(DistillConfig(), "How the student learns from the teacher.")
     deploy: DeployConfig = _f(DeployConfig(), "Shipping the student: ONNX export, int8 quantization, benchmark.")
@@ -367,19 +363,47 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``dotted.key=value`` overrides, then validation."""
-    tree = to_dict(Config())
+    """Defaults <- YAML file <- ``dotted.key=value`` overrides, then validation.
+
+    The defaults hold no model or data section: each comes from the file or the overrides, or, when
+    neither sets it, from the defaults of the kind the config chooses (``arch``, ``data.source``)."""
+    tree = to_dict(Config(), sections=False)
     if path is not None:
         tree = merge(tree, read_yaml(path))
     for text in overrides:
         keys, value = parse_override(text)
         set_path(tree, keys, value)
+    where = f"config '{path}'" if path is not None else "the overrides"
+    return config_from_dict(tree, where=where)
+
+
+def config_from_dict(tree: dict, *, where: str = "the config", quiet: bool = False) -> Config:
+    """A complete config tree (a run folder's ``config.yaml``) as a checked Config. A tree in the 0.1
+    layout is read in the sectioned one, said in one stderr line (unless ``quiet``)."""
+    tree, notes = migrate(tree)
+    if (notes["moved"] or notes["dropped"]) and not quiet:
+        print(describe_migration(where, notes), file=sys.stderr)
     cfg = build(Config, tree)
+    if cfg.distill.feature_layers is None:
+        cfg.distill.feature_layers = default_feature_layers(cfg)
     validate(cfg)
     return cfg
 
 
-def config_from_dict(tree: dict) -> Config:
-    cfg = build(Config, tree)
-    validate(cfg)
-    return cfg
+def _last_hidden(model: ModelConfig) -> str | None:
+    """The module path of a built-in model's last hidden representation (zoo.py's stable names)."""
+    if model.mlp is not None and model.arch == "mlp":
+        return f"layers.{2 * len(model.mlp.hidden) - 1}" if model.mlp.hidden else None
+    return "pool" if model.arch in ("cnn1d", "cnn2d") else None
+
+
+def default_feature_layers(cfg: Config) -> list[FeatureLayerConfig]:
+    """``distill.feature_layers`` when unset: none unless a phase uses the feature term and there is no
+    ``layer_map``; then the built-in models' last hidden layers (the MLP's last ReLU, the CNN's pooled
+    features: ``layers.3 -> pool`` for the default MLP and CNN); none for other models (validation
+    then asks for the pairs)."""
+    d = cfg.distill
+    if d.layer_map is not None or not any("feature" in p.terms for p in d.phases):
+        return []
+    student, teacher = _last_hidden(cfg.student.model), _last_hidden(cfg.teacher.model)
+    return [FeatureLayerConfig(student=student, teacher=teacher)] if student and teacher else []

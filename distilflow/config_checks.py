@@ -6,12 +6,101 @@ which values are allowed together. Each failure names the key, the value and the
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from distilflow.errors import UserError
 
 if TYPE_CHECKING:
     from distilflow.config import Config
+
+
+def _check_sections(owner: Any, prefix: str, wanted: str | None, kind: str, need: Any) -> None:
+    """Only the section of the kind in use may be given (a section of another kind is read by nothing)."""
+    for f in dataclasses.fields(owner):
+        if "section" in f.metadata and f.name != wanted and getattr(owner, f.name) is not None:
+            rule = f"{kind} reads {prefix}.{wanted}" if wanted else f"{kind} reads no {prefix} section"
+            drop = f"drop {prefix}.{f.name} (on the command line: {prefix}.{f.name}=null)"
+            need(False, f"{prefix}.{f.name}", "given", f"{rule}; {drop}")
+
+
+def _check_models(cfg: Config, need: Any) -> None:
+    """Each model's kind: its section only, and what the kind needs (checked first: the other rules
+    read the kinds)."""
+    from distilflow.config import model_section
+
+    lm = cfg.task == "causal_lm"
+    for stage in ("teacher", "student"):
+        m = getattr(cfg, stage).model
+        _check_sections(m, f"{stage}.model", model_section(m.arch), f"arch {m.arch!r}", need)
+        if lm:
+            need(m.arch == "hf", f"{stage}.model.arch", m.arch, f"data.source '{cfg.data.source}' needs arch 'hf'")
+            need(
+                (m.hf.path is None) != (not m.hf.config),
+                f"{stage}.model.hf.path",
+                m.hf.path,
+                "an hf model needs exactly one of path (a local save_pretrained folder) or config",
+            )
+        else:
+            need(m.arch != "hf", f"{stage}.model.arch", m.arch, "'hf' models need data.source text or stdlib")
+        if m.mlp is not None:
+            need(all(h >= 1 for h in m.mlp.hidden), f"{stage}.model.mlp.hidden", m.mlp.hidden, "widths must be >= 1")
+        for section in (m.mlp, m.cnn):
+            if section is not None:
+                key = f"{stage}.model.{'mlp' if section is m.mlp else 'cnn'}.dropout"
+                need(0 <= section.dropout < 1, key, section.dropout, "must be in [0, 1)")
+        if m.cnn is not None:
+            need(
+                len(m.cnn.channels) >= 1 and all(c >= 1 for c in m.cnn.channels),
+                f"{stage}.model.cnn.channels",
+                m.cnn.channels,
+                "one or more channel counts >= 1",
+            )
+            need(m.cnn.kernel_size >= 1, f"{stage}.model.cnn.kernel_size", m.cnn.kernel_size, "must be >= 1")
+
+
+def _check_data(cfg: Config, need: Any) -> None:
+    """The data source: its section only, and the ranges of its keys."""
+    from distilflow.config import DATA_SECTIONS
+
+    data = cfg.data
+    sources = ("mnist1d", "npz", "csv", "text", "stdlib")
+    need(
+        data.source in sources or ":" in data.source,
+        "data.source",
+        data.source,
+        f"use one of {', '.join(sources)} or 'module.path:factory'",
+    )
+    _check_sections(data, "data", DATA_SECTIONS.get(data.source), f"data.source {data.source!r}", need)
+    for name in ("files", "text"):
+        section = getattr(data, name)
+        if section is not None:
+            need(section.path is not None, f"data.{name}.path", section.path, f"source '{data.source}' needs a file")
+            need(
+                0 < section.test_fraction < 1, f"data.{name}.test_fraction", section.test_fraction, "must be in (0, 1)"
+            )
+    rows = data.token_rows
+    if rows is not None:
+        key = f"data.{data.source}"
+        need(rows.seq_len >= 2, f"{key}.seq_len", rows.seq_len, "must be >= 2")
+    if data.stdlib is not None:
+        corpus = data.stdlib
+        need(
+            corpus.vocab_size >= 300, "data.stdlib.vocab_size", corpus.vocab_size, "must be >= 300 (256 bytes + merges)"
+        )
+        need(corpus.train_chars > 0, "data.stdlib.train_chars", corpus.train_chars, "must be > 0")
+        need(corpus.eval_chars > 0, "data.stdlib.eval_chars", corpus.eval_chars, "must be > 0")
+    if data.mnist1d is not None:
+        gen = data.mnist1d
+        need(0 < gen.train_split < 1, "data.mnist1d.train_split", gen.train_split, "must be in (0, 1)")
+        need(gen.num_samples >= 20, "data.mnist1d.num_samples", gen.num_samples, "must be >= 20")
+        need(gen.transfer_size >= 0, "data.mnist1d.transfer_size", gen.transfer_size, "must be >= 0")
+        need(
+            gen.transfer_size == 0 or gen.transfer_seed != data.seed,
+            "data.mnist1d.transfer_seed",
+            gen.transfer_seed,
+            "must differ from data.seed, or the transfer set repeats the labeled samples",
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -21,6 +110,8 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UserError(f"config key '{key}': {value!r} is not allowed; {rule}")
 
+    _check_data(cfg, need)
+    _check_models(cfg, need)
     d = cfg.distill
     need(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0")
     need(0 < d.jsd_beta < 1, "distill.jsd_beta", d.jsd_beta, "must be in (0, 1)")
@@ -54,28 +145,16 @@ def validate(cfg: Config) -> None:
         d.layer_map is None or not d.feature_layers,
         "distill.layer_map",
         d.layer_map,
-        "give either layer_map or feature_layers, not both (set distill.feature_layers=[])",
+        "give either layer_map or feature_layers, not both",
     )
+    lm = cfg.task == "causal_lm"
+    need(d.layer_map is None or lm, "distill.layer_map", d.layer_map, "only causal LMs (data.source text or stdlib)")
     need(
         d.layer_map is None or d.layer_map == "uniform" or isinstance(d.layer_map, list),
         "distill.layer_map",
         d.layer_map,
         "use 'uniform' or a list of [student, teacher] layer index pairs",
     )
-    lm = cfg.task == "causal_lm"
-    need(d.layer_map is None or lm, "distill.layer_map", d.layer_map, "only causal LMs (data.source text or stdlib)")
-    for stage in ("teacher", "student"):
-        m = getattr(cfg, stage).model
-        if lm:
-            need(m.arch == "hf", f"{stage}.model.arch", m.arch, f"data.source '{cfg.data.source}' needs arch 'hf'")
-            need(
-                (m.path is None) != (not m.hf_config),
-                f"{stage}.model.path",
-                m.path,
-                "an hf model needs exactly one of path (a local save_pretrained folder) or hf_config",
-            )
-        else:
-            need(m.arch != "hf", f"{stage}.model.arch", m.arch, "'hf' models need data.source text or stdlib")
     for stage in ("teacher", "student"):
         t = getattr(cfg, stage).train
         pre = f"{stage}.train"
@@ -95,50 +174,6 @@ def validate(cfg: Config) -> None:
         need(t.grad_clip >= 0, f"{pre}.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
         for key in ("eval_every", "log_every", "checkpoint_every"):
             need(getattr(t, key) >= 0, f"{pre}.{key}", getattr(t, key), "must be >= 0")
-        m = getattr(cfg, stage).model
-        need(0 <= m.dropout < 1, f"{stage}.model.dropout", m.dropout, "must be in [0, 1)")
-        need(all(h >= 1 for h in m.hidden), f"{stage}.model.hidden", m.hidden, "widths must be >= 1")
-        need(
-            len(m.channels) >= 1 and all(c >= 1 for c in m.channels),
-            f"{stage}.model.channels",
-            m.channels,
-            "one or more channel counts >= 1",
-        )
-        need(m.kernel_size >= 1, f"{stage}.model.kernel_size", m.kernel_size, "must be >= 1")
-    need(
-        cfg.student.model.dtype == "float32",
-        "student.model.dtype",
-        cfg.student.model.dtype,
-        "students keep float32 weights; use student.train.precision (bf16, fp16) for low-precision compute",
-    )
-    data = cfg.data
-    sources = ("mnist1d", "npz", "csv", "text", "stdlib")
-    need(
-        data.source in sources or ":" in data.source,
-        "data.source",
-        data.source,
-        f"use one of {', '.join(sources)} or 'module.path:factory'",
-    )
-    need(
-        data.source in ("mnist1d", "stdlib") or ":" in data.source or data.path is not None,
-        "data.path",
-        data.path,
-        f"source '{data.source}' needs a file path",
-    )
-    need(data.seq_len >= 2, "data.seq_len", data.seq_len, "must be >= 2")
-    need(data.vocab_size >= 300, "data.vocab_size", data.vocab_size, "must be >= 300 (256 bytes + merges)")
-    need(data.train_chars > 0, "data.train_chars", data.train_chars, "must be > 0")
-    need(data.eval_chars > 0, "data.eval_chars", data.eval_chars, "must be > 0")
-    need(0 < data.test_fraction < 1, "data.test_fraction", data.test_fraction, "must be in (0, 1)")
-    need(0 < data.train_split < 1, "data.train_split", data.train_split, "must be in (0, 1)")
-    need(data.num_samples >= 20, "data.num_samples", data.num_samples, "must be >= 20")
-    need(data.transfer_size >= 0, "data.transfer_size", data.transfer_size, "must be >= 0")
-    need(
-        data.transfer_size == 0 or data.transfer_seed != data.seed,
-        "data.transfer_seed",
-        data.transfer_seed,
-        "must differ from data.seed, or the transfer set repeats the labeled samples",
-    )
     need(cfg.threads >= 0, "threads", cfg.threads, "must be >= 0")
     dep = cfg.deploy
     need(dep.bits == 8, "deploy.bits", dep.bits, "only 8-bit integer quantization is supported")

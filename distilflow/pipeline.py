@@ -52,7 +52,7 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
         raise UserError(f"reasoning.task {cfg.reasoning.task!r}: the reasoning demo runs with 'distilflow run' only")
     world = dist.env_world()  # under torchrun: every rank refuses a batch that does not split, before joining
     trained = [("student.train", cfg.student.train)]
-    if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path):  # a given teacher is not trained here
+    if not cfg.teacher.model.pretrained:  # a given teacher is not trained here
         trained.append(("teacher.train", cfg.teacher.train))
     for key, train in trained:
         world.check_batch(train.batch_size, train.grad_accum, key)
@@ -71,7 +71,7 @@ def config_of_run(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"'{run_dir}' is not a distilflow run folder (no config.yaml)")
-    return config_from_dict(read_yaml(path))
+    return config_from_dict(read_yaml(path), where=f"run folder config '{path}'")
 
 
 def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
@@ -80,10 +80,10 @@ def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, di
     model = run.work.new_model("teacher")
     impl, chunk_rows = stage_loss_impl(cfg, run.work, cfg.teacher.train, [model]), cfg.distill.loss_chunk_rows
     task = run.work.task("teacher", cfg.teacher.train, cfg.seed, loss_impl=impl, chunk_rows=chunk_rows)
-    if cfg.teacher.model.checkpoint or cfg.teacher.model.path:
+    if cfg.teacher.model.pretrained:
         if cfg.teacher.model.checkpoint:
             load_weights(model, cfg.teacher.model.checkpoint, "teacher")
-        source = cfg.teacher.model.checkpoint or cfg.teacher.model.path
+        source = cfg.teacher.model.pretrained
         return model.eval(), {**task.evaluate(model), "steps": 0, "loaded_from": source}
     done = load_finished(run, "teacher", model)
     if done is not None:
@@ -121,7 +121,7 @@ def cache_stage(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict:
     """The teacher-signal cache of this config written (or finished) from ``teacher``; its manifest
     (``quiet``: no progress lines)."""
     cfg, work = run.cfg, run.work
-    student = work.new_model("student", teacher if cfg.student.model.init_layers else None)
+    student = work.new_model("student", teacher if cfg.student.model.init_from_teacher else None)
     source = work.cache_source()
     vocab = work.shared_vocab(student, teacher) or logit_width(source, teacher)
     teacher_layers = _teacher_layers(run, teacher)
@@ -262,14 +262,14 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
     if teacher is not None:
         _live_side(run, student, teacher)
     # Precision, gradient checkpointing and teacher dtype must fit the models and the device.
-    if not (cfg.teacher.model.checkpoint or cfg.teacher.model.path):  # trained here: a fresh model, no file read
+    if not cfg.teacher.model.pretrained:  # trained here: a fresh model, no file read
         check_train_options(cfg.teacher.train, teacher or run.work.new_model("teacher"), device, "teacher.train")
     check_train_options(cfg.student.train, student, device, "student.train")
     check_teacher_dtype(cfg.teacher.model.dtype, device)
     if teacher is None:  # a complete cache stands in for the teacher
         describe, files = teacher_files(cfg)
         missing = [f for f in files if not f.is_file()]
-        if (cfg.teacher.model.checkpoint or cfg.teacher.model.path) and missing:  # else: its hash is not compared
+        if cfg.teacher.model.pretrained and missing:  # else: its hash is not compared
             raise UserError(
                 f"teacher {describe}: '{missing[0]}' does not exist; give the teacher the cache was made of"
             )
@@ -289,9 +289,9 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
 def load_trained(run: Run, stage: str) -> nn.Module:
     """The trained model of ``stage`` from this run's folder (or the configured teacher)."""
     cfg = run.cfg
-    needs_teacher = stage == "teacher" or bool(cfg.student.model.init_layers)
+    needs_teacher = stage == "teacher" or bool(cfg.student.model.init_from_teacher)
     teacher = run.work.new_model("teacher") if needs_teacher else None
-    if stage == "teacher" and (cfg.teacher.model.checkpoint or cfg.teacher.model.path):
+    if stage == "teacher" and cfg.teacher.model.pretrained:
         if cfg.teacher.model.checkpoint:
             load_weights(teacher, cfg.teacher.model.checkpoint, "teacher")
         return teacher.eval()

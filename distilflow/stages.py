@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from distilflow.config import Config, DistillConfig, TrainConfig, read_yaml, to_dict
+from distilflow.config import Config, DistillConfig, TrainConfig, config_from_dict, read_yaml, to_dict
 from distilflow.errors import UserError
 from distilflow.losses.objective import Objective, choose_loss_impl
 from distilflow.models.build import load_weights
@@ -57,9 +57,11 @@ def check_output_dir(cfg: Config) -> None:
     saved = run_dir / CONFIG
     if not saved.is_file():
         return
+    # The saved config as this release reads it (a 0.1 folder's flat layout in sections, quietly).
+    saved_tree = to_dict(config_from_dict(read_yaml(saved), where=f"config '{saved}'", quiet=True))
     diff = [
         key
-        for key in _differences(read_yaml(saved), to_dict(cfg))
+        for key in _differences(saved_tree, to_dict(cfg))
         if not key.startswith(("deploy.", "dist.")) and key != "output_dir"
     ]
     if diff:

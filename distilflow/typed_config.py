@@ -23,11 +23,15 @@ import yaml
 from distilflow.errors import UserError
 
 
-def help_field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help line; mutable defaults are copied per instance."""
+def help_field(default: Any, help: str, *, section: type | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with a help line; mutable defaults are copied per instance.
+
+    ``section``: the field is the optional section of one kind (a dataclass of that type, or None when
+    the kind is not in use); :func:`to_dict` and :func:`describe` leave an unset section out."""
+    metadata = {"help": help} if section is None else {"help": help, "section": section}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: _copy(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: _copy(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 def _copy(value: Any) -> Any:
@@ -62,6 +66,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [arg for arg in args if arg is not type(None)]
+        if len(others) == 1:  # X | None: a value is an X, and X's own error names the inner key
+            return _convert(value, others[0], key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -131,9 +138,23 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def to_dict(cfg: Any) -> Any:
-    """Plain dict of a config (what YAML, JSON and checkpoints hold)."""
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any, *, sections: bool = True) -> Any:
+    """Plain data of a config (what YAML, JSON and checkpoints hold), without the sections of kinds not in
+    use; ``sections=False`` leaves every section out (the defaults a config file is merged onto, so that
+    the sections follow the kinds the file chooses)."""
+    if dataclasses.is_dataclass(cfg):
+        out = {}
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if "section" in f.metadata and (value is None or not sections):
+                continue
+            out[f.name] = to_dict(value, sections=sections)
+        return out
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v, sections=sections) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v, sections=sections) for k, v in cfg.items()}
+    return copy.deepcopy(cfg)
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -207,6 +228,8 @@ def describe(cfg: Any, indent: int = 0) -> str:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         help_text = f.metadata.get("help", "")
+        if value is None and "section" in f.metadata:
+            continue  # the section of a kind not in use
         if dataclasses.is_dataclass(value):
             lines.append(f"{pad}{f.name}:  # {help_text}")
             lines.append(describe(value, indent + 1))

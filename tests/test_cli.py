@@ -181,7 +181,7 @@ def test_print_config_comments_every_top_level_key(capsys):
 
 
 def test_print_config_shows_overrides(capsys):
-    assert main(["print-config", "student.train.steps=777", "student.model.hidden=[12, 34]"]) == 0
+    assert main(["print-config", "student.train.steps=777", "student.model.mlp.hidden=[12, 34]"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^\s+steps: 777\s+#", out, re.M)
     assert re.search(r"^\s+hidden: \[12, 34\]\s+#", out, re.M)
@@ -213,7 +213,8 @@ BEFORE_TRAINING = [
         ["distill.phases=[{name: a, fraction: 0.5, terms: [kd]}, {name: b, fraction: 0.4, terms: [ce]}]"],
         "sum to 0.9",
     ),
-    (["data.source=npz", "data.path=/nope.npz"], "/nope.npz"),
+    (["data.source=npz", "data.mnist1d=null", "data.files.path=/nope.npz"], "/nope.npz"),
+    (["data.source=npz", "data.files.path=/nope.npz"], "config key 'data.mnist1d': 'given' is not allowed"),
     (["--bogus"], "--bogus"),
 ]
 
@@ -239,7 +240,7 @@ def test_bad_input_is_one_line_even_without_any_output(capsys):
 DURING_RUN = [
     (["distill.feature_layers=[{student: nope, teacher: pool}]"], "student has no module 'nope'"),
     (
-        ["student.model.arch=cnn1d", "student.model.channels=[8, 8, 8]"]
+        ["student.model.arch=cnn1d", "student.model.mlp=null", "student.model.cnn.channels=[8, 8, 8]"]
         + ["distill.feature_layers=[{student: features.6, teacher: features.2}]"],
         "no projection head maps student shape (8, 20) onto teacher shape (8, 40)",
     ),
@@ -286,16 +287,26 @@ def user_module(tmp_path, monkeypatch):
     return "userpkg"
 
 
+PAIR = "[{student: layers.3, teacher: pool}]"
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
         (
-            ["student.model.arch=userpkg.models:broken"],
+            # A model of your own has no default feature pair: name one.
+            ["student.model.arch=userpkg.models:broken", "student.model.mlp=null", f"distill.feature_layers={PAIR}"],
             "student.model.arch 'userpkg.models:broken' failed when called with ['input_shape', 'num_classes']: "
             "RuntimeError: CUDA kernel missing",
         ),
-        (["data.source=userpkg.models:data"], "data.source 'userpkg.models:data' failed when called: KeyError"),
-        (["teacher.model.arch=userpkg.bad_import:f"], "importing 'userpkg.bad_import' raised ValueError: needs an"),
+        (
+            ["data.source=userpkg.models:data", "data.mnist1d=null"],
+            "data.source 'userpkg.models:data' failed when called: KeyError",
+        ),
+        (
+            ["teacher.model.arch=userpkg.bad_import:f", "teacher.model.cnn=null", f"distill.feature_layers={PAIR}"],
+            "importing 'userpkg.bad_import' raised ValueError: needs an",
+        ),
     ],
     ids=["model-factory", "data-factory", "module-import"],
 )

@@ -46,9 +46,9 @@ def test_defaults_load_and_match_the_article():
 
 def test_mutable_defaults_are_not_shared_between_instances():
     a, b = Config(), Config()
-    a.student.model.hidden.append(7)
+    a.student.model.mlp.hidden.append(7)
     a.distill.phases[0].terms.append("kd")
-    assert b.student.model.hidden == [192, 192]
+    assert b.student.model.mlp.hidden == [192, 192]
     assert b.distill.phases[0].terms == ["feature"]
     assert Config().distill.phases[0].terms == ["feature"]
 
@@ -61,13 +61,13 @@ def test_yaml_file_then_overrides(tmp_path):
         tmp_path,
         "name: tiny\nstudent:\n  train:\n    steps: 300\n    lr: 0.01\ndistill:\n  temperature: 4\n",
     )
-    cfg = load_config(path, ["student.train.steps=500", "distill.divergence=jsd", "student.model.hidden=[16, 8]"])
+    cfg = load_config(path, ["student.train.steps=500", "distill.divergence=jsd", "student.model.mlp.hidden=[16, 8]"])
     assert cfg.name == "tiny"
     assert cfg.student.train.steps == 500  # override beats the file
     assert cfg.student.train.lr == 0.01  # file beats the default
     assert cfg.distill.temperature == 4.0 and isinstance(cfg.distill.temperature, float)
     assert cfg.distill.divergence == "jsd"
-    assert cfg.student.model.hidden == [16, 8]
+    assert cfg.student.model.mlp.hidden == [16, 8]
     # Keys the file did not name keep their defaults, nested ones included.
     assert cfg.student.train.batch_size == 128
     assert cfg.teacher.train.steps == 2000
@@ -162,7 +162,7 @@ def test_unknown_key_inside_a_list_item_names_the_index():
         ("distill.temperature=[1]", "distill.temperature", "[1]"),
         ("distill.temperature=hot", "distill.temperature", "'hot'"),
         ("distill.divergence=kl", "distill.divergence", "'kl'"),
-        ("student.model.hidden=[8, x]", "student.model.hidden[1]", "'x'"),
+        ("student.model.mlp.hidden=[8, x]", "student.model.mlp.hidden[1]", "'x'"),
         ("distill.kd_weight=3", "distill.kd_weight", "3"),
         ("name=[a]", "name", "['a']"),
     ],
@@ -234,9 +234,9 @@ def test_phase_needs_exactly_one_of_fraction_or_steps():
         ("distill.kd_weight.decay_rate=0", "distill.kd_weight.decay_rate"),
         ("distill.kd_weight.min_weight=0.9", "distill.kd_weight.min_weight"),
         ("student.train.min_lr=1.0", "student.train.min_lr"),
-        ("teacher.model.dropout=1.0", "teacher.model.dropout"),
-        ("data.source=npz", "data.path"),
-        ("data.transfer_seed=42", "data.transfer_seed"),
+        ("teacher.model.cnn.dropout=1.0", "teacher.model.cnn.dropout"),
+        ("data.source=npz", "data.files.path"),
+        ("data.mnist1d.transfer_seed=42", "data.mnist1d.transfer_seed"),
         ("distill.feature_layers=[]", "distill.feature_layers"),
     ],
 )
@@ -291,6 +291,8 @@ def test_empty_file_means_defaults(tmp_path):
 def _all_fields(cfg, prefix=""):
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if value is None and "section" in f.metadata:
+            continue  # the section of a kind not in use: neither held nor printed
         yield f.name, f.metadata["help"]
         if dataclasses.is_dataclass(value):
             yield from _all_fields(value)
@@ -319,7 +321,7 @@ def test_describe_is_yaml_that_loads_back_to_the_same_config():
             "name=run #1",
             'output_dir="out: here"',
             "student.train.lr=3e-5",
-            "student.model.hidden=[8]",
+            "student.model.mlp.hidden=[8]",
             "distill.feature_layers=[{student: layers.1, teacher: features.2, weight: 0.5}]",
         ]
     )
@@ -336,7 +338,7 @@ def test_describe_empty_list_of_layers():
 
 
 def test_to_dict_round_trip():
-    cfg = load_config(overrides=["distill.divergence=reverse_kl", "seed=7", "data.path=x.npz"])
+    cfg = load_config(overrides=["distill.divergence=reverse_kl", "seed=7", "data.source=npz", "data.files.path=x.npz"])
     tree = to_dict(cfg)
     assert tree["distill"]["divergence"] == "reverse_kl"
     assert tree["distill"]["feature_layers"] == [{"student": "layers.3", "teacher": "pool", "weight": 1.0}]
@@ -430,3 +432,8 @@ def test_a_config_that_is_not_utf8_text(tmp_path, content):
 def test_a_folder_given_as_config(tmp_path):
     with pytest.raises(UserError, match="is a folder; give a YAML file"):
         load_config(tmp_path)
+
+
+def test_layer_map_is_for_causal_lms_only():
+    with pytest.raises(UserError, match="config key 'distill.layer_map': 'uniform' is not allowed; only causal LMs"):
+        load_config(None, ["distill.layer_map=uniform"])

@@ -56,8 +56,8 @@ def test_make_workload_builds_each_kind_and_each_is_a_workload(tmp_path, tiny_ov
             "reasoning.fresh_prompts=5",
             "reasoning.eval_prompts=5",
             "reasoning.gold_problems=5",
-            f"student.model.hf_config={TINY}",
-            f"teacher.model.hf_config={TINY}",
+            f"student.model.hf.config={TINY}",
+            f"teacher.model.hf.config={TINY}",
         ],
     )
     reasoning = make_workload(reasoning_cfg, CPU)

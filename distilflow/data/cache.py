@@ -88,8 +88,8 @@ def teacher_files(cfg: Config) -> tuple[str, list[Path]]:
     if m.checkpoint:
         path = Path(m.checkpoint).expanduser()
         return f"checkpoint {path}", [path / WEIGHTS if path.is_dir() else path]
-    if m.path:
-        folder = Path(m.path).expanduser()
+    if m.folder:
+        folder = Path(m.folder).expanduser()
         files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
         return f"hf folder {folder}", [folder / "config.json", *files]
     return f"{m.arch} trained in {cfg.run_dir / 'teacher'}", [cfg.run_dir / "teacher" / WEIGHTS]
@@ -140,7 +140,7 @@ def identity(cfg: Config, source: CacheSource, *, vocab_size: int, pairs: list[L
         "temperature": cfg.distill.temperature if sparse else None,
         "vocab_size": vocab_size,
         "rows": len(next(iter(rows.values()))),
-        "seq_len": cfg.data.seq_len if cfg.task == "causal_lm" else None,
+        "seq_len": cfg.data.token_rows.seq_len if cfg.task == "causal_lm" else None,
         "data_sha256": _sha256_tensors([rows[k] for k in sorted(rows)]),
         "tokenizer_sha256": _tokenizer_sha256(source.tokenizer),
         "teacher_dtype": cfg.teacher.model.dtype,
@@ -267,5 +267,5 @@ def cache_complete(cfg: Config) -> bool:
 
 def reads_cache(cfg: Config) -> bool:
     """Whether distill and run take the teacher's outputs from a complete cache, so that no teacher model
-    is built or loaded for distillation (``student.model.init_layers`` still copies teacher layers)."""
-    return bool(cfg.cache.use and not cfg.student.model.init_layers and cache_complete(cfg))
+    is built or loaded for distillation (``student.model.hf.init_layers`` still copies teacher layers)."""
+    return bool(cfg.cache.use and not cfg.student.model.init_from_teacher and cache_complete(cfg))

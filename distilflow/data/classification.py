@@ -155,48 +155,49 @@ def _from_factory(spec: str) -> ClassificationData:
 
 
 def load_classification(cfg: DataConfig) -> ClassificationData:
-    """The train/test split and optional transfer set described by ``cfg``."""
+    """The train/test split and optional transfer set described by ``cfg`` (its source's section)."""
     if ":" in cfg.source:
         data = _from_factory(cfg.source)
     elif cfg.source == "mnist1d":
-        cache = Path(cfg.cache_dir).expanduser()
-        arrays = _mnist1d_arrays(cfg.num_samples, cfg.train_split, cfg.seed, cache)
+        cache, gen = Path(cfg.cache_dir).expanduser(), cfg.mnist1d
+        arrays = _mnist1d_arrays(gen.num_samples, gen.train_split, cfg.seed, cache)
         data = ClassificationData(
             torch.as_tensor(arrays["x"], dtype=torch.float32),
             torch.as_tensor(arrays["y"], dtype=torch.long),
             torch.as_tensor(arrays["x_test"], dtype=torch.float32),
             torch.as_tensor(arrays["y_test"], dtype=torch.long),
         )
-        if cfg.transfer_size > 0:
+        if gen.transfer_size > 0:
             # train_split below 1 keeps make_dataset's split arithmetic; we take both halves.
-            extra = _mnist1d_arrays(cfg.transfer_size, 0.5, cfg.transfer_seed, cache)
+            extra = _mnist1d_arrays(gen.transfer_size, 0.5, gen.transfer_seed, cache)
             data.transfer_x = torch.as_tensor(np.concatenate([extra["x"], extra["x_test"]]), dtype=torch.float32)
     else:
-        x, y = _read_file(cfg.path, cfg.source, cfg.label_column, labeled=True)
-        x, y = _as_samples(x, y, cfg.path)
-        if cfg.test_path:
-            tx, ty = _read_file(cfg.test_path, cfg.source, cfg.label_column, labeled=True)
-            tx, ty = _as_samples(tx, ty, cfg.test_path)
+        files = cfg.files
+        x, y = _read_file(files.path, cfg.source, files.label_column, labeled=True)
+        x, y = _as_samples(x, y, files.path)
+        if files.test_path:
+            tx, ty = _read_file(files.test_path, cfg.source, files.label_column, labeled=True)
+            tx, ty = _as_samples(tx, ty, files.test_path)
         else:
             # A fixed permutation (seeded by data.seed) so the split does not depend on file order.
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
-            n_test = max(1, int(round(len(x) * cfg.test_fraction)))
+            n_test = max(1, int(round(len(x) * files.test_fraction)))
             tx, ty = x[order[:n_test]], y[order[:n_test]]
             x, y = x[order[n_test:]], y[order[n_test:]]
         if len(x) == 0:
-            raise UserError(f"data file '{cfg.path}': no training samples left after holding out the test split")
+            raise UserError(f"data file '{files.path}': no training samples left after holding out the test split")
         if tx.shape[1:] != x.shape[1:]:
             raise UserError(
-                f"test data '{cfg.test_path}' has samples of shape {tuple(tx.shape[1:])}, "
-                f"training data '{cfg.path}' {tuple(x.shape[1:])}"
+                f"test data '{files.test_path}' has samples of shape {tuple(tx.shape[1:])}, "
+                f"training data '{files.path}' {tuple(x.shape[1:])}"
             )
         data = ClassificationData(x, y, tx, ty)
-        if cfg.transfer_path:
-            ux, _ = _read_file(cfg.transfer_path, cfg.source, cfg.label_column, labeled=False)
-            ux = _as_features(ux, cfg.transfer_path)
+        if files.transfer_path:
+            ux, _ = _read_file(files.transfer_path, cfg.source, files.label_column, labeled=False)
+            ux = _as_features(ux, files.transfer_path)
             if ux.shape[1:] != x.shape[1:]:
                 raise UserError(
-                    f"transfer set '{cfg.transfer_path}' has samples of shape {tuple(ux.shape[1:])}, "
+                    f"transfer set '{files.transfer_path}' has samples of shape {tuple(ux.shape[1:])}, "
                     f"training data {tuple(x.shape[1:])}"
                 )
             data.transfer_x = ux

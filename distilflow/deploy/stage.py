@@ -193,7 +193,7 @@ def deploy_genai(work: Workload, student: nn.Module, cfg: DeployConfig, out: Pat
     if data["input_ids"].shape[1] < g.prompt_tokens:
         raise UserError(
             f"deploy.genai.prompt_tokens {g.prompt_tokens} is longer than the held-out rows "
-            f"({data['input_ids'].shape[1]} tokens, data.seq_len); lower it"
+            f"({data['input_ids'].shape[1]} tokens, the data section's seq_len); lower it"
         )
     prompts = {b: lm_bench.prompt_rows(data, b, g.prompt_tokens) for b in lm_bench.BATCH_SIZES}
     threads_before = torch.get_num_threads()

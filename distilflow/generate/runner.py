@@ -2,7 +2,7 @@
 
 Each output line is a training record for the text data path (``prompt`` + ``completion``, or chat
 ``messages`` ending with the assistant's completion) plus metadata: ``id``, ``sample``, ``answer``,
-``extracted``, ``tokens``, ``finish``. Point ``data.path`` at the file for sequence-level KD.
+``extracted``, ``tokens``, ``finish``. Point ``data.text.path`` at the file for sequence-level KD.
 """
 
 from __future__ import annotations
@@ -149,12 +149,12 @@ def _model_folder(cfg: Any) -> Path:
     g = cfg.generate
     if g.model:
         return Path(g.model)
-    if cfg.teacher.model.path:
-        return Path(cfg.teacher.model.path)
+    if cfg.teacher.model.folder:
+        return Path(cfg.teacher.model.folder)
     trained = cfg.run_dir / "teacher" / "hf"
     if not trained.is_dir():
         raise UserError(
-            f"no model to generate with: set generate.model (a save_pretrained folder) or teacher.model.path, "
+            f"no model to generate with: set generate.model (a save_pretrained folder) or teacher.model.hf.path, "
             f"or train this run's teacher first (expected '{trained}')"
         )
     return trained
@@ -178,7 +178,8 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     budget_model = None
     if g.backend == "vllm":
-        backend: Any = VLLMBackend(folder, trust_remote_code=cfg.teacher.model.trust_remote_code, seed=cfg.seed)
+        trust = bool(cfg.teacher.model.hf and cfg.teacher.model.hf.trust_remote_code)
+        backend: Any = VLLMBackend(folder, trust_remote_code=trust, seed=cfg.seed)
     else:
         from distilflow.device import resolve_device
         from distilflow.models.hf import load_causal_lm
@@ -186,7 +187,9 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         model, tokenizer = load_causal_lm(
-            folder, role="generate model", trust_remote_code=cfg.teacher.model.trust_remote_code
+            folder,
+            role="generate model",
+            trust_remote_code=bool(cfg.teacher.model.hf and cfg.teacher.model.hf.trust_remote_code),
         )
         model = model.to(resolve_device(cfg.device))
         backend = TransformersBackend(model, tokenizer, batch_size=g.batch_size)

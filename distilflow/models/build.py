@@ -49,15 +49,15 @@ def call_user(factory: Callable, spec: str, what: str, **kwargs):
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, role: str) -> nn.Module:
     """A fresh model for inputs of ``input_shape`` (per sample) and ``num_classes`` outputs."""
     if cfg.arch == "mlp":
-        return MLP(input_shape, num_classes, cfg.hidden, cfg.dropout)
+        return MLP(input_shape, num_classes, cfg.mlp.hidden, cfg.mlp.dropout)
     if cfg.arch in ("cnn1d", "cnn2d"):
         dims = 1 if cfg.arch == "cnn1d" else 2
         try:
-            return CNN(input_shape, num_classes, cfg.channels, cfg.kernel_size, cfg.dropout, dims=dims)
+            return CNN(input_shape, num_classes, cfg.cnn.channels, cfg.cnn.kernel_size, cfg.cnn.dropout, dims=dims)
         except ValueError as exc:
             raise UserError(f"{role}.model.arch '{cfg.arch}': {exc}") from None
     factory = import_object(cfg.arch, f"{role}.model.arch")
-    kwargs = dict(cfg.kwargs)
+    kwargs = dict(cfg.factory.kwargs)
     params = inspect.signature(factory).parameters
     if "input_shape" in params:
         kwargs.setdefault("input_shape", input_shape)

@@ -189,11 +189,11 @@ def _stdlib_tokenizer(cfg: Config, texts: list[str]) -> Any:
     """The built-in demo's byte-level BPE, trained once per corpus and size and cached."""
     from distilflow.data.stdlib_corpus import train_tokenizer
 
-    d = cfg.data
-    key = hashlib.sha256(json.dumps([d.vocab_size, d.train_chars, "v1"]).encode()).hexdigest()[:12]
-    folder = Path(d.cache_dir).expanduser() / f"stdlib-tokenizer-{key}"
+    corpus = cfg.data.stdlib
+    key = hashlib.sha256(json.dumps([corpus.vocab_size, corpus.train_chars, "v1"]).encode()).hexdigest()[:12]
+    folder = Path(cfg.data.cache_dir).expanduser() / f"stdlib-tokenizer-{key}"
     if not (folder / "tokenizer.json").is_file():
-        train_tokenizer(texts, d.vocab_size, folder)
+        train_tokenizer(texts, corpus.vocab_size, folder)
     return load_tokenizer(folder)
 
 
@@ -213,8 +213,9 @@ class CausalLMWorkload:
         self.train, self.held_out = self.rows(train_records), self.rows(held_records)
 
     def rows(self, records: list[Record]) -> Batch:
-        """Token rows ``(N, data.seq_len)`` of ``records`` (packed when ``data.pack``)."""
-        return tokenize(records, self.tokenizer, seq_len=self.cfg.data.seq_len, pack=self.cfg.data.pack)
+        """Token rows ``(N, seq_len)`` of ``records`` (packed when ``pack``; the data section's keys)."""
+        rows = self.cfg.data.token_rows
+        return tokenize(records, self.tokenizer, seq_len=rows.seq_len, pack=rows.pack)
 
     def load_records(self) -> tuple[Any, list[Record], list[Record]]:
         """The tokenizer, the training records and the held-out records of ``data.source``."""
@@ -222,21 +223,22 @@ class CausalLMWorkload:
         if d.source == "stdlib":
             from distilflow.data.stdlib_corpus import load_stdlib_corpus
 
-            corpus = load_stdlib_corpus(train_chars=d.train_chars, eval_chars=d.eval_chars)
+            corpus = load_stdlib_corpus(train_chars=d.stdlib.train_chars, eval_chars=d.stdlib.eval_chars)
             train_records = [Record(completion=text) for text in corpus.train]
             held_records = [Record(completion=text) for text in corpus.eval]
             return self._tokenizer() or _stdlib_tokenizer(self.cfg, corpus.train), train_records, held_records
         tokenizer = self._tokenizer()
         if tokenizer is None:
             raise UserError(
-                "no tokenizer for data.source 'text': set data.tokenizer, or give student.model.path or "
-                "teacher.model.path (a folder with a tokenizer)"
+                "no tokenizer for data.source 'text': set data.text.tokenizer, or give student.model.hf.path or "
+                "teacher.model.hf.path (a folder with a tokenizer)"
             )
-        records = read_records(d.path, on_error=d.on_error)
-        if d.test_path:
-            train_records, held_records = records.records, read_records(d.test_path, on_error=d.on_error).records
+        text = d.text
+        records = read_records(text.path, on_error=text.on_error)
+        if text.test_path:
+            train_records, held_records = records.records, read_records(text.test_path, on_error=text.on_error).records
         else:
-            train_records, held_records = split(records.records, fraction=d.test_fraction, seed=d.seed)
+            train_records, held_records = split(records.records, fraction=text.test_fraction, seed=d.seed)
         self.skipped = records.skipped
         if records.skipped:
             first = records.problems[0] if records.problems else ""
@@ -248,16 +250,16 @@ class CausalLMWorkload:
     def _tokenizer(self) -> Any | None:
         c = self.cfg
         sources = (
-            ("tokenizer folder", c.data.tokenizer),
-            ("student model directory", c.student.model.path),
-            ("teacher model directory", c.teacher.model.path),
+            ("tokenizer folder", c.data.token_rows.tokenizer),
+            ("student model directory", c.student.model.folder),
+            ("teacher model directory", c.teacher.model.folder),
         )
         for what, path in sources:
             if path:
-                return load_tokenizer(path, trust_remote_code=c.student.model.trust_remote_code, what=what)
+                return load_tokenizer(path, trust_remote_code=c.student.model.hf.trust_remote_code, what=what)
         return None
 
-    def _hf_config(self, values: dict[str, Any]) -> dict[str, Any]:
+    def hf_config(self, values: dict[str, Any]) -> dict[str, Any]:
         """The config as given, with vocabulary size and special ids taken from the tokenizer if absent."""
         tok = self.tokenizer
         filled = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
@@ -268,13 +270,13 @@ class CausalLMWorkload:
     def new_model(self, role: str, teacher: nn.Module | None = None) -> nn.Module:
         """A fresh student (or the teacher) as configured; model folders are read once."""
         m = (self.cfg.teacher if role == "teacher" else self.cfg.student).model
-        if m.path:
+        if m.hf.path:
             if role not in self._loaded:
                 # A teacher folder is loaded straight in teacher.model.dtype (a 7B teacher never exists in
                 # float32); a teacher built from hf_config is trained in float32 and cast before distillation.
                 dtype = getattr(torch, m.dtype) if role == "teacher" else torch.float32
                 model, tokenizer = load_causal_lm(
-                    m.path, role=role, trust_remote_code=m.trust_remote_code, torch_dtype=dtype
+                    m.hf.path, role=role, trust_remote_code=m.hf.trust_remote_code, torch_dtype=dtype
                 )
                 align_vocab(tokenizer, self.tokenizer, len(tokenizer), len(self.tokenizer))
                 self._loaded[role] = model
@@ -283,14 +285,14 @@ class CausalLMWorkload:
             model = self._loaded[role] if role == "teacher" else copy.deepcopy(self._loaded[role])
         else:
             torch.manual_seed(self.model_seed(role))
-            init_layers = m.init_layers if role == "student" else None
+            init_layers = m.init_from_teacher if role == "student" else None
             model = build_student(
-                self._hf_config(m.hf_config),
+                self.hf_config(m.hf.config),
                 role=role,
                 teacher=teacher if init_layers else None,
                 init_layers=init_layers,
             )
-        check_seq_len(self.cfg.data.seq_len, model)
+        check_seq_len(self.cfg.data.token_rows.seq_len, model)
         return model.to(self.device)
 
     def model_seed(self, role: str) -> int:
@@ -345,7 +347,7 @@ class CausalLMWorkload:
 
     def logit_shape(self, model: nn.Module, vocab_size: int | None = None) -> tuple[int, int]:
         """Scored positions per row and logit columns (what ``distill.loss_impl: auto`` decides by)."""
-        return lm_logit_shape(model, self.cfg.data.seq_len, vocab_size)
+        return lm_logit_shape(model, self.cfg.data.token_rows.seq_len, vocab_size)
 
     def fused_problem(self, model: nn.Module) -> str | None:
         """Why ``model`` cannot use the fused loss (None: it can)."""

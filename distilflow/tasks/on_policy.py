@@ -39,7 +39,7 @@ class OnPolicyTask:
     """A :class:`CausalLMTask` whose continuations are, with probability ``lmbda`` per step, the student's.
 
     ``student`` is the model being trained (sampled in eval mode without gradients, then put back).
-    Rows must start with an unscored prompt (prompt/completion or chat records, ``data.pack: false``).
+    Rows must start with an unscored prompt (prompt/completion or chat records, ``data.text.pack: false``).
     """
 
     def __init__(
@@ -60,7 +60,7 @@ class OnPolicyTask:
         if bool((lengths == 0).any()):
             raise UserError(
                 "on-policy distillation samples continuations of prompts, but some training rows have no prompt; "
-                "use prompt/completion or chat records with data.pack: false"
+                "use prompt/completion or chat records with data.text.pack: false"
             )
         self.base, self.student, self.lmbda, self.sampling = base, student, lmbda, sampling
         self.pad_token_id, self.eos_token_id, self.seed = pad_token_id, eos_token_id, seed

@@ -71,9 +71,9 @@ class ReasoningWorkload(CausalLMWorkload):
     def __init__(self, cfg: Config, device: torch.device) -> None:
         r = cfg.reasoning
         need = max_tokens(r.digits, r.operands)
-        if need > cfg.data.seq_len:
+        if need > cfg.data.text.seq_len:
             raise UserError(
-                f"config key 'data.seq_len': {cfg.data.seq_len} is too short for {r.operands} operands of "
+                f"config key 'data.text.seq_len': {cfg.data.text.seq_len} is too short for {r.operands} operands of "
                 f"{r.digits} digits; use at least {need}"
             )
         self.max_new_tokens = need - r.operands * (r.digits + 1)
@@ -92,8 +92,8 @@ class ReasoningWorkload(CausalLMWorkload):
         return arith_tokenizer(), solutions(self.teacher_set), solutions(self.held)
 
     def rows(self, records: list[Record]) -> Batch:
-        """One record per row, padded (prompt + solution + eos fit ``data.seq_len``)."""
-        return tokenize(records, self.tokenizer, seq_len=self.cfg.data.seq_len, pack=False)
+        """One record per row, padded (prompt + solution + eos fit ``data.text.seq_len``)."""
+        return tokenize(records, self.tokenizer, seq_len=self.cfg.data.text.seq_len, pack=False)
 
     def model_seed(self, role: str) -> int:
         return self.cfg.seed if role == "teacher" else self.cfg.seed + 1

@@ -199,7 +199,7 @@ def test_interrupted_write_resumes_to_identical_files(classifier_teacher, monkey
     ("change", "named"),
     [
         ("distill.temperature=3.0", "temperature"),
-        ("data.num_samples=220", "rows"),
+        ("data.mnist1d.num_samples=220", "rows"),
         ("cache.k=4", "k"),
         ("other-teacher", "teacher_sha256"),
     ],
@@ -315,10 +315,10 @@ def test_sparse_cache_distillation_runs_and_tracks_live_kd(lm_teacher, fmt):
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ("data.seq_len=24", ("rows",)),
+        ("data.stdlib.seq_len=24", ("rows",)),
         # Another corpus slice: another BPE tokenizer of the same size, other token rows.
-        ("data.train_chars=24000", ("rows", "data_sha256", "tokenizer_sha256")),
-        ("data.pack=false", ("rows", "data_sha256")),
+        ("data.stdlib.train_chars=24000", ("rows", "data_sha256", "tokenizer_sha256")),
+        ("data.stdlib.pack=false", ("rows", "data_sha256")),
     ],
 )
 def test_lm_cache_of_other_data_or_tokenizer_refused(lm_teacher, capsys, change, named):
@@ -342,10 +342,10 @@ def test_bad_cache_folder_refused(tmp_path):
 
 
 def test_distill_from_complete_cache_never_loads_hf_teacher(lm_teacher, monkeypatch):
-    """A Hugging Face folder teacher (teacher.model.path) with a complete cache: distill reads the cache and
+    """A Hugging Face folder teacher (teacher.model.hf.path) with a complete cache: distill reads the cache and
     loads no teacher weights, not even in preflight; the losses equal those of the run that wrote the cache."""
     root, args = lm_teacher
-    hf_teacher = [f"teacher.model.path={root / 'live/teacher/hf'}", "teacher.model.hf_config={}"]
+    hf_teacher = [f"teacher.model.hf.path={root / 'live/teacher/hf'}", "teacher.model.hf.config={}"]
     cache = [*hf_teacher, "cache.use=true", "cache.format=full", "cache.features=true", f"cache.path={root / 'hf'}"]
     assert main(["distill", *args, f"output_dir={root / 'hf-writes'}", *cache, "--no-tensorboard"]) == 0
     assert read_manifest(root / "hf")["complete"]

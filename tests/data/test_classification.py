@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from distilflow.config import DataConfig, load_config
+from distilflow.config import DataConfig, FilesConfig, MNIST1DConfig, load_config
 from distilflow.data.classification import load_classification
 from distilflow.errors import UserError
 from distilflow.losses.objective import IGNORE_INDEX
+
+
+def files(source: str, *, seed: int = 42, **fields) -> DataConfig:
+    """A ``data`` config of an npz or csv source: ``fields`` are its ``data.files`` keys."""
+    return DataConfig(source=source, seed=seed, files=FilesConfig(**fields))
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> str:
@@ -42,9 +47,7 @@ def _rows(x: torch.Tensor) -> set[tuple[float, ...]]:
 def test_npz_with_test_path_keeps_both_files_as_they_are(tmp_path):
     x, y = _labeled(12)
     tx, ty = _labeled(6, seed=1)
-    cfg = DataConfig(
-        source="npz", path=_npz(tmp_path / "train.npz", x=x, y=y), test_path=_npz(tmp_path / "test.npz", x=tx, y=ty)
-    )
+    cfg = files("npz", path=_npz(tmp_path / "train.npz", x=x, y=y), test_path=_npz(tmp_path / "test.npz", x=tx, y=ty))
     data = load_classification(cfg)
     assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.long
     assert torch.equal(data.train_x, torch.from_numpy(x))
@@ -61,7 +64,7 @@ def test_npz_test_fraction_split_is_a_seeded_partition(tmp_path):
     x, y = _labeled(40)
     order = np.argsort(y, kind="stable")
     path = _npz(tmp_path / "d.npz", x=x[order], y=y[order])
-    data = load_classification(DataConfig(source="npz", path=path, test_fraction=0.25, seed=3))
+    data = load_classification(files("npz", path=path, test_fraction=0.25, seed=3))
     assert len(data.test_x) == 10 and len(data.train_x) == 30
     assert _rows(data.train_x) | _rows(data.test_x) == _rows(torch.from_numpy(x))
     assert not _rows(data.train_x) & _rows(data.test_x)
@@ -69,17 +72,17 @@ def test_npz_test_fraction_split_is_a_seeded_partition(tmp_path):
     assert torch.equal(data.test_y, data.test_x[:, 0].long() % 3)
     assert len(set(data.test_y.tolist())) > 1
 
-    again = load_classification(DataConfig(source="npz", path=path, test_fraction=0.25, seed=3))
+    again = load_classification(files("npz", path=path, test_fraction=0.25, seed=3))
     assert torch.equal(again.test_x, data.test_x) and torch.equal(again.train_x, data.train_x)
-    other = load_classification(DataConfig(source="npz", path=path, test_fraction=0.25, seed=4))
+    other = load_classification(files("npz", path=path, test_fraction=0.25, seed=4))
     assert _rows(other.test_x) != _rows(data.test_x)
 
 
 def test_npz_transfer_set_is_unlabeled_in_distill_set(tmp_path):
     x, y = _labeled(8)
     ux = np.random.default_rng(5).normal(size=(5, 5)).astype(np.float32)
-    cfg = DataConfig(
-        source="npz",
+    cfg = files(
+        "npz",
         path=_npz(tmp_path / "train.npz", x=x, y=y),
         test_path=_npz(tmp_path / "test.npz", x=x[:4], y=y[:4]),
         transfer_path=_npz(tmp_path / "transfer.npz", x=ux),
@@ -94,7 +97,7 @@ def test_npz_transfer_set_is_unlabeled_in_distill_set(tmp_path):
 
 def test_distill_set_without_transfer_is_the_train_set(tmp_path):
     x, y = _labeled(8)
-    data = load_classification(DataConfig(source="npz", path=_npz(tmp_path / "d.npz", x=x, y=y), test_fraction=0.25))
+    data = load_classification(files("npz", path=_npz(tmp_path / "d.npz", x=x, y=y), test_fraction=0.25))
     dx, dy = data.distill_set()
     assert dx is data.train_x and dy is data.train_y
 
@@ -102,7 +105,7 @@ def test_distill_set_without_transfer_is_the_train_set(tmp_path):
 def test_npz_float_labels_with_integer_values_are_accepted(tmp_path):
     x, y = _labeled(8)
     data = load_classification(
-        DataConfig(source="npz", path=_npz(tmp_path / "d.npz", x=x, y=y.astype(np.float64)), test_fraction=0.25)
+        files("npz", path=_npz(tmp_path / "d.npz", x=x, y=y.astype(np.float64)), test_fraction=0.25)
     )
     assert data.train_y.dtype == torch.long
     assert set(data.train_y.tolist()) | set(data.test_y.tolist()) == {0, 1, 2}
@@ -114,7 +117,7 @@ def test_npz_float_labels_with_integer_values_are_accepted(tmp_path):
 def test_csv_label_column_anywhere_and_other_columns_are_features(tmp_path):
     train = _csv(tmp_path / "train.csv", "a,label,b\n1.5,0,2\n3,1,4\n5,2,6.25\n7,1,8\n")
     test = _csv(tmp_path / "test.csv", "a,label,b\n9,0,10\n11,2,12\n")
-    data = load_classification(DataConfig(source="csv", path=train, test_path=test))
+    data = load_classification(files("csv", path=train, test_path=test))
     assert data.train_x.tolist() == [[1.5, 2], [3, 4], [5, 6.25], [7, 8]]
     assert data.train_y.tolist() == [0, 1, 2, 1]
     assert data.test_x.tolist() == [[9, 10], [11, 12]]
@@ -126,14 +129,10 @@ def test_csv_custom_label_column_and_csv_transfer(tmp_path):
     # A transfer file may carry a label column; it is dropped, the rest are features.
     transfer = _csv(tmp_path / "transfer.csv", "f1,cls,f2\n0.5,1,0.25\n0.75,0,1\n")
     unlabeled = _csv(tmp_path / "unlabeled.csv", "f1,f2\n-1,-2\n")
-    data = load_classification(
-        DataConfig(source="csv", path=train, label_column="cls", transfer_path=transfer, test_fraction=0.2)
-    )
+    data = load_classification(files("csv", path=train, label_column="cls", transfer_path=transfer, test_fraction=0.2))
     assert len(data.train_x) == 4 and len(data.test_x) == 1
     assert data.transfer_x.tolist() == [[0.5, 0.25], [0.75, 1]]
-    data = load_classification(
-        DataConfig(source="csv", path=train, label_column="cls", transfer_path=unlabeled, test_fraction=0.2)
-    )
+    data = load_classification(files("csv", path=train, label_column="cls", transfer_path=unlabeled, test_fraction=0.2))
     assert data.transfer_x.tolist() == [[-1, -2]]
     _, dy = data.distill_set()
     assert dy[-1].item() == IGNORE_INDEX and (dy[:-1] >= 0).all()
@@ -150,36 +149,36 @@ def _error(cfg: DataConfig) -> str:
 
 def test_missing_file(tmp_path):
     missing = str(tmp_path / "nope.npz")
-    assert missing in _error(DataConfig(source="npz", path=missing))
+    assert missing in _error(files("npz", path=missing))
     x, y = _labeled(8)
     path = _npz(tmp_path / "d.npz", x=x, y=y)
-    assert missing in _error(DataConfig(source="npz", path=path, test_path=missing))
-    assert missing in _error(DataConfig(source="npz", path=path, test_fraction=0.25, transfer_path=missing))
+    assert missing in _error(files("npz", path=path, test_path=missing))
+    assert missing in _error(files("npz", path=path, test_fraction=0.25, transfer_path=missing))
 
 
 def test_npz_without_x_or_y(tmp_path):
     x, y = _labeled(8)
     no_y = _npz(tmp_path / "no_y.npz", x=x)
-    message = _error(DataConfig(source="npz", path=no_y))
+    message = _error(files("npz", path=no_y))
     assert no_y in message and "'y'" in message
     no_x = _npz(tmp_path / "no_x.npz", features=x, y=y)
-    message = _error(DataConfig(source="npz", path=no_x))
+    message = _error(files("npz", path=no_x))
     assert no_x in message and "'x'" in message and "features" in message
     good = _npz(tmp_path / "good.npz", x=x, y=y)
-    message = _error(DataConfig(source="npz", path=good, test_fraction=0.25, transfer_path=no_x))
+    message = _error(files("npz", path=good, test_fraction=0.25, transfer_path=no_x))
     assert no_x in message and "'x'" in message
 
 
 def test_npz_that_is_not_an_npz(tmp_path):
     path = tmp_path / "garbage.npz"
     path.write_bytes(b"this is not a zip archive at all")
-    message = _error(DataConfig(source="npz", path=str(path)))
+    message = _error(files("npz", path=str(path)))
     assert str(path) in message
 
 
 def test_csv_without_label_column(tmp_path):
     path = _csv(tmp_path / "d.csv", "a,b,target\n1,2,0\n3,4,1\n")
-    message = _error(DataConfig(source="csv", path=path))
+    message = _error(files("csv", path=path))
     assert path in message and "'label'" in message and "a, b, target" in message
 
 
@@ -193,16 +192,16 @@ def test_csv_without_label_column(tmp_path):
 )
 def test_csv_bad_cell_names_file_and_line(tmp_path, body, line):
     path = _csv(tmp_path / "d.csv", "a,b,label\n" + body)
-    message = _error(DataConfig(source="csv", path=path))
+    message = _error(files("csv", path=path))
     assert path in message and f"line {line}" in message
 
 
 def test_csv_ragged_rows_and_header_only(tmp_path):
     ragged = _csv(tmp_path / "ragged.csv", "a,b,label\n1,2,0\n3,1\n")
-    assert ragged in _error(DataConfig(source="csv", path=ragged))
+    assert ragged in _error(files("csv", path=ragged))
     header_only = _csv(tmp_path / "empty.csv", "a,b,label\n")
     with pytest.warns(UserWarning):  # numpy warns about an empty input before we reject it
-        assert header_only in _error(DataConfig(source="csv", path=header_only))
+        assert header_only in _error(files("csv", path=header_only))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -210,46 +209,46 @@ def test_non_finite_features_name_the_file(tmp_path, bad):
     x, y = _labeled(8)
     x[3, 2] = bad
     path = _npz(tmp_path / "d.npz", x=x, y=y)
-    message = _error(DataConfig(source="npz", path=path))
+    message = _error(files("npz", path=path))
     assert path in message and "NaN or inf" in message
     good = _npz(tmp_path / "good.npz", x=_labeled(8)[0], y=y)
     transfer = _npz(tmp_path / "transfer.npz", x=x)
-    assert transfer in _error(DataConfig(source="npz", path=good, test_fraction=0.25, transfer_path=transfer))
+    assert transfer in _error(files("npz", path=good, test_fraction=0.25, transfer_path=transfer))
 
 
 def test_non_integer_labels_name_the_file(tmp_path):
     x, y = _labeled(8)
     path = _npz(tmp_path / "d.npz", x=x, y=y + 0.5)
-    message = _error(DataConfig(source="npz", path=path))
+    message = _error(files("npz", path=path))
     assert path in message and "integer" in message
     csv = _csv(tmp_path / "d.csv", "a,label\n1,0\n2,1.5\n3,1\n")
-    assert csv in _error(DataConfig(source="csv", path=csv))
+    assert csv in _error(files("csv", path=csv))
 
 
 def test_negative_labels_and_a_single_class(tmp_path):
     x, y = _labeled(8)
     path = _npz(tmp_path / "neg.npz", x=x, y=y - 1)
-    message = _error(DataConfig(source="npz", path=path))
+    message = _error(files("npz", path=path))
     assert path in message and "-1" in message
     one = _npz(tmp_path / "one.npz", x=x, y=np.zeros(8, dtype=np.int64))
-    assert "single class" in _error(DataConfig(source="npz", path=one, test_fraction=0.25))
+    assert "single class" in _error(files("npz", path=one, test_fraction=0.25))
 
 
 def test_bad_shapes_name_the_file(tmp_path):
     x, y = _labeled(8, width=5)
     path = _npz(tmp_path / "train.npz", x=x, y=y)
     test = _npz(tmp_path / "test.npz", x=_labeled(4, width=6)[0], y=y[:4])
-    message = _error(DataConfig(source="npz", path=path, test_path=test))
+    message = _error(files("npz", path=path, test_path=test))
     assert test in message and "(6,)" in message and "(5,)" in message
     transfer = _npz(tmp_path / "transfer.npz", x=np.zeros((3, 4), dtype=np.float32))
-    message = _error(DataConfig(source="npz", path=path, test_fraction=0.25, transfer_path=transfer))
+    message = _error(files("npz", path=path, test_fraction=0.25, transfer_path=transfer))
     assert transfer in message and "(4,)" in message and "(5,)" in message
     flat = _npz(tmp_path / "flat.npz", x=np.arange(8.0), y=y)
-    assert flat in _error(DataConfig(source="npz", path=flat))
+    assert flat in _error(files("npz", path=flat))
     y2d = _npz(tmp_path / "y2d.npz", x=x, y=y.reshape(4, 2))
-    assert y2d in _error(DataConfig(source="npz", path=y2d))
+    assert y2d in _error(files("npz", path=y2d))
     length = _npz(tmp_path / "length.npz", x=x, y=y[:5])
-    message = _error(DataConfig(source="npz", path=length, test_fraction=0.25))
+    message = _error(files("npz", path=length, test_fraction=0.25))
     assert length in message and "8" in message and "5" in message
 
 
@@ -257,9 +256,8 @@ def test_bad_shapes_name_the_file(tmp_path):
 
 
 def test_mnist1d_split_sizes_and_cache_reuse(tmp_path, monkeypatch):
-    cfg = DataConfig(
-        source="mnist1d", num_samples=100, train_split=0.8, transfer_size=40, transfer_seed=1, cache_dir=str(tmp_path)
-    )
+    generated = MNIST1DConfig(num_samples=100, train_split=0.8, transfer_size=40, transfer_seed=1)
+    cfg = DataConfig(source="mnist1d", cache_dir=str(tmp_path), mnist1d=generated)
     data = load_classification(cfg)
     assert data.train_x.shape == (80, 40) and data.test_x.shape == (20, 40)
     assert data.train_y.shape == (80,) and data.test_y.shape == (20,)
@@ -283,7 +281,7 @@ def test_mnist1d_split_sizes_and_cache_reuse(tmp_path, monkeypatch):
     # Another seed is another data set: it is generated (here: the patched generator fails).
     with pytest.raises(AssertionError, match="make_dataset called"):
         load_classification(
-            DataConfig(source="mnist1d", num_samples=100, seed=7, transfer_size=0, cache_dir=str(tmp_path))
+            DataConfig(source="mnist1d", seed=7, cache_dir=str(tmp_path), mnist1d=MNIST1DConfig(100, transfer_size=0))
         )
 
 

@@ -449,7 +449,7 @@ def test_lm_run_deploy_variants_report_perplexity(lm_run):
     for name, row in deploy.items():
         assert set(row) == row_keys([1, 2], "perplexity"), name
         assert isinstance(row["size_bytes"], int) and row["size_bytes"] > 0, name
-        check_timings(row, [1, 2], items_per_row=32)  # data.seq_len tokens a row
+        check_timings(row, [1, 2], items_per_row=32)  # data.stdlib.seq_len tokens a row
         assert row["perplexity"] == pytest.approx(fp32, rel=1e-5 if name.endswith("fp32") else 0.05), name
     info = results["deploy_info"]
     assert info["parity"]["max_rel"] < 1e-5 and info["notes"] == []

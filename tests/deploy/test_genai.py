@@ -371,7 +371,7 @@ def test_lm_run_deploy_stage_writes_genai_results_and_report(tiny_lm_args, tmp_p
         "num_key_value_heads: 2, max_position_embeddings: 64, tie_word_embeddings: true}"
     )
     genai_args = ["deploy.genai.enabled=true", "deploy.genai.precisions=[int4]", "deploy.genai.repeats=1"]
-    genai_args += ["deploy.genai.prompt_tokens=8", "deploy.genai.new_tokens=8", f"student.model.hf_config={student}"]
+    genai_args += ["deploy.genai.prompt_tokens=8", "deploy.genai.new_tokens=8", f"student.model.hf.config={student}"]
     assert main(["run", *tiny_lm_args(tmp_path), *genai_args, "--no-tensorboard"]) == 0
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())

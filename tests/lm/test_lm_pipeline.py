@@ -78,7 +78,7 @@ def test_stdlib_run_results(stdlib_run):
     run_dir, _ = stdlib_run
     results = json.loads((run_dir / "results.json").read_text())
     vocab = len(AutoTokenizer.from_pretrained(run_dir / "student" / "hf", local_files_only=True))
-    assert 259 < vocab <= 300  # 256 bytes + 3 specials + merges, at most data.vocab_size
+    assert 259 < vocab <= 300  # 256 bytes + 3 specials + merges, at most data.stdlib.vocab_size
     for stage in STAGES:
         r = results[stage]
         assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1, stage
@@ -204,15 +204,15 @@ def _text_args(hf: dict[str, Path], out: Path, *, student: str = "student") -> l
     return [
         f"output_dir={out}",
         "data.source=text",
-        f"data.path={hf['data']}",
-        "data.test_fraction=0.25",
-        "data.seq_len=48",
-        "data.pack=false",
+        f"data.text.path={hf['data']}",
+        "data.text.test_fraction=0.25",
+        "data.text.seq_len=48",
+        "data.text.pack=false",
         "threads=1",
         "teacher.model.arch=hf",
-        f"teacher.model.path={hf['teacher']}",
+        f"teacher.model.hf.path={hf['teacher']}",
         "student.model.arch=hf",
-        f"student.model.path={hf[student]}",
+        f"student.model.hf.path={hf[student]}",
         "distill.layer_map=uniform",
         "distill.feature_layers=[]",
         "teacher.train.warmup_steps=0",
@@ -288,9 +288,9 @@ def test_text_run_student_from_hf_config_and_teacher_layers(hf, tokenizer, tmp_p
     student_config = {k: width[k] for k in ("model_type", "hidden_size", "intermediate_size", "num_attention_heads")}
     student_config |= {"num_hidden_layers": 1, "max_position_embeddings": 64, "tie_word_embeddings": True}
     args = [
-        a for a in _text_args(hf, tmp_path / "run") if not a.startswith(("student.model.path", "distill.layer_map"))
+        a for a in _text_args(hf, tmp_path / "run") if not a.startswith(("student.model.hf.path", "distill.layer_map"))
     ]
-    args += [f"student.model.hf_config={json.dumps(student_config)}", "student.model.init_layers=[1]"]
+    args += [f"student.model.hf.config={json.dumps(student_config)}", "student.model.hf.init_layers=[1]"]
     args += ["distill.layer_map=[[0, 1]]"]
     assert main(["run", *args, "--no-tensorboard"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -332,17 +332,19 @@ def test_jsonl_line_that_is_not_json_can_be_skipped(hf, tmp_path, capsys):
     lines.insert(3, '{"prompt": "a", "completion": ')
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
-    args = [a for a in _text_args(hf, tmp_path / "run") if not a.startswith("data.path")] + [f"data.path={bad}"]
+    args = [a for a in _text_args(hf, tmp_path / "run") if not a.startswith("data.text.path")] + [
+        f"data.text.path={bad}"
+    ]
     code, _, err = _run(["train-teacher", *args], capsys)
     assert (
         code == 2
         and err == f"{ERROR}{bad}: line 4 is not valid JSON (Expecting value) (set on_error=skip to skip bad lines)\n"
     )
     assert not (tmp_path / "run" / "config.yaml").exists()
-    code, out, err = _run(["train-teacher", *args, "data.on_error=skip"], capsys)
+    code, out, err = _run(["train-teacher", *args, "data.text.on_error=skip"], capsys)
     assert code == 0, err
     assert re.match(r"teacher perplexity \d+\.\d{4}; weights in ", out)
-    work = CausalLMWorkload(load_config(None, [*args, "data.on_error=skip"]), CPU)
+    work = CausalLMWorkload(load_config(None, [*args, "data.text.on_error=skip"]), CPU)
     assert work.skipped == 1 and len(work.train["input_ids"]) + len(work.held_out["input_ids"]) == 40
 
 
@@ -423,26 +425,26 @@ def _blank_jsonl(tmp: Path) -> Path:
 
 BAD_INPUT = {
     "missing teacher folder": (
-        lambda hf, tmp: [f"teacher.model.path={tmp / 'nowhere'}"],
+        lambda hf, tmp: [f"teacher.model.hf.path={tmp / 'nowhere'}"],
         ["teacher model directory", "nowhere", "does not exist"],
     ),
     "missing student folder": (
-        lambda hf, tmp: [f"student.model.path={tmp / 'nowhere'}"],
+        lambda hf, tmp: [f"student.model.hf.path={tmp / 'nowhere'}"],
         ["student model directory", "nowhere", "does not exist"],
     ),
     "student without weights": (
-        lambda hf, tmp: [f"student.model.path={_copy_without(hf['student'], tmp / 'bare', 'model.safetensors')}"],
+        lambda hf, tmp: [f"student.model.hf.path={_copy_without(hf['student'], tmp / 'bare', 'model.safetensors')}"],
         ["student model directory", "bare", "has no weights"],
     ),
     "student without tokenizer": (
         lambda hf, tmp: [
-            "student.model.path="
+            "student.model.hf.path="
             + str(_copy_without(hf["student"], tmp / "notok", "tokenizer.json", "tokenizer_config.json"))
         ],
         ["student model directory", "notok", "has no tokenizer; expected one of tokenizer.json"],
     ),
     "teacher without tokenizer": (
-        lambda hf, tmp: [f"teacher.model.path={_copy_without(hf['teacher'], tmp / 'notok', 'tokenizer.json')}"],
+        lambda hf, tmp: [f"teacher.model.hf.path={_copy_without(hf['teacher'], tmp / 'notok', 'tokenizer.json')}"],
         ["teacher model directory", "notok", "has no tokenizer"],
     ),
     "layer map beyond the teacher": (
@@ -454,24 +456,24 @@ BAD_INPUT = {
         ["layer map student layer 1 is out of range; the student has 1"],
     ),
     "seq_len above max positions": (
-        lambda hf, tmp: ["data.seq_len=100"],
+        lambda hf, tmp: ["data.text.seq_len=100"],
         ["seq_len 100 is longer than the model's maximum of 64 positions"],
     ),
     "jsonl line not json": (
-        lambda hf, tmp: [f"data.path={_bad_jsonl(tmp)}"],
+        lambda hf, tmp: [f"data.text.path={_bad_jsonl(tmp)}"],
         ["broken.jsonl: line 3 is not valid JSON", "on_error=skip"],
     ),
     "empty dataset": (
-        lambda hf, tmp: [f"data.path={_blank_jsonl(tmp)}"],
+        lambda hf, tmp: [f"data.text.path={_blank_jsonl(tmp)}"],
         ["no usable records in", "blank.jsonl", "0 records"],
     ),
     "layer_map and feature_layers": (
         lambda hf, tmp: ["distill.feature_layers=[{student: model.layers.0, teacher: model.layers.1}]"],
         ["config key 'distill.layer_map'", "not both"],
     ),
-    "layer_map on a classification source": (
+    "a section of another data source": (
         lambda hf, tmp: ["data.source=mnist1d"],
-        ["config key 'distill.layer_map'", "only causal LMs"],
+        ["config key 'data.text'", "data.source 'mnist1d' reads data.mnist1d", "data.text=null"],
     ),
 }
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from distilflow.config import ModelConfig
+from distilflow.config import CNNConfig, FactoryConfig, MLPConfig, ModelConfig
 from distilflow.errors import UserError
 from distilflow.models.build import build_model, count_macs, count_params
 from distilflow.models.heads import build_head
@@ -100,7 +100,8 @@ def test_count_macs_cnn2d_by_hand():
     [("mlp", (12,), (3, 12)), ("cnn1d", (12,), (3, 12)), ("cnn2d", (1, 6, 6), (3, 1, 6, 6))],
 )
 def test_build_builtin_models(arch, input_shape, batch_shape):
-    cfg = ModelConfig(arch=arch, hidden=[7], channels=[4, 4], kernel_size=3)
+    section = {"mlp": MLPConfig(hidden=[7])} if arch == "mlp" else {"cnn": CNNConfig(channels=[4, 4], kernel_size=3)}
+    cfg = ModelConfig(arch=arch, **section)
     model = build_model(cfg, input_shape, 5, "student")
     assert model(x_of(*batch_shape)).shape == (3, 5)
     if arch == "mlp":
@@ -148,7 +149,9 @@ def test_build_model_from_user_factory(user_module):
     model = build_model(ModelConfig(arch=f"{user_module}:make"), (6,), 3, "student")
     assert model(x_of(2, 6)).shape == (2, 3)
     assert model[1].out_features == 4
-    model = build_model(ModelConfig(arch=f"{user_module}:make", kwargs={"width": 9}), (6,), 3, "student")
+    model = build_model(
+        ModelConfig(arch=f"{user_module}:make", factory=FactoryConfig({"width": 9})), (6,), 3, "student"
+    )
     assert model[1].out_features == 9
     # A factory without input_shape/num_classes parameters is called without them.
     model = build_model(ModelConfig(arch=f"{user_module}:fixed"), (6,), 3, "student")
@@ -174,7 +177,7 @@ def test_build_model_bad_kwargs(user_module):
         UserError,
         match=r"failed when called with \['depth', 'input_shape', 'num_classes'\]: TypeError: .*unexpected .*'depth'",
     ):
-        build_model(ModelConfig(arch=f"{user_module}:make", kwargs={"depth": 2}), (6,), 3, "student")
+        build_model(ModelConfig(arch=f"{user_module}:make", factory=FactoryConfig({"depth": 2})), (6,), 3, "student")
 
 
 # ---------------------------------------------------------------- taps

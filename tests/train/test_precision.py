@@ -389,7 +389,8 @@ REFUSED = [
     (["teacher.train.precision=fp16"], "'teacher.train.precision': 'fp16' is not allowed on device cpu"),
     (["teacher.model.dtype=float16"], "'teacher.model.dtype': 'float16' is not allowed on device cpu"),
     (["student.train.gradient_checkpointing=true"], "'student.train.gradient_checkpointing': true is not allowed"),
-    (["student.model.dtype=bfloat16"], "'student.model.dtype': 'bfloat16' is not allowed"),
+    # Students keep float32 weights (student.train.precision is their low-precision compute): no such key.
+    (["student.model.dtype=bfloat16"], "unknown config key 'student.model.dtype'"),
     (["student.train.precision=fp8"], "student.train.precision"),
 ]
 
