@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from distilflow.data.stdlib_corpus import tiny_llama_config
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     positions = args.prompt_tokens + args.new_tokens
-    model = build_student(
+    model = build_causal_lm(
         tiny_llama_config(args.vocab, hidden=args.hidden, layers=args.layers, max_positions=positions)
     )
     model.eval()

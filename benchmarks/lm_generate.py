@@ -29,7 +29,7 @@ from distilflow.config import GenaiConfig
 from distilflow.data.stdlib_corpus import stdlib_root, train_tokenizer
 from distilflow.deploy import lm_bench
 from distilflow.deploy.genai import MANIFEST, build, weight_summary
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 
 SHAPES = {
     # configs/lm_stdlib.yaml's student (about 0.8M parameters, 2048-token vocabulary), for its speed ratios.
@@ -82,7 +82,7 @@ def make_student(shape: str, folder: Path) -> int:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     torch.manual_seed(0)
     config = {**SHAPES[shape], "bos_token_id": 2, "eos_token_id": 0, "pad_token_id": 1}
-    model = build_student(config)
+    model = build_causal_lm(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())

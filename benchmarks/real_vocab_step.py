@@ -45,7 +45,7 @@ def current_rss() -> int:
 def qwen2(shape: dict, seed: int):
     import torch
 
-    from distilflow.models.hf import build_student
+    from distilflow.models.hf import build_causal_lm
 
     torch.manual_seed(seed)
     config = {
@@ -56,7 +56,7 @@ def qwen2(shape: dict, seed: int):
         "tie_word_embeddings": True,  # as Qwen2's small models
         **shape,
     }
-    return build_student(config)
+    return build_causal_lm(config)
 
 
 def child(impl: str, precision: str, tokens: int, steps: int) -> dict:

@@ -172,7 +172,7 @@ def prepare(out: Path, args) -> dict:
     import torch
 
     from distilflow.config import load_config
-    from distilflow.models.hf import build_student, no_progress_bars
+    from distilflow.models.hf import build_causal_lm, no_progress_bars
     from distilflow.pipeline import cache_stage
     from distilflow.stages import Run
     from distilflow.workload import make_workload
@@ -182,7 +182,7 @@ def prepare(out: Path, args) -> dict:
     work = make_workload(base, torch.device("cpu"))
     for role, stage in (("teacher", shapes.teacher), ("student", shapes.student)):
         torch.manual_seed(0 if role == "teacher" else 1)
-        model = build_student(work.hf_config(stage.model.hf.config), role=role)
+        model = build_causal_lm(work.hf_config(stage.model.hf.config), role=role)
         with no_progress_bars():
             model.save_pretrained(out / role)
         work.tokenizer.save_pretrained(out / role)

@@ -122,7 +122,7 @@ def _cmd_print_config(ns) -> int:
 
 
 def _print_results(results: dict) -> None:
-    first = next(results[s] for s in ("teacher", "baseline", "student") if s in results)
+    first = next(results[stage] for stage in ("teacher", "baseline", "student") if stage in results)
     metric = "perplexity" if "perplexity" in first else "accuracy"
     cost = "macs" if "macs" in first else "macs_per_token"
     print(f"{'model':<10} {metric:>10} {'params':>12} {cost:>14}")
@@ -194,7 +194,7 @@ def _cmd_eval(ns) -> int:
 
     cfg = _load(ns.args)
     stages = [ns.model] if ns.model else ["teacher", "baseline", "student"]
-    unknown = [s for s in stages if s not in ("teacher", "baseline", "student")]
+    unknown = [stage for stage in stages if stage not in ("teacher", "baseline", "student")]
     if unknown:
         raise UserError(f"--model {unknown[0]!r} is not allowed; use teacher, baseline or student")
     run = open_run(cfg)

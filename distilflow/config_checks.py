@@ -156,24 +156,24 @@ def validate(cfg: Config) -> None:
         "use 'uniform' or a list of [student, teacher] layer index pairs",
     )
     for stage in ("teacher", "student"):
-        t = getattr(cfg, stage).train
+        train = getattr(cfg, stage).train
         pre = f"{stage}.train"
-        need(t.steps >= 1, f"{pre}.steps", t.steps, "must be >= 1")
-        need(t.batch_size >= 1, f"{pre}.batch_size", t.batch_size, "must be >= 1")
-        need(t.grad_accum >= 1, f"{pre}.grad_accum", t.grad_accum, "must be >= 1")
+        need(train.steps >= 1, f"{pre}.steps", train.steps, "must be >= 1")
+        need(train.batch_size >= 1, f"{pre}.batch_size", train.batch_size, "must be >= 1")
+        need(train.grad_accum >= 1, f"{pre}.grad_accum", train.grad_accum, "must be >= 1")
         need(
-            t.batch_size % t.grad_accum == 0,
+            train.batch_size % train.grad_accum == 0,
             f"{pre}.batch_size",
-            t.batch_size,
-            f"must be divisible by grad_accum ({t.grad_accum})",
+            train.batch_size,
+            f"must be divisible by grad_accum ({train.grad_accum})",
         )
-        need(t.lr > 0, f"{pre}.lr", t.lr, "must be > 0")
-        need(0 <= t.min_lr <= t.lr, f"{pre}.min_lr", t.min_lr, "must be in [0, lr]")
-        need(0 <= t.warmup_steps <= t.steps, f"{pre}.warmup_steps", t.warmup_steps, "must be in [0, steps]")
-        need(t.weight_decay >= 0, f"{pre}.weight_decay", t.weight_decay, "must be >= 0")
-        need(t.grad_clip >= 0, f"{pre}.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
+        need(train.lr > 0, f"{pre}.lr", train.lr, "must be > 0")
+        need(0 <= train.min_lr <= train.lr, f"{pre}.min_lr", train.min_lr, "must be in [0, lr]")
+        need(0 <= train.warmup_steps <= train.steps, f"{pre}.warmup_steps", train.warmup_steps, "must be in [0, steps]")
+        need(train.weight_decay >= 0, f"{pre}.weight_decay", train.weight_decay, "must be >= 0")
+        need(train.grad_clip >= 0, f"{pre}.grad_clip", train.grad_clip, "must be >= 0 (0 = off)")
         for key in ("eval_every", "log_every", "checkpoint_every"):
-            need(getattr(t, key) >= 0, f"{pre}.{key}", getattr(t, key), "must be >= 0")
+            need(getattr(train, key) >= 0, f"{pre}.{key}", getattr(train, key), "must be >= 0")
     need(cfg.threads >= 0, "threads", cfg.threads, "must be >= 0")
     dep = cfg.deploy
     need(dep.bits == 8, "deploy.bits", dep.bits, "only 8-bit integer quantization is supported")

@@ -227,9 +227,11 @@ def run_reasoning(cfg: Config, log_tensorboard: bool = True) -> dict:
 
 def reasoning_table(results: dict) -> str:
     lines = [f"{'model':<14} {'exact match':>11} {'params':>9}  data"]
-    t = results["teacher"]
+    teacher = results["teacher"]
     problems = results["task"]["teacher_problems"]
-    lines.append(f"{'teacher':<14} {t['exact_match']:>11.3f} {t['params']:>9,}  {problems} worked solutions")
+    lines.append(
+        f"{'teacher':<14} {teacher['exact_match']:>11.3f} {teacher['params']:>9,}  {problems} worked solutions"
+    )
     for method, r in results["students"].items():
         lines.append(f"{method:<14} {r['exact_match']:>11.3f} {r['params']:>9,}  {r['data']}")
     tr = results["traces"]

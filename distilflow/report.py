@@ -53,7 +53,11 @@ def _shade_phases(ax, cfg: Config) -> None:
 
 def plot_losses(rows: list[dict], cfg: Config, path: Path) -> None:
     plt = _pyplot()
-    stages = [s for s in ("teacher", "baseline", "student") if any(r.get("stage") == s and "loss" in r for r in rows)]
+    stages = [
+        stage
+        for stage in ("teacher", "baseline", "student")
+        if any(r.get("stage") == stage and "loss" in r for r in rows)
+    ]
     fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(5 * max(len(stages), 1), 3.6), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         train_rows = [r for r in rows if r.get("stage") == stage and "loss" in r]
@@ -77,13 +81,16 @@ def plot_losses(rows: list[dict], cfg: Config, path: Path) -> None:
 def plot_schedules(cfg: Config, path: Path) -> None:
     plt = _pyplot()
     total = cfg.student.train.steps
-    t = cfg.student.train
+    train = cfg.student.train
     steps = list(range(total))
     plan = phase_boundaries(cfg.distill.phases, total)
     # The KD weight only matters where a phase uses the kd term; elsewhere it is drawn as 0.
-    active = {s for p in plan if "kd" in p.terms for s in range(p.start, p.end)}
-    kd = [kd_weight(s, total, cfg.distill.kd_weight) if s in active else 0.0 for s in steps]
-    lr = [lr_at(s, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=total) for s in steps]
+    active = {step for p in plan if "kd" in p.terms for step in range(p.start, p.end)}
+    kd = [kd_weight(step, total, cfg.distill.kd_weight) if step in active else 0.0 for step in steps]
+    lr = [
+        lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=total)
+        for step in steps
+    ]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
     for ax, values, title in ((a1, kd, "KD weight (student)"), (a2, lr, "learning rate (student)")):
         _shade_phases(ax, cfg)
@@ -109,8 +116,8 @@ def plot_metric(rows: list[dict], results: dict, metric: str, path: Path) -> Non
         a1.set_yscale("log")
     if a1.get_legend_handles_labels()[0]:
         a1.legend(fontsize=8)
-    names = [s for s in ("teacher", "baseline", "student") if s in results]
-    values = [results[s].get(metric, 0.0) for s in names]
+    names = [stage for stage in ("teacher", "baseline", "student") if stage in results]
+    values = [results[stage].get(metric, 0.0) for stage in names]
     bars = a2.bar(names, values, color=["#4c72b0", "#999999", "#55a868"][: len(names)])
     for bar, value in zip(bars, values):
         a2.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
@@ -147,10 +154,10 @@ def write_reasoning_report(run_dir: Path, cfg: Config, results: dict) -> Path:
         "| model | data | held-out exact match | params | steps | train seconds |",
         "|---|---|---|---|---|---|",
     ]
-    t = results["teacher"]
+    teacher = results["teacher"]
     lines.append(
-        f"| teacher | {task['teacher_problems']} worked solutions | {t['exact_match']:.3f} | {t['params']:,} | "
-        f"{t['steps']} | {t['train_seconds']} |"
+        f"| teacher | {task['teacher_problems']} worked solutions | {teacher['exact_match']:.3f} | "
+        f"{teacher['params']:,} | {teacher['steps']} | {teacher['train_seconds']} |"
     )
     for method, r in results["students"].items():
         lines.append(

@@ -147,7 +147,7 @@ def tiny_llama_config(
     eos_token_id: int = 0,
     pad_token_id: int = 1,
 ) -> dict[str, Any]:
-    """A LlamaConfig as a dict (``model_type`` included) for ``build_student``; ids match :func:`train_tokenizer`.
+    """A LlamaConfig as a dict (``model_type`` included) for ``build_causal_lm``; ids match :func:`train_tokenizer`.
 
     ``intermediate`` defaults to 8/3 x ``hidden`` rounded up to a multiple of 8, as in Llama;
     ``kv_heads`` defaults to ``heads`` (no grouped-query attention).

@@ -100,22 +100,23 @@ class GenaiBackend:
             prompt = self.tokenizer.apply_chat_template(
                 json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True
             )
-        return [int(t) for t in self.tokenizer.encode(prompt)]
+        return [int(token) for token in self.tokenizer.encode(prompt)]
 
-    def stream(self, ids: list[int], s: Sampling) -> Iterator[str]:
+    def stream(self, ids: list[int], sampling: Sampling) -> Iterator[str]:
         """The text of one completion of ``ids``, piece by piece (GenAI's search: greedy or sampled)."""
         params = self.og.GeneratorParams(self.model)
-        options: dict[str, Any] = {"max_length": min(len(ids) + s.max_new_tokens, self.positions)}
+        options: dict[str, Any] = {"max_length": min(len(ids) + sampling.max_new_tokens, self.positions)}
         # GenAI takes a temperature even for greedy search; 1.0 is its neutral value.
-        temperature = 1.0 if s.greedy else s.temperature
-        options |= {"do_sample": not s.greedy, "temperature": temperature, "top_k": s.top_k, "top_p": s.top_p}
-        if not s.greedy:
-            options["random_seed"] = s.seed
+        temperature = 1.0 if sampling.greedy else sampling.temperature
+        options |= {"do_sample": not sampling.greedy, "temperature": temperature}
+        options |= {"top_k": sampling.top_k, "top_p": sampling.top_p}
+        if not sampling.greedy:
+            options["random_seed"] = sampling.seed
         params.set_search_options(**options)
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(np.array([ids], dtype=np.int32))
         stream = self.tokenizer.create_stream()
-        eos = set(int(t) for t in self.tokenizer.eos_token_ids)
+        eos = set(int(token) for token in self.tokenizer.eos_token_ids)
         while not generator.is_done():
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
@@ -150,7 +151,7 @@ def open_backend(model: str | Path, threads: int = 0) -> Any:
     )
 
 
-def complete(backend: Any, prompt: str, s: Sampling, *, chat: bool = True) -> Iterator[str]:
+def complete(backend: Any, prompt: str, sampling: Sampling, *, chat: bool = True) -> Iterator[str]:
     """Stream the continuation of ``prompt`` from a backend of :func:`open_backend`, ending before the
     first stop string."""
     ids = backend.prompt_ids(prompt, chat)
@@ -161,8 +162,8 @@ def complete(backend: Any, prompt: str, s: Sampling, *, chat: bool = True) -> It
             f"the prompt has {len(ids)} tokens; the model has {backend.positions} positions, so at most "
             f"{backend.positions - 1} prompt tokens leave room to generate"
         )
-    stop = StopFilter(s.stop)
-    for piece in backend.stream(ids, s):
+    stop = StopFilter(sampling.stop)
+    for piece in backend.stream(ids, sampling):
         text = stop.feed(piece)
         if text:
             yield text
@@ -176,7 +177,7 @@ def complete(backend: Any, prompt: str, s: Sampling, *, chat: bool = True) -> It
 def predict_lm(
     model: str,
     source: str,
-    s: Sampling,
+    sampling: Sampling,
     *,
     each_line: bool = False,
     chat: bool = True,
@@ -189,12 +190,12 @@ def predict_lm(
     backend = open_backend(model, threads)
     for index, prompt in enumerate(prompts):
         if as_jsonl:
-            text = "".join(complete(backend, prompt, s, chat=chat))
+            text = "".join(complete(backend, prompt, sampling, chat=chat))
             out.write(json.dumps({"prompt": prompt, "completion": text}) + "\n")
             continue
         if len(prompts) > 1:
             out.write(f"--- prompt {index + 1}: {prompt}\n")
-        for piece in complete(backend, prompt, s, chat=chat):
+        for piece in complete(backend, prompt, sampling, chat=chat):
             out.write(piece)
             out.flush()
         out.write("\n")

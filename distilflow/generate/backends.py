@@ -103,7 +103,7 @@ class _StopStrings:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+        return torch.tensor([any(stop in text for stop in self.stop) for text in texts], device=input_ids.device)
 
 
 class TransformersBackend:
@@ -214,7 +214,7 @@ def choose_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Gene
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str | None:
     """The text before the first stop string (excluded, as vLLM does), or None if none occurs."""
-    cuts = [text.index(s) for s in stop if s in text]
+    cuts = [text.index(string) for string in stop if string in text]
     return text[: min(cuts)] if cuts else None
 
 
@@ -249,7 +249,7 @@ class VLLMBackend:
             max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None,
         )
-        prompts = [{"prompt_token_ids": self.encode(t, special_tokens=special_tokens)} for t in texts]
+        prompts = [{"prompt_token_ids": self.encode(text, special_tokens=special_tokens)} for text in texts]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
             [

@@ -101,10 +101,10 @@ def generate_to_file(
     # Chat-rendered prompts carry their own special tokens; plain ones get the tokenizer's (e.g. BOS),
     # exactly as the text data path tokenizes a prompt for training.
     for special in (True, False):
-        group = [(p, t) for p, t, s in zip(todo, rendered, plain) if s == special]
+        group = [(prompt, text) for prompt, text, is_plain in zip(todo, rendered, plain) if is_plain == special]
         for start in range(0, len(group), prompts_per_call):
             chunk = group[start : start + prompts_per_call]
-            outputs = backend.generate([t for _, t in chunk], n=n, sampling=sampling, special_tokens=special)
+            outputs = backend.generate([text for _, text in chunk], n=n, sampling=sampling, special_tokens=special)
             for (prompt, _), completions in zip(chunk, outputs):
                 kept, seen, counts = [], set(), collections.Counter()
                 for index, completion in enumerate(completions):

@@ -117,20 +117,20 @@ def forward_kl_ce_value_and_grad(
     about four ``(n, V)`` float32 buffers instead of the ten or so that autograd keeps.
 
     ``d/ds [T^2 KL(p_T || q_T)] = T * (q_T - p_T)`` and ``d/ds CE = softmax(s) - onehot(label)``
-    (the same functions as losses/logits.py; tested equal to them).
+    for the student's logits ``s`` (the same functions as losses/logits.py; tested equal to them).
     """
-    s = at_least_float32(student_logits)  # (n, V); not written to (it may be the caller's tensor)
-    zero = torch.zeros((), device=s.device)
+    student = at_least_float32(student_logits)  # (n, V); not written to (it may be the caller'student tensor)
+    zero = torch.zeros((), device=student.device)
     kd = ce = zero
     grad = None
     if spec.kd_weight is not None:
         temperature = spec.temperature
-        log_q = s / temperature
+        log_q = student / temperature
         log_q -= torch.logsumexp(log_q, dim=-1, keepdim=True)  # (n, V) student log-probs at T
         log_p = at_least_float32(teacher_logits) / temperature
         log_p -= torch.logsumexp(log_p, dim=-1, keepdim=True)  # (n, V) teacher log-probs at T
         p = log_p.exp()
-        terms = log_p.sub_(log_q)  # log p - log q, in log_p's buffer
+        terms = log_p.sub_(log_q)  # log p - log q, in log_p'student buffer
         terms.masked_fill_(p == 0, 0.0).mul_(p)  # 0 * log 0 = 0, as _kl_terms
         per_row = terms.sum(-1)  # (n,)
         del terms, log_p
@@ -139,16 +139,16 @@ def forward_kl_ce_value_and_grad(
             per_row = per_row * mask.to(per_row.dtype)
             row_weight = row_weight * mask.to(per_row.dtype)
         kd = temperature**2 * per_row.sum()
-        grad = log_q.exp_().sub_(p).mul_(row_weight[:, None])  # T * (q - p), weighted, in log_q's buffer
+        grad = log_q.exp_().sub_(p).mul_(row_weight[:, None])  # T * (q - p), weighted, in log_q'student buffer
         del p
     if spec.ce_weight is not None:
         valid = labels != IGNORE_INDEX  # (n,)
         safe = torch.where(valid, labels, 0).long()[:, None]
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (n, 1)
-        ce = ((lse - s.gather(-1, safe))[:, 0] * valid.to(s.dtype)).sum()
-        soft = (s - lse).exp_()  # softmax(s)
-        soft.scatter_add_(-1, safe, -valid.to(s.dtype)[:, None])  # - onehot(label) on labelled rows
-        soft.mul_((spec.ce_weight * valid.to(s.dtype))[:, None])
+        lse = torch.logsumexp(student, dim=-1, keepdim=True)  # (n, 1)
+        ce = ((lse - student.gather(-1, safe))[:, 0] * valid.to(student.dtype)).sum()
+        soft = (student - lse).exp_()  # softmax(student)
+        soft.scatter_add_(-1, safe, -valid.to(student.dtype)[:, None])  # - onehot(label) on labelled rows
+        soft.mul_((spec.ce_weight * valid.to(student.dtype))[:, None])
         grad = soft if grad is None else grad.add_(soft)
     return kd, ce, grad
 

@@ -29,15 +29,15 @@ def normalized_mse(
     per_token: bool = False,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum over rows of ``|| s/|s| - t/|t| ||^2``.
+    """Sum over rows of ``|| student/|student| - teacher/|teacher| ||^2``.
 
     Shapes: both features ``(B, ...)`` of equal shape; a row is a sample (all non-batch dims
     flattened) or, with ``per_token``, a position of a ``(B, T, D)`` sequence, selected by
     ``mask`` ``(B, T)``. Returns a scalar (sum over rows; divide by the row count).
     """
-    s = F.normalize(_as_rows(at_least_float32(student_feature), per_token), p=2, dim=-1)
-    t = F.normalize(_as_rows(at_least_float32(teacher_feature), per_token), p=2, dim=-1)
-    per_row = (s - t).pow(2).sum(-1)  # (N,)
+    student_rows = F.normalize(_as_rows(at_least_float32(student_feature), per_token), p=2, dim=-1)  # (N, D)
+    teacher_rows = F.normalize(_as_rows(at_least_float32(teacher_feature), per_token), p=2, dim=-1)
+    per_row = (student_rows - teacher_rows).pow(2).sum(-1)  # (N,)
     if mask is not None:
         per_row = per_row * mask.reshape(-1).to(per_row.dtype)
     return per_row.sum()
@@ -50,10 +50,10 @@ def cosine_distance(
     per_token: bool = False,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum over rows of ``1 - cos(s, t)``. Shapes as :func:`normalized_mse`."""
-    s = _as_rows(at_least_float32(student_feature), per_token)
-    t = _as_rows(at_least_float32(teacher_feature), per_token)
-    per_row = 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
+    """Sum over rows of ``1 - cos(student, teacher)``. Shapes as :func:`normalized_mse`."""
+    student_rows = _as_rows(at_least_float32(student_feature), per_token)  # (N, D)
+    teacher_rows = _as_rows(at_least_float32(teacher_feature), per_token)
+    per_row = 1.0 - F.cosine_similarity(student_rows, teacher_rows, dim=-1, eps=1e-8)
     if mask is not None:
         per_row = per_row * mask.reshape(-1).to(per_row.dtype)
     return per_row.sum()

@@ -66,8 +66,8 @@ def forward_kl(
     Shapes: ``student_logits`` and ``teacher_logits`` ``(..., V)``; ``mask`` ``(...)`` or None.
     Returns a scalar (sum over the selected rows). Computed in float32 at least (float64 stays float64).
     """
-    s, t = _tempered(student_logits, teacher_logits, temperature)  # (..., V) each
-    per_row = _kl_terms(t, s)  # (...)
+    student_logp, teacher_logp = _tempered(student_logits, teacher_logits, temperature)  # (..., V) each
+    per_row = _kl_terms(teacher_logp, student_logp)  # (...)
     return temperature**2 * _rows(per_row, mask)
 
 
@@ -82,8 +82,8 @@ def reverse_kl(
 
     Shapes as :func:`forward_kl`.
     """
-    s, t = _tempered(student_logits, teacher_logits, temperature)
-    per_row = _kl_terms(s, t)
+    student_logp, teacher_logp = _tempered(student_logits, teacher_logits, temperature)
+    per_row = _kl_terms(student_logp, teacher_logp)
     return temperature**2 * _rows(per_row, mask)
 
 
@@ -105,24 +105,24 @@ def generalized_jsd(
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be in (0, 1), got {beta}")
-    s, t = _tempered(student_logits, teacher_logits, temperature)
-    # log m computed stably in log space: logsumexp(log beta + t, log(1-beta) + s)
+    student_logp, teacher_logp = _tempered(student_logits, teacher_logits, temperature)
+    # log m computed stably in log space: logsumexp(log beta + teacher_logp, log(1-beta) + student_logp)
     # An entry that is -inf on both sides has p = q = m = 0 and does not count; give it a finite
     # stand-in, as logsumexp(-inf, -inf) would send nan into the backward pass.
-    unreachable = torch.isneginf(t) & torch.isneginf(s)
-    zero = torch.zeros_like(t)
-    m = torch.logsumexp(
+    unreachable = torch.isneginf(teacher_logp) & torch.isneginf(student_logp)
+    zero = torch.zeros_like(teacher_logp)
+    mixture_logp = torch.logsumexp(
         torch.stack(
             [
-                torch.where(unreachable, zero, t + math.log(beta)),
-                torch.where(unreachable, zero, s + math.log(1.0 - beta)),
+                torch.where(unreachable, zero, teacher_logp + math.log(beta)),
+                torch.where(unreachable, zero, student_logp + math.log(1.0 - beta)),
             ]
         ),
         dim=0,
     )
-    kl_t = _kl_terms(t, m)
-    kl_s = _kl_terms(s, m)
-    per_row = beta * kl_t + (1.0 - beta) * kl_s
+    teacher_to_mixture = _kl_terms(teacher_logp, mixture_logp)
+    student_to_mixture = _kl_terms(student_logp, mixture_logp)
+    per_row = beta * teacher_to_mixture + (1.0 - beta) * student_to_mixture
     return temperature**2 * _rows(per_row, mask)
 
 

@@ -265,6 +265,9 @@ class Objective(nn.Module):
         if self.per_token:
             mask = targets.feature_mask if targets.feature_mask is not None else targets.kd_mask
         total = torch.zeros((), device=targets.labels.device)
-        for head, weight, s_feat, t_feat in zip(self.heads, self.layer_weights, student_features, teacher_features):
-            total = total + weight * fn(head(s_feat), t_feat.detach(), per_token=self.per_token, mask=mask)
+        pairs = zip(self.heads, self.layer_weights, student_features, teacher_features)
+        for head, weight, student_feature, teacher_feature in pairs:
+            total = total + weight * fn(
+                head(student_feature), teacher_feature.detach(), per_token=self.per_token, mask=mask
+            )
         return total

@@ -29,27 +29,27 @@ def build_head(
     student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], *, per_token: bool, name: str
 ) -> nn.Module:
     """A head for one layer pair; ``name`` ('student.path -> teacher.path') goes into errors."""
-    s, t = tuple(student_shape), tuple(teacher_shape)
-    if s == t:
+    student, teacher = tuple(student_shape), tuple(teacher_shape)
+    if student == teacher:
         return nn.Identity()
     if per_token:
-        if len(s) != 2 or len(t) != 2 or s[0] != t[0]:
+        if len(student) != 2 or len(teacher) != 2 or student[0] != teacher[0]:
             raise UserError(
-                f"feature pair {name}: student shape {s} and teacher shape {t} per sample; token features "
+                f"feature pair {name}: student shape {student} and teacher shape {teacher} per sample; token features "
                 "must both be (seq_len, width) with the same seq_len"
             )
-        return nn.Linear(s[-1], t[-1])
-    if len(s) == 1 and len(t) == 1:
-        return nn.Linear(s[0], t[0])
-    if len(s) >= 2 and len(t) >= 2 and s[1:] == t[1:] and len(s) in (2, 3):
-        conv = nn.Conv1d if len(s) == 2 else nn.Conv2d
-        return conv(s[0], t[0], kernel_size=1)
-    if len(s) == 1:
-        return nn.Sequential(nn.Linear(s[0], math.prod(t)), nn.Unflatten(1, t))
-    if len(t) == 1:
-        return nn.Sequential(nn.Flatten(1), nn.Linear(math.prod(s), t[0]))
+        return nn.Linear(student[-1], teacher[-1])
+    if len(student) == 1 and len(teacher) == 1:
+        return nn.Linear(student[0], teacher[0])
+    if len(student) >= 2 and len(teacher) >= 2 and student[1:] == teacher[1:] and len(student) in (2, 3):
+        conv = nn.Conv1d if len(student) == 2 else nn.Conv2d
+        return conv(student[0], teacher[0], kernel_size=1)
+    if len(student) == 1:
+        return nn.Sequential(nn.Linear(student[0], math.prod(teacher)), nn.Unflatten(1, teacher))
+    if len(teacher) == 1:
+        return nn.Sequential(nn.Flatten(1), nn.Linear(math.prod(student), teacher[0]))
     raise UserError(
-        f"feature pair {name}: no projection head maps student shape {s} onto teacher shape {t}; allowed: "
+        f"feature pair {name}: no projection head maps student shape {student} onto teacher shape {teacher}; allowed: "
         "vectors, or conv maps with the same spatial size, or a vector on either side"
     )
 

@@ -151,7 +151,7 @@ def _load_config(config_source: dict[str, Any] | str | Path, role: str) -> PreTr
     return CONFIG_MAPPING[values["model_type"]].from_dict(values)
 
 
-def build_student(
+def build_causal_lm(
     config_source: dict[str, Any] | str | Path,
     *,
     role: str = "student",
@@ -159,7 +159,7 @@ def build_student(
     init_layers: list[int] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """A freshly initialised causal LM from a transformers config.
+    """A freshly initialised causal LM (teacher or student: ``role`` names it in errors) from a transformers config.
 
     ``config_source``: a dict with ``model_type`` (llama, qwen2, gpt2, ...) and config fields, where
     an unknown field is an error; or a path to a ``config.json`` or its folder. The model is built

@@ -31,7 +31,7 @@ from distilflow.losses.objective import IGNORE_INDEX, Targets
 from distilflow.models.build import count_params, forward_macs
 from distilflow.models.hf import (
     align_vocab,
-    build_student,
+    build_causal_lm,
     load_causal_lm,
     load_tokenizer,
     no_progress_bars,
@@ -286,7 +286,7 @@ class CausalLMWorkload:
         else:
             torch.manual_seed(self.model_seed(role))
             init_layers = m.init_from_teacher if role == "student" else None
-            model = build_student(
+            model = build_causal_lm(
                 self.hf_config(m.hf.config),
                 role=role,
                 teacher=teacher if init_layers else None,

@@ -118,15 +118,17 @@ def fit(
         model, train.gradient_checkpointing, "teacher.train" if stage == "teacher" else "student.train"
     )
     world = dist.current()  # a single process, or this rank of a torchrun job (train/dist.py)
-    student = world.wrap(model, objective)  # DDP / FSDP2 under torchrun, else the modules as they are
-    params = student.parameters()
+    # The trained modules (the student ``model`` and the objective's heads) as this world trains them:
+    # DDP / FSDP2 under torchrun, else as they are.
+    replica = world.wrap(model, objective)
+    params = replica.parameters()
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     ckpt_path = stage_dir / CHECKPOINT
     start = 0
     if ckpt_path.is_file():
         state = read_checkpoint(ckpt_path)
         try:
-            student.load_state(state, optimizer)
+            replica.load_state(state, optimizer)
             if "precision" in state:  # absent in checkpoints written before train.precision existed
                 amp.load_state_dict(state["precision"])
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -140,7 +142,7 @@ def fit(
     world.seed_ranks()  # under torchrun: one dropout stream per rank
 
     def save(step: int) -> None:
-        state = student.state(optimizer)  # model, heads, optimizer: full (gathered under FSDP2)
+        state = replica.state(optimizer)  # model, heads, optimizer: full (gathered under FSDP2)
         if not world.is_main:
             return
         write_checkpoint(
@@ -190,16 +192,16 @@ def fit(
         micro = [world.shard(b) for b in task.micro_batches(step)]  # this rank's rows of the global batch
         targets = [task.targets(b) for b in micro]
         rows: dict[str, int] = {}
-        for t in targets:
-            rows = add_counts(rows, t.counts(task.per_token))
+        for target in targets:
+            rows = add_counts(rows, target.counts(task.per_token))
         rows = world.all_reduce_counts(rows)  # the real rows of the whole global step
 
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         parts_sum: dict[str, float] = {}
         for i, (batch, target) in enumerate(zip(micro, targets)):
-            with student.sync(last=i == len(micro) - 1):  # DDP: gradients are reduced on the last one
-                loss, parts = student(micro_loss, step, batch, target, rows)
+            with replica.sync(last=i == len(micro) - 1):  # DDP: gradients are reduced on the last one
+                loss, parts = replica(micro_loss, step, batch, target, rows)
                 # Under torchrun a rank's loss is a share: the synchronised gradient norm below stops every rank.
                 if not world.distributed and not torch.isfinite(loss):
                     _stop(stage, step, "loss", float(loss.detach()), parts, ckpt_path)
@@ -239,13 +241,13 @@ def fit(
             progress.update(done, {**info, "parts": {k: totals[k] for k in parts_sum}}, force=done == train.steps)
             window_seconds, window_units = 0.0, 0
         if (train.eval_every and done % train.eval_every == 0) or done == train.steps:
-            metrics = student.gathered(task.evaluate, model)
+            metrics = replica.gathered(task.evaluate, model)
             log.write({"step": done, "phase": phase.name, **{f"eval_{k}": v for k, v in metrics.items()}})
             model.train()
         if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps:
             save(done)
     if start >= train.steps:
-        metrics = student.gathered(task.evaluate, model)
+        metrics = replica.gathered(task.evaluate, model)
     model.eval()
     set_gradient_checkpointing(model, False)
     step_units = int(world.all_reduce_sums({"units": step_units})["units"])
@@ -256,7 +258,7 @@ def fit(
         unit=task.unit,
         units_per_s=step_units / step_seconds if step_seconds else 0.0,
         memory={**peak_memory(device), "peak_rss_scope": memory_scope},
-        **student.finish(),
+        **replica.finish(),
     )
 
 

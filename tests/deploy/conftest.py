@@ -13,7 +13,7 @@ from torch import nn
 
 from distilflow.data.stdlib_corpus import tiny_llama_config
 from distilflow.deploy.int8_kernels import resolve_reduce_range
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 
 from . import int8_reference
 
@@ -28,7 +28,7 @@ def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 def tiny_llama() -> nn.Module:
     torch.manual_seed(0)
-    return build_student(tiny_llama_config(VOCAB, hidden=16, layers=1, heads=2, max_positions=64)).eval()
+    return build_causal_lm(tiny_llama_config(VOCAB, hidden=16, layers=1, heads=2, max_positions=64)).eval()
 
 
 def lm_feeds(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:

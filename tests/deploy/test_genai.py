@@ -32,7 +32,7 @@ from distilflow.deploy.lm_predict import StopFilter, complete, open_backend, pre
 from distilflow.deploy.stage import deploy, export_student, quantize_student
 from distilflow.errors import UserError
 from distilflow.generate.sampling import Sampling
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -75,7 +75,7 @@ def model_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     dirs = {}
     for family in ("llama", "qwen2", "gpt2"):
         torch.manual_seed(0)
-        model = build_student(family_config(family, len(tokenizer)))
+        model = build_causal_lm(family_config(family, len(tokenizer)))
         out = tmp_path_factory.mktemp(family)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)

@@ -10,7 +10,7 @@ import torch
 
 from distilflow.data.arith import arith_tokenizer
 from distilflow.data.stdlib_corpus import tiny_llama_config
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 
 
 def tiny_config(tokenizer, *, hidden: int = 32, layers: int = 2, max_positions: int = 64) -> dict:
@@ -35,7 +35,7 @@ def tokenizer():
 def model_dir(tmp_path_factory, tokenizer) -> Path:
     """A saved tiny random Llama (64 positions) with the arithmetic tokenizer."""
     torch.manual_seed(0)
-    model = build_student(tiny_config(tokenizer))
+    model = build_causal_lm(tiny_config(tokenizer))
     out = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

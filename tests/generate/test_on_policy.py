@@ -11,7 +11,7 @@ from distilflow.data.text import Record, tokenize
 from distilflow.errors import UserError
 from distilflow.generate.sampling import Sampling
 from distilflow.losses.objective import IGNORE_INDEX
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 from distilflow.tasks.causal_lm import CausalLMTask
 from distilflow.tasks.on_policy import OnPolicyTask, prompt_lengths
 
@@ -29,7 +29,7 @@ def _records():
 
 def test_on_policy_rows_are_prompt_then_student_greedy_continuation(tokenizer):
     torch.manual_seed(0)
-    student = build_student(tiny_config(tokenizer)).train()
+    student = build_causal_lm(tiny_config(tokenizer)).train()
     base = _task(tokenizer, _records())
     task = OnPolicyTask(
         base,
@@ -66,7 +66,7 @@ def test_on_policy_rows_are_prompt_then_student_greedy_continuation(tokenizer):
 
 
 def test_lmbda_draws_are_a_pure_function_of_the_step(tokenizer):
-    student = build_student(tiny_config(tokenizer))
+    student = build_causal_lm(tiny_config(tokenizer))
     base = _task(tokenizer, _records())
     kwargs = dict(sampling=Sampling(4, 1.0), pad_token_id=1, eos_token_id=0, seed=5)
     task = OnPolicyTask(base, student, lmbda=0.3, **kwargs)
@@ -81,7 +81,7 @@ def test_lmbda_draws_are_a_pure_function_of_the_step(tokenizer):
 
 
 def test_rows_without_prompt_are_refused(tokenizer):
-    student = build_student(tiny_config(tokenizer))
+    student = build_causal_lm(tiny_config(tokenizer))
     packed = _task(tokenizer, [Record(completion="12+3=15")] * 6)
     with pytest.raises(UserError, match="no prompt"):
         OnPolicyTask(packed, student, lmbda=0.5, sampling=Sampling(4, 1.0), pad_token_id=1, eos_token_id=0, seed=0)
@@ -135,7 +135,7 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, model_dir, tokenize
 
     other = tmp_path / "other"
     torch.manual_seed(1)
-    build_student(tiny_config(tokenizer)).save_pretrained(other)
+    build_causal_lm(tiny_config(tokenizer)).save_pretrained(other)
     shuffled = arith_tokenizer()
     vocab = json.loads(shuffled.backend_tokenizer.to_str())
     # Swap two digits: same size, different ids.

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from distilflow.data.stdlib_corpus import stdlib_root, tiny_llama_config, train_tokenizer
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 
 FAMILIES = ("llama", "qwen2", "gpt2")
 TRAIN_FILES = ("bisect.py", "heapq.py", "keyword.py")  # small, present in every Python 3
@@ -64,7 +64,7 @@ def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
     dirs = {}
     for family in FAMILIES:
         torch.manual_seed(0)
-        model = build_student(family_config(family, len(tokenizer)))
+        model = build_causal_lm(family_config(family, len(tokenizer)))
         out = tmp_path_factory.mktemp(family)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)

@@ -13,7 +13,7 @@ from distilflow.errors import UserError
 from distilflow.models.hf import (
     VocabNotice,
     align_vocab,
-    build_student,
+    build_causal_lm,
     load_causal_lm,
     max_positions,
     truncate_vocab,
@@ -70,28 +70,28 @@ def test_load_missing_directory(tmp_path):
     assert str(tmp_path / "nowhere") in str(info.value)
 
 
-def test_build_student_from_dict_and_path(model_dirs, tokenizer):
-    model = build_student(family_config("qwen2", len(tokenizer), layers=3))
+def test_build_causal_lm_from_dict_and_path(model_dirs, tokenizer):
+    model = build_causal_lm(family_config("qwen2", len(tokenizer), layers=3))
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 3
-    from_dir = build_student(model_dirs["gpt2"])
-    from_file = build_student(model_dirs["gpt2"] / "config.json")
+    from_dir = build_causal_lm(model_dirs["gpt2"])
+    from_file = build_causal_lm(model_dirs["gpt2"] / "config.json")
     assert type(from_dir).__name__ == type(from_file).__name__ == "GPT2LMHeadModel"
     assert from_dir.config.n_embd == 32
 
 
-def test_build_student_config_errors(tokenizer):
+def test_build_causal_lm_config_errors(tokenizer):
     config = family_config("llama", len(tokenizer))
     with pytest.raises(UserError, match="'num_hiden_layers' is not a field of llama configs; closest: num_hidden"):
-        build_student({**config, "num_hiden_layers": 1})
+        build_causal_lm({**config, "num_hiden_layers": 1})
     with pytest.raises(UserError, match="model_type 'lama' .* closest: .*llama"):
-        build_student({**config, "model_type": "lama"})
+        build_causal_lm({**config, "model_type": "lama"})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_init_layers_copies_teacher_tensors(family, tokenizer):
     torch.manual_seed(1)
-    teacher = build_student(family_config(family, len(tokenizer), layers=4))
-    student = build_student(family_config(family, len(tokenizer), layers=2), teacher=teacher, init_layers=[1, 3])
+    teacher = build_causal_lm(family_config(family, len(tokenizer), layers=4))
+    student = build_causal_lm(family_config(family, len(tokenizer), layers=2), teacher=teacher, init_layers=[1, 3])
     teacher_params = dict(teacher.named_parameters())
     student_params = dict(student.named_parameters())
     stack = decoder_layers(student)[0][: -len(".0")]
@@ -113,19 +113,19 @@ def test_init_layers_copies_teacher_tensors(family, tokenizer):
 
 
 def test_init_layers_errors(tokenizer):
-    teacher = build_student(family_config("llama", len(tokenizer), layers=4))
+    teacher = build_causal_lm(family_config("llama", len(tokenizer), layers=4))
     narrow = family_config("llama", len(tokenizer), layers=2, hidden=16)
     with pytest.raises(UserError, match=r"'model.embed_tokens.weight' \(320, 16\) does not match .*\(320, 32\)"):
-        build_student(narrow, teacher=teacher, init_layers=[1, 3])
+        build_causal_lm(narrow, teacher=teacher, init_layers=[1, 3])
     student = family_config("llama", len(tokenizer), layers=2)
     with pytest.raises(UserError, match="init_layers has 3 entries but the student has 2 layers"):
-        build_student(student, teacher=teacher, init_layers=[0, 1, 2])
+        build_causal_lm(student, teacher=teacher, init_layers=[0, 1, 2])
     with pytest.raises(UserError, match="entry 4 is out of range; the teacher has 4 layers"):
-        build_student(student, teacher=teacher, init_layers=[1, 4])
+        build_causal_lm(student, teacher=teacher, init_layers=[1, 4])
     with pytest.raises(UserError, match="need a teacher"):
-        build_student(student, init_layers=[1, 3])
+        build_causal_lm(student, init_layers=[1, 3])
     with pytest.raises(UserError, match="differ in tie_word_embeddings"):
-        build_student({**student, "tie_word_embeddings": False}, teacher=teacher, init_layers=[1, 3])
+        build_causal_lm({**student, "tie_word_embeddings": False}, teacher=teacher, init_layers=[1, 3])
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_init_layers_errors(tokenizer):
     [("llama", "model.layers"), ("qwen2", "model.layers"), ("gpt2", "transformer.h")],
 )
 def test_decoder_layers_and_taps(family, expected, tokenizer):
-    model = build_student(family_config(family, len(tokenizer), layers=3)).eval()
+    model = build_causal_lm(family_config(family, len(tokenizer), layers=3)).eval()
     paths = decoder_layers(model)
     assert paths == [f"{expected}.{i}" for i in range(3)]
     taps = Taps(model, paths, role="student")
@@ -195,6 +195,6 @@ def test_align_vocab_different_tokenizer_names_first_id(tokenizer, tmp_path):
 
 
 def test_max_positions(tokenizer):
-    assert max_positions(build_student(family_config("llama", len(tokenizer)))) == 64
-    assert max_positions(build_student(family_config("gpt2", len(tokenizer)))) == 48
+    assert max_positions(build_causal_lm(family_config("llama", len(tokenizer)))) == 64
+    assert max_positions(build_causal_lm(family_config("gpt2", len(tokenizer)))) == 48
     assert max_positions(torch.nn.Linear(2, 2)) is None

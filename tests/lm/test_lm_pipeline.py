@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from distilflow.cli import main
 from distilflow.config import load_config
 from distilflow.data.stdlib_corpus import load_stdlib_corpus, stdlib_root, train_tokenizer
-from distilflow.models.hf import VocabNotice, build_student
+from distilflow.models.hf import VocabNotice, build_causal_lm
 from distilflow.models.layers import decoder_layers
 from distilflow.tasks.causal_lm import CausalLMWorkload
 
@@ -175,7 +175,7 @@ def _records() -> list[dict[str, str]]:
 
 def _save(folder: Path, tokenizer, *, layers: int, hidden: int, extra_rows: int = 0) -> Path:
     torch.manual_seed(0)
-    model = build_student(family_config("llama", len(tokenizer), layers=layers, hidden=hidden))
+    model = build_causal_lm(family_config("llama", len(tokenizer), layers=layers, hidden=hidden))
     if extra_rows:
         model.resize_token_embeddings(len(tokenizer) + extra_rows, mean_resizing=False)
     model.save_pretrained(folder)

@@ -14,7 +14,7 @@ from distilflow.config import KDWeightConfig, PhaseConfig, TrainConfig
 from distilflow.data.text import Record, tokenize
 from distilflow.losses.objective import IGNORE_INDEX, Objective
 from distilflow.models.heads import build_head
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 from distilflow.models.layers import decoder_layers
 from distilflow.models.taps import Taps
 from distilflow.schedules import phase_boundaries
@@ -50,7 +50,7 @@ def _llama(tokenizer, *, layers: int, hidden: int, seed: int, family: str = "lla
         # GPT-2 defaults to dropout 0.1, which draws other masks when a batch is split in two;
         # the accumulation equality is about loss normalisation, so it is checked without dropout.
         config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return build_student(config).eval()
+    return build_causal_lm(config).eval()
 
 
 def _task(rows, *, batch_size: int = 4, grad_accum: int = 1, vocab_size: int | None = None) -> CausalLMTask:

@@ -11,7 +11,7 @@ from distilflow.data.stdlib_corpus import (
     tiny_llama_config,
 )
 from distilflow.data.text import Record, tokenize
-from distilflow.models.hf import build_student, load_causal_lm
+from distilflow.models.hf import build_causal_lm, load_causal_lm
 
 
 def test_stdlib_files_skip_tests_and_are_sorted():
@@ -52,7 +52,7 @@ def test_tiny_llama_demo_end_to_end(tokenizer, tmp_path):
     config = tiny_llama_config(len(tokenizer), hidden=32, layers=2, heads=4, kv_heads=2)
     assert config["intermediate_size"] == 88 and config["num_key_value_heads"] == 2  # 8/3 * 32 = 85.3 -> 88
     torch.manual_seed(0)
-    model = build_student(config)
+    model = build_causal_lm(config)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded, loaded_tokenizer = load_causal_lm(tmp_path, role="student")

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from distilflow.data.text import Record, check_seq_len, read_records, render_chat, split, tokenize
 from distilflow.errors import UserError
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 
 from .conftest import family_config
 
@@ -161,7 +161,7 @@ def test_split_is_deterministic_and_disjoint():
 
 
 def test_check_seq_len(tokenizer):
-    model = build_student(family_config("gpt2", len(tokenizer)))  # n_positions 48
+    model = build_causal_lm(family_config("gpt2", len(tokenizer)))  # n_positions 48
     check_seq_len(48, model)
     with pytest.raises(UserError, match="seq_len 49 is longer than the model's maximum of 48 positions"):
         check_seq_len(49, model)

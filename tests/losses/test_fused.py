@@ -21,7 +21,7 @@ from distilflow.errors import UserError
 from distilflow.losses.fused import HiddenStates, fused_kd_ce
 from distilflow.losses.objective import IGNORE_INDEX, Objective
 from distilflow.models.heads import build_head
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 from distilflow.models.layers import decoder_layers
 from distilflow.models.taps import Taps
 from distilflow.schedules import phase_boundaries
@@ -143,7 +143,7 @@ def tiny_lm(family: str, *, hidden: int, layers: int, seed: int, vocab: int = TA
             "max_position_embeddings": 32,
             "tie_word_embeddings": False,
         }
-    return build_student(config).eval()
+    return build_causal_lm(config).eval()
 
 
 def token_rows(seed: int = 0, rows: int = 6, vocab: int = TABLE) -> dict[str, torch.Tensor]:

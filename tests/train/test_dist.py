@@ -414,13 +414,15 @@ def generation(tmp_path_factory) -> dict:
     """A tiny random Llama with the arithmetic tokenizer, 7 prompts, and the 1-process output."""
     from distilflow.data.arith import arith_tokenizer
     from distilflow.data.stdlib_corpus import tiny_llama_config
-    from distilflow.models.hf import build_student
+    from distilflow.models.hf import build_causal_lm
 
     root = tmp_path_factory.mktemp("generate")
     tokenizer = arith_tokenizer()
     special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     torch.manual_seed(0)
-    model = build_student(tiny_llama_config(len(tokenizer), hidden=32, layers=2, heads=4, max_positions=64, **special))
+    model = build_causal_lm(
+        tiny_llama_config(len(tokenizer), hidden=32, layers=2, heads=4, max_positions=64, **special)
+    )
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     prompts = root / "prompts.jsonl"

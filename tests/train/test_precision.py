@@ -22,7 +22,7 @@ from distilflow.config import KDWeightConfig, TrainConfig
 from distilflow.data.stdlib_corpus import tiny_llama_config
 from distilflow.errors import UserError
 from distilflow.losses.objective import IGNORE_INDEX, Objective, Outputs, Targets
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 from distilflow.models.zoo import CNN, MLP
 from distilflow.schedules import Phase
 from distilflow.tasks.causal_lm import CausalLMTask, lm_logits
@@ -110,9 +110,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _kd_step(precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """Loss and gradients of one KD + CE step of a tiny Llama student under ``precision``."""
     torch.manual_seed(0)
-    teacher = build_student(tiny_llama_config(64, hidden=32, layers=2, max_positions=32)).eval()
+    teacher = build_causal_lm(tiny_llama_config(64, hidden=32, layers=2, max_positions=32)).eval()
     torch.manual_seed(1)
-    student = build_student(tiny_llama_config(64, hidden=16, layers=2, max_positions=32))
+    student = build_causal_lm(tiny_llama_config(64, hidden=16, layers=2, max_positions=32))
     g = torch.Generator().manual_seed(2)
     batch = {
         "input_ids": torch.randint(3, 64, (4, 16), generator=g),
@@ -285,7 +285,7 @@ def test_gradients_that_overflow_at_every_scale_stop_the_run(tmp_path):
 
 def _tiny_llama() -> nn.Module:
     torch.manual_seed(0)
-    return build_student(tiny_llama_config(64, hidden=32, layers=3, max_positions=32))
+    return build_causal_lm(tiny_llama_config(64, hidden=32, layers=3, max_positions=32))
 
 
 def _lm_batch() -> dict[str, torch.Tensor]:
