@@ -29,6 +29,7 @@ from distilflow.config_kinds import (
     TeacherModelConfig,
     TextConfig,
     TokenRowsConfig,
+    last_hidden_layer,
     model_section,
 )
 from distilflow.config_migrate import describe_migration, migrate
@@ -390,13 +391,6 @@ def config_from_dict(tree: dict, *, where: str = "the config", quiet: bool = Fal
     return cfg
 
 
-def _last_hidden(model: ModelConfig) -> str | None:
-    """The module path of a built-in model's last hidden representation (zoo.py's stable names)."""
-    if model.mlp is not None and model.arch == "mlp":
-        return f"layers.{2 * len(model.mlp.hidden) - 1}" if model.mlp.hidden else None
-    return "pool" if model.arch in ("cnn1d", "cnn2d") else None
-
-
 def default_feature_layers(cfg: Config) -> list[FeatureLayerConfig]:
     """``distill.feature_layers`` when unset: none unless a phase uses the feature term and there is no
     ``layer_map``; then the built-in models' last hidden layers (the MLP's last ReLU, the CNN's pooled
@@ -405,5 +399,5 @@ def default_feature_layers(cfg: Config) -> list[FeatureLayerConfig]:
     d = cfg.distill
     if d.layer_map is not None or not any("feature" in p.terms for p in d.phases):
         return []
-    student, teacher = _last_hidden(cfg.student.model), _last_hidden(cfg.teacher.model)
+    student, teacher = last_hidden_layer(cfg.student.model), last_hidden_layer(cfg.teacher.model)
     return [FeatureLayerConfig(student=student, teacher=teacher)] if student and teacher else []

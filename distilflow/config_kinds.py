@@ -192,3 +192,12 @@ class StudentModelConfig(ModelConfig):
     def init_from_teacher(self) -> list[int] | None:
         """``hf.init_layers``: the teacher layers a Hugging Face student starts from, or None."""
         return self.hf.init_layers if self.hf is not None else None
+
+
+def last_hidden_layer(model: ModelConfig) -> str | None:
+    """The module path of a built-in model's last hidden representation (models/zoo.py's stable names):
+    the MLP's last ReLU (``layers.<2 x len(hidden) - 1>``), the CNN's pooled features (``pool``); None
+    for other kinds (their layers are the user's to name)."""
+    if model.arch == "mlp" and model.mlp is not None:
+        return f"layers.{2 * len(model.mlp.hidden) - 1}" if model.mlp.hidden else None
+    return "pool" if model.arch in ("cnn1d", "cnn2d") else None

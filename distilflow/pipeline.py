@@ -20,9 +20,6 @@ from distilflow.data.cache_writer import write_cache
 from distilflow.device import resolve_device
 from distilflow.errors import UserError
 from distilflow.models.build import load_weights
-from distilflow.models.heads import build_heads
-from distilflow.models.layers import LayerPair, layer_pairs
-from distilflow.models.taps import Taps, feature_shapes
 from distilflow.stages import (
     Run,
     check_output_dir,
@@ -34,7 +31,15 @@ from distilflow.stages import (
     supervised_objective,
     train_stage,
 )
-from distilflow.teachers.cached import OpenedCache, open_cache
+from distilflow.student_side import (
+    configured_pairs,
+    live_alignment,
+    new_student,
+    open_run_cache,
+    projection_heads,
+    student_taps_of,
+    teacher_layer_paths,
+)
 from distilflow.teachers.live import LiveTeacher
 from distilflow.train import dist
 from distilflow.train.checkpoint import WEIGHTS, write_json
@@ -100,7 +105,7 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | 
     ``teacher`` is only used to initialise a student from teacher layers (``init_layers``), so that
     the baseline starts where the distilled student starts.
     """
-    model = _student_init(run, teacher)
+    model = new_student(run, teacher)
     done = load_finished(run, "baseline", model)
     if done is not None:
         return model.eval(), done
@@ -124,8 +129,8 @@ def cache_stage(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict:
     student = work.new_model("student", teacher if cfg.student.model.init_from_teacher else None)
     source = work.cache_source()
     vocab = work.shared_vocab(student, teacher) or logit_width(source, teacher)
-    teacher_layers = _teacher_layers(run, teacher)
-    pairs = _pairs(run, student, teacher_layers) if cfg.cache.features else []
+    teacher_layers = teacher_layer_paths(run, teacher)
+    pairs = configured_pairs(run, student, teacher_layers) if cfg.cache.features else []
     return write_cache(cfg, source, teacher, vocab_size=vocab, pairs=pairs, teacher_layers=teacher_layers, quiet=quiet)
 
 
@@ -136,16 +141,22 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
     missing and a teacher is given; ``teacher`` may be None when the cache is complete).
     """
     cfg = run.cfg
-    model = _student_init(run, teacher)
+    model = new_student(run, teacher)
     if cfg.cache.use:
         if teacher is not None and not cache_complete(cfg):
             cache_stage(run, teacher)
-        cached = _open_cache(run, model)
+        cached = open_run_cache(run, model)
         pairs, vocab = cached.pairs, cached.vocab_size
-        student_taps = _student_taps(model, pairs)
-        heads = _heads(run, model, student_taps, pairs, cached.teacher.feature_shapes())
+        student_taps = student_taps_of(model, pairs)
+        heads = projection_heads(run, model, student_taps, pairs, cached.teacher.feature_shapes())
     else:
-        pairs, student_taps, teacher_taps, heads = _live_side(run, model, teacher)
+        aligned = live_alignment(run, model, teacher)
+        pairs, student_taps, teacher_taps, heads = (
+            aligned.pairs,
+            aligned.student_taps,
+            aligned.teacher_taps,
+            aligned.heads,
+        )
         vocab = run.work.shared_vocab(model, teacher)
     done = load_finished(run, "student", model)
     if done is not None:
@@ -189,62 +200,6 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
     return model.eval(), finish_stage(run, "student", model, result, heads)
 
 
-# --- the student's side of feature alignment and of the teacher cache ---------------------------
-
-
-def _student_init(run: Run, teacher: nn.Module | None) -> nn.Module:
-    model = run.work.new_model("student", teacher)
-    if run.cfg.student.model.checkpoint:
-        load_weights(model, run.cfg.student.model.checkpoint, "student")
-    return model
-
-
-def _teacher_layers(run: Run, teacher: nn.Module) -> list[str] | None:
-    """The teacher's decoder-layer paths when ``distill.layer_map`` pairs them (a cache records them)."""
-    return run.work.layer_paths(teacher) if run.cfg.distill.layer_map is not None else None
-
-
-def _pairs(run: Run, student: nn.Module, teacher_layers: list[str] | None) -> list[LayerPair]:
-    return layer_pairs(run.cfg.distill, run.work.layer_paths(student), teacher_layers or [])
-
-
-def _student_taps(student: nn.Module, pairs: list[LayerPair]) -> Taps | None:
-    return Taps(student, [p.student for p in pairs], "student") if pairs else None
-
-
-def _heads(
-    run: Run, student: nn.Module, taps: Taps | None, pairs: list[LayerPair], teacher_shapes: list[tuple[int, ...]]
-) -> nn.ModuleList:
-    """One projection head per layer pair, from the student's feature shapes onto the teacher's."""
-    if taps is None:
-        return nn.ModuleList()
-    student_shapes = feature_shapes(student, taps, run.work.forward, run.work.probe())
-    torch.manual_seed(run.cfg.seed + 2)  # the same initial heads for a live and a cached teacher
-    return build_heads(pairs, student_shapes, teacher_shapes, per_token=run.work.per_token).to(run.work.device)
-
-
-def _live_side(run: Run, student: nn.Module, teacher: nn.Module):
-    """Layer pairs, student and teacher taps, and projection heads sized from the shapes on a probe batch."""
-    pairs = layer_pairs(run.cfg.distill, run.work.layer_paths(student), run.work.layer_paths(teacher))
-    student_taps = _student_taps(student, pairs)
-    teacher_taps = Taps(teacher, [p.teacher for p in pairs], "teacher") if pairs else None
-    teacher_shapes = feature_shapes(teacher, teacher_taps, run.work.forward, run.work.probe()) if pairs else []
-    return pairs, student_taps, teacher_taps, _heads(run, student, student_taps, pairs, teacher_shapes)
-
-
-def _open_cache(run: Run, student: nn.Module) -> OpenedCache:
-    """The complete cache of this config, verified against the student (see teachers/cached.py)."""
-    source = run.work.cache_source()
-    return open_cache(
-        run.cfg,
-        source,
-        student_width=logit_width(source, student),
-        per_token=run.work.per_token,
-        pairs_for=lambda teacher_layers: _pairs(run, student, teacher_layers),
-        device=run.work.device,
-    )
-
-
 def preflight(run: Run, *, writes_cache: bool = False) -> None:
     """Resolve feature layers and build heads on untrained models, so that a bad layer path or
     shapes no head can map fail before any training (shapes do not depend on the weights).
@@ -258,9 +213,9 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
         teacher = run.work.new_model("teacher")
         if cfg.teacher.model.checkpoint:  # a missing, foreign or pickled file is refused here
             load_weights(teacher, cfg.teacher.model.checkpoint, "teacher")
-    student = _student_init(run, teacher)
+    student = new_student(run, teacher)
     if teacher is not None:
-        _live_side(run, student, teacher)
+        live_alignment(run, student, teacher)
     # Precision, gradient checkpointing and teacher dtype must fit the models and the device.
     if not cfg.teacher.model.pretrained:  # trained here: a fresh model, no file read
         check_train_options(cfg.teacher.train, teacher or run.work.new_model("teacher"), device, "teacher.train")
@@ -273,12 +228,12 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
             raise UserError(
                 f"teacher {describe}: '{missing[0]}' does not exist; give the teacher the cache was made of"
             )
-        _open_cache(run, student)
+        open_run_cache(run, student)
     elif cfg.cache.use or writes_cache:
         # cache.k within the vocabulary; an existing teacher cache made for this config (intact, with use on).
         source = run.work.cache_source()
         vocab = run.work.shared_vocab(student, teacher) or logit_width(source, teacher)
-        pairs = _pairs(run, student, _teacher_layers(run, teacher))
+        pairs = configured_pairs(run, student, teacher_layer_paths(run, teacher))
         check_cache(cfg, source, vocab_size=vocab, pairs=pairs, writes=writes_cache)
     if cfg.deploy.enabled and cfg.deploy.genai.enabled and run.work.per_token:
         from distilflow.deploy.genai import require_genai  # the genai extra: missing is said before training

@@ -8,7 +8,7 @@ through these methods only. Implementations:
 
 - :class:`distilflow.tasks.classify.ClassifierWorkload`: MNIST-1D, ``.npz`` / ``.csv`` files or a
   ``module:factory``; built-in MLP / CNN or your ``module:factory`` models;
-- :class:`distilflow.tasks.causal_lm.CausalLMWorkload`: Hugging Face causal LMs on text files or the
+- :class:`distilflow.tasks.causal_lm_workload.CausalLMWorkload`: Hugging Face causal LMs on text files or the
   built-in stdlib corpus;
 - :class:`distilflow.tasks.reasoning.ReasoningWorkload`: the reasoning demo's arithmetic problems
   (a causal-LM workload whose rows differ per stage).
@@ -144,7 +144,7 @@ def make_workload(cfg: Config, device: torch.device) -> Workload:
 
         return ReasoningWorkload(cfg, device)
     if cfg.task == "causal_lm":
-        from distilflow.tasks.causal_lm import CausalLMWorkload
+        from distilflow.tasks.causal_lm_workload import CausalLMWorkload
 
         return CausalLMWorkload(cfg, device)
     from distilflow.tasks.classify import ClassifierWorkload

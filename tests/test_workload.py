@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distilflow.config import load_config
-from distilflow.tasks.causal_lm import CausalLMWorkload
+from distilflow.tasks.causal_lm_workload import CausalLMWorkload
 from distilflow.tasks.classify import ClassifierWorkload
 from distilflow.tasks.reasoning import ReasoningWorkload
 from distilflow.workload import Workload, make_workload
@@ -75,7 +75,7 @@ def test_make_workload_builds_each_kind_and_each_is_a_workload(tmp_path, tiny_ov
 
 def test_the_stages_and_deploy_use_workloads_only_through_the_protocol():
     """pipeline.py, stages, the CLI and deploy/ import no workload implementation (make_workload builds them)."""
-    implementations = {"distilflow.tasks.classify", "distilflow.tasks.causal_lm", "distilflow.tasks.reasoning"}
+    implementations = {"distilflow.tasks.classify", "distilflow.tasks.causal_lm_workload", "distilflow.tasks.reasoning"}
     files = [ROOT / "distilflow" / name for name in ("pipeline.py", "cli.py")]
     files += sorted((ROOT / "distilflow" / "deploy").glob("*.py"))
     for path in files:

@@ -1,6 +1,6 @@
 """The reasoning demo's workload: arithmetic problems with worked solutions (distilflow/data/arith.py).
 
-A causal-LM workload (:class:`~distilflow.tasks.causal_lm.CausalLMWorkload`) whose data is drawn by
+A causal-LM workload (:class:`~distilflow.tasks.causal_lm_workload.CausalLMWorkload`) whose data is drawn by
 code and whose rows differ per stage: the teacher learns the teacher problems' worked solutions,
 the ``sft`` student the small gold set, every other student the teacher's verified traces (set by
 the traces stage, :attr:`ReasoningWorkload.traces`). Every stage is scored by exact match of the
@@ -21,7 +21,8 @@ from distilflow.errors import UserError
 from distilflow.generate.backends import sample_ids
 from distilflow.generate.sampling import Sampling
 from distilflow.generate.verify import exact_match, extract_answer
-from distilflow.tasks.causal_lm import Batch, CausalLMTask, CausalLMWorkload
+from distilflow.tasks.causal_lm import Batch, CausalLMTask
+from distilflow.tasks.causal_lm_workload import CausalLMWorkload
 
 
 class ExactMatchTask(CausalLMTask):

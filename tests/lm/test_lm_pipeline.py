@@ -19,7 +19,7 @@ from distilflow.config import load_config
 from distilflow.data.stdlib_corpus import load_stdlib_corpus, stdlib_root, train_tokenizer
 from distilflow.models.hf import VocabNotice, build_causal_lm
 from distilflow.models.layers import decoder_layers
-from distilflow.tasks.causal_lm import CausalLMWorkload
+from distilflow.tasks.causal_lm_workload import CausalLMWorkload
 
 from .conftest import family_config
 
