@@ -109,3 +109,13 @@ def test_every_demo_stage_uses_the_configured_loss(tmp_path, monkeypatch, loss_c
     for stage, impl, chunk_rows in loss_calls:
         used[stage].add((impl, chunk_rows))
     assert used == {stage: {(setting, 7)} for stage in stages}
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "distill", "eval", "cache-teacher"])
+def test_other_commands_refuse_the_demo_config_with_one_line(tmp_path, capsys, command):
+    """The demo has its own stages and folder layout: only 'distilflow run' runs it."""
+    args = [a for a in _args(tmp_path / "run") if a not in ("run", "--no-tensorboard")]
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the reasoning demo runs with 'distilflow run' only" in err
+    assert not (tmp_path / "run").exists()
