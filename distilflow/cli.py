@@ -31,6 +31,7 @@ COMMANDS = {
     "generate": "sample completions from the teacher for a prompt set, filter and verify them, and append "
     "the kept ones to a resumable JSONL file (generate.*)",
     "resume": "continue the run in RUN_DIR with the config saved there",
+    "diagnose": "print the Diagnosis of the run in RUN_DIR (finished or interrupted) from its metrics alone",
 }
 
 
@@ -71,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
             lm.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
             lm.add_argument("--threads", type=int, default=0, help="CPU threads (0 = the runtime's default)")
             continue
-        if name == "resume":
+        if name in ("resume", "diagnose"):
             p.add_argument("run_dir", help="a run folder written by 'distilflow run'")
         else:
             p.add_argument(
@@ -147,6 +148,13 @@ def _cmd_resume(ns) -> int:
     from distilflow.pipeline import config_of_run
 
     return _cmd_run(ns, config_of_run(ns.run_dir))
+
+
+def _cmd_diagnose(ns) -> int:
+    from distilflow.diagnose import diagnose_run, diagnosis_lines
+
+    print("\n".join(diagnosis_lines(diagnose_run(ns.run_dir).to_dict())).rstrip())
+    return 0
 
 
 def _metric_line(role: str, result: dict) -> str:
@@ -312,6 +320,7 @@ def _cmd_generate(ns) -> int:
 HANDLERS = {
     "run": _cmd_run,
     "resume": _cmd_resume,
+    "diagnose": _cmd_diagnose,
     "train-teacher": _cmd_train_teacher,
     "distill": _cmd_distill,
     "cache-teacher": _cmd_cache_teacher,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from distilflow.config_checks import validate
+from distilflow.config_diagnostics import DiagnosticsConfig
 from distilflow.config_kinds import (
     DATA_SECTIONS,
     CNNConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "Config",
     "DATA_SECTIONS",
     "DataConfig",
+    "DiagnosticsConfig",
     "FactoryConfig",
     "FilesConfig",
     "HFConfig",
@@ -352,6 +354,9 @@ class Config:
     reasoning: ReasoningConfig = _f(ReasoningConfig(), "The built-in reasoning demo (off unless task is set).")
     cache: CacheConfig = _f(CacheConfig(), "Teacher-signal cache: distilflow cache-teacher, read when use is on.")
     dist: DistConfig = _f(DistConfig(), "torchrun: how the student (and teacher) are spread over processes.")
+    diagnostics: DiagnosticsConfig = _f(
+        DiagnosticsConfig(), "What a run measures about its own training and the Diagnosis it writes (report.md)."
+    )
 
     @property
     def task(self) -> str:

@@ -130,6 +130,9 @@ def validate(cfg: Config) -> None:
         "must be in [0, base_weight]",
     )
     need(len(d.phases) > 0, "distill.phases", d.phases, "at least one phase is needed")
+    g = cfg.diagnostics
+    need(g.spike_factor > 1, "diagnostics.spike_factor", g.spike_factor, "must be > 1")
+    need(g.spike_window >= 6, "diagnostics.spike_window", g.spike_window, "must be >= 6 (a median of 5 steps or more)")
     for i, layer in enumerate(d.feature_layers):
         need(bool(layer.student), f"distill.feature_layers[{i}].student", layer.student, "name a student module path")
         need(bool(layer.teacher), f"distill.feature_layers[{i}].teacher", layer.teacher, "name a teacher module path")

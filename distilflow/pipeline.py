@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distilflow.config import Config, config_from_dict, read_yaml
+from distilflow.config import Config, config_from_dict, read_yaml, to_dict
 from distilflow.data.cache import cache_complete, check_cache, logit_width, reads_cache, teacher_files
 from distilflow.data.cache_writer import write_cache
 from distilflow.device import resolve_device
@@ -195,6 +195,7 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
         log_tensorboard=log_tensorboard,
         teacher=signals,
         student_taps=student_taps,
+        pairs=pairs,
     )
     model, heads = result.model or model, result.heads or heads  # dist.strategy fsdp2: unsharded copies
     return model.eval(), finish_stage(run, "student", model, result, heads)
@@ -258,6 +259,23 @@ def load_trained(run: Run, stage: str) -> nn.Module:
     return model.eval()
 
 
+def teacher_student_speed(run: Run, teacher: nn.Module, student: nn.Module) -> dict:
+    """Eager teacher and student latency side by side (``deploy.threads``): classifiers at
+    ``deploy.batch_sizes``; causal LMs at batch 1 (a large teacher's full batch would take minutes).
+    Not measured ({}) for a teacher kept in bfloat16 / float16 (``teacher.model.dtype``)."""
+    from distilflow.deploy.bench import teacher_student_latency
+
+    d, kind = run.cfg.deploy, run.work.kind
+    if any(p.dtype != torch.float32 for p in teacher.parameters()):  # teacher.model.dtype: not cast up here
+        return {}
+    models = [m.cpu().eval() for m in (teacher, student)]
+    batches = [1] if kind == "causal_lm" else d.batch_sizes
+    iterations = min(d.iterations, 10)
+    return teacher_student_latency(
+        *models, run.work.test_arrays(), kind=kind, batch_sizes=batches, threads=d.threads, iterations=iterations
+    )
+
+
 def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
     """The main job: teacher, baseline, distilled student, results.json and report.md."""
     began = time.monotonic()
@@ -288,9 +306,14 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
         info = deploy(run.work, student, cfg.deploy, run.dir / "deploy")
         results["deploy"] = info.pop("variants")
         results["deploy_info"] = info
+        results["speed"] = teacher_student_speed(run, teacher, student)
     results["wall_seconds"] = round(time.monotonic() - began, 2)
     if not dist.current().is_main:  # under torchrun rank 0 writes results and report
         return results
+    from distilflow.diagnose import diagnose, read_metrics
+
+    # The same signals and rules as 'distilflow diagnose RUN_DIR' reads back from the folder.
+    results["diagnosis"] = diagnose(read_metrics(run.dir), results, to_dict(cfg)).to_dict()
     write_json(run.dir / "results.json", results)
     from distilflow.report import write_report
 

@@ -78,6 +78,42 @@ def plot_losses(rows: list[dict], cfg: Config, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_diagnostics(rows: list[dict], cfg: Config, path: Path) -> None:
+    """Per stage: gradient norm before clipping (with the clip level), loss spikes on the objective; for the
+    student also its agreement with the teacher and each feature pair's similarity (phases shaded)."""
+    plt = _pyplot()
+    stages = [s for s in ("teacher", "baseline", "student") if any(r.get("stage") == s and "loss" in r for r in rows)]
+    fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4.2 * (len(stages) + 1), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        train = [r for r in rows if r.get("stage") == stage and "grad_norm" in r and "loss" in r]
+        ax.plot([r["step"] for r in train], [r["grad_norm"] for r in train], color="black", lw=1, label="grad norm")
+        clip = (cfg.teacher.train if stage == "teacher" else cfg.student.train).grad_clip
+        if clip > 0:
+            ax.axhline(clip, color="#c44e52", lw=0.8, ls="--", label=f"grad_clip {clip:g}")
+        spikes = [r for r in rows if r.get("stage") == stage and "spike_loss" in r]
+        if spikes:
+            ax.plot([r["step"] for r in spikes], [r["grad_norm"] for r in spikes], "rv", ms=5, label="loss spike")
+        ax.set_yscale("log")
+        ax.set_title(f"{stage}: gradient norm before clipping", fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    _shade_phases(ax, cfg)
+    student = [r for r in rows if r.get("stage") == "student" and "loss" in r]
+    for key in ["agreement"] + sorted({k for r in student for k in r if k.startswith("feature_cos/")}):
+        points = [(r["step"], r[key]) for r in student if key in r]
+        if points:
+            ax.plot(*zip(*points), marker=".", ms=3, lw=1, label=key.removeprefix("feature_cos/"))
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("student: agreement and feature similarity", pad=12, fontsize=9)
+    ax.set_xlabel("step")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_schedules(cfg: Config, path: Path) -> None:
     plt = _pyplot()
     total = cfg.student.train.steps
@@ -243,6 +279,12 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
             *deploy["notes"],
             "",
         ]
+    if results.get("diagnosis"):
+        from distilflow.diagnose import diagnosis_lines
+
+        lines += diagnosis_lines(results["diagnosis"])
+        plot_diagnostics(rows, cfg, run_dir / "diagnostics.png")
+        lines += ["![diagnostics](diagnostics.png)", ""]
     samples = results.get("student_samples", [])
     if samples:
         lines += ["## Samples from the distilled student", "", "Greedy continuation after the marker `=>`.", ""]

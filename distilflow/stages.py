@@ -22,11 +22,13 @@ from distilflow.config import Config, DistillConfig, TrainConfig, config_from_di
 from distilflow.errors import UserError
 from distilflow.losses.objective import Objective, choose_loss_impl
 from distilflow.models.build import load_weights
+from distilflow.models.layers import LayerPair
 from distilflow.models.taps import Taps
 from distilflow.schedules import Phase, phase_boundaries
 from distilflow.teachers.base import TeacherSignals
 from distilflow.train import dist
 from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_text, write_weights
+from distilflow.train.diagnostics import StepWatch, pair_name
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import FitResult, Task, fit
 from distilflow.workload import Workload
@@ -49,7 +51,8 @@ def check_output_dir(cfg: Config) -> None:
     resumed); else one line, before anything is written. Keys that do not change what is trained are
     not compared: ``deploy.*`` (a finished run may be re-exported and re-quantized with other
     settings; the saved config then records the latest), ``dist.*`` (any world size and strategy
-    resumes a run) and ``output_dir`` (where the folder is: a run folder given to eval, or moved)."""
+    resumes a run), ``diagnostics.*`` (they judge the training, not change it) and ``output_dir``
+    (where the folder is: a run folder given to eval, or moved)."""
     run_dir = cfg.run_dir
     blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
@@ -62,7 +65,7 @@ def check_output_dir(cfg: Config) -> None:
     diff = [
         key
         for key in _differences(saved_tree, to_dict(cfg))
-        if not key.startswith(("deploy.", "dist.")) and key != "output_dir"
+        if not key.startswith(("deploy.", "dist.", "diagnostics.")) and key != "output_dir"
     ]
     if diff:
         raise UserError(
@@ -179,11 +182,20 @@ def train_stage(
     log_tensorboard: bool,
     teacher: TeacherSignals | None = None,
     student_taps: Taps | None = None,
+    pairs: list[LayerPair] = (),
 ) -> FitResult:
-    """Train ``model`` as ``stage`` (resuming its checkpoint) with the stage's metrics log (rank 0 writes).
+    """Train ``model`` as ``stage`` (resuming its checkpoint) with the stage's metrics log (rank 0 writes)
+    and its diagnostics (``diagnostics.*``; ``pairs``: the feature layer pairs, whose similarity is logged).
 
     The teacher stage trains by ``teacher.train``, every other stage by ``student.train``."""
     train = run.cfg.teacher.train if stage == "teacher" else run.cfg.student.train
+    watch = StepWatch(
+        pair_names=[pair_name(p.student, p.teacher) for p in pairs],
+        heads=objective.heads,
+        per_token=task.per_token,
+        spike_factor=run.cfg.diagnostics.spike_factor,
+        spike_window=run.cfg.diagnostics.spike_window,
+    )
     log = MetricsLog(run.dir, stage, tensorboard=log_tensorboard) if dist.current().is_main else dist.NullLog()
     try:
         return fit(
@@ -197,6 +209,7 @@ def train_stage(
             config=to_dict(run.cfg),
             teacher=teacher,
             student_taps=student_taps,
+            watch=watch,
         )
     finally:
         log.close()

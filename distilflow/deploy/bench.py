@@ -146,3 +146,43 @@ def markdown(table: dict[str, dict[str, float]], *, kind: str, batch_sizes: list
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{threads} CPU thread(s) for every variant; latency of one call on rows of the test split.")
     return "\n".join(lines)
+
+
+def teacher_student_latency(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: dict[str, np.ndarray],
+    *,
+    kind: str,
+    batch_sizes: list[int],
+    threads: int,
+    iterations: int,
+) -> dict:
+    """The eager teacher's and student's latency per batch size, their calls interleaved (so that drift on
+    a shared machine hits both alike), in ms: the median (``<role>_ms``) and the best of the repeats
+    (``<role>_min_ms``), which the diagnosis compares with the MAC ratio: measured at load 10 on 2 cores,
+    the median of two identical MLPs differed by up to 5x between calls, their minimum by under 5%."""
+    names = input_names(kind)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out: dict = {"threads": threads, "batches": {}}
+    try:
+        runs = {"teacher": torch_variant("teacher", teacher, kind), "student": torch_variant("student", student, kind)}
+        for batch in batch_sizes:
+            feeds = _rows({k: data[k] for k in names}, batch)
+            times: dict[str, list[float]] = {role: [] for role in runs}
+            for _ in range(3):  # warm-up
+                for variant in runs.values():
+                    variant.logits(feeds)
+            for _ in range(iterations):
+                for role, variant in runs.items():
+                    began = time.perf_counter()
+                    variant.logits(feeds)
+                    times[role].append((time.perf_counter() - began) * 1000)
+            out["batches"][str(batch)] = {
+                **{f"{role}_ms": float(np.median(t)) for role, t in times.items()},
+                **{f"{role}_min_ms": float(np.min(t)) for role, t in times.items()},
+            }
+    finally:
+        torch.set_num_threads(threads_before)
+    return out

@@ -26,6 +26,7 @@ from distilflow.schedules import lr_at
 from distilflow.teachers.base import TeacherSignals
 from distilflow.train import dist
 from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
+from distilflow.train.diagnostics import StepWatch
 from distilflow.train.logging import MetricsLog, Progress
 from distilflow.train.precision import (
     MAX_SKIPPED,
@@ -101,13 +102,15 @@ def fit(
     config: dict[str, Any],
     teacher: TeacherSignals | None = None,
     student_taps: Taps | None = None,
+    watch: StepWatch | None = None,
 ) -> FitResult:
     """Train ``model`` (and the objective's projection heads) for ``train.steps`` steps.
 
     Resumes from ``stage_dir/checkpoint.pt`` when it exists: model, heads, optimizer, gradient
     scaler, step and RNG state are restored, and schedules are pure functions of the step, so the
     run continues exactly where it stopped. Forward passes (student and teacher) run under
-    ``train.precision``'s autocast; see train/precision.py.
+    ``train.precision``'s autocast; see train/precision.py. ``watch`` measures the diagnostics
+    (train/diagnostics.py: agreement, per-pair feature similarity, loss spikes; default settings when None).
     """
     if objective.needs_teacher and teacher is None:
         raise UserError(f"stage '{stage}' uses teacher terms but no teacher was given")
@@ -124,6 +127,7 @@ def fit(
     params = replica.parameters()
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     ckpt_path = stage_dir / CHECKPOINT
+    watch = watch or StepWatch(heads=objective.heads, per_token=task.per_token)
     start = 0
     if ckpt_path.is_file():
         state = read_checkpoint(ckpt_path)
@@ -137,6 +141,7 @@ def fit(
                 "use a fresh output_dir"
             ) from None
         _set_rng_state(state["rng"])
+        watch.load_state_dict(state.get("diagnostics", {}))
         start = int(state["step"])
         log.drop_after(start)
     world.seed_ranks()  # under torchrun: one dropout stream per rank
@@ -154,6 +159,7 @@ def fit(
                 **state,
                 "precision": amp.state_dict(),
                 "rng": _rng_state(),
+                "diagnostics": watch.state_dict(),
                 "config": config,
             },
         )
@@ -174,7 +180,9 @@ def fit(
                 student_out = Outputs(logits, student_taps.features())
             else:
                 student_out = Outputs(task.forward(model, batch))
-            return objective(step, student_out, teacher_out, target, rows)
+            loss, parts = objective(step, student_out, teacher_out, target, rows)
+            watch.observe(student_out, teacher_out, target)  # logged steps only: agreement, feature similarity
+        return loss, parts
 
     progress = Progress(stage, train.steps, start=start) if world.is_main else dist.NullProgress()
     metrics: dict[str, float] = {}
@@ -189,6 +197,10 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = lr
         phase = objective.phase(step)
+        done = step + 1
+        # The first step of each phase is logged too: where its feature similarity and agreement start.
+        logged = done % max(train.log_every, 1) == 0 or done == train.steps or step == phase.start
+        watch.begin(logged)
         micro = [world.shard(b) for b in task.micro_batches(step)]  # this rank's rows of the global batch
         targets = [task.targets(b) for b in micro]
         rows: dict[str, int] = {}
@@ -217,23 +229,32 @@ def fit(
             what = f"gradient norm (after {MAX_SKIPPED} skipped fp16 steps)" if amp.scaling else "gradient norm"
             _stop(stage, step, what, grad_norm, {}, ckpt_path)
         amp.step(optimizer)
+        # Every step is judged for a loss spike (global values: the ranks' shares summed).
+        judged = world.all_reduce_sums({"loss": loss_sum, **parts_sum})
+        spike = watch.spike(phase.name, {k: judged[k] for k in parts_sum}, judged["loss"])
+        if spike is not None:
+            value, median = spike
+            log.write(
+                {"step": done, "phase": phase.name, "spike_loss": value, "spike_median": median, "grad_norm": grad_norm}
+            )
         units, seconds = sum(task.count(b) for b in micro), time.monotonic() - step_began
         window_units, window_seconds = window_units + units, window_seconds + seconds
         step_units, step_seconds = step_units + units, step_seconds + seconds
 
-        done = step + 1
-        if done % max(train.log_every, 1) == 0 or done == train.steps:
+        if logged:
             # Logged values are global: the ranks' shares of loss and parts, and their units, summed.
-            totals = world.all_reduce_sums({"loss": loss_sum, **parts_sum, "_units": window_units})
+            totals = world.all_reduce_sums({"loss": loss_sum, **parts_sum, "_units": window_units, **watch.sums()})
             window_units = int(totals.pop("_units"))
+            diagnostics = watch.row(totals)
             info = {
                 "step": done,
                 "phase": phase.name,
                 **totals,
                 "kd_weight": objective.weights(step).get("kd", 0.0),
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": grad_norm,  # before clipping
                 f"{task.unit}_per_s": window_units / max(window_seconds, 1e-9),
+                **diagnostics,
             }
             if amp.scaling:
                 info.update(loss_scale=amp.scaler.get_scale(), skipped_steps=amp.skipped)
