@@ -32,6 +32,8 @@ COMMANDS = {
     "the kept ones to a resumable JSONL file (generate.*)",
     "resume": "continue the run in RUN_DIR with the config saved there",
     "diagnose": "print the Diagnosis of the run in RUN_DIR (finished or interrupted) from its metrics alone",
+    "size-student": "measure candidate student shapes with the backend you ship and write the largest that meets "
+    "a latency budget as a config (no training)",
 }
 
 
@@ -90,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name in ("run", "train-teacher", "distill", "resume"):
             p.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
+        if name == "size-student":
+            p.add_argument("--latency-ms", type=float, required=True, help="p90 latency budget of one call, ms")
+            p.add_argument("--batch", type=int, default=1, help="rows per call (default 1)")
+            p.add_argument("--backend", default="ort-int8", help="ort-int8 (default), ort-fp32, torch or genai-int4")
+            p.add_argument("--threads", type=int, default=1, help="CPU threads of every candidate (default 1)")
+            p.add_argument("--repeats", type=int, default=30, help="interleaved timed calls per candidate")
+            p.add_argument("--widths", default=None, help="comma-separated widths (mlp) or largest channels (cnn)")
+            p.add_argument("--out", default="sizing", help="folder for student.yaml, report.md, latency.png")
     return parser
 
 
@@ -154,6 +164,16 @@ def _cmd_diagnose(ns) -> int:
     from distilflow.diagnose import diagnose_run, diagnosis_lines
 
     print("\n".join(diagnosis_lines(diagnose_run(ns.run_dir).to_dict())).rstrip())
+    return 0
+
+
+def _cmd_size_student(ns) -> int:
+    from distilflow.size_student import parse_widths, size_student, summary_line
+
+    out = Path(ns.out)
+    sizing = {"latency_ms": ns.latency_ms, "batch": ns.batch, "backend": ns.backend, "threads": ns.threads}
+    result = size_student(_load(ns.args), **sizing, out=out, repeats=ns.repeats, widths=parse_widths(ns.widths))
+    print(summary_line(result, out))
     return 0
 
 
@@ -321,6 +341,7 @@ HANDLERS = {
     "run": _cmd_run,
     "resume": _cmd_resume,
     "diagnose": _cmd_diagnose,
+    "size-student": _cmd_size_student,
     "train-teacher": _cmd_train_teacher,
     "distill": _cmd_distill,
     "cache-teacher": _cmd_cache_teacher,

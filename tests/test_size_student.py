@@ -1,0 +1,136 @@
+"""distilflow size-student: candidates and their cost, the choice, the written config, bad input."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+import yaml
+
+from distilflow.cli import main
+from distilflow.config import load_config
+from distilflow.errors import UserError
+from distilflow.models.sizing import candidates, cnn_shapes, mlp_shapes
+from distilflow.size_student import choose
+
+
+def test_mlp_candidates_cost_what_a_hand_count_says():
+    found = candidates({"arch": "mlp", "mlp": {"hidden": [8, 8], "dropout": 0.0}}, (40,), 10, widths=[16, 32])
+    assert sorted(tuple(c.model["mlp"]["hidden"]) for c in found) == [(16,), (16, 16), (32,), (32, 32)]
+    for c in found:
+        widths = [40, *c.model["mlp"]["hidden"], 10]
+        pairs = list(zip(widths, widths[1:]))
+        assert c.params == sum((a + 1) * b for a, b in pairs)  # weights and biases
+        assert c.macs == sum(a * b for a, b in pairs)  # one multiply-accumulate per weight per sample
+    assert [c.macs for c in found] == sorted(c.macs for c in found)
+
+
+def test_grids_keep_the_depth_and_one_less():
+    assert mlp_shapes([64, 64, 64], [16, 32]) == [[16, 16], [32, 32], [16, 16, 16], [32, 32, 32]]
+    assert mlp_shapes([64], [16]) == [[16]]
+    # channels scaled to multiples of 4 (at least 4), duplicates dropped
+    assert cnn_shapes([32, 32], [0.05, 0.1, 0.5]) == [[4], [16], [4, 4], [16, 16]]
+
+
+def _row(name: str, macs: int, p50: float, p90: float) -> dict:
+    return {"name": name, "macs": macs, "params": macs, "p50_ms": p50, "p90_ms": p90}
+
+
+def test_the_choice_is_the_most_macs_whose_p90_meets_the_budget():
+    rows = [_row("small", 10, 0.1, 0.2), _row("mid", 100, 0.5, 0.9), _row("big", 1000, 0.8, 1.5)]
+    assert choose(rows, 1.0, batch=1, backend="torch")["name"] == "mid"  # big's p50 meets, its p90 does not
+    assert choose(rows, 2.0, batch=1, backend="torch")["name"] == "big"
+    with pytest.raises(UserError, match=r"the fastest, small, takes 0.1 ms \(p90 0.2\)"):
+        choose(rows, 0.15, batch=1, backend="torch")
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_overrides):
+    """A YAML config of the tiny MNIST-1D run (the user's config that size-student reads)."""
+    from distilflow.config import parse_override, set_path
+
+    tree: dict = {}
+    for text in tiny_overrides(tmp_path / "run"):
+        keys, value = parse_override(text)
+        set_path(tree, keys, value)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_size_student_writes_the_largest_candidate_as_a_config_that_runs(tmp_path, tiny_config, capsys):
+    out = tmp_path / "sizing"
+    args = [str(tiny_config), "--latency-ms", "1000", "--backend", "torch", "--widths", "16,24", "--repeats", "5"]
+    assert main(["size-student", *args, "--out", str(out), "--batch", "4"]) == 0
+    result = json.loads((out / "sizing.json").read_text())
+    # A budget everything meets: the chosen one is the largest candidate, [24, 24] (the tiny student is 2 deep).
+    assert result["chosen"] == "mlp [24, 24]" and len(result["candidates"]) == 4
+    assert all(r["p50_ms"] <= r["p90_ms"] and r["size_bytes"] > 0 for r in result["candidates"])
+    report = (out / "report.md").read_text()
+    assert "| mlp [24, 24] |" in report and "**chosen**" in report and (out / "latency.png").is_file()
+    assert "distilflow run" in capsys.readouterr().out
+
+    # The written config is the user's with student.model replaced; 'run' trains that student.
+    cfg = load_config(out / "student.yaml", [f"output_dir={tmp_path / 'sized-run'}"])
+    assert cfg.student.model.mlp.hidden == [24, 24] and cfg.teacher.model.cnn.channels == [8, 8]
+    assert main(["run", str(out / "student.yaml"), f"output_dir={tmp_path / 'sized-run'}", "--no-tensorboard"]) == 0
+    results = json.loads((tmp_path / "sized-run" / "results.json").read_text())
+    chosen = next(r for r in result["candidates"] if r["name"] == result["chosen"])
+    assert results["student"]["params"] == chosen["params"] and results["student"]["macs"] == chosen["macs"]
+
+
+def test_the_onnx_backends_export_and_quantize_each_candidate(tmp_path, tiny_config):
+    sizes = {}
+    for backend in ("ort-fp32", "ort-int8"):
+        out = tmp_path / backend
+        args = [str(tiny_config), "--latency-ms", "1000", "--backend", backend, "--widths", "256", "--repeats", "5"]
+        assert main(["size-student", *args, "--out", str(out)]) == 0
+        result = json.loads((out / "sizing.json").read_text())
+        sizes[backend] = {r["name"]: r["size_bytes"] for r in result["candidates"]}
+    assert set(sizes["ort-fp32"]) == {"mlp [256]", "mlp [256, 256]"}
+    for name, fp32 in sizes["ort-fp32"].items():
+        params = {"mlp [256]": 40 * 256 + 256 + 256 * 10 + 10, "mlp [256, 256]": 40 * 256 + 256 * 257 + 257 * 10}[name]
+        assert fp32 >= 4 * params  # float32 weights in the file
+        assert sizes["ort-int8"][name] < 0.5 * fp32  # int8 weights: about a quarter, plus scales and graph
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--latency-ms", "0.000001"], "no candidate meets --latency-ms 1e-06 at batch 1 with torch: the fastest, mlp"),
+        (["--latency-ms", "1", "--backend", "tensorrt"], "--backend 'tensorrt' is not one of"),
+        (["--latency-ms", "1", "--widths", "16,x"], "--widths '16,x'"),
+        (["--latency-ms", "0"], "--latency-ms must be > 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_config, capsys, extra, expected):
+    out = tmp_path / "sizing"
+    args = [str(tiny_config), "--backend", "torch", "--widths", "16", "--repeats", "5", "--out", str(out)]
+    assert main(["size-student", *args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distilflow: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("backend", "module"), [("ort-int8", "onnxruntime"), ("genai-int4", "onnxruntime_genai")])
+def test_a_backend_whose_package_is_missing_is_one_line(tmp_path, tiny_config, capsys, monkeypatch, backend, module):
+    real_import = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name == module or name.startswith(module + "."):
+            raise ImportError(f"No module named '{module}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without)
+    out = tmp_path / "sizing"
+    assert main(["size-student", str(tiny_config), "--latency-ms", "1", "--backend", backend, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distilflow: error: ") and err.count("\n") == 1 and "install" in err, err
+    assert not out.exists()
+
+
+def test_a_causal_lm_student_is_refused_with_one_line(tmp_path, capsys):
+    assert main(["size-student", "configs/lm_stdlib.yaml", "--latency-ms", "5", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distilflow: error: size-student sizes built-in classifier students") and err.count("\n") == 1
