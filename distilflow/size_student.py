@@ -57,7 +57,7 @@ def require_backend(backend: str, kind: str) -> None:
             raise UserError(f"--backend {backend} needs onnxruntime: pip install onnxruntime") from None
 
 
-def _variant(c: Candidate, backend: str, folder: Path, example: torch.Tensor, threads: int) -> Variant:
+def variant(c: Candidate, backend: str, folder: Path, example: torch.Tensor, threads: int) -> Variant:
     if backend == "torch":
         return torch_variant(c.name, c.module, "classifier")
     onnx = export_onnx(c.module, {"x": example}, folder / f"{len(list(folder.iterdir()))}.onnx", kind="classifier")
@@ -160,7 +160,7 @@ def size_student(
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            variants = [_variant(c, backend, Path(tmp), data.test_x[:2], threads) for c in found]
+            variants = [variant(c, backend, Path(tmp), data.test_x[:2], threads) for c in found]
             times = measure(variants, feeds, repeats=repeats)
     finally:
         torch.set_num_threads(before)

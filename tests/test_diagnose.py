@@ -314,3 +314,17 @@ def test_a_deep_narrow_student_is_slower_than_its_macs_predict():
 
     # A student as large as its teacher takes about its time: nothing to say.
     assert speed_rule(_speed(teacher, MLP((64,), 10, [512, 512]).eval())) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("diagnostics.spike_factor=1.0", "config key 'diagnostics.spike_factor': 1.0 is not allowed; must be > 1"),
+        ("diagnostics.spike_window=3", "config key 'diagnostics.spike_window': 3 is not allowed; must be >= 6"),
+    ],
+)
+def test_bad_diagnostics_settings_are_one_line(tmp_path, capsys, override, expected):
+    assert main(["run", f"output_dir={tmp_path / 'run'}", override, "--no-tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distilflow: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "run").exists()

@@ -142,6 +142,12 @@ def test_stdlib_metrics_rows(stdlib_run):
     assert evals[-1]["eval_perplexity"] == final
     assert {r["stage"] for r in rows} == set(STAGES)
     assert (run_dir / "student" / "heads.safetensors").is_file()
+    # Diagnostics (issue 18): per decoder-layer pair similarity in the feature phase, per-token agreement after.
+    for r in student[:2]:
+        pairs = [k for k in r if k.startswith("feature_cos/model.layers.")]
+        assert pairs and all(-1 <= r[k] <= 1 for k in pairs)
+    assert all(0 <= r["agreement"] <= 1 for r in student[2:]) and all("grad_norm" in r for r in student)
+    assert "diagnosis" in json.loads((run_dir / "results.json").read_text())
 
 
 def test_stdlib_eval_prints_the_perplexities(stdlib_run, capsys):

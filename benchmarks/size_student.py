@@ -1,0 +1,124 @@
+"""Issue 18: does the shape size-student chooses meet its budget, and what does the budget buy?
+
+    python benchmarks/size_student.py [--budgets 0.1,0.3,1.0] [--batch 256] [--backend ort-int8]
+        [--teacher PATH] [--steps N] [--out DIR]
+
+For each latency budget (ms per call at ``--batch``, 1 thread) on the MNIST-1D demo config:
+
+1. ``size_student`` chooses a shape (the default candidate grid, 30 interleaved repeats);
+2. the chosen shape is exported again and re-measured 10 times (each time 30 calls after a warm-up,
+   its p50 and p90): how many of the 10 meet the budget;
+3. the demo is distilled into that shape (``--teacher``: a trained teacher's model.safetensors, reused
+   by every budget; student ``--steps``, the demo's 4,000 unless given) for the accuracy it buys,
+   the baseline of the same shape beside it.
+
+Prints a markdown table: budget -> shape, params, MACs, chosen p90, re-measurements meeting, p50 range,
+baseline and distilled accuracy, and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distilflow.config import load_config
+from distilflow.data.classification import load_classification
+from distilflow.models.sizing import candidates
+from distilflow.pipeline import run_all
+from distilflow.size_student import measure, size_student
+from distilflow.size_student import variant as build_variant
+
+REMEASURES = 10
+
+
+def remeasure(cfg, chosen: dict, *, batch: int, backend: str, repeats: int = 30) -> list[tuple[float, float]]:
+    """p50 and p90 of the chosen shape, measured REMEASURES times, each with a freshly exported model."""
+    data = load_classification(cfg.data)
+    feeds = {"x": np.ascontiguousarray(data.test_x.numpy()[np.arange(batch) % len(data.test_x)])}
+    found = []
+    for _ in range(REMEASURES):
+        (candidate,) = [
+            c
+            for c in candidates(chosen["model"], data.input_shape, data.num_classes, widths=_widths(chosen))
+            if c.name == chosen["name"]
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            v = build_variant(candidate, backend, Path(tmp), data.test_x[:2], 1)
+            (times,) = measure([v], feeds, repeats=repeats)
+        found.append((float(np.percentile(times, 50)), float(np.percentile(times, 90))))
+    return found
+
+
+def _widths(chosen: dict) -> list[int]:
+    section = chosen["model"].get("mlp") or chosen["model"].get("cnn")
+    shape = section.get("hidden") or section.get("channels")
+    return [max(shape)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budgets", default="0.1,0.3,1.0")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--backend", default="ort-int8")
+    parser.add_argument("--teacher", default=None, help="a trained teacher's model.safetensors (else trained once)")
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--out", default="runs/size-student-bench")
+    parser.add_argument("--no-train", action="store_true", help="only size and re-measure")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    base = ["threads=1", f"student.train.steps={args.steps}", "deploy.enabled=false"]
+    if args.teacher:
+        base.append(f"teacher.model.checkpoint={args.teacher}")
+    rows = []
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        cfg = load_config(None, base)
+        sized = size_student(
+            cfg, latency_ms=budget, batch=args.batch, backend=args.backend, out=out / f"sizing-{budget:g}"
+        )
+        chosen = next(r for r in sized["candidates"] if r["name"] == sized["chosen"])
+        again = remeasure(cfg, chosen, batch=args.batch, backend=args.backend)
+        row = {
+            "budget": budget,
+            "shape": chosen["name"],
+            "params": chosen["params"],
+            "macs": chosen["macs"],
+            "p90": chosen["p90_ms"],
+            "meet_p90": sum(p90 <= budget for _, p90 in again),
+            "meet_p50": sum(p50 <= budget for p50, _ in again),
+            "p50_range": (min(p for p, _ in again), max(p for p, _ in again)),
+            "load": os.getloadavg()[0],
+        }
+        if not args.no_train:
+            sized_yaml, run_dir = out / f"sizing-{budget:g}" / "student.yaml", out / f"run-{budget:g}"
+            run_cfg = load_config(sized_yaml, [f"output_dir={run_dir}"])
+            results = run_all(run_cfg, log_tensorboard=False)
+            row.update(baseline=results["baseline"]["accuracy"], student=results["student"]["accuracy"])
+            if args.teacher is None:  # trained by the first budget's run, reused by the others
+                args.teacher = str(out / f"run-{budget:g}" / "teacher" / "model.safetensors")
+                base.append(f"teacher.model.checkpoint={args.teacher}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nbatch {args.batch}, {args.backend}, 1 thread; {REMEASURES} re-measurements of 30 calls each")
+    print(
+        "| budget ms | chosen shape | params | MACs | p90 when chosen | re-measured p90 <= budget | "
+        "p50 <= budget | p50 range ms | baseline acc | distilled acc | load |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        accs = f"{r['baseline']:.3f} | {r['student']:.3f}" if "student" in r else "- | -"
+        print(
+            f"| {r['budget']:g} | {r['shape']} | {r['params']:,} | {r['macs']:,} | {r['p90']:.3f} | "
+            f"{r['meet_p90']}/{REMEASURES} | {r['meet_p50']}/{REMEASURES} | {r['p50_range'][0]:.3f}-"
+            f"{r['p50_range'][1]:.3f} | {accs} | {r['load']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
