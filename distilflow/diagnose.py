@@ -392,7 +392,7 @@ def diagnose_run(run_dir: str | Path) -> Diagnosis:
     rows = read_metrics(folder)
     if not rows:
         what = "does not exist" if not folder.exists() else "has no metrics.jsonl with rows"
-        raise UserError(f"'{folder}' {what}; give a run folder written by 'distilflow run' (or one of its stages)")
+        raise UserError(f"'{folder}' {what}; give a run folder written by 'distilflow run' (or train-teacher, distill)")
     results = _read_json(folder / "results.json")
     if results is None:  # interrupted: the stages that finished
         results = {s: r for s in STAGES if (r := _read_json(folder / s / "result.json")) is not None}

@@ -15,6 +15,7 @@ p90, size on disk) and ``latency.png`` (latency against MACs, the budget drawn).
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -180,6 +181,7 @@ def size_student(
     result = {
         "budget": {"latency_ms": latency_ms, "batch": batch, "backend": backend, "threads": threads},
         "repeats": repeats,
+        "load_average": os.getloadavg()[0],  # a shared machine's other work widens the spread: said in the report
         "chosen": chosen["name"],
         "candidates": rows,  # ordered by MACs, then parameters
     }
@@ -209,7 +211,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         "# Student sizing",
         "",
         f"Budget: p90 latency <= {b['latency_ms']:g} ms per call at batch {b['batch']}, backend {b['backend']}, "
-        f"{b['threads']} thread(s); {result['repeats']} interleaved repeats per candidate. Chosen: "
+        f"{b['threads']} thread(s); {result['repeats']} interleaved repeats per candidate; load average "
+        f"{result['load_average']:.1f} when measured. Chosen: "
         f"**{result['chosen']}** (most MACs among those that meet it).",
         "",
         "| candidate | params | MACs / sample | p50 ms | p90 ms | size on disk (KiB) | meets |",
