@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("run", "train-teacher", "distill", "resume"):
             p.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
         if name == "size-student":
-            p.add_argument("--latency-ms", type=float, required=True, help="p90 latency budget of one call, ms")
+            p.add_argument("--latency-ms", type=float, default=None, help="p90 latency budget of one call, ms")
+            p.add_argument("--max-params", type=int, default=None, help="parameter budget (alone or with the others)")
+            p.add_argument("--max-macs", type=int, default=None, help="MACs-per-sample budget")
             p.add_argument("--batch", type=int, default=1, help="rows per call (default 1)")
             p.add_argument("--backend", default="ort-int8", help="ort-int8 (default), ort-fp32, torch or genai-int4")
             p.add_argument("--threads", type=int, default=1, help="CPU threads of every candidate (default 1)")
@@ -171,7 +173,8 @@ def _cmd_size_student(ns) -> int:
     from distilflow.size_student import parse_widths, size_student, summary_line
 
     out = Path(ns.out)
-    sizing = {"latency_ms": ns.latency_ms, "batch": ns.batch, "backend": ns.backend, "threads": ns.threads}
+    sizing = {"latency_ms": ns.latency_ms, "max_params": ns.max_params, "max_macs": ns.max_macs}
+    sizing.update(batch=ns.batch, backend=ns.backend, threads=ns.threads)
     result = size_student(_load(ns.args), **sizing, out=out, repeats=ns.repeats, widths=parse_widths(ns.widths))
     print(summary_line(result, out))
     return 0

@@ -6,7 +6,8 @@ each exported with the backend the user will ship (``torch``: eager; ``ort-fp32`
 split at ``--batch``: a fixed thread count, a warm-up, then ``--repeats`` rounds in which every
 candidate runs once (interleaved, so drift on a shared machine hits all alike). A candidate meets the
 budget when its **p90** latency does (the p90 is the safety margin: its spread over the repeats, not a
-fixed factor); the chosen one is the **largest** of those, by MACs per sample, then parameters (what
+fixed factor) and it is within ``--max-params`` / ``--max-macs`` when given (either may stand instead of
+the latency); the chosen one is the **largest** of those, by MACs per sample, then parameters (what
 the student can spend). Written to ``--out``: ``student.yaml`` (the config with the chosen
 ``student.model``: pass it to ``distilflow run``), ``report.md`` (every candidate: params, MACs, p50 /
 p90, size on disk) and ``latency.png`` (latency against MACs, the budget drawn).
@@ -86,7 +87,7 @@ def summary_line(result: dict[str, Any], out: Path) -> str:
     c = next(r for r in result["candidates"] if r["name"] == result["chosen"])
     return (
         f"chosen {c['name']}: {c['params']:,} params, {c['macs']:,} MACs, p50 {c['p50_ms']:.3f} ms, p90 "
-        f"{c['p90_ms']:.3f} ms (budget {result['budget']['latency_ms']:g}); {len(result['candidates'])} candidates "
+        f"{c['p90_ms']:.3f} ms ({budget_words(result['budget'])}); {len(result['candidates'])} candidates "
         f"in {out / 'report.md'}; run it: distilflow run {out / 'student.yaml'}"
     )
 
@@ -105,16 +106,39 @@ def measure(variants: list[Variant], feeds: dict[str, np.ndarray], *, repeats: i
     return times
 
 
-def choose(rows: list[dict[str, Any]], latency_ms: float, *, batch: int, backend: str) -> dict[str, Any]:
-    """The largest row whose p90 meets ``latency_ms``; none: one line naming the fastest candidate."""
-    meeting = [r for r in rows if r["p90_ms"] <= latency_ms]
+def budget_words(budget: dict[str, Any]) -> str:
+    """``p90 <= 0.3 ms at batch 256 with ort-int8, <= 50,000 params``: the limits that were given."""
+    words = []
+    if budget.get("latency_ms") is not None:
+        words.append(f"p90 <= {budget['latency_ms']:g} ms at batch {budget['batch']} with {budget['backend']}")
+    if budget.get("max_params") is not None:
+        words.append(f"<= {budget['max_params']:,} params")
+    if budget.get("max_macs") is not None:
+        words.append(f"<= {budget['max_macs']:,} MACs per sample")
+    return ", ".join(words)
+
+
+def fits(row: dict[str, Any], budget: dict[str, Any]) -> bool:
+    """Whether a measured candidate meets every limit given (latency by its p90: the measured spread is the margin)."""
+    return (
+        (budget.get("latency_ms") is None or row["p90_ms"] <= budget["latency_ms"])
+        and (budget.get("max_params") is None or row["params"] <= budget["max_params"])
+        and (budget.get("max_macs") is None or row["macs"] <= budget["max_macs"])
+    )
+
+
+def choose(rows: list[dict[str, Any]], budget: dict[str, Any]) -> dict[str, Any]:
+    """The largest row (MACs, then params) that fits ``budget``; none: one line naming the smallest
+    candidate (the fastest, for a latency budget) and what it measured."""
+    meeting = [r for r in rows if fits(r, budget)]
     if not meeting:
-        fastest = min(rows, key=lambda r: r["p90_ms"])
-        raise UserError(
-            f"no candidate meets --latency-ms {latency_ms:g} at batch {batch} with {backend}: the fastest, "
-            f"{fastest['name']}, takes {fastest['p50_ms']:.3g} ms (p90 {fastest['p90_ms']:.3g}); raise the budget "
-            "or give smaller --widths"
-        )
+        if budget.get("latency_ms") is not None:
+            best = min(rows, key=lambda r: r["p90_ms"])
+            what = f"the fastest, {best['name']}, takes {best['p50_ms']:.3g} ms (p90 {best['p90_ms']:.3g})"
+        else:
+            best = min(rows, key=lambda r: (r["macs"], r["params"]))
+            what = f"the smallest, {best['name']}, has {best['params']:,} params and {best['macs']:,} MACs"
+        raise UserError(f"no candidate meets {budget_words(budget)}: {what}; raise the budget or give smaller --widths")
     return max(meeting, key=lambda r: (r["macs"], r["params"]))
 
 
@@ -134,10 +158,12 @@ def sized_config(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
 def size_student(
     cfg: Config,
     *,
-    latency_ms: float,
+    latency_ms: float | None,
     batch: int,
     backend: str,
     out: Path,
+    max_params: int | None = None,
+    max_macs: int | None = None,
     threads: int = 1,
     repeats: int = 30,
     widths: list[int] | None = None,
@@ -150,8 +176,13 @@ def size_student(
             f"is {arch!r}"
         )
     require_backend(backend, "classifier")
-    if latency_ms <= 0 or batch < 1 or repeats < 5 or threads < 1:
-        raise UserError("--latency-ms must be > 0, --batch >= 1, --repeats >= 5 and --threads >= 1")
+    limits = {"latency_ms": latency_ms, "max_params": max_params, "max_macs": max_macs}
+    if all(v is None for v in limits.values()):
+        raise UserError("give a budget: --latency-ms, --max-params or --max-macs (any together)")
+    if any(v is not None and v <= 0 for v in limits.values()) or batch < 1 or repeats < 5 or threads < 1:
+        raise UserError(
+            "--latency-ms, --max-params and --max-macs must be > 0, --batch >= 1, --repeats >= 5 and --threads >= 1"
+        )
     data = load_classification(cfg.data)
     model_tree = to_dict(cfg)["student"]["model"]
     found = candidates(model_tree, data.input_shape, data.num_classes, widths=widths)
@@ -177,9 +208,10 @@ def size_student(
         }
         for c, v, t in zip(found, variants, times)
     ]
-    chosen = choose(rows, latency_ms, batch=batch, backend=backend)
+    budget = {**limits, "batch": batch, "backend": backend, "threads": threads}
+    chosen = choose(rows, budget)
     result = {
-        "budget": {"latency_ms": latency_ms, "batch": batch, "backend": backend, "threads": threads},
+        "budget": budget,
         "repeats": repeats,
         "load_average": os.getloadavg()[0],  # a shared machine's other work widens the spread: said in the report
         "chosen": chosen["name"],
@@ -195,8 +227,8 @@ def write_outputs(out: Path, cfg: Config, chosen: dict[str, Any], result: dict[s
     out.mkdir(parents=True, exist_ok=True)
     b = result["budget"]
     header = (
-        f"# distilflow size-student: the largest candidate whose p90 latency meets {b['latency_ms']:g} ms at batch "
-        f"{b['batch']} with {b['backend']} ({b['threads']} thread(s)) on this machine: {chosen['name']}.\n"
+        f"# distilflow size-student: the largest candidate that meets {budget_words(b)} ({b['threads']} thread(s)) "
+        f"on this machine: {chosen['name']}.\n"
         "# Pass it to 'distilflow run' (this file is your config with student.model replaced).\n"
     )
     (out / "student.yaml").write_text(header + yaml.safe_dump(sized_config(cfg, chosen["model"]), sort_keys=False))
@@ -210,7 +242,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     lines = [
         "# Student sizing",
         "",
-        f"Budget: p90 latency <= {b['latency_ms']:g} ms per call at batch {b['batch']}, backend {b['backend']}, "
+        f"Budget: {budget_words(b)}; latency of one call at batch {b['batch']}, backend {b['backend']}, "
         f"{b['threads']} thread(s); {result['repeats']} interleaved repeats per candidate; load average "
         f"{result['load_average']:.1f} when measured. Chosen: "
         f"**{result['chosen']}** (most MACs among those that meet it).",
@@ -219,7 +251,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["candidates"]:
-        mark = "**chosen**" if r["name"] == result["chosen"] else ("yes" if r["p90_ms"] <= b["latency_ms"] else "no")
+        mark = "**chosen**" if r["name"] == result["chosen"] else ("yes" if fits(r, b) else "no")
         lines.append(
             f"| {r['name']} | {r['params']:,} | {r['macs']:,} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
             f"{r['size_bytes'] / 1024:.1f} | {mark} |"
@@ -249,7 +281,8 @@ def plot_latency(result: dict[str, Any], path: Path) -> None:
         )
     chosen = next(r for r in rows if r["name"] == result["chosen"])
     ax.plot([chosen["macs"]], [chosen["p50_ms"]], "r*", ms=12, label=f"chosen: {chosen['name']}")
-    ax.axhline(b["latency_ms"], color="#c44e52", ls="--", lw=0.8, label="budget")
+    if b.get("latency_ms") is not None:
+        ax.axhline(b["latency_ms"], color="#c44e52", ls="--", lw=0.8, label="budget")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("MACs per sample")

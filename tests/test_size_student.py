@@ -37,12 +37,20 @@ def _row(name: str, macs: int, p50: float, p90: float) -> dict:
     return {"name": name, "macs": macs, "params": macs, "p50_ms": p50, "p90_ms": p90}
 
 
-def test_the_choice_is_the_most_macs_whose_p90_meets_the_budget():
+def _budget(**limits) -> dict:
+    return {"latency_ms": None, "max_params": None, "max_macs": None, "batch": 1, "backend": "torch", **limits}
+
+
+def test_the_choice_is_the_most_macs_that_meets_every_limit():
     rows = [_row("small", 10, 0.1, 0.2), _row("mid", 100, 0.5, 0.9), _row("big", 1000, 0.8, 1.5)]
-    assert choose(rows, 1.0, batch=1, backend="torch")["name"] == "mid"  # big's p50 meets, its p90 does not
-    assert choose(rows, 2.0, batch=1, backend="torch")["name"] == "big"
-    with pytest.raises(UserError, match=r"the fastest, small, takes 0.1 ms \(p90 0.2\)"):
-        choose(rows, 0.15, batch=1, backend="torch")
+    assert choose(rows, _budget(latency_ms=1.0))["name"] == "mid"  # big's p50 meets, its p90 does not
+    assert choose(rows, _budget(latency_ms=2.0))["name"] == "big"
+    assert choose(rows, _budget(max_params=999))["name"] == "mid"
+    assert choose(rows, _budget(latency_ms=2.0, max_macs=99))["name"] == "small"
+    with pytest.raises(UserError, match=r"p90 <= 0.15 ms at batch 1 with torch: the fastest, small, takes 0.1 ms"):
+        choose(rows, _budget(latency_ms=0.15))
+    with pytest.raises(UserError, match=r"<= 5 params: the smallest, small, has 10 params and 10 MACs"):
+        choose(rows, _budget(max_params=5))
 
 
 @pytest.fixture
@@ -98,10 +106,12 @@ def test_the_onnx_backends_export_and_quantize_each_candidate(tmp_path, tiny_con
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--latency-ms", "0.000001"], "no candidate meets --latency-ms 1e-06 at batch 1 with torch: the fastest, mlp"),
+        (["--latency-ms", "0.000001"], "no candidate meets p90 <= 1e-06 ms at batch 1 with torch: the fastest, mlp"),
+        ([], "give a budget: --latency-ms, --max-params or --max-macs"),
+        (["--max-params", "-3"], "--max-macs must be > 0"),
         (["--latency-ms", "1", "--backend", "tensorrt"], "--backend 'tensorrt' is not one of"),
         (["--latency-ms", "1", "--widths", "16,x"], "--widths '16,x'"),
-        (["--latency-ms", "0"], "--latency-ms must be > 0"),
+        (["--latency-ms", "0"], "--latency-ms, --max-params and --max-macs must be > 0"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_config, capsys, extra, expected):
