@@ -30,15 +30,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from distilflow.data.align import AlignedSide, Alignment
 from distilflow.data.vocab_map import VocabMap
-from distilflow.losses.chunked import chunk_rows_for
 from distilflow.losses.logits import DIVERGENCES, at_least_float32
 
 REDUCTIONS = ("sum", "mean")
+CHUNK_ELEMENTS = 1 << 21
+"""Student + teacher logit entries per chunk when ``chunk_groups`` is 0 (auto): 2M, a quarter of
+losses/chunked.py's, because a ULD chunk keeps about 11 float32-sized buffers per entry (softmaxes,
+merged and sorted copies, sort indices, their gradients): about 90 MB (benchmarks/cross_tokenizer_loss.py)."""
 
 
 @dataclass
@@ -52,15 +56,31 @@ class AlignedParts:
     groups: int
 
 
+def _ascending(values: torch.Tensor) -> torch.Tensor:
+    """``values`` ``(n, V)`` sorted in increasing order along V, differentiable.
+
+    On CPU numpy sorts (SIMD sorting networks: on AVX-512 ``np.sort`` was 28x and ``np.argsort`` 3x
+    faster than ``torch.sort`` at V = 184k, 1 thread); a gather by the sorting order carries the
+    gradient. Elsewhere ``torch.sort``.
+    """
+    if values.device.type != "cpu":
+        return values.sort(dim=-1).values
+    array = values.detach().numpy()
+    if not values.requires_grad:
+        return torch.from_numpy(np.sort(array, axis=-1))
+    return values.gather(-1, torch.from_numpy(np.argsort(array, axis=-1)))
+
+
 def sorted_l1(teacher_probs: torch.Tensor, student_probs: torch.Tensor) -> torch.Tensor:
     """Per-row L1 distance between two probability vectors sorted in decreasing order, the shorter
     padded with zeros: ``(n, V_a)``, ``(n, V_b)`` -> ``(n,)``. Either may be unnormalised (merged)."""
-    teacher_sorted = teacher_probs.sort(dim=-1, descending=True).values
-    student_sorted = student_probs.sort(dim=-1, descending=True).values
+    # In increasing order the largest entries are at the end: align the ends, and the longer side's
+    # smallest entries meet the padding zeros (|x - 0| = x).
+    teacher_sorted, student_sorted = _ascending(teacher_probs), _ascending(student_probs)
     common = min(teacher_sorted.shape[-1], student_sorted.shape[-1])
-    distance = (teacher_sorted[:, :common] - student_sorted[:, :common]).abs().sum(-1)
-    # The padded zeros meet the longer side's tail: |x - 0| = x.
-    return distance + teacher_sorted[:, common:].sum(-1) + student_sorted[:, common:].sum(-1)
+    teacher_cut, student_cut = teacher_sorted.shape[-1] - common, student_sorted.shape[-1] - common
+    distance = (teacher_sorted[:, teacher_cut:] - student_sorted[:, student_cut:]).abs().sum(-1)
+    return distance + teacher_sorted[:, :teacher_cut].sum(-1) + student_sorted[:, :student_cut].sum(-1)
 
 
 def _log_missing(log_kept: torch.Tensor) -> torch.Tensor:
@@ -162,7 +182,7 @@ class _AlignedLoss(torch.autograd.Function):
         need_grad = grad_enabled and ctx.needs_input_grad[0]
         batch, student, teacher = alignment.batch, alignment.student, alignment.teacher
         temperature, count = spec.temperature, alignment.num_groups
-        chunk = chunk_rows_for(student_logits.shape[-1] + teacher_logits.shape[-1], spec.chunk_groups)
+        chunk = spec.chunk_groups or max(1, CHUNK_ELEMENTS // (student_logits.shape[-1] + teacher_logits.shape[-1]))
         device, dtype = student_logits.device, at_least_float32(student_logits[:0]).dtype
         conts = []
         for logits, side in ((student_logits, student), (teacher_logits, teacher)):
@@ -230,9 +250,13 @@ def _continuation_grad(
         grad.index_put_((rows[part], positions[part] - 1), row_grad.to(grad.dtype), accumulate=True)
 
 
-def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alignment: Alignment, reduction: str) -> None:
+def _check(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, alignment: Alignment, spec: _Spec, reduction: str
+) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if spec.chunk_groups < 0:
+        raise ValueError(f"chunk_groups must be 0 (auto) or positive, got {spec.chunk_groups}")
     for name, logits, side in (
         ("student", student_logits, alignment.student),
         ("teacher", teacher_logits, alignment.teacher),
@@ -246,7 +270,7 @@ def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alignment
 
 
 def _run(student_logits, teacher_logits, alignment, spec, reduction) -> AlignedParts:
-    _check(student_logits, teacher_logits, alignment, reduction)
+    _check(student_logits, teacher_logits, alignment, spec, reduction)
     loss, matched, unmatched = _AlignedLoss.apply(
         student_logits, teacher_logits.detach(), alignment, spec, torch.is_grad_enabled()
     )
@@ -270,7 +294,7 @@ def uld_loss(
 
     Shapes: ``student_logits`` ``(B, T_s, V_s)`` and ``teacher_logits`` ``(B, T_t, V_t)`` on the
     alignment's rows (shifted or not: the logit at ``first - 1`` predicts a group's first token);
-    V_s and V_t may differ. ``chunk_groups`` groups at a time (0: about 8M logits per chunk).
+    V_s and V_t may differ. ``chunk_groups`` groups at a time (0: ``CHUNK_ELEMENTS`` logits per chunk).
     ``reduction`` ``sum`` or ``mean`` (over this batch's groups). The teacher gets no gradient.
     """
     spec = _Spec(temperature, False, "forward_kl", 0.5, 0.0, 1.0, chunk_groups)
