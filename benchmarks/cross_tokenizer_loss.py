@@ -9,10 +9,10 @@ For N student tokens (float32, CPU): forward + backward of
 - uld: losses/uld.py ``uld_loss`` against a teacher of vocabulary V_t;
 - hybrid: losses/uld.py ``hybrid_loss``, half of the teacher's ids shared with the student.
 
-The groups are made like those of the stdlib tokenizer pair (data/align.py on held-out stdlib text,
-unigram 4,096 student vs byte-level BPE 2,048 teacher: about 0.5 groups per student token, 58 %
-of them 1:1): each group takes 1, 2 or 3 tokens on each side (probabilities 0.6 / 0.3 / 0.1, seeded)
-until the student's N tokens are used. The teacher has as many tokens as its groups need.
+The groups are made like those of data/align.py on held-out stdlib text with the stdlib pair
+(data/unigram_tokenizer.py 4,096 student, byte-level BPE 2,048 teacher): (student, teacher) tokens
+per group (1, 1) 66 %, (1, 2) 9 %, (2, 1) 8 %, (2, 2) 8 %, then (1, 3), (3, 2), (2, 3), (3, 1);
+drawn (seeded) until the student's N tokens are used, about 0.8 groups per student token.
 
 Each case runs in its own child process: the peak resident set (ru_maxrss) minus the resident set
 once the logits exist is the memory the loss needs (the student's logit gradient, N x V_s x 4 bytes,
@@ -37,16 +37,19 @@ TEMPERATURE = 2.0
 GRID = ((1024, 4096, 2048), (1024, 32000, 151936), (1024, 151936, 128256))
 QUICK = GRID[:2]
 IMPLS = ("kd", "uld", "hybrid")
+GROUP_KINDS = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 2), (2, 3), (3, 1))
+GROUP_WEIGHTS = (0.66, 0.09, 0.08, 0.08, 0.025, 0.02, 0.015, 0.012)
 
 
 def synthetic_alignment(tokens: int, student_vocab: int, teacher_vocab: int, generator):
-    """An Alignment of one row: groups of 1-3 tokens a side until ``tokens`` student tokens are used."""
+    """An Alignment of one row: groups drawn from ``GROUP_KINDS`` until ``tokens`` student tokens are used."""
     import torch
 
     from distilflow.data.align import AlignedSide, Alignment
 
-    lengths = torch.multinomial(torch.tensor([0.6, 0.3, 0.1]), 2 * tokens, replacement=True, generator=generator) + 1
-    student_lengths, teacher_lengths = lengths[:tokens], lengths[tokens:]
+    kinds = torch.tensor(GROUP_KINDS)  # (k, 2) student and teacher tokens of a kind of group
+    drawn = kinds[torch.multinomial(torch.tensor(GROUP_WEIGHTS), tokens, replacement=True, generator=generator)]
+    student_lengths, teacher_lengths = drawn[:, 0], drawn[:, 1]
     ends = torch.cumsum(student_lengths, 0)
     count = int((ends < tokens).sum())  # groups that fit after position 0 (nothing predicts it)
     s_first = 1 + torch.cumsum(student_lengths[:count], 0) - student_lengths[:count]

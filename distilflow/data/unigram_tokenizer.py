@@ -4,6 +4,10 @@ data/stdlib_corpus.py ``train_tokenizer`` makes a byte-level BPE tokenizer (as G
 Qwen). Cross-tokenizer distillation needs a student whose tokenizer differs in algorithm, size and
 spelling: this one is a unigram model over ``▁``-marked pieces (Metaspace), with byte fallback
 (``<0xNN>`` tokens) so that every text can be encoded without an unknown token, like Llama 2's.
+As SentencePiece with ``split_by_whitespace`` and ``allow_whitespace_only_pieces`` (Llama 2's
+settings), a piece is a word with one leading ``▁`` or a run of white space: indentation costs a
+token, not one per space (on held-out stdlib code, 0.29 tokens per character at 4,096 against 0.50
+when every space is its own pre-token; the demo's byte-level BPE 2,048 takes 0.31).
 """
 
 from __future__ import annotations
@@ -27,13 +31,20 @@ def train_unigram_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Pa
     encoding (as :func:`distilflow.data.stdlib_corpus.train_tokenizer`). Returns the
     ``PreTrainedTokenizerFast``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     pieces = vocab_size - len(UNIGRAM_SPECIALS) - BYTE_TOKENS
     if pieces < 16:
         raise UserError(f"unigram vocab_size {vocab_size} is too small; use at least {len(UNIGRAM_SPECIALS) + 272}")
-    marker = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    # Spaces become "▁"; then a pre-token is a run of "▁" but its last (which starts the next word),
+    # a word with at most one leading "▁", or a lone "▁".
+    marker = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+            pre_tokenizers.Split(Regex("▁+(?=▁)|▁?[^▁]+|▁"), "isolated"),
+        ]
+    )
     draft = Tokenizer(models.Unigram())
     draft.pre_tokenizer = marker
     trainer = trainers.UnigramTrainer(

@@ -298,3 +298,15 @@ def test_vocab_map_pairs_tokens_of_equal_text_across_spellings(stdlib_pair):
     assert 0.2 * len(teacher) < len(pairs) < len(teacher)
     assert token_bytes(student)[student.convert_tokens_to_ids("<0x0A>")] == b"\n"
     assert student.convert_tokens_to_ids("<0x0A>") not in pairs.values()  # the "\n" piece has it
+
+
+def test_unigram_tokenizer_round_trips_any_text_without_unknown_tokens(stdlib_pair):
+    student, _, texts = stdlib_pair
+    assert len(student) == 4096
+    assert [student.unk_token_id, student.bos_token_id, student.eos_token_id, student.pad_token_id] == [0, 1, 2, 3]
+    for text in [texts[0][:2000], "naïve café — 日本語 😀\tend\r\n", "x = {'a': 1}\n\n\n    return  x  "]:
+        ids = student(text, add_special_tokens=False)["input_ids"]
+        assert student.unk_token_id not in ids and student.decode(ids) == text
+    # Indentation is one token (a run of white space), not one per space.
+    tokens = student.convert_ids_to_tokens(student("x\n        return x", add_special_tokens=False)["input_ids"])
+    assert tokens[tokens.index("\n") + 1 :][:2] == ["▁▁▁▁▁▁▁", "▁return"]
