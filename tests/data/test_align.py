@@ -18,15 +18,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
-from distilflow.data.align import (
-    NO_TEXT,
-    Aligner,
-    Segment,
-    char_to_byte,
-    check_teacher_ids,
-    match_groups,
-    span_agreement,
-)
+from distilflow.data.align import NO_TEXT, Aligner, Segment, char_to_byte, match_groups
+from distilflow.data.align_guard import check_teacher_ids, span_agreement
 from distilflow.data.stdlib_corpus import load_stdlib_corpus, train_tokenizer
 from distilflow.data.unigram_tokenizer import train_unigram_tokenizer
 from distilflow.data.vocab_map import build_vocab_map, token_bytes
@@ -184,6 +177,19 @@ def test_given_student_ids_are_used_as_sampled():
     ]
     with pytest.raises(UserError, match="do not spell"):
         Aligner(student, teacher, student_seq_len=16, teacher_seq_len=16)([[Segment("define", student_ids=(5, 6))]])
+
+
+def test_selecting_rows_of_an_alignment_is_aligning_them_alone():
+    student, teacher = regex_tokenizer(["def", "ine", " x"]), regex_tokenizer(["define", " x", "ab"])
+    rows = ["define x", "ab c", ("Q:", " define"), "x"]
+    whole, groups = groups_of(student, teacher, rows)
+    part = whole.select([2, 0])
+    alone, alone_groups = groups_of(student, teacher, [rows[2], rows[0]])
+    assert [spelled(part, student, teacher, row) for row in range(2)] == alone_groups == [groups[2], groups[0]]
+    width = alone.teacher.input_ids.shape[1]
+    assert torch.equal(part.teacher.input_ids[:, :width], alone.teacher.input_ids)
+    assert torch.equal(part.student.scored[:, : alone.student.scored.shape[1]], alone.student.scored)
+    assert part.texts == ["Q: define", "define x"] and part.num_groups == alone.num_groups
 
 
 def test_match_groups_on_offsets_alone():
