@@ -85,7 +85,26 @@ def ref_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p[keep] * (p[keep].log() - q[keep].log())).sum()
 
 
-def ref_hybrid(student, teacher, alignment, vocab_map, temperature=1.0, matched_weight=1.0, unmatched_weight=1.0):
+def ref_divergence(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """D(p || q) of two bucket distributions: forward KL, reverse KL, or JSD with beta 0.5 (GKD eq. 3)."""
+    if name == "forward_kl":
+        return ref_kl(p, q)
+    if name == "reverse_kl":
+        return ref_kl(q, p)
+    m = 0.5 * p + 0.5 * q
+    return 0.5 * ref_kl(p, m) + 0.5 * ref_kl(q, m)
+
+
+def ref_hybrid(
+    student,
+    teacher,
+    alignment,
+    vocab_map,
+    temperature=1.0,
+    matched_weight=1.0,
+    unmatched_weight=1.0,
+    divergence="forward_kl",
+):
     t_ids, s_ids = vocab_map.teacher_ids, vocab_map.student_ids
     t_other = [i for i in range(teacher.shape[-1]) if i not in set(t_ids.tolist())]
     s_other = [i for i in range(student.shape[-1]) if i not in set(s_ids.tolist())]
@@ -93,7 +112,7 @@ def ref_hybrid(student, teacher, alignment, vocab_map, temperature=1.0, matched_
     for s, t in merged_pairs(student, teacher, alignment, temperature):
         t_buckets = torch.cat([t[t_ids], (1 - t[t_ids].sum()).reshape(1)])
         s_buckets = torch.cat([s[s_ids], (1 - s[s_ids].sum()).reshape(1)])
-        total = total + matched_weight * ref_kl(t_buckets, s_buckets)
+        total = total + matched_weight * ref_divergence(divergence, t_buckets, s_buckets)
         total = total + unmatched_weight * ref_sorted_l1(t[t_other], s[s_other])
     return temperature**2 * total
 
@@ -155,6 +174,27 @@ def test_hybrid_equals_reference_value_and_gradient(temperature, weights):
     _, ref_matched, _ = value_and_grad(ref_hybrid, student, teacher, alignment, vocab_map, temperature, 1.0, 0.0)
     close(out.matched, ref_matched, what="matched part")
     close(matched_weight * out.matched + unmatched_weight * out.unmatched, ref_loss, what="parts")
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_hybrid_with_other_divergences_equals_reference(divergence):
+    alignment, vocab_map = hand_alignment(17), partial_map(18)
+    student, teacher = logits(19)
+    _, loss, grad = value_and_grad(hybrid_loss, student, teacher, alignment, vocab_map, divergence=divergence)
+    _, ref_loss, ref_grad = value_and_grad(
+        ref_hybrid, student, teacher, alignment, vocab_map, 1.0, 1.0, 1.0, divergence
+    )
+    close(loss, ref_loss, what="value")
+    close(grad, ref_grad, what="gradient")
+
+
+def test_bfloat16_logits_are_computed_in_float32():
+    alignment, vocab_map = hand_alignment(20), partial_map(21)
+    student, teacher = logits(22, torch.bfloat16)
+    out, loss, grad = value_and_grad(hybrid_loss, student, teacher, alignment, vocab_map, temperature=2.0)
+    _, ref_loss, _ = value_and_grad(ref_hybrid, student.double(), teacher.double(), alignment, vocab_map, 2.0)
+    assert grad.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    close(loss.double(), ref_loss, rtol=1e-5, what="value from the same bf16 logits")
 
 
 def test_float32_logits_match_the_float64_reference():
