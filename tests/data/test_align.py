@@ -9,6 +9,7 @@ fallback) check the same properties on real code: every group's two sides decode
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 
@@ -316,3 +317,28 @@ def test_unigram_tokenizer_round_trips_any_text_without_unknown_tokens(stdlib_pa
     # Indentation is one token (a run of white space), not one per space.
     tokens = student.convert_ids_to_tokens(student("x\n        return x", add_special_tokens=False)["input_ids"])
     assert tokens[tokens.index("\n") + 1 :][:2] == ["▁▁▁▁▁▁▁", "▁return"]
+
+
+def test_a_llama2_style_tokenizer_spelled_by_its_normaliser_aligns_too(stdlib_pair):
+    """Llama 2's tokenizer.json has no pre-tokenizer: a normaliser writes spaces as "▁" and the decoder
+    is Replace("▁", " ") + ByteFallback + Fuse + Strip. Its pieces here: the unigram student's."""
+    from tokenizers import normalizers
+
+    student, teacher, texts = stdlib_pair
+    vocab = [tuple(entry) for entry in json.loads(student.backend_tokenizer.to_str())["model"]["vocab"]]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens(["<unk>", "<s>", "</s>", "<pad>"])
+    llama2 = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    spelled_as = token_bytes(llama2)
+    assert spelled_as[llama2.convert_tokens_to_ids("▁return")] == b" return"
+    assert spelled_as[llama2.convert_tokens_to_ids("<0x0A>")] == b"\n"
+    rows = held_out_rows(texts, count=8) + ["naïve café — 日本語 😀\tend"]
+    alignment = Aligner(llama2, teacher, student_seq_len=1024, teacher_seq_len=1024)(rows)
+    assert alignment.num_groups > 1000 and span_agreement(alignment, llama2, teacher, max_groups=10_000) == 1.0
+    assert len(build_vocab_map(llama2, teacher)) > 0.3 * len(teacher)
