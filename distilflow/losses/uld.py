@@ -23,6 +23,12 @@ groups of the optimizer step (``reduction="mean"`` divides by this batch's). Gro
 ``chunk_groups`` at a time and each chunk's gradient is computed at once (as losses/chunked.py):
 no ``(groups, V_teacher, V_student)`` tensor exists, and only the gradient ``(B, T, V_student)``
 is kept for the backward pass.
+
+The teacher may be dense logits or a :class:`TopkTeacher` (a cross-tokenizer teacher-signal cache:
+its top-k log-probabilities per position and the log-probability of each actual next token). Then
+ULD compares the k cached values with a zero tail (the cached mass is what is known), and the
+hybrid's buckets are the shared ids the teacher cached plus one for the rest on each side, as the
+top-k KD of losses/sparse.py; with k = V_teacher both equal the dense losses.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 
 from distilflow.data.align import AlignedSide, Alignment
 from distilflow.data.vocab_map import VocabMap
+from distilflow.errors import UserError
 from distilflow.losses.logits import DIVERGENCES, at_least_float32
 
 REDUCTIONS = ("sum", "mean")
@@ -43,6 +50,28 @@ CHUNK_ELEMENTS = 1 << 21
 """Student + teacher logit entries per chunk when ``chunk_groups`` is 0 (auto): 2M, a quarter of
 losses/chunked.py's, because a ULD chunk keeps about 11 float32-sized buffers per entry (softmaxes,
 merged and sorted copies, sort indices, their gradients): about 90 MB (benchmarks/cross_tokenizer_loss.py)."""
+
+
+@dataclass
+class TopkTeacher:
+    """A teacher of another tokenizer known at its top-k ids per position (a teacher-signal cache).
+
+    ``ids`` ``(B, T, k)`` int64 and ``logprobs`` ``(B, T, k)`` float32, the teacher's largest
+    log-probabilities at ``temperature`` (padding ``-inf``); ``next_logprobs`` ``(B, T)`` the
+    log-probability at ``temperature`` of the token that actually follows (what a group's merge
+    needs); position t predicts teacher token t + 1, as shifted logits; ``vocab_size`` V_teacher.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    next_logprobs: torch.Tensor
+    temperature: float
+    vocab_size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(B, T, V_teacher)``: the shape of the dense logits this stands for."""
+        return (*self.ids.shape[:2], self.vocab_size)
 
 
 @dataclass
@@ -112,6 +141,7 @@ class _Spec:
     chunk_groups: int
     shared: tuple[torch.Tensor, torch.Tensor] | None = None  # teacher ids (K,), student ids (K,)
     unshared: tuple[torch.Tensor, torch.Tensor] | None = None  # the other teacher ids, student ids
+    topk: bool = False  # the teacher is a TopkTeacher: -inf where it was not cached
 
 
 def _group_terms(
@@ -131,11 +161,13 @@ def _group_terms(
     if not spec.hybrid:
         return torch.zeros((), device=student_log_p.device), sorted_l1(teacher_log_q.exp(), student_log_q.exp()).sum()
     (teacher_shared, student_shared), (teacher_other, student_other) = spec.shared, spec.unshared
-    buckets = []
+    buckets = _topk_buckets(student_log_q, teacher_log_q, spec) if spec.topk else []
     for log_p, log_q, cont, shared, other in (
         (student_log_p, student_log_q, student_cont, student_shared, student_other),
         (teacher_log_p, teacher_log_q, teacher_cont, teacher_shared, teacher_other),
     ):
+        if spec.topk:
+            break
         unshared = (
             torch.logsumexp(log_p[:, other], dim=-1) if other.numel() else torch.full_like(cont, -math.inf)  # (n,)
         )
@@ -147,6 +179,32 @@ def _group_terms(
         return matched, torch.zeros((), device=student_log_p.device)
     unmatched = sorted_l1(teacher_log_q[:, teacher_other].exp(), student_log_q[:, student_other].exp()).sum()
     return matched, unmatched
+
+
+def _topk_buckets(student_log_q: torch.Tensor, teacher_log_q: torch.Tensor, spec: _Spec) -> list[torch.Tensor]:
+    """Student and teacher buckets ``(n, K + 1)`` against a top-k teacher: a shared id is a bucket
+    where the teacher cached it (else its mass joins the rest on both sides), plus the rest,
+    ``log(1 - sum of the buckets)``. With every id cached this is the dense buckets' rest
+    (``c * u + 1 - c = 1 - c * (1 - u)``)."""
+    teacher_shared, student_shared = spec.shared
+    teacher_buckets = teacher_log_q[:, teacher_shared]  # (n, K), -inf where not cached
+    cached = ~torch.isneginf(teacher_buckets)
+    student_buckets = torch.where(cached, student_log_q[:, student_shared], torch.full_like(teacher_buckets, -math.inf))
+    rests = [_log_missing(torch.logsumexp(b, dim=-1).clamp(max=0.0)) for b in (student_buckets, teacher_buckets)]
+    # fp16 cached values may add up to 1: a teacher rest of 1e-30 where the student's is not empty.
+    floor = torch.full_like(rests[1], math.log(1e-30))
+    rests[1] = torch.where(torch.isneginf(rests[1]) & ~torch.isneginf(rests[0]), floor, rests[1])
+    return [torch.cat([student_buckets, rests[0][:, None]], -1), torch.cat([teacher_buckets, rests[1][:, None]], -1)]
+
+
+def _teacher_rows(teacher: torch.Tensor | TopkTeacher, rows: torch.Tensor, positions: torch.Tensor, temperature):
+    """The teacher's log-probabilities ``(n, V_t)`` at logit rows ``(rows, positions)`` at ``temperature``:
+    a log-softmax of dense logits, or the cached top-k values with ``-inf`` elsewhere."""
+    if isinstance(teacher, TopkTeacher):
+        values = at_least_float32(teacher.logprobs[rows, positions])  # (n, k)
+        out = torch.full((len(rows), teacher.vocab_size), -math.inf, dtype=values.dtype, device=values.device)
+        return out.scatter_(-1, teacher.ids[rows, positions].long(), values)
+    return F.log_softmax(at_least_float32(teacher[rows, positions]).detach() / temperature, dim=-1)
 
 
 def _continuations(side: AlignedSide, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,8 +245,11 @@ class _AlignedLoss(torch.autograd.Function):
         conts = []
         for logits, side in ((student_logits, student), (teacher_logits, teacher)):
             rows, positions, groups = _continuations(side, batch)
-            ids = side.input_ids[rows, positions]
-            tokens = _token_log_probs(logits.detach(), rows, positions, ids, temperature, chunk)
+            if isinstance(logits, TopkTeacher):  # the cache holds each next token's log-probability
+                tokens = logits.next_logprobs[rows, positions - 1]
+            else:
+                ids = side.input_ids[rows, positions]
+                tokens = _token_log_probs(logits.detach(), rows, positions, ids, temperature, chunk)
             conts.append(torch.zeros(count, dtype=dtype, device=device).index_add_(0, groups, tokens.to(dtype)))
         student_cont, teacher_cont = conts
         grad = torch.zeros_like(student_logits) if need_grad else None  # (B, T, V_s)
@@ -199,14 +260,10 @@ class _AlignedLoss(torch.autograd.Function):
             rows, positions = batch[part], student.first[part] - 1
             leaf = at_least_float32(student_logits[rows, positions]).detach().requires_grad_(need_grad)  # (c, V_s)
             cont_leaf = student_cont[part].clone().requires_grad_(need_grad)  # (c,)
-            teacher_rows = at_least_float32(teacher_logits[batch[part], teacher.first[part] - 1]).detach()
+            teacher_log_p = _teacher_rows(teacher_logits, batch[part], teacher.first[part] - 1, temperature)
             with torch.enable_grad() if need_grad else torch.no_grad():
                 matched, unmatched = _group_terms(
-                    F.log_softmax(leaf / temperature, dim=-1),
-                    cont_leaf,
-                    F.log_softmax(teacher_rows / temperature, dim=-1),
-                    teacher_cont[part],
-                    spec,
+                    F.log_softmax(leaf / temperature, dim=-1), cont_leaf, teacher_log_p, teacher_cont[part], spec
                 )
                 total = temperature**2 * (spec.matched_weight * matched + spec.unmatched_weight * unmatched)
                 if need_grad:
@@ -257,23 +314,28 @@ def _check(
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if spec.chunk_groups < 0:
         raise ValueError(f"chunk_groups must be 0 (auto) or positive, got {spec.chunk_groups}")
-    for name, logits, side in (
-        ("student", student_logits, alignment.student),
-        ("teacher", teacher_logits, alignment.teacher),
+    if isinstance(teacher_logits, TopkTeacher) and abs(teacher_logits.temperature - spec.temperature) > 1e-6 * max(
+        1.0, spec.temperature
     ):
-        if logits.dim() != 3 or logits.shape[0] != side.input_ids.shape[0]:
+        raise UserError(
+            f"the teacher cache was written at temperature {teacher_logits.temperature:g} but distill.temperature is "
+            f"{spec.temperature:g}; they must be equal"
+        )
+    for name, shape, side in (
+        ("student", tuple(student_logits.shape), alignment.student),
+        ("teacher", tuple(teacher_logits.shape), alignment.teacher),
+    ):
+        if len(shape) != 3 or shape[0] != side.input_ids.shape[0]:
             raise ValueError(f"{name}_logits must be (B, T, V) over the alignment's {side.input_ids.shape[0]} rows")
-        if alignment.num_groups and int(side.last.max()) - 1 >= logits.shape[1]:
-            raise ValueError(
-                f"{name}_logits has {logits.shape[1]} positions; the alignment needs {int(side.last.max())}"
-            )
+        if alignment.num_groups and int(side.last.max()) - 1 >= shape[1]:
+            raise ValueError(f"{name}_logits has {shape[1]} positions; the alignment needs {int(side.last.max())}")
 
 
 def _run(student_logits, teacher_logits, alignment, spec, reduction) -> AlignedParts:
     _check(student_logits, teacher_logits, alignment, spec, reduction)
-    loss, matched, unmatched = _AlignedLoss.apply(
-        student_logits, teacher_logits.detach(), alignment, spec, torch.is_grad_enabled()
-    )
+    spec.topk = isinstance(teacher_logits, TopkTeacher)
+    teacher = teacher_logits if spec.topk else teacher_logits.detach()
+    loss, matched, unmatched = _AlignedLoss.apply(student_logits, teacher, alignment, spec, torch.is_grad_enabled())
     if reduction == "mean":
         scale = 1.0 / max(alignment.num_groups, 1)
         loss, matched, unmatched = loss * scale, matched * scale, unmatched * scale
@@ -282,7 +344,7 @@ def _run(student_logits, teacher_logits, alignment, spec, reduction) -> AlignedP
 
 def uld_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopkTeacher,
     alignment: Alignment,
     *,
     temperature: float = 1.0,
@@ -294,7 +356,8 @@ def uld_loss(
 
     Shapes: ``student_logits`` ``(B, T_s, V_s)`` and ``teacher_logits`` ``(B, T_t, V_t)`` on the
     alignment's rows (shifted or not: the logit at ``first - 1`` predicts a group's first token);
-    V_s and V_t may differ. ``chunk_groups`` groups at a time (0: ``CHUNK_ELEMENTS`` logits per chunk).
+    V_s and V_t may differ; the teacher may be a :class:`TopkTeacher` instead (module docstring).
+    ``chunk_groups`` groups at a time (0: ``CHUNK_ELEMENTS`` logits per chunk).
     ``reduction`` ``sum`` or ``mean`` (over this batch's groups). The teacher gets no gradient.
     """
     spec = _Spec(temperature, False, "forward_kl", 0.5, 0.0, 1.0, chunk_groups)
@@ -303,7 +366,7 @@ def uld_loss(
 
 def hybrid_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopkTeacher,
     alignment: Alignment,
     vocab_map: VocabMap,
     *,

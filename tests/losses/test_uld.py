@@ -17,8 +17,9 @@ import torch
 from distilflow.data.align import AlignedSide, Aligner, Alignment
 from distilflow.data.stdlib_corpus import stdlib_root, train_tokenizer
 from distilflow.data.vocab_map import VocabMap, build_vocab_map
+from distilflow.errors import UserError
 from distilflow.losses.logits import forward_kl, generalized_jsd
-from distilflow.losses.uld import hybrid_loss, sorted_l1, uld_loss
+from distilflow.losses.uld import TopkTeacher, hybrid_loss, sorted_l1, uld_loss
 
 # (batch row, student first, student last, teacher first, teacher last): 1:1, 1:2, 2:1, 2:3, 3:1
 GROUPS = [(0, 1, 1, 1, 1), (0, 2, 2, 2, 3), (0, 3, 4, 4, 4), (0, 5, 6, 5, 7), (1, 1, 3, 2, 2), (1, 4, 4, 3, 3)]
@@ -302,3 +303,74 @@ def test_hybrid_is_plain_kd_when_the_tokenizers_are_the_same(tokenizer, divergen
     close(loss, ref_loss, rtol=1e-9, what="value")
     close(grad, ref_grad, rtol=1e-9, what="gradient")
     assert not math.isnan(float(loss))
+
+
+# ---------------------------------------------------------------- a top-k teacher (the cross-tokenizer cache)
+
+
+def topk_teacher(teacher: torch.Tensor, ids: torch.Tensor, k: int, temperature: float = 1.0) -> TopkTeacher:
+    """A :class:`TopkTeacher` of dense teacher logits ``(B, T, V)`` whose row t predicts ``ids[:, t + 1]``."""
+    log_p = torch.log_softmax(teacher / temperature, dim=-1)
+    values, top = log_p.topk(k, dim=-1)
+    following = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)  # the last row predicts nothing the groups read
+    next_logprobs = log_p.gather(-1, following[..., None])[..., 0]
+    return TopkTeacher(top, values, next_logprobs, temperature, teacher.shape[-1])
+
+
+def ref_topk(student, teacher, alignment, vocab_map, k, temperature=1.0, hybrid=True):
+    """The top-k losses by hand: the teacher's merged entries outside its k cached ids (at each group's
+    first row) are unknown: zeros for ULD; for the hybrid, a shared id is a bucket only where cached."""
+    t_ids, s_ids = vocab_map.teacher_ids.tolist(), vocab_map.student_ids.tolist()
+    t_other = [i for i in range(teacher.shape[-1]) if i not in set(t_ids)]
+    s_other = [i for i in range(student.shape[-1]) if i not in set(s_ids)]
+    total = torch.zeros((), dtype=torch.float64)
+    for g, (s, t) in enumerate(merged_pairs(student, teacher, alignment, temperature)):
+        b, first = int(alignment.batch[g]), int(alignment.teacher.first[g])
+        cached = set(torch.log_softmax(teacher[b, first - 1] / temperature, -1).topk(k).indices.tolist())
+        t = torch.stack([t[i] if i in cached else torch.zeros((), dtype=t.dtype) for i in range(len(t))])
+        if not hybrid:
+            total = total + ref_sorted_l1(t, s)
+            continue
+        pairs = [(ti, si) for ti, si in zip(t_ids, s_ids) if ti in cached]
+        t_buckets = torch.stack([t[ti] for ti, _ in pairs]) if pairs else torch.zeros(0, dtype=t.dtype)
+        s_buckets = torch.stack([s[si] for _, si in pairs]) if pairs else torch.zeros(0, dtype=s.dtype)
+        t_buckets = torch.cat([t_buckets, (1 - t_buckets.sum()).reshape(1)])
+        s_buckets = torch.cat([s_buckets, (1 - s_buckets.sum()).reshape(1)])
+        total = total + ref_kl(t_buckets, s_buckets) + ref_sorted_l1(t[t_other], s[s_other])
+    return temperature**2 * total
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_topk_teacher_with_every_id_cached_is_the_dense_teacher(temperature):
+    alignment, vocab_map = hand_alignment(23), partial_map(24)
+    student, teacher = logits(25)
+    cached = topk_teacher(teacher, alignment.teacher.input_ids, V_T, temperature)
+    for fn, extra in ((uld_loss, ()), (hybrid_loss, (vocab_map,))):
+        _, loss, grad = value_and_grad(fn, student, cached, alignment, *extra, temperature=temperature)
+        _, dense, dense_grad = value_and_grad(fn, student, teacher, alignment, *extra, temperature=temperature)
+        close(loss, dense, rtol=1e-9, what=fn.__name__)
+        close(grad, dense_grad, rtol=1e-9, what=fn.__name__)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_a_topk_teacher_equals_the_reference_with_the_tail_unknown(hybrid):
+    alignment, vocab_map = hand_alignment(26), partial_map(27, shared=20)
+    student, teacher = logits(28)
+    k = 6
+    cached = topk_teacher(teacher, alignment.teacher.input_ids, k)
+    fn, extra = (hybrid_loss, (vocab_map,)) if hybrid else (uld_loss, ())
+    _, loss, grad = value_and_grad(fn, student, cached, alignment, *extra)
+    _, ref_loss, ref_grad = value_and_grad(ref_topk, student, teacher, alignment, vocab_map, k, hybrid=hybrid)
+    close(loss, ref_loss, what="value")
+    close(grad, ref_grad, what="gradient")
+    # Fewer cached ids is a different loss: the test can tell the tail apart.
+    _, dense, _ = value_and_grad(fn, student, teacher, alignment, *extra)
+    assert abs(float(loss - dense)) > 1e-3 * float(dense)
+
+
+def test_a_topk_teacher_of_another_temperature_is_refused():
+    alignment = hand_alignment(29)
+    student, teacher = logits(30)
+    cached = topk_teacher(teacher, alignment.teacher.input_ids, 4, temperature=2.0)
+    with pytest.raises(UserError, match="written at temperature 2 but distill.temperature is 1"):
+        uld_loss(student, cached, alignment, temperature=1.0)
