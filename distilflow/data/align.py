@@ -44,13 +44,18 @@ class Segment:
 
     ``student_ids`` (on-policy samples): the student's tokens of ``text`` as they were sampled,
     used instead of tokenizing ``text`` again (a sample need not be the tokenizer's own split);
-    their bytes must spell ``text`` exactly.
+    their bytes must spell ``text`` exactly. ``teacher_text``: what the teacher reads instead of
+    ``text`` (its own chat template's markers); a segment whose two texts differ is in no group.
+    ``special_tokens``: a row that starts with this segment gets the tokenizers' own special tokens
+    (a BOS) when the aligner adds them (a chat rendering writes its own: False).
     """
 
     text: str
     scored: bool = True
     eos: bool = False
     student_ids: tuple[int, ...] | None = None
+    teacher_text: str | None = None
+    special_tokens: bool = True
 
 
 Row = str | tuple[str, str] | Sequence[Segment]
@@ -170,14 +175,15 @@ class AlignedSide:
 
     ``input_ids`` / ``attention_mask`` ``(B, T)`` int64, right-padded; ``scored`` ``(B, T)`` bool,
     the tokens of scored segments (their EOS included: the student's CE labels); ``byte_offsets``
-    ``(B, T, 2)`` int64 ``[start, end)`` in the row's UTF-8 text, ``NO_TEXT`` where a token has none;
-    ``first`` / ``last`` ``(G,)`` int64, the positions of each group's first and last token.
+    ``(B, T, 2)`` int64 ``[start, end)`` in the row's UTF-8 text, ``NO_TEXT`` where a token has none
+    (None in an alignment read back from a batch, data/aligned_rows.py); ``first`` / ``last`` ``(G,)``
+    int64, the positions of each group's first and last token.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     scored: torch.Tensor
-    byte_offsets: torch.Tensor
+    byte_offsets: torch.Tensor | None
     first: torch.Tensor
     last: torch.Tensor
 
@@ -188,7 +194,8 @@ class Alignment:
     student.last[g]`` and teacher tokens ``teacher.first[g] .. teacher.last[g]`` (inclusive).
 
     The logit predicting a group's first token is at position ``first - 1`` of that side's logits,
-    shifted ``(B, T - 1, V)`` or not ``(B, T, V)``. ``texts`` the rows' texts.
+    shifted ``(B, T - 1, V)`` or not ``(B, T, V)``. ``texts`` the rows' texts (the student's; empty
+    in an alignment read back from a batch).
     """
 
     student: AlignedSide
@@ -210,14 +217,15 @@ class Alignment:
 
         def pick(side: AlignedSide) -> AlignedSide:
             per_row = [side.input_ids, side.attention_mask, side.scored, side.byte_offsets]
-            return AlignedSide(*(t[rows] for t in per_row), side.first[keep], side.last[keep])
+            return AlignedSide(*(None if t is None else t[rows] for t in per_row), side.first[keep], side.last[keep])
 
-        texts = [self.texts[int(r)] for r in rows]
+        texts = [self.texts[int(r)] for r in rows] if self.texts else []
         return Alignment(pick(self.student), pick(self.teacher), new_row[self.batch[keep]], texts)
 
     def to(self, device: torch.device | str) -> Alignment:
         def move(side: AlignedSide) -> AlignedSide:
-            return AlignedSide(**{f.name: getattr(side, f.name).to(device) for f in fields(side)})
+            values = {f.name: getattr(side, f.name) for f in fields(side)}
+            return AlignedSide(**{name: None if v is None else v.to(device) for name, v in values.items()})
 
         return Alignment(move(self.student), move(self.teacher), self.batch.to(device), self.texts)
 
@@ -255,10 +263,11 @@ class Aligner:
     def _segment(self, side: _Side, segment: Segment, first: bool, row: _RowSide, byte_start: int) -> list[int]:
         """Appends one segment's tokens (and EOS) to ``row``; returns the row positions of its text
         tokens, then of its EOS when it has one."""
+        text = segment.text if side is self.student else _teacher_text(segment)
         if side is self.student and segment.student_ids is not None:
-            ids, offsets = side.from_ids(segment.text, segment.student_ids)
+            ids, offsets = side.from_ids(text, segment.student_ids)
         else:
-            ids, offsets = side.encode(segment.text, self.add_special_tokens and first)
+            ids, offsets = side.encode(text, self.add_special_tokens and first and segment.special_tokens)
         start = len(row.ids)
         has_text = offsets[:, 0] != NO_TEXT
         offsets = np.where(has_text[:, None], offsets + byte_start, NO_TEXT)
@@ -279,19 +288,23 @@ class Aligner:
 
     def _row(self, segments: list[Segment]) -> tuple[_RowSide, _RowSide, list[tuple[int, int, int, int]], str]:
         student, teacher = _RowSide([], [], []), _RowSide([], [], [])
-        groups, byte_start = [], 0
+        groups, byte_start, teacher_start = [], 0, 0
         for index, segment in enumerate(segments):
             s_pos = self._segment(self.student, segment, index == 0, student, byte_start)
-            t_pos = self._segment(self.teacher, segment, index == 0, teacher, byte_start)
+            t_pos = self._segment(self.teacher, segment, index == 0, teacher, teacher_start)
             s_eos, t_eos = (s_pos.pop(), t_pos.pop()) if segment.eos else (None, None)
-            s_offsets = np.asarray([student.offsets[p] for p in s_pos], dtype=np.int64).reshape(-1, 2)
-            t_offsets = np.asarray([teacher.offsets[p] for p in t_pos], dtype=np.int64).reshape(-1, 2)
-            found = [(s_pos[a], s_pos[b], t_pos[c], t_pos[d]) for a, b, c, d in match_groups(s_offsets, t_offsets)]
+            found = []
+            if _teacher_text(segment) == segment.text:  # else the two sides read different text here
+                s_offsets = np.asarray([student.offsets[p] for p in s_pos], dtype=np.int64).reshape(-1, 2)
+                t_offsets = np.asarray([teacher.offsets[p] for p in t_pos], dtype=np.int64).reshape(-1, 2)
+                t_offsets = t_offsets + (byte_start - teacher_start)  # the same text at the same place
+                found = [(s_pos[a], s_pos[b], t_pos[c], t_pos[d]) for a, b, c, d in match_groups(s_offsets, t_offsets)]
             if segment.eos:
                 found.append((s_eos, s_eos, t_eos, t_eos))  # both mean "the text ends here"
             if segment.scored:
                 groups.extend(found)
             byte_start += len(segment.text.encode("utf-8"))
+            teacher_start += len(_teacher_text(segment).encode("utf-8"))
         kept = [
             (s_first, s_last, t_first, t_last)
             for s_first, s_last, t_first, t_last in groups
@@ -309,6 +322,10 @@ class Aligner:
         student = _pad([s for s, _, _, _ in built], self.student, self.student_seq_len, groups[:, 0], groups[:, 1])
         teacher = _pad([t for _, t, _, _ in built], self.teacher, self.teacher_seq_len, groups[:, 2], groups[:, 3])
         return Alignment(student, teacher, torch.tensor(batch, dtype=torch.long), [text for *_, text in built])
+
+
+def _teacher_text(segment: Segment) -> str:
+    return segment.text if segment.teacher_text is None else segment.teacher_text
 
 
 def _pad(rows: list[_RowSide], side: _Side, seq_len: int, first: np.ndarray, last: np.ndarray) -> AlignedSide:

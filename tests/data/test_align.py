@@ -21,8 +21,6 @@ from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
 from distilflow.data.align import NO_TEXT, Aligner, Segment, char_to_byte, match_groups
 from distilflow.data.align_guard import check_teacher_ids, span_agreement
-from distilflow.data.stdlib_corpus import load_stdlib_corpus, train_tokenizer
-from distilflow.data.unigram_tokenizer import train_unigram_tokenizer
 from distilflow.data.vocab_map import build_vocab_map, token_bytes
 from distilflow.errors import UserError
 
@@ -217,15 +215,6 @@ def test_a_slow_tokenizer_is_refused_in_one_line():
 
 
 # ---------------------------------------------------------------- real tokenizers trained on stdlib text
-
-
-@pytest.fixture(scope="session")
-def stdlib_pair(tmp_path_factory):
-    """(student, teacher, held-out texts): unigram 4,096 (SentencePiece-like) and byte-level BPE 2,048."""
-    corpus = load_stdlib_corpus(train_chars=200_000, eval_chars=40_000)
-    teacher = train_tokenizer(corpus.train, 2048, tmp_path_factory.mktemp("bpe2048"))
-    student = train_unigram_tokenizer(corpus.train, 4096)
-    return student, teacher, corpus.eval
 
 
 def held_out_rows(texts: list[str], size: int = 600, count: int = 24) -> list[str]:
