@@ -189,3 +189,37 @@ def test_one_tokenizer_with_a_cross_tokenizer_loss_forced_is_a_note_then_plain_k
     assert "distill.cross_tokenizer uld: teacher and student share one tokenizer; distilling with plain KD" in (
         capsys.readouterr().err
     )
+
+
+def test_a_slow_teacher_tokenizer_is_refused_in_one_line(tmp_path, live_run, capsys):
+    from transformers import ByT5Tokenizer
+
+    root, _ = live_run
+    ByT5Tokenizer().save_pretrained(tmp_path / "byt5")  # no tokenizer.json: no character offsets
+    (tmp_path / "byt5" / "vocab.txt").write_text("")  # past load_tokenizer's folder check (ByT5 needs no file)
+    out = tmp_path / "refused"
+    args = stdlib_args(out, root / "cache", f"data.stdlib.teacher_tokenizer={tmp_path / 'byt5'}")
+    assert main(["run", *args]) == 2
+    assert "the teacher tokenizer (ByT5Tokenizer) is a slow tokenizer without character offsets" in one_error(capsys)
+    assert not out.exists()
+
+
+def test_chat_records_with_a_chat_template_on_one_side_only_are_refused(tmp_path, live_run, capsys):
+    from distilflow.models.hf import load_tokenizer
+
+    root, _ = live_run
+    (unigram,) = (root / "cache").glob("stdlib-unigram-*")
+    (bpe,) = (root / "cache").glob("stdlib-tokenizer-*")
+    student = load_tokenizer(unigram)
+    student.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    student.save_pretrained(tmp_path / "student_tok")
+    data = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "def f(): pass"}, {"role": "assistant", "content": "return None"}]
+    data.write_text("".join(json.dumps({"messages": turns}) + "\n" for _ in range(8)))
+    out = tmp_path / "refused"
+    args = stdlib_args(out, root / "cache", "data.source=text", f"data.text.path={data}", "data.text.pack=false")
+    args += [f"data.text.tokenizer={tmp_path / 'student_tok'}", f"data.text.teacher_tokenizer={bpe}"]
+    args = [a for a in args if not a.startswith("data.stdlib.")] + ["data.text.seq_len=32"]
+    assert main(["run", *args]) == 2
+    assert "the student tokenizer has a chat template and the teacher tokenizer has none" in one_error(capsys)
+    assert not out.exists()
