@@ -3,8 +3,8 @@
 Batches of a cross-tokenizer run (data/aligned_rows.py) carry both sides' columns: the student reads
 ``input_ids``, the teacher ``teacher_input_ids``. Feeding the teacher the student's ids is the most
 reported cross-tokenizer bug (nothing fails, the loss distils noise), so :class:`TeacherIdsGuard`
-decodes the aligned spans of the first batch with both tokenizers and refuses, in one line, ids
-that do not spell the student's text (data/align_guard.py). A live teacher runs
+decodes the aligned spans of the first batch (and of the first on-policy batch) with both
+tokenizers and refuses, in one line, ids that do not spell the student's text (data/align_guard.py). A live teacher runs
 :class:`TeacherOwnIds` (teachers/live.py's ``LiveTeacher`` over it); the teacher-signal cache writes
 with the same forward (:func:`teacher_logits`) and the same guard.
 """
@@ -23,20 +23,22 @@ from distilflow.teachers.base import Batch
 
 
 class TeacherIdsGuard:
-    """Checks, once, that the ids about to be fed to the teacher spell the student's text."""
+    """Checks that the ids about to be fed to the teacher spell the student's text: on the first batch
+    of the fixed data and on the first batch of on-policy samples (re-tokenized text), once each."""
 
     def __init__(self, student_tokenizer: Any, teacher_tokenizer: Any) -> None:
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
-        self.checked = False
+        self.checked: set[bool] = set()  # True: a batch of samples was checked; False: one of the data
 
     def __call__(self, batch: Batch, teacher_input_ids: torch.Tensor) -> None:
-        if self.checked:
+        kind = "sampled" in batch
+        if kind in self.checked:
             return
         cpu = {key: value.cpu() for key, value in batch.items() if key != "sampled"}
         check_teacher_ids(
             alignment_from_rows(cpu), self.student_tokenizer, self.teacher_tokenizer, teacher_input_ids.cpu()
         )
-        self.checked = True
+        self.checked.add(kind)
 
 
 def teacher_inputs(batch: Batch) -> Batch:

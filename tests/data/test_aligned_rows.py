@@ -125,3 +125,17 @@ def test_the_guard_refuses_the_student_ids_fed_to_the_teacher(stdlib_pair):
     wrong = columns["input_ids"][:, : columns["teacher_input_ids"].shape[1]] % len(teacher)
     with pytest.raises(UserError, match="the teacher's input ids do not spell the student's text"):
         TeacherIdsGuard(student, teacher)(columns, wrong)
+
+
+def test_the_guard_checks_the_first_batch_of_samples_too(stdlib_pair):
+    """On-policy samples are re-tokenized text: a batch of them is checked even after the data passed."""
+    student, teacher, texts = stdlib_pair
+    rows = [[Segment(text, eos=True)] for text in rows_of(texts, count=4)]
+    columns = alignment_to_rows(Aligner(student, teacher, student_seq_len=128, teacher_seq_len=128)(rows))
+    guard = TeacherIdsGuard(student, teacher)
+    guard(columns, columns["teacher_input_ids"])
+    wrong = columns["input_ids"][:, : columns["teacher_input_ids"].shape[1]] % len(teacher)
+    guard(columns, wrong)  # a second batch of the data is not decoded again
+    sampled = {**columns, "sampled": torch.ones(4, dtype=torch.bool)}
+    with pytest.raises(UserError, match="the teacher's input ids do not spell the student's text"):
+        guard(sampled, wrong)
