@@ -115,6 +115,15 @@ def test_held_out_bits_per_character_count_each_character_once(live_run):
         assert int(chars[~real].sum()) == 0
     student_total, teacher_total = int(held["chars"].sum()), int(held["teacher_chars"].sum())
     assert student_total == teacher_total  # both sides spell the same held-out characters
+    # Each stage's bits per character are its mean token NLL (results' loss) times its predicted tokens,
+    # over those tokens' characters: the same NLL, two denominators.
+    results = json.loads((root / "live" / "results.json").read_text())
+    for stage, prefix in (("teacher", "teacher_"), ("student", "")):
+        labels = held[prefix + "labels"][:, 1:]
+        scored = labels != -100
+        tokens, chars = int(scored.sum()), int(held[prefix + "chars"][:, 1:][scored].sum())
+        expected = results[stage]["loss"] * tokens / math.log(2) / chars
+        assert results[stage]["bits_per_char"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_full_cache_across_tokenizers_gives_the_live_teachers_losses(live_run, monkeypatch):
