@@ -25,17 +25,19 @@ from distilflow.config import load_config
 from distilflow.pipeline import baseline_stage, distill_stage, open_run, teacher_stage
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lm_stdlib_cross_tokenizer.yaml"
-SHORT = [  # ~35 min at threads=1 on a loaded 2-core machine (the full demo is ~15 min per run at 2 threads)
+SHORT = [  # 35 min at threads=1 on a 2-core machine at load 6-11 (the full demo is ~15 min per run at 2 threads)
     "threads=1",
     "data.stdlib.train_chars=1500000",
     "data.stdlib.eval_chars=60000",
-    "teacher.train.steps=300",
-    "teacher.train.eval_every=300",
-    "teacher.train.warmup_steps=30",
-    "student.train.steps=120",
-    "student.train.eval_every=120",
-    "student.train.warmup_steps=12",
-    "distill.kd_weight.warmup_steps=12",
+    "teacher.train.steps=200",
+    "teacher.train.batch_size=8",
+    "teacher.train.eval_every=200",
+    "teacher.train.warmup_steps=20",
+    "student.train.steps=100",
+    "student.train.batch_size=8",
+    "student.train.eval_every=100",
+    "student.train.warmup_steps=10",
+    "distill.kd_weight.warmup_steps=10",
     "distill.phases=[{name: joint, fraction: 1.0, terms: [kd, ce]}]",
     "deploy.enabled=false",
 ]
