@@ -138,11 +138,13 @@ def _print_results(results: dict) -> None:
     first = next(results[stage] for stage in ("teacher", "baseline", "student") if stage in results)
     metric = "perplexity" if "perplexity" in first else "accuracy"
     cost = "macs" if "macs" in first else "macs_per_token"
-    print(f"{'model':<10} {metric:>10} {'params':>12} {cost:>14}")
+    bpc = "bits_per_char" in first  # across tokenizers: perplexities are per own token, bits per character compare
+    print(f"{'model':<10} {metric:>10}{' bits/char' if bpc else ''} {'params':>12} {cost:>14}")
     for stage in ("teacher", "baseline", "student"):
         if stage in results:
             r = results[stage]
-            print(f"{stage:<10} {r[metric]:>10.4f} {r.get('params', 0):>12,} {r.get(cost, 0):>14,}")
+            per_char = f" {r['bits_per_char']:>9.4f}" if bpc else ""
+            print(f"{stage:<10} {r[metric]:>10.4f}{per_char} {r.get('params', 0):>12,} {r.get(cost, 0):>14,}")
 
 
 def _cmd_run(ns, cfg=None) -> int:

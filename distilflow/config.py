@@ -167,6 +167,14 @@ class DistillConfig:
         "2^20 logit entries per micro-batch, classifiers chunked from 2^25, plain below (docs/BENCHMARKS.md).",
     )
     loss_chunk_rows: int = _f(0, "chunked/fused: rows (tokens) per chunk; 0 = about 8M logits per chunk.")
+    cross_tokenizer: Literal["auto", "off", "uld", "hybrid"] = _f(
+        "auto",
+        "Causal LMs whose teacher and student tokenizers differ (docs/CROSS_TOKENIZER.md): hybrid (GOLD: the "
+        "divergence on ids of equal text, ULD on the rest), uld (sorted-probability distance) or off (refused when "
+        "they differ); auto = hybrid when they differ, plain KD when they are one tokenizer.",
+    )
+    hybrid_matched_weight: float = _f(1.0, "cross_tokenizer hybrid: weight of the divergence on the shared ids.")
+    hybrid_unmatched_weight: float = _f(1.0, "cross_tokenizer hybrid: weight of ULD on the ids not shared.")
 
 
 @dataclass
@@ -305,7 +313,8 @@ class OnPolicyConfig:
     lmbda: float = _f(
         0.0,
         "On-policy distillation (GKD, Agarwal et al. 2024): probability that a step's continuations are sampled "
-        "from the current student and scored by the teacher (0 = off; needs a kd phase, same tokenizer).",
+        "from the current student and scored by the teacher (0 = off; needs a kd phase; a teacher of another "
+        "tokenizer reads the samples re-tokenized).",
     )
     start_fraction: float = _f(
         0.0, "Share of the student's steps trained on the fixed data before on-policy sampling starts, in [0, 1)."

@@ -83,6 +83,12 @@ def _check_data(cfg: Config, need: Any) -> None:
     if rows is not None:
         key = f"data.{data.source}"
         need(rows.seq_len >= 2, f"{key}.seq_len", rows.seq_len, "must be >= 2")
+        need(
+            rows.teacher_seq_len == 0 or rows.teacher_seq_len >= 2,
+            f"{key}.teacher_seq_len",
+            rows.teacher_seq_len,
+            "must be 0 (= seq_len) or >= 2",
+        )
     if data.stdlib is not None:
         corpus = data.stdlib
         need(
@@ -90,6 +96,12 @@ def _check_data(cfg: Config, need: Any) -> None:
         )
         need(corpus.train_chars > 0, "data.stdlib.train_chars", corpus.train_chars, "must be > 0")
         need(corpus.eval_chars > 0, "data.stdlib.eval_chars", corpus.eval_chars, "must be > 0")
+        need(
+            corpus.student_vocab_size >= 292,
+            "data.stdlib.student_vocab_size",
+            corpus.student_vocab_size,
+            "must be >= 292 (4 specials, 256 bytes and pieces)",
+        )
     if data.mnist1d is not None:
         gen = data.mnist1d
         need(0 < gen.train_split < 1, "data.mnist1d.train_split", gen.train_split, "must be in (0, 1)")
@@ -119,6 +131,20 @@ def validate(cfg: Config) -> None:
     need(d.ce_weight > 0, "distill.ce_weight", d.ce_weight, off)
     need(d.feature_weight > 0, "distill.feature_weight", d.feature_weight, off)
     need(d.loss_chunk_rows >= 0, "distill.loss_chunk_rows", d.loss_chunk_rows, "must be >= 0 (0 = auto)")
+    need(d.hybrid_matched_weight >= 0, "distill.hybrid_matched_weight", d.hybrid_matched_weight, "must be >= 0")
+    need(d.hybrid_unmatched_weight >= 0, "distill.hybrid_unmatched_weight", d.hybrid_unmatched_weight, "must be >= 0")
+    need(
+        d.hybrid_matched_weight + d.hybrid_unmatched_weight > 0,
+        "distill.hybrid_unmatched_weight",
+        d.hybrid_unmatched_weight,
+        "hybrid_matched_weight and hybrid_unmatched_weight cannot both be 0 (use cross_tokenizer uld or drop 'kd')",
+    )
+    need(
+        d.cross_tokenizer in ("auto", "off") or cfg.task == "causal_lm",
+        "distill.cross_tokenizer",
+        d.cross_tokenizer,
+        "only causal LMs (data.source text or stdlib) have tokenizers",
+    )
     kw = d.kd_weight
     need(kw.base_weight > 0, "distill.kd_weight.base_weight", kw.base_weight, off)
     need(kw.warmup_steps >= 0, "distill.kd_weight.warmup_steps", kw.warmup_steps, "must be >= 0")

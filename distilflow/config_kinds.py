@@ -48,6 +48,14 @@ class TokenRowsConfig:
     seq_len: int = _f(128, "Tokens per training row (must not exceed the models' maximum positions).")
     pack: bool = _f(True, "Pack plain documents into full rows (EOS between them); false pads each one.")
     tokenizer: str | None = _f(None, "Tokenizer folder; default the student's model folder, else the teacher's.")
+    teacher_tokenizer: str | None = _f(
+        None,
+        "The teacher's tokenizer folder (cross-tokenizer distillation); default the teacher's model folder, else the "
+        "student's tokenizer.",
+    )
+    teacher_seq_len: int = _f(
+        0, "Teacher tokens per row when the tokenizers differ (rows are cut where both sides fit); 0 = seq_len."
+    )
 
 
 @dataclass
@@ -65,6 +73,12 @@ class TextConfig(TokenRowsConfig):
 @dataclass
 class StdlibConfig(TokenRowsConfig):
     vocab_size: int = _f(2048, "Vocabulary of the byte-level BPE tokenizer trained on the corpus.")
+    student_tokenizer: Literal["bpe", "unigram"] = _f(
+        "bpe",
+        "The student's tokenizer: bpe (the teacher's) or unigram (a SentencePiece-style unigram tokenizer trained on "
+        "the corpus: distillation across tokenizers).",
+    )
+    student_vocab_size: int = _f(4096, "student_tokenizer unigram: its vocabulary (4 specials, 256 bytes, pieces).")
     train_chars: int = _f(8_000_000, "Characters of training text (held-out modules excluded).")
     eval_chars: int = _f(200_000, "Characters of held-out text (a fixed set of modules).")
 

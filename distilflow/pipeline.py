@@ -40,6 +40,7 @@ from distilflow.student_side import (
     student_taps_of,
     teacher_layer_paths,
 )
+from distilflow.teachers.cross_tokenizer import TeacherIdsGuard, TeacherOwnIds
 from distilflow.teachers.live import LiveTeacher
 from distilflow.train import dist
 from distilflow.train.checkpoint import WEIGHTS, write_json
@@ -170,6 +171,7 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
         per_token=run.work.per_token,
         layer_weights=[p.weight for p in pairs],
         heads=heads,
+        aligned=run.work.aligned_kd,  # across tokenizers: ULD or the hybrid on aligned groups
     )
     task = run.work.task(
         "student", cfg.student.train, cfg.seed + 1, vocab, loss_impl=impl, chunk_rows=cfg.distill.loss_chunk_rows
@@ -184,7 +186,11 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
         signals = cached.teacher
     else:
         # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
-        signals = LiveTeacher(cast_teacher(teacher, cfg.teacher.model.dtype), task, teacher_taps)
+        frozen = cast_teacher(teacher, cfg.teacher.model.dtype)
+        forward: Any = task
+        if run.work.cross_tokenizer != "off":  # the teacher reads its own ids of each aligned row (guarded)
+            forward = TeacherOwnIds(TeacherIdsGuard(run.work.tokenizer, run.work.teacher_tokenizer))
+        signals = LiveTeacher(frozen, forward, teacher_taps)
         signals = dist.current().shard_teacher_signals(signals, teacher)  # torchrun + dist.shard_teacher: FSDP2
     result = train_stage(
         run,
@@ -288,6 +294,8 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
     baseline, baseline_result = baseline_stage(run, log_tensorboard, teacher)
     student, student_result = distill_stage(run, teacher, log_tensorboard)
     results: dict[str, Any] = {"name": cfg.name}
+    if run.work.cross_tokenizer != "off":  # the loss that distilled across tokenizers (uld or hybrid)
+        results["cross_tokenizer"] = run.work.cross_tokenizer
     for stage, model, result in (
         ("teacher", teacher, teacher_result),
         ("baseline", baseline, baseline_result),

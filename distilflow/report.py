@@ -222,19 +222,28 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
     plot_losses(rows, cfg, run_dir / "losses.png")
     plot_schedules(cfg, run_dir / "schedules.png")
     plot_metric(rows, results, metric, run_dir / f"{metric}.png")
+    bpc = "bits_per_char" in results.get("student", {})  # across tokenizers: what compares the models
     lines = [
         f"# distilflow report: {cfg.name}",
         "",
-        f"| model | architecture | held-out {metric} | params | {cost.replace('_', ' ')} | steps | train seconds |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | architecture | held-out {metric} |{' bits per char |' if bpc else ''} params | "
+        f"{cost.replace('_', ' ')} | steps | train seconds |",
+        "|---|---|---|---|---|---|---|" + ("---|" if bpc else ""),
     ]
     archs = {"teacher": cfg.teacher.model.arch, "baseline": cfg.student.model.arch, "student": cfg.student.model.arch}
     for stage in ("teacher", "baseline", "student"):
         r = results.get(stage, {})
+        per_char = f" {r.get('bits_per_char', float('nan')):.4f} |" if bpc else ""
         lines.append(
-            f"| {stage} | {archs[stage]} | {r.get(metric, float('nan')):.4f} | {r.get('params', 0):,} | "
+            f"| {stage} | {archs[stage]} | {r.get(metric, float('nan')):.4f} |{per_char} {r.get('params', 0):,} | "
             f"{r.get(cost, 0):,} | {r.get('steps', 0)} | {r.get('train_seconds', 0)} |"
         )
+    if bpc:
+        lines += [
+            "",
+            f"Teacher and student tokenizers differ (cross-tokenizer KD: {results.get('cross_tokenizer')}): each "
+            "perplexity is over the model's own tokens; bits per character compare the models on the same text.",
+        ]
     plan = phase_boundaries(cfg.distill.phases, cfg.student.train.steps)
     student = results["student"]
     lines += [

@@ -20,6 +20,7 @@ from torch import nn
 
 from distilflow.config import Config, DistillConfig, TrainConfig, config_from_dict, read_yaml, to_dict
 from distilflow.errors import UserError
+from distilflow.losses.aligned_kd import AlignedKD
 from distilflow.losses.objective import Objective, choose_loss_impl
 from distilflow.models.build import load_weights
 from distilflow.models.layers import LayerPair
@@ -140,11 +141,13 @@ def distill_objective(
     divergence: str | None = None,
     layer_weights: list[float] | None = None,
     heads: nn.ModuleList | None = None,
+    aligned: AlignedKD | None = None,
 ) -> Objective:
     """The ``distill:`` section as the student's objective: its phases, terms, weights and schedule.
 
     ``divergence`` overrides ``distill.divergence`` (the reasoning demo's on-policy student uses
-    ``jsd``); ``layer_weights`` and ``heads``: one per feature layer pair."""
+    ``jsd``); ``layer_weights`` and ``heads``: one per feature layer pair; ``aligned``: the KD term
+    across tokenizers (the workload's ``aligned_kd``)."""
     return Objective(
         phase_boundaries(distill.phases, total_steps),
         total_steps=total_steps,
@@ -160,6 +163,7 @@ def distill_objective(
         per_token=per_token,
         loss_impl=loss_impl,
         chunk_rows=distill.loss_chunk_rows,
+        aligned=aligned,
     )
 
 

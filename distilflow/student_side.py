@@ -52,6 +52,9 @@ def projection_heads(
     if taps is None:
         return nn.ModuleList()
     student_shapes = feature_shapes(student, taps, run.work.forward, run.work.probe())
+    if run.work.cross_tokenizer != "off":  # compared per aligned group: (1, width) a side, the lengths differ
+        student_shapes = [(1, shape[-1]) for shape in student_shapes]
+        teacher_shapes = [(1, shape[-1]) for shape in teacher_shapes]
     torch.manual_seed(run.cfg.seed + 2)  # the same initial heads for a live and a cached teacher
     heads = build_heads(pairs, student_shapes, teacher_shapes, per_token=run.work.per_token)
     return heads.to(run.work.device)
@@ -72,7 +75,8 @@ def live_alignment(run: Run, student: nn.Module, teacher: nn.Module) -> Alignmen
     pairs = layer_pairs(run.cfg.distill, run.work.layer_paths(student), run.work.layer_paths(teacher))
     student_taps = student_taps_of(student, pairs)
     teacher_taps = Taps(teacher, [p.teacher for p in pairs], "teacher") if pairs else None
-    teacher_shapes = feature_shapes(teacher, teacher_taps, run.work.forward, run.work.probe()) if pairs else []
+    probe = run.work.probe("teacher")  # the teacher's own tokens of the rows
+    teacher_shapes = feature_shapes(teacher, teacher_taps, run.work.forward, probe) if pairs else []
     return Alignment(
         pairs, student_taps, teacher_taps, projection_heads(run, student, student_taps, pairs, teacher_shapes)
     )
@@ -81,10 +85,11 @@ def live_alignment(run: Run, student: nn.Module, teacher: nn.Module) -> Alignmen
 def open_run_cache(run: Run, student: nn.Module) -> OpenedCache:
     """The complete cache of this config, verified against the student (see teachers/cached.py)."""
     source = run.work.cache_source()
+    aligned = run.work.cross_tokenizer != "off"  # the source runs the teacher's ids: no student width from it
     return open_cache(
         run.cfg,
         source,
-        student_width=logit_width(source, student),
+        student_width=None if aligned else logit_width(source, student),
         per_token=run.work.per_token,
         pairs_for=lambda teacher_layers: configured_pairs(run, student, teacher_layers),
         device=run.work.device,

@@ -78,7 +78,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise bad
     if origin is Literal:
-        if value in typing.get_args(tp):
+        allowed = typing.get_args(tp)
+        if value is False and "off" in allowed:  # YAML 1.1 reads an unquoted off (or no) as false
+            return "off"
+        if isinstance(value, str) and value in allowed:
+            return value
+        if not isinstance(value, (str, bool)) and value in allowed:  # numeric choices (block_size: 16 ...)
             return value
         raise bad
     if origin is list:

@@ -10,6 +10,8 @@ through these methods only. Implementations:
   ``module:factory``; built-in MLP / CNN or your ``module:factory`` models;
 - :class:`distilflow.tasks.causal_lm_workload.CausalLMWorkload`: Hugging Face causal LMs on text files or the
   built-in stdlib corpus;
+- :class:`distilflow.tasks.cross_tokenizer.CrossTokenizerWorkload`: the same when teacher and student
+  tokenizers differ (rows aligned across tokenizers, the teacher run on its own tokens);
 - :class:`distilflow.tasks.reasoning.ReasoningWorkload`: the reasoning demo's arithmetic problems
   (a causal-LM workload whose rows differ per stage).
 
@@ -31,6 +33,7 @@ from torch import nn
 if TYPE_CHECKING:
     from distilflow.config import Config, TrainConfig
     from distilflow.data.cache import CacheSource
+    from distilflow.losses.aligned_kd import AlignedKD
     from distilflow.train.loop import Task
 
 Batch = dict[str, torch.Tensor]
@@ -48,7 +51,14 @@ class Workload(Protocol):
     """The metric of :meth:`Task.evaluate` that results and reports lead with (accuracy, perplexity, ...)."""
     device: torch.device
     tokenizer: Any
-    """Causal LMs: the tokenizer teacher and student share (on-policy sampling decodes with it); else None."""
+    """Causal LMs: the student's tokenizer (on-policy sampling decodes with it); else None."""
+    teacher_tokenizer: Any
+    """Causal LMs: the teacher's tokenizer (the same object when both share one); else None."""
+    cross_tokenizer: str
+    """``"off"`` when the teacher reads the student's tokens; ``"uld"`` or ``"hybrid"`` when its tokenizer
+    differs (``distill.cross_tokenizer``): batches then carry the alignment (data/aligned_rows.py)."""
+    aligned_kd: AlignedKD | None
+    """The KD term across tokenizers (losses/aligned_kd.py) when ``cross_tokenizer`` is not off, else None."""
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -95,8 +105,9 @@ class Workload(Protocol):
         """Why ``model`` cannot use the fused loss (logits made from hidden states and lm_head), or None."""
         ...
 
-    def probe(self) -> Batch:
-        """Two training rows without labels: shapes of features and logits are read from a forward on them."""
+    def probe(self, role: str = "student") -> Batch:
+        """Two training rows without labels, as ``role``'s model reads them: shapes of features and logits
+        are read from a forward on them."""
         ...
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -138,15 +149,16 @@ class Workload(Protocol):
 
 
 def make_workload(cfg: Config, device: torch.device) -> Workload:
-    """The workload of the config: the reasoning demo's, causal LMs for text sources, else classifiers."""
+    """The workload of the config: the reasoning demo's, causal LMs for text sources (across tokenizers when
+    the two differ), else classifiers."""
     if cfg.reasoning.task != "off":
         from distilflow.tasks.reasoning import ReasoningWorkload
 
         return ReasoningWorkload(cfg, device)
     if cfg.task == "causal_lm":
-        from distilflow.tasks.causal_lm_workload import CausalLMWorkload
+        from distilflow.tasks.cross_tokenizer import causal_lm_workload
 
-        return CausalLMWorkload(cfg, device)
+        return causal_lm_workload(cfg, device)
     from distilflow.tasks.classify import ClassifierWorkload
 
     return ClassifierWorkload(cfg, device)

@@ -238,6 +238,8 @@ def test_phase_needs_exactly_one_of_fraction_or_steps():
         ("data.source=npz", "data.files.path"),
         ("data.mnist1d.transfer_seed=42", "data.mnist1d.transfer_seed"),
         ("distill.feature_layers=[]", "distill.feature_layers"),
+        ("distill.cross_tokenizer=hybrid", "distill.cross_tokenizer"),  # classifiers have no tokenizers
+        ("distill.hybrid_matched_weight=-1", "distill.hybrid_matched_weight"),
     ],
 )
 def test_value_rules(override, key):
@@ -437,3 +439,19 @@ def test_a_folder_given_as_config(tmp_path):
 def test_layer_map_is_for_causal_lms_only():
     with pytest.raises(UserError, match="config key 'distill.layer_map': 'uniform' is not allowed; only causal LMs"):
         load_config(None, ["distill.layer_map=uniform"])
+
+
+def test_an_unquoted_off_is_the_choice_off_not_false(tmp_path):
+    """YAML 1.1 reads an unquoted ``off`` as false: where ``off`` is one of the choices, it means ``off``."""
+    assert load_config(overrides=["distill.cross_tokenizer=off"]).distill.cross_tokenizer == "off"
+    assert load_config(overrides=["reasoning.task=off"]).reasoning.task == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  cross_tokenizer: off\n")
+    assert load_config(path).distill.cross_tokenizer == "off"
+    # Elsewhere a boolean is not a choice: not for numeric choices, nor true for off.
+    for override, key in (
+        ("deploy.genai.block_size=true", "deploy.genai.block_size"),
+        ("distill.cross_tokenizer=on", ""),
+    ):
+        with pytest.raises(UserError, match=rf"'{re.escape(key or 'distill.cross_tokenizer')}'.*not allowed"):
+            load_config(overrides=[override])

@@ -55,6 +55,10 @@ FORMATS = ("full", "topk", "sampled")
 # Keys of a shard file per format (features are added as feature.0, feature.1, ...).
 TENSORS = {"full": ("logits",), "topk": ("logprobs", "ids"), "sampled": ("ids", "counts")}
 BYTES_PER_ENTRY = {"logits": 4, "logprobs": 2, "ids": 4, "counts": 1}
+# Across tokenizers a shard also holds the alignment its signals belong to (the teacher's ids and group
+# columns) and, top-k, each next teacher token's log-probability.
+ALIGNED_TENSORS = ("teacher_ids", "teacher_group")
+BYTES_PER_ENTRY.update({"teacher_ids": 4, "teacher_group": 4, "next_logprobs": 4})
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -102,11 +106,16 @@ class CacheSource:
     ``rows``: the rows the student is distilled on, as the student task indexes them (row i is
     index i; every tensor ``(N, ...)``, on the CPU); ``forward(model, batch)``: the teacher's logits
     as the loss sees them; ``tokenizer``: the tokenizer of teacher and student (None for classifiers).
+    Across tokenizers (tasks/cross_tokenizer.py): ``teacher_tokenizer`` the teacher's, and
+    ``next_ids`` the column of the teacher's own ids, whose next-token log-probabilities a top-k
+    cache also keeps (``next_logprobs``: what merging a multi-token span needs).
     """
 
     rows: Batch
     forward: Callable[[nn.Module, Batch], torch.Tensor]
     tokenizer: Any = None
+    teacher_tokenizer: Any = None
+    next_ids: str | None = None
 
     def probe(self, device: torch.device) -> Batch:
         """The first two rows, without labels, on ``device`` (shapes of logits and features)."""
@@ -143,6 +152,9 @@ def identity(cfg: Config, source: CacheSource, *, vocab_size: int, pairs: list[L
         "seq_len": cfg.data.token_rows.seq_len if cfg.task == "causal_lm" else None,
         "data_sha256": _sha256_tensors([rows[k] for k in sorted(rows)]),
         "tokenizer_sha256": _tokenizer_sha256(source.tokenizer),
+        # Across tokenizers: the teacher's tokenizer (the rows, hashed above, hold both sides and the groups).
+        "teacher_tokenizer_sha256": _tokenizer_sha256(source.teacher_tokenizer),
+        "cross_tokenizer": True if source.next_ids else None,  # None: a same-tokenizer cache (as before)
         "teacher_dtype": cfg.teacher.model.dtype,
         "features": bool(c.features),
         # The manifest's form of a pair: [student path, teacher path, weight].

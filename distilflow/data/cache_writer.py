@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from distilflow.data.cache import (
+    ALIGNED_TENSORS,
     BYTES_PER_ENTRY,
     MANIFEST,
     RANK_PART,
@@ -61,6 +62,20 @@ def encode(logits: torch.Tensor, *, fmt: str, k: int, samples: int, temperature:
     return {"ids": ids.int().reshape(shape), "counts": counts.to(torch.uint8).reshape(shape)}
 
 
+def aligned_tensors(source: CacheSource, fmt: str) -> tuple[str, ...]:
+    """The shard keys a cache across tokenizers adds to ``TENSORS[fmt]`` (none for one tokenizer)."""
+    if not source.next_ids:
+        return ()
+    return ALIGNED_TENSORS + (("next_logprobs",) if fmt == "topk" else ())
+
+
+def next_token_logprobs(logits: torch.Tensor, following: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log softmax(logits / T)`` at the token that follows each position: ``(B, T, V)``, ``(B, T)`` ->
+    ``(B, T)`` float32."""
+    scaled = logits.float() / temperature
+    return scaled.gather(-1, following[..., None].long())[..., 0] - torch.logsumexp(scaled, dim=-1)
+
+
 def merge_draws(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(M, n)`` draws -> distinct ids and their counts ``(M, n)``, left-aligned; padding is id 0, count 0."""
     ordered, _ = drawn.sort(dim=-1)
@@ -94,6 +109,8 @@ def write_cache(
     Returns the manifest. Refuses a folder holding a cache of another config.
     """
     c = cfg.cache
+    if source.next_ids and c.format == "sampled":  # checked before anything is written
+        raise UserError("cache.format sampled: across tokenizers the cache holds top-k or full signals; use topk")
     folder = cache_dir(cfg)
     teacher.eval()
     pairs = pairs if c.features else []
@@ -122,7 +139,8 @@ def write_cache(
         "bytes_per_position": sum(
             BYTES_PER_ENTRY[name] * (vocab if c.format == "full" else c.k if c.format == "topk" else c.samples)
             for name in TENSORS[c.format]
-        ),
+        )
+        + sum(BYTES_PER_ENTRY[name] for name in aligned_tensors(source, c.format)),
         "shards": [],
     }
     rows = source.rows
@@ -210,6 +228,12 @@ def _teacher_signals(
     out = encode(
         logits, fmt=c.format, k=c.k, samples=c.samples, temperature=cfg.distill.temperature, generator=generator
     )
+    if source.next_ids:  # across tokenizers: the alignment the signals belong to, per teacher position
+        out["teacher_ids"] = batch[source.next_ids].int()  # (B, T_t)
+        out["teacher_group"] = batch["teacher_group"].int()
+        if c.format == "topk":  # and log p_T of each actual next teacher token (what a span's merge needs)
+            following = batch[source.next_ids][:, 1 : logits.shape[1] + 1]  # (B, T_t - 1)
+            out["next_logprobs"] = next_token_logprobs(logits, following, cfg.distill.temperature)
     for i, feature in enumerate(features):
         out[f"feature.{i}"] = feature.float()
     return out

@@ -9,6 +9,7 @@ gives the same loss and gradient as one big batch (the article's ``batchmean`` o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,10 @@ from distilflow.losses.fused import HiddenStates, fused_kd_ce
 from distilflow.losses.logits import cross_entropy_sum
 from distilflow.losses.sparse import SparseTeacher, kd_divergence
 from distilflow.schedules import Phase, kd_weight, phase_at
+
+if TYPE_CHECKING:
+    from distilflow.data.align import Alignment
+    from distilflow.losses.aligned_kd import AlignedKD
 
 IGNORE_INDEX = -100
 LOSS_IMPLS = ("auto", "plain", "chunked", "fused")
@@ -75,11 +80,16 @@ class Targets:
     where the teacher's distribution counts (every sample; every real, non-prompt token);
     ``feature_mask`` ``(B, T)`` for token features (hidden states of every real input position;
     their length is T, not the T - 1 of shifted logits), None to reuse ``kd_mask``.
+
+    ``alignment`` (a teacher of another tokenizer, data/align.py): the batch's aligned groups; then
+    ``kd_mask`` marks the logit row that predicts each group's first token and ``feature_mask`` each
+    group's last token (so both count groups), and the KD and feature terms compare groups.
     """
 
     labels: torch.Tensor
     kd_mask: torch.Tensor
     feature_mask: torch.Tensor | None = None
+    alignment: Alignment | None = None
 
     def counts(self, per_token: bool) -> dict[str, int]:
         """Rows that each term averages over."""
@@ -107,7 +117,8 @@ class Objective(nn.Module):
     student; they live here because the feature term is their only user. ``loss_impl`` (plain,
     chunked or fused) and ``chunk_rows`` are the stage's resolved ``distill.loss_impl`` and
     ``distill.loss_chunk_rows``: the task was built with the same values (fused: it gives hidden
-    states instead of logits), so the two never decide apart.
+    states instead of logits), so the two never decide apart. ``aligned``: the KD term across
+    tokenizers (losses/uld.py), used on batches whose targets carry an alignment.
     """
 
     def __init__(
@@ -127,8 +138,10 @@ class Objective(nn.Module):
         per_token: bool = False,
         loss_impl: str = "plain",
         chunk_rows: int = 0,
+        aligned: AlignedKD | None = None,
     ) -> None:
         super().__init__()
+        self.aligned = aligned
         self.plan = plan
         self.total_steps = total_steps
         self.kd_schedule = kd_schedule
@@ -183,7 +196,10 @@ class Objective(nn.Module):
         if "kd" in weights or "ce" in weights:
             impl = self.loss_impl
             self.check_outputs(student.logits)
-            if impl == "plain":
+            if targets.alignment is not None and "kd" in weights:  # CE alone needs no alignment
+                loss, aligned_parts = self.aligned_terms(weights, student, teacher, targets, rows)
+                parts.update(aligned_parts)
+            elif impl == "plain":
                 parts.update(self.plain_terms(weights, student, teacher, targets, rows))
             else:
                 # One pass computes both terms; the loss carries the gradient, the parts are logged values.
@@ -193,7 +209,7 @@ class Objective(nn.Module):
                     parts["kd"] = done.kd / max(rows["kd"], 1)
                 if done.ce is not None:
                     parts["ce"] = done.ce / max(rows["ce"], 1)
-        weighted = {k: v for k, v in parts.items() if loss is None}
+        weighted = {k: v for k, v in parts.items() if loss is None}  # not yet in a one-pass loss
         if "feature" in weights:
             parts["feature"] = self.feature_term(student.features, teacher.features, targets) / max(rows["feature"], 1)
             weighted["feature"] = parts["feature"]
@@ -235,6 +251,42 @@ class Objective(nn.Module):
             parts["ce"] = total / max(rows["ce"], 1)
         return parts
 
+    def aligned_terms(
+        self, weights: dict[str, float], student: Outputs, teacher: Outputs | None, targets: Targets, rows
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """KD across tokenizers (a sum over the batch's groups / the step's groups) and CE on the
+        student's own tokens; parts ``kd`` and, for the hybrid, ``kd_matched`` / ``kd_unmatched``."""
+        if self.aligned is None:
+            raise ValueError("the batch is aligned across tokenizers but the objective has no cross-tokenizer loss")
+        logits = student.logits  # (B, T_s - 1, V_s): a cross-tokenizer task gives logits
+        loss = logits.sum() * 0.0
+        parts: dict[str, torch.Tensor] = {}
+        if "kd" in weights:
+            scale = 1.0 / max(rows["kd"], 1)
+            out = self.aligned(
+                logits,
+                teacher.logits,
+                targets.alignment,
+                temperature=self.temperature,
+                divergence=self.divergence,
+                beta=self.jsd_beta,
+            )
+            loss = loss + weights["kd"] * scale * out.loss
+            parts["kd"] = out.loss.detach() * scale
+            if out.matched is not None:
+                parts["kd_matched"], parts["kd_unmatched"] = out.matched * scale, out.unmatched * scale
+        if "ce" in weights:
+            scale = 1.0 / max(rows["ce"], 1)
+            if self.loss_impl == "chunked":
+                ce = chunked_kd_ce(
+                    logits, None, targets.labels, kd_weight=None, ce_weight=scale, chunk_rows=self.chunk_rows
+                )
+                loss, parts["ce"] = loss + weights["ce"] * ce.loss, ce.ce * scale
+            else:
+                total = cross_entropy_sum(logits, targets.labels, ignore_index=IGNORE_INDEX)
+                loss, parts["ce"] = loss + weights["ce"] * scale * total, total.detach() * scale
+        return loss, parts
+
     def large_vocab_terms(
         self, impl: str, weights: dict[str, float], student: Outputs, teacher: Outputs | None, targets: Targets, rows
     ) -> LossParts:
@@ -266,8 +318,17 @@ class Objective(nn.Module):
             mask = targets.feature_mask if targets.feature_mask is not None else targets.kd_mask
         total = torch.zeros((), device=targets.labels.device)
         pairs = zip(self.heads, self.layer_weights, student_features, teacher_features)
+        aligned = targets.alignment
         for head, weight, student_feature, teacher_feature in pairs:
+            if aligned is not None:
+                # Across tokenizers positions differ: compare the hidden states at each group's last token,
+                # where both models have read the same text. (B, T, H) -> (G, H) on each side.
+                student_feature = student_feature[aligned.batch, aligned.student.last]
+                teacher_feature = teacher_feature[aligned.batch, aligned.teacher.last]
             total = total + weight * fn(
-                head(student_feature), teacher_feature.detach(), per_token=self.per_token, mask=mask
+                head(student_feature),
+                teacher_feature.detach(),
+                per_token=self.per_token and aligned is None,
+                mask=mask if aligned is None else None,
             )
         return total

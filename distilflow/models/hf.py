@@ -218,6 +218,24 @@ def copy_from_teacher(student: nn.Module, teacher: nn.Module, init_layers: list[
             param.copy_(source_param.to(param.dtype))
 
 
+def tokenizer_difference(teacher_tok: Any, student_tok: Any) -> str | None:
+    """Where two tokenizers differ ("teacher and student tokenizers differ at id 7: ..."), or None when they
+    agree on every id and on the bos/eos/unk tokens (one tokenizer, as far as distillation is concerned)."""
+    for name in ("bos_token", "eos_token", "unk_token"):
+        teacher_special, student_special = getattr(teacher_tok, name, None), getattr(student_tok, name, None)
+        if teacher_special != student_special:
+            return f"teacher and student tokenizers differ in {name}: {teacher_special!r} vs {student_special!r}"
+    teacher_ids = {i: token for token, i in teacher_tok.get_vocab().items()}
+    student_ids = {i: token for token, i in student_tok.get_vocab().items()}
+    for i in range(max(len(teacher_ids), len(student_ids))):
+        if teacher_ids.get(i) != student_ids.get(i):
+            return (
+                f"teacher and student tokenizers differ at id {i}: teacher {teacher_ids.get(i)!r}, "
+                f"student {student_ids.get(i)!r}"
+            )
+    return None
+
+
 def align_vocab(teacher_tok: Any, student_tok: Any, teacher_vocab_size: int, student_vocab_size: int) -> int:
     """The number of logit columns teacher and student share.
 
@@ -228,21 +246,10 @@ def align_vocab(teacher_tok: Any, student_tok: Any, teacher_vocab_size: int, stu
     :class:`VocabNotice` warning (``warnings.warn``) says so; slice both logits with
     :func:`truncate_vocab`. The extra rows belong to no token, so nothing is lost.
     """
-    for name in ("bos_token", "eos_token", "unk_token"):
-        teacher_special, student_special = getattr(teacher_tok, name, None), getattr(student_tok, name, None)
-        if teacher_special != student_special:
-            raise UserError(
-                f"teacher and student tokenizers differ in {name}: {teacher_special!r} vs {student_special!r}; "
-                "same-vocabulary distillation needs one tokenizer"
-            )
-    teacher_ids = {i: token for token, i in teacher_tok.get_vocab().items()}
-    student_ids = {i: token for token, i in student_tok.get_vocab().items()}
-    for i in range(max(len(teacher_ids), len(student_ids))):
-        if teacher_ids.get(i) != student_ids.get(i):
-            raise UserError(
-                f"teacher and student tokenizers differ at id {i}: teacher {teacher_ids.get(i)!r}, "
-                f"student {student_ids.get(i)!r}; same-vocabulary distillation needs one tokenizer"
-            )
+    difference = tokenizer_difference(teacher_tok, student_tok)
+    if difference:
+        raise UserError(f"{difference}; same-vocabulary distillation needs one tokenizer")
+    teacher_ids = teacher_tok.get_vocab()
     shared = min(teacher_vocab_size, student_vocab_size)
     if shared < len(teacher_ids):
         raise UserError(f"a model embeds only {shared} tokens but the tokenizer has {len(teacher_ids)}")

@@ -136,12 +136,40 @@ class CausalLMTask:
         labels = batch["labels"][:, 1:]  # (B, T - 1)
         return Targets(labels=labels, kd_mask=labels != IGNORE_INDEX, feature_mask=batch["attention_mask"].bool())
 
+    def continued_rows(
+        self,
+        batch: Batch,
+        prompts: list[list[int]],
+        samples: list[tuple[list[int], bool]],
+        *,
+        pad: int,
+        eos: int | None,
+    ) -> Batch:
+        """On-policy rows (tasks/on_policy.py): each row's ``prompt`` ids then the student's sampled ids
+        (and ``eos`` when it stopped), right-padded to the batch's width T; labels -100 on the prompt and
+        the padding; ``sampled`` ``(B,)`` marks rows the teacher scores but no hard label may teach."""
+        width = batch["input_ids"].shape[1]
+        device = batch["input_ids"].device
+        input_ids = torch.full_like(batch["input_ids"], pad)
+        labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+        attention_mask = torch.zeros_like(batch["attention_mask"])
+        for row, (prompt, (new, finished)) in enumerate(zip(prompts, samples)):
+            continuation = new + ([eos] if finished and eos is not None else [])
+            tokens = (prompt + continuation)[:width]
+            input_ids[row, : len(tokens)] = torch.tensor(tokens, device=device)
+            labels[row, len(prompt) : len(tokens)] = torch.tensor(tokens[len(prompt) :], device=device)
+            attention_mask[row, : len(tokens)] = 1
+        sampled = torch.ones(len(prompts), dtype=torch.bool, device=device)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sampled": sampled}
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:
-        """Perplexity ``exp(mean token cross-entropy)`` over the held-out tokens, and that mean."""
+        """Perplexity ``exp(mean token cross-entropy)`` over the held-out tokens, and that mean; and bits
+        per character where the held-out rows carry the characters each token spells (``chars``: rows
+        aligned across tokenizers), so that models of different tokenizers compare."""
         was_training = model.training
         model.eval()
-        total, count = 0.0, 0
+        total, count, chars = 0.0, 0, 0
         rows = len(self.held_out["input_ids"])
         for start in range(0, rows, batch_size):
             batch = {k: v[start : start + batch_size] for k, v in self.held_out.items()}
@@ -162,6 +190,11 @@ class CausalLMTask:
                     )
                 )
             count += int((labels != IGNORE_INDEX).sum())
+            if "chars" in batch:  # the characters of the predicted tokens (a token at position 0 is not)
+                chars += int(batch["chars"][:, 1:][labels != IGNORE_INDEX].sum())
         model.train(was_training)
         loss = total / max(count, 1)
-        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss}
+        out = {"perplexity": math.exp(min(loss, 700.0)), "loss": loss}
+        if "chars" in self.held_out:
+            out["bits_per_char"] = total / math.log(2) / max(chars, 1)
+        return out

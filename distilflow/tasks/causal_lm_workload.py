@@ -2,9 +2,10 @@
 
 Data comes from ``data.text`` (your files) or ``data.stdlib`` (the built-in corpus, with a BPE
 tokenizer trained on it and cached); models from ``model.hf`` (a local folder, or a transformers
-config). Teacher and student share one tokenizer; if their embedding tables differ in size both
-logits are cut to the shared ids (:meth:`CausalLMWorkload.shared_vocab`). The task the loop runs is
-:class:`~distilflow.tasks.causal_lm.CausalLMTask`.
+config). Teacher and student share one tokenizer here; if their embedding tables differ in size
+both logits are cut to the shared ids (:meth:`CausalLMWorkload.shared_vocab`). The task the loop
+runs is :class:`~distilflow.tasks.causal_lm.CausalLMTask`. :func:`load_text` finds each side's
+tokenizer; when they differ, tasks/cross_tokenizer.py's workload is used instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import copy
 import hashlib
 import json
 import sys
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +34,81 @@ from distilflow.models.layers import find_decoder_layers
 from distilflow.tasks.causal_lm import Batch, CausalLMTask, fused_problem, lm_logit_shape, lm_logits
 
 
-def _stdlib_tokenizer(cfg: Config, texts: list[str]) -> Any:
-    """The built-in demo's byte-level BPE, trained once per corpus and size and cached."""
+def _stdlib_tokenizer(cfg: Config, texts: list[str], kind: str = "bpe") -> Any:
+    """The built-in demo's byte-level BPE (or the student's unigram tokenizer), trained once per corpus
+    and size and cached."""
     from distilflow.data.stdlib_corpus import train_tokenizer
+    from distilflow.data.unigram_tokenizer import train_unigram_tokenizer
 
     corpus = cfg.data.stdlib
-    key = hashlib.sha256(json.dumps([corpus.vocab_size, corpus.train_chars, "v1"]).encode()).hexdigest()[:12]
-    folder = Path(cfg.data.cache_dir).expanduser() / f"stdlib-tokenizer-{key}"
+    size, train, name = (corpus.vocab_size, train_tokenizer, "stdlib-tokenizer")
+    if kind == "unigram":
+        size, train, name = (corpus.student_vocab_size, train_unigram_tokenizer, "stdlib-unigram")
+    key = hashlib.sha256(json.dumps([size, corpus.train_chars, "v1"]).encode()).hexdigest()[:12]
+    folder = Path(cfg.data.cache_dir).expanduser() / f"{name}-{key}"
     if not (folder / "tokenizer.json").is_file():
-        train_tokenizer(texts, corpus.vocab_size, folder)
+        train(texts, size, folder)
     return load_tokenizer(folder)
+
+
+@dataclass
+class LoadedText:
+    """A causal-LM run's text: each side's tokenizer (one object when they are the same), the training
+    and held-out records, and the bad lines skipped (``data.text.on_error: skip``)."""
+
+    tokenizer: Any
+    teacher_tokenizer: Any
+    train: list[Record]
+    held_out: list[Record]
+    skipped: int = 0
+
+
+def _folder_tokenizer(path: str | None, what: str, trust: bool) -> Any | None:
+    return load_tokenizer(path, trust_remote_code=trust, what=what) if path else None
+
+
+def load_text(cfg: Config) -> LoadedText:
+    """The records of ``data.source`` and each side's tokenizer.
+
+    The student's: ``data.<source>.tokenizer``, else the student's model folder, else (stdlib) the
+    trained unigram tokenizer when ``student_tokenizer: unigram``, else the teacher's. The teacher's:
+    ``teacher_tokenizer``, else the teacher's model folder, else the student's from a folder, else
+    (stdlib) the trained BPE. So a run names a second tokenizer only where it means one.
+    """
+    d, rows = cfg.data, cfg.data.token_rows
+    student_trust = cfg.student.model.hf is not None and cfg.student.model.hf.trust_remote_code
+    teacher_trust = cfg.teacher.model.hf is not None and cfg.teacher.model.hf.trust_remote_code
+    given = _folder_tokenizer(rows.tokenizer, "tokenizer folder", student_trust)
+    student = given or _folder_tokenizer(cfg.student.model.folder, "student model directory", student_trust)
+    teacher = _folder_tokenizer(rows.teacher_tokenizer, "teacher tokenizer folder", teacher_trust) or (
+        _folder_tokenizer(cfg.teacher.model.folder, "teacher model directory", teacher_trust)
+    )
+    if d.source == "stdlib":
+        from distilflow.data.stdlib_corpus import load_stdlib_corpus
+
+        corpus = load_stdlib_corpus(train_chars=d.stdlib.train_chars, eval_chars=d.stdlib.eval_chars)
+        teacher = teacher or student or _stdlib_tokenizer(cfg, corpus.train)
+        if student is None and d.stdlib.student_tokenizer == "unigram":
+            student = _stdlib_tokenizer(cfg, corpus.train, "unigram")
+        train_records = [Record(completion=text) for text in corpus.train]
+        held_records = [Record(completion=text) for text in corpus.eval]
+        return LoadedText(student or teacher, teacher, train_records, held_records)
+    student = student or teacher
+    if student is None:
+        raise UserError(
+            "no tokenizer for data.source 'text': set data.text.tokenizer, or give student.model.hf.path or "
+            "teacher.model.hf.path (a folder with a tokenizer)"
+        )
+    text = d.text
+    records = read_records(text.path, on_error=text.on_error)
+    if text.test_path:
+        train_records, held_records = records.records, read_records(text.test_path, on_error=text.on_error).records
+    else:
+        train_records, held_records = split(records.records, fraction=text.test_fraction, seed=d.seed)
+    if records.skipped:
+        first = records.problems[0] if records.problems else ""
+        print(f"distilflow: skipped {records.skipped} bad lines (data.on_error=skip); first: {first}", file=sys.stderr)
+    return LoadedText(student, teacher or student, train_records, held_records, records.skipped)
 
 
 class CausalLMWorkload:
@@ -51,63 +119,43 @@ class CausalLMWorkload:
     per_token = True
     primary_metric = "perplexity"
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
+    cross_tokenizer = "off"
+    aligned_kd = None  # the teacher reads the student's tokens
+
+    def __init__(self, cfg: Config, device: torch.device, text: LoadedText | None = None) -> None:
         self.cfg, self.device = cfg, device
         self._loaded: dict[str, nn.Module] = {}
-        self.skipped = 0
-        self.tokenizer, train_records, held_records = self.load_records()
-        self.train, self.held_out = self.rows(train_records), self.rows(held_records)
+        self._roles: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> "teacher" / "student"
+        text = text or self.load_records()
+        self.skipped = text.skipped
+        self.tokenizer, self.teacher_tokenizer = text.tokenizer, text.teacher_tokenizer
+        self.train, self.held_out = self.rows(text.train), self.rows(text.held_out)
 
     def rows(self, records: list[Record]) -> Batch:
         """Token rows ``(N, seq_len)`` of ``records`` (packed when ``pack``; the data section's keys)."""
         rows = self.cfg.data.token_rows
         return tokenize(records, self.tokenizer, seq_len=rows.seq_len, pack=rows.pack)
 
-    def load_records(self) -> tuple[Any, list[Record], list[Record]]:
-        """The tokenizer, the training records and the held-out records of ``data.source``."""
-        d = self.cfg.data
-        if d.source == "stdlib":
-            from distilflow.data.stdlib_corpus import load_stdlib_corpus
+    def load_records(self) -> LoadedText:
+        """The tokenizers, the training records and the held-out records of ``data.source`` (a workload
+        whose rows are drawn by code overrides this)."""
+        return load_text(self.cfg)
 
-            corpus = load_stdlib_corpus(train_chars=d.stdlib.train_chars, eval_chars=d.stdlib.eval_chars)
-            train_records = [Record(completion=text) for text in corpus.train]
-            held_records = [Record(completion=text) for text in corpus.eval]
-            return self._tokenizer() or _stdlib_tokenizer(self.cfg, corpus.train), train_records, held_records
-        tokenizer = self._tokenizer()
-        if tokenizer is None:
-            raise UserError(
-                "no tokenizer for data.source 'text': set data.text.tokenizer, or give student.model.hf.path or "
-                "teacher.model.hf.path (a folder with a tokenizer)"
-            )
-        text = d.text
-        records = read_records(text.path, on_error=text.on_error)
-        if text.test_path:
-            train_records, held_records = records.records, read_records(text.test_path, on_error=text.on_error).records
-        else:
-            train_records, held_records = split(records.records, fraction=text.test_fraction, seed=d.seed)
-        self.skipped = records.skipped
-        if records.skipped:
-            first = records.problems[0] if records.problems else ""
-            print(
-                f"distilflow: skipped {records.skipped} bad lines (data.on_error=skip); first: {first}", file=sys.stderr
-            )
-        return tokenizer, train_records, held_records
+    def role_of(self, model: nn.Module) -> str:
+        """``"teacher"`` or ``"student"``: the role ``model`` was built for by :meth:`new_model`."""
+        return self._roles.get(model, "student")
 
-    def _tokenizer(self) -> Any | None:
-        c = self.cfg
-        sources = (
-            ("tokenizer folder", c.data.token_rows.tokenizer),
-            ("student model directory", c.student.model.folder),
-            ("teacher model directory", c.teacher.model.folder),
-        )
-        for what, path in sources:
-            if path:
-                return load_tokenizer(path, trust_remote_code=c.student.model.hf.trust_remote_code, what=what)
-        return None
+    def tokenizer_of(self, role: str) -> Any:
+        """The tokenizer of ``role``'s model (one for both here)."""
+        return self.tokenizer
 
-    def hf_config(self, values: dict[str, Any]) -> dict[str, Any]:
-        """The config as given, with vocabulary size and special ids taken from the tokenizer if absent."""
-        tok = self.tokenizer
+    def seq_len_of(self, role: str) -> int:
+        """The longest row ``role``'s model reads (``data.<source>.seq_len`` here)."""
+        return self.cfg.data.token_rows.seq_len
+
+    def hf_config(self, values: dict[str, Any], role: str = "student") -> dict[str, Any]:
+        """The config as given, with vocabulary size and special ids taken from ``role``'s tokenizer if absent."""
+        tok = self.tokenizer_of(role)
         filled = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         if tok.bos_token_id is not None:
             filled["bos_token_id"] = tok.bos_token_id
@@ -124,7 +172,8 @@ class CausalLMWorkload:
                 model, tokenizer = load_causal_lm(
                     m.hf.path, role=role, trust_remote_code=m.hf.trust_remote_code, torch_dtype=dtype
                 )
-                align_vocab(tokenizer, self.tokenizer, len(tokenizer), len(self.tokenizer))
+                expected = self.tokenizer_of(role)
+                align_vocab(tokenizer, expected, len(tokenizer), len(expected))
                 self._loaded[role] = model
             # The teacher is frozen and never trained: one instance serves every stage (a 7B teacher
             # is not copied). Students are trained twice (baseline, distilled), so each gets a copy.
@@ -133,12 +182,13 @@ class CausalLMWorkload:
             torch.manual_seed(self.model_seed(role))
             init_layers = m.init_from_teacher if role == "student" else None
             model = build_causal_lm(
-                self.hf_config(m.hf.config),
+                self.hf_config(m.hf.config, role),
                 role=role,
                 teacher=teacher if init_layers else None,
                 init_layers=init_layers,
             )
-        check_seq_len(self.cfg.data.token_rows.seq_len, model)
+        check_seq_len(self.seq_len_of(role), model)
+        self._roles[model] = role
         return model.to(self.device)
 
     def model_seed(self, role: str) -> int:
@@ -168,9 +218,9 @@ class CausalLMWorkload:
         chunk_rows: int = 0,
     ) -> CausalLMTask:
         """The rows of ``stage`` (:meth:`stage_rows`) as a task; ``loss_impl``: the stage's resolved one."""
-        return self.task_class(
+        return self.task_class_of(stage)(
             self.stage_rows(stage),
-            self.held_out,
+            self.held_out_of(stage),
             batch_size=train.batch_size,
             grad_accum=train.grad_accum,
             seed=seed,
@@ -178,29 +228,38 @@ class CausalLMWorkload:
             vocab_size=vocab_size,
             loss_impl=loss_impl,
             chunk_rows=chunk_rows,
-            **self.task_options(),
+            **self.task_options(stage),
         )
 
     task_class: type[CausalLMTask] = CausalLMTask
+
+    def task_class_of(self, stage: str) -> type[CausalLMTask]:
+        """The task class of ``stage`` (:attr:`task_class` for every stage here)."""
+        return self.task_class
+
+    def held_out_of(self, stage: str) -> Batch:
+        """The held-out rows ``stage`` is scored on (the same for every stage here)."""
+        return self.held_out
 
     def stage_rows(self, stage: str) -> Batch:
         """What ``stage`` trains on: every stage of a causal-LM run trains on the same rows."""
         return self.train
 
-    def task_options(self) -> dict[str, Any]:
-        """Keyword arguments of :attr:`task_class` beyond those of :class:`CausalLMTask`."""
+    def task_options(self, stage: str) -> dict[str, Any]:
+        """Keyword arguments of ``stage``'s task class beyond those of :class:`CausalLMTask`."""
         return {}
 
     def logit_shape(self, model: nn.Module, vocab_size: int | None = None) -> tuple[int, int]:
         """Scored positions per row and logit columns (what ``distill.loss_impl: auto`` decides by)."""
-        return lm_logit_shape(model, self.cfg.data.token_rows.seq_len, vocab_size)
+        return lm_logit_shape(model, self.seq_len_of(self.role_of(model)), vocab_size)
 
     def fused_problem(self, model: nn.Module) -> str | None:
         """Why ``model`` cannot use the fused loss (None: it can)."""
-        return fused_problem(model, self.probe())
+        return fused_problem(model, self.probe(self.role_of(model)))
 
-    def probe(self) -> Batch:
-        return {k: v[:2].to(self.device) for k, v in self.train.items() if k != "labels"}
+    def probe(self, role: str = "student") -> Batch:
+        """The first two training rows of ``role``'s tokens (the same rows for both here), without labels."""
+        return {k: self.train[k][:2].to(self.device) for k in ("input_ids", "attention_mask")}
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return lm_logits(model, batch)
@@ -215,7 +274,7 @@ class CausalLMWorkload:
 
     def facts(self, model: nn.Module) -> dict[str, int]:
         """Parameters, and multiply-accumulates per token of a forward pass over one full row."""
-        row = {k: v[:1] for k, v in self.probe().items()}
+        row = {k: v[:1] for k, v in self.probe(self.role_of(model)).items()}
         macs = forward_macs(model, lambda m: m(**row, use_cache=False))
         return {"params": count_params(model), "macs_per_token": macs // row["input_ids"].shape[1]}
 
@@ -224,7 +283,7 @@ class CausalLMWorkload:
         folder = stage_dir / "hf"
         with no_progress_bars():
             model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
+        self.tokenizer_of(self.role_of(model)).save_pretrained(folder)
 
     def test_arrays(self) -> dict[str, np.ndarray]:
         """The held-out rows as numpy arrays (deployment benchmarks and parity checks)."""

@@ -79,6 +79,9 @@ class ClassifierWorkload:
     per_token = False
     primary_metric = "accuracy"
     tokenizer = None
+    teacher_tokenizer = None
+    cross_tokenizer = "off"
+    aligned_kd = None
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
@@ -119,7 +122,7 @@ class ClassifierWorkload:
             device=self.device,
         )
 
-    def probe(self) -> Batch:
+    def probe(self, role: str = "student") -> Batch:
         return {"x": self.data.train_x[:2].to(self.device)}
 
     def logit_shape(self, model: nn.Module, vocab_size: None = None) -> tuple[int, int]:

@@ -80,11 +80,8 @@ class OnPolicyTask:
         return [self.student_continuations(batch) for batch in batches]
 
     def student_continuations(self, batch: Batch) -> Batch:
-        """The batch's prompts, each continued by a sample from the student; only the sample is scored.
-
-        Rows keep the batch's width T: prompt, sampled tokens (and eos when the student stopped),
-        right padding. Labels are -100 on the prompt and the padding.
-        """
+        """The batch's prompts, each continued by a sample from the student; only the sample is scored
+        (the base task's :meth:`~distilflow.tasks.causal_lm.CausalLMTask.continued_rows`)."""
         width = batch["input_ids"].shape[1]
         lengths = prompt_lengths(batch["labels"], batch["attention_mask"]).tolist()
         prompts = [row[:n].tolist() for row, n in zip(batch["input_ids"], lengths)]
@@ -97,20 +94,8 @@ class OnPolicyTask:
         samples = sample_ids(
             self.student, prompts, sampling=sampling, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id
         )
-        device = batch["input_ids"].device
-        input_ids = torch.full_like(batch["input_ids"], self.pad_token_id)
-        labels = torch.full_like(batch["labels"], IGNORE_INDEX)
-        attention_mask = torch.zeros_like(batch["attention_mask"])
-        for row, (prompt, (new, finished)) in enumerate(zip(prompts, samples)):
-            continuation = new + ([self.eos_token_id] if finished and self.eos_token_id is not None else [])
-            tokens = (prompt + continuation)[:width]
-            input_ids[row, : len(tokens)] = torch.tensor(tokens, device=device)
-            labels[row, len(prompt) : len(tokens)] = torch.tensor(tokens[len(prompt) :], device=device)
-            attention_mask[row, : len(tokens)] = 1
-        # "sampled" marks rows the teacher scores (KD) but no hard label may teach: the student's own
-        # tokens are not ground truth.
-        sampled = torch.ones(len(prompts), dtype=torch.bool, device=device)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sampled": sampled}
+        # The base task makes the rows: the student's own tokens, or (across tokenizers) re-aligned text.
+        return self.base.continued_rows(batch, prompts, samples, pad=self.pad_token_id, eos=self.eos_token_id)
 
     def count(self, batch: Batch) -> int:
         return self.base.count(batch)

@@ -22,7 +22,7 @@ from distilflow.generate.backends import sample_ids
 from distilflow.generate.sampling import Sampling
 from distilflow.generate.verify import exact_match, extract_answer
 from distilflow.tasks.causal_lm import Batch, CausalLMTask
-from distilflow.tasks.causal_lm_workload import CausalLMWorkload
+from distilflow.tasks.causal_lm_workload import CausalLMWorkload, LoadedText
 
 
 class ExactMatchTask(CausalLMTask):
@@ -81,7 +81,7 @@ class ReasoningWorkload(CausalLMWorkload):
         self.traces: list[Record] = []  # the teacher's verified traces, once the traces stage has run
         super().__init__(cfg, device)
 
-    def load_records(self) -> tuple[Any, list[Record], list[Record]]:
+    def load_records(self) -> LoadedText:
         """Four disjoint problem sets drawn with ``data.seed``: the teacher's, gold, fresh prompts, held out."""
         r = self.cfg.reasoning
         self.teacher_set, self.gold, self.fresh, self.held = make_problems(
@@ -90,7 +90,8 @@ class ReasoningWorkload(CausalLMWorkload):
             operands=r.operands,
             seed=self.cfg.data.seed,
         )
-        return arith_tokenizer(), solutions(self.teacher_set), solutions(self.held)
+        tokenizer = arith_tokenizer()  # teacher and students share it
+        return LoadedText(tokenizer, tokenizer, solutions(self.teacher_set), solutions(self.held))
 
     def rows(self, records: list[Record]) -> Batch:
         """One record per row, padded (prompt + solution + eos fit ``data.text.seq_len``)."""
@@ -111,7 +112,7 @@ class ReasoningWorkload(CausalLMWorkload):
             raise UserError(f"reasoning stage '{stage}' trains on the teacher's traces; none are verified yet")
         return self.rows(self.traces)
 
-    def task_options(self) -> dict[str, Any]:
+    def task_options(self, stage: str) -> dict[str, Any]:
         return {"problems": self.held, "tokenizer": self.tokenizer, "max_new_tokens": self.max_new_tokens}
 
     def preview(self, model: nn.Module) -> list[dict[str, str]]:

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from distilflow.data.cache import (
+    ALIGNED_TENSORS,
     TENSORS,
     CacheSource,
     cache_dir,
@@ -29,6 +30,7 @@ from distilflow.data.cache import (
 from distilflow.errors import UserError
 from distilflow.losses.objective import Outputs
 from distilflow.losses.sparse import SparseTeacher
+from distilflow.losses.uld import TopkTeacher
 from distilflow.models.layers import LayerPair
 from distilflow.teachers.base import Batch
 
@@ -69,6 +71,10 @@ class CachedTeacher:
         names = list(TENSORS[self.format])
         count = len(self.manifest["identity"]["feature_pairs"]) if features else 0
         names += [f"feature.{i}" for i in range(count)]
+        if self.manifest["identity"].get("cross_tokenizer"):
+            names += [*ALIGNED_TENSORS, *(["next_logprobs"] if self.format == "topk" else [])]
+            got = self._rows(batch["row"], names)
+            return Outputs(self._aligned(batch, got))
         got = self._rows(batch["row"], names)
         if self.format == "full":
             logits: Any = got["logits"]
@@ -78,6 +84,22 @@ class CachedTeacher:
             weights = got["counts"].float() / self.samples
             logits = SparseTeacher(got["ids"].long(), weights, "sampled", self.temperature)
         return Outputs(logits, [got[f"feature.{i}"] for i in range(count)])
+
+    def _aligned(self, batch: Batch, got: Batch) -> torch.Tensor | TopkTeacher:
+        """Signals of a teacher of another tokenizer, after checking that the cached rows hold this batch's
+        alignment (the teacher's ids and groups it was written for)."""
+        for cached, column in (("teacher_ids", "teacher_input_ids"), ("teacher_group", "teacher_group")):
+            if not torch.equal(got[cached].long(), batch[column].long()):
+                raise UserError(
+                    f"teacher cache '{self.folder}' holds other teacher rows than this batch's ({column} differs); "
+                    "run 'distilflow cache-teacher' again with this config"
+                )
+        if self.format == "full":
+            return got["logits"]
+        vocab = self.manifest["identity"]["vocab_size"]
+        return TopkTeacher(
+            got["ids"].long(), got["logprobs"].float(), got["next_logprobs"].float(), self.temperature, vocab
+        )
 
     def feature_shapes(self) -> list[tuple[int, ...]]:
         """Per-row shapes of the cached teacher features, in the order of the layer pairs."""
@@ -109,12 +131,13 @@ def open_cache(
     cfg: Config,
     source: CacheSource,
     *,
-    student_width: int,
+    student_width: int | None,
     per_token: bool,
     pairs_for: Callable[[list[str] | None], list[LayerPair]],
     device: torch.device,
 ) -> OpenedCache:
-    """The complete, verified cache of this config for a student with ``student_width`` logit columns.
+    """The complete, verified cache of this config for a student with ``student_width`` logit columns
+    (None across tokenizers: the teacher's vocabulary is its own, no columns are cut).
 
     ``pairs_for(teacher_layers)``: the configured layer pairs given the teacher's decoder-layer paths
     recorded in the manifest (the teacher model is not needed). Refuses, with one line, a missing or
@@ -127,7 +150,7 @@ def open_cache(
         raise UserError(f"teacher cache '{folder}' {state}; run 'distilflow cache-teacher' with this config first")
     stored = manifest["identity"]
     vocab = stored["vocab_size"]
-    if vocab > student_width or (vocab < student_width and not per_token):
+    if student_width is not None and (vocab > student_width or (vocab < student_width and not per_token)):
         raise UserError(
             f"teacher cache '{folder}' holds {vocab} logit columns; the student has {student_width}; "
             "cache for this student"
@@ -137,4 +160,5 @@ def open_cache(
     if problem:
         raise UserError(problem)
     verify_shards(folder, manifest)
-    return OpenedCache(CachedTeacher(folder, manifest, device), pairs, None if vocab == student_width else vocab)
+    cut = None if student_width is None or vocab == student_width else vocab
+    return OpenedCache(CachedTeacher(folder, manifest, device), pairs, cut)

@@ -12,6 +12,7 @@ from distilflow.models.taps import Taps
 from distilflow.teachers.base import Batch
 
 if TYPE_CHECKING:
+    from distilflow.teachers.cross_tokenizer import TeacherOwnIds
     from distilflow.train.loop import Task
 
 
@@ -19,12 +20,13 @@ class LiveTeacher:
     """A frozen teacher run on each batch (eval mode, no grad), under the stage's autocast.
 
     ``task.forward`` runs it exactly as the student runs (logits, or hidden states for the fused
-    loss); ``taps`` capture its features of the layer pairs (None: no feature term).
+    loss; across tokenizers ``task`` is teachers/cross_tokenizer.py's ``TeacherOwnIds``: its own
+    ids); ``taps`` capture its features of the layer pairs (None: no feature term).
     """
 
     autocast = True
 
-    def __init__(self, model: nn.Module, task: Task, taps: Taps | None) -> None:
+    def __init__(self, model: nn.Module, task: Task | TeacherOwnIds, taps: Taps | None) -> None:
         self.model, self.task, self.taps = model.eval(), task, taps
         for p in self.model.parameters():
             p.requires_grad_(False)

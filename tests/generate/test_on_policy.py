@@ -129,7 +129,7 @@ def test_pipeline_distills_on_policy_on_generated_prompt_completion_data(tmp_pat
     assert student and all(m.get("ce", 0.0) == 0.0 for m in student)
 
 
-def test_teacher_with_another_tokenizer_is_refused(tmp_path, model_dir, tokenizer, capsys):
+def test_teacher_with_another_tokenizer_and_cross_tokenizer_off_is_refused(tmp_path, model_dir, tokenizer, capsys):
     from distilflow.cli import main
     from distilflow.data.arith import arith_tokenizer
 
@@ -148,6 +148,33 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, model_dir, tokenize
         tokenizer_object=Tokenizer.from_str(json.dumps(vocab)), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
     ).save_pretrained(other)
     capsys.readouterr()  # the save's progress bar
-    assert main(_pipeline_args(tmp_path, model_dir, str(other))) == 2
+    assert main([*_pipeline_args(tmp_path, model_dir, str(other)), "distill.cross_tokenizer=off"]) == 2
     err = capsys.readouterr().err
-    assert "tokenizers differ at id" in err and err.count("\n") == 1
+    assert "distill.cross_tokenizer off: teacher and student tokenizers differ at id" in err and err.count("\n") == 1
+
+
+def test_on_policy_across_tokenizers_rescores_the_students_samples_with_the_teachers_tokens(
+    tmp_path, model_dir, tokenizer, capsys
+):
+    """The same teacher of another tokenizer, left at cross_tokenizer auto: the student's samples are
+    re-tokenized for the teacher (the ids guard checks the first, sampled, batch) and scored by the hybrid."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from distilflow.cli import main
+    from distilflow.data.arith import arith_tokenizer
+
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    build_causal_lm(tiny_config(tokenizer)).save_pretrained(other)
+    vocab = json.loads(arith_tokenizer().backend_tokenizer.to_str())
+    model_vocab = vocab["model"]["vocab"]
+    model_vocab["1"], model_vocab["2"] = model_vocab["2"], model_vocab["1"]
+    PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(vocab)), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    ).save_pretrained(other)
+    assert main(_pipeline_args(tmp_path, model_dir, str(other))) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    student = [m for m in metrics if m.get("stage") == "student" and "kd" in m]
+    assert student and all(m.get("ce", 0.0) == 0.0 and m["kd"] > 0 and "kd_matched" in m for m in student)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["cross_tokenizer"] == "hybrid"

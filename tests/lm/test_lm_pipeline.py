@@ -397,13 +397,16 @@ def test_wider_student_embedding_is_cut_to_the_shared_vocabulary(hf, text_run, t
     assert evaluated == pytest.approx(results["student"]["perplexity"], rel=1e-6)
 
 
-def test_student_tokenizer_that_differs_is_refused_naming_the_id(hf, tmp_path, capsys):
+def test_student_tokenizer_that_differs_with_cross_tokenizer_off_is_refused_naming_the_id(hf, tmp_path, capsys):
+    """(Left at auto, the two tokenizers are distilled across: tests/lm/test_cross_tokenizer.py.)"""
     ours = {i: t for t, i in AutoTokenizer.from_pretrained(hf["teacher"]).get_vocab().items()}
     theirs = {i: t for t, i in AutoTokenizer.from_pretrained(hf["foreign_student"]).get_vocab().items()}
     first = min(i for i in ours if ours[i] != theirs.get(i))
-    code, _, err = _run(["run", *_text_args(hf, tmp_path / "run", student="foreign_student")], capsys)
+    args = [*_text_args(hf, tmp_path / "run", student="foreign_student"), "distill.cross_tokenizer=off"]
+    code, _, err = _run(["run", *args], capsys)
     assert code == 2 and err.startswith(ERROR) and err.count("\n") == 1
-    assert f"differ at id {first}:" in err and repr(ours[first]) in err
+    assert err.startswith(f"{ERROR}distill.cross_tokenizer off: teacher and student tokenizers differ at id {first}:")
+    assert repr(ours[first]) in err and "set distill.cross_tokenizer to auto, uld or hybrid" in err
     assert not (tmp_path / "run").exists()
 
 

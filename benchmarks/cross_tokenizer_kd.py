@@ -1,0 +1,116 @@
+"""CE-only vs ULD vs hybrid across tokenizers, several seeds, one fixed teacher; and the cost per step.
+
+    python benchmarks/cross_tokenizer_kd.py [--seeds 0 1 2] [--out DIR] [--cost-steps 20] [key=value ...]
+
+The config is configs/lm_stdlib_cross_tokenizer.yaml (the demo's Llama teacher on the byte-level BPE
+2,048, a Qwen2-style student on the unigram 4,096), shortened by SHORT (fewer characters and steps, one
+kd + ce phase) unless overridden. The teacher is trained once (or read back from --out); per seed the
+student is trained three times on the same aligned rows: CE only (the baseline stage), ULD and the
+hybrid. Prints held-out perplexity (over the student's own tokens) and bits per character, mean +- std.
+
+Cost: ``--cost-steps`` distillation steps of same-tokenizer KD (a student of the same family on the
+teacher's BPE), ULD and the hybrid, one after another in this process: seconds per step (wall and CPU)
+and the stage's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from distilflow.config import load_config
+from distilflow.pipeline import baseline_stage, distill_stage, open_run, teacher_stage
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lm_stdlib_cross_tokenizer.yaml"
+SHORT = [  # 35 min at threads=1 on a 2-core machine at load 6-11 (the full demo is ~15 min per run at 2 threads)
+    "threads=1",
+    "data.stdlib.train_chars=1500000",
+    "data.stdlib.eval_chars=60000",
+    "teacher.train.steps=200",
+    "teacher.train.batch_size=8",
+    "teacher.train.eval_every=200",
+    "teacher.train.warmup_steps=20",
+    "student.train.steps=100",
+    "student.train.batch_size=8",
+    "student.train.eval_every=100",
+    "student.train.warmup_steps=10",
+    "distill.kd_weight.warmup_steps=10",
+    "distill.phases=[{name: joint, fraction: 1.0, terms: [kd, ce]}]",
+    "deploy.enabled=false",
+]
+
+
+def trained_teacher(out: Path, overrides: list[str]) -> Path:
+    cfg = load_config(CONFIG, [*SHORT, *overrides, f"output_dir={out / 'teacher_run'}"])
+    run = open_run(cfg)
+    weights = run.stage_dir("teacher") / "model.safetensors"
+    if not weights.is_file():
+        teacher_stage(run, log_tensorboard=False)
+    return weights
+
+
+def stage_run(out: Path, name: str, teacher: Path, overrides: list[str]):
+    cfg = load_config(CONFIG, [*SHORT, *overrides, f"output_dir={out / name}", f"teacher.model.checkpoint={teacher}"])
+    run = open_run(cfg)
+    return run, teacher_stage(run, log_tensorboard=False)[0]
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/bench-cross-tokenizer")
+    parser.add_argument("--cost-steps", type=int, default=20)
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args()
+    out = Path(args.out)
+    teacher = trained_teacher(out, args.overrides)
+    teacher_result = json.loads((teacher.parent / "result.json").read_text())
+    print(f"teacher: {teacher_result}", flush=True)
+    rows: dict[str, list[dict]] = {"ce": [], "uld": [], "hybrid": []}
+    for seed in [] if args.skip_quality else args.seeds:
+        for mode in ("uld", "hybrid"):
+            given = [*args.overrides, f"seed={seed}", f"distill.cross_tokenizer={mode}"]
+            run, frozen = stage_run(out, f"seed{seed}-{mode}", teacher, given)
+            if mode == "uld":  # CE only on the same aligned rows: the baseline stage
+                _, base = baseline_stage(run, log_tensorboard=False, teacher=frozen)
+                rows["ce"].append(base)
+                print(f"seed {seed} ce: {base}", flush=True)
+            _, result = distill_stage(run, frozen, log_tensorboard=False)
+            rows[mode].append(result)
+            print(f"seed {seed} {mode}: {result}", flush=True)
+    if rows["ce"]:
+        print(
+            f"\nheld-out, {len(rows['ce'])} seeds {args.seeds}; teacher bits/char {teacher_result['bits_per_char']:.4f}"
+        )
+        print(f"{'student':<8} {'perplexity (own tokens)':>26} {'bits per char':>20}")
+        for mode, results in rows.items():
+            ppl = mean_std([r["perplexity"] for r in results])
+            bpc = mean_std([r["bits_per_char"] for r in results])
+            print(f"{mode:<8} {ppl:>26} {bpc:>20}")
+    cost = [f"student.train.steps={args.cost_steps}", "student.train.eval_every=0", "seed=0", *args.overrides]
+    cost.append("data.stdlib.eval_chars=20000")  # the stage's closing evaluation stays small next to its steps
+    print(f"\ncost per distillation step ({args.cost_steps} steps each, one process, in this order)")
+    print(f"{'KD':<26} {'s/step wall':>12} {'s/step CPU':>11} {'peak RSS MB':>12}")
+    for label, extra in (
+        ("same tokenizer (plain KD)", ["data.stdlib.student_tokenizer=bpe", "data.stdlib.teacher_seq_len=0"]),
+        ("ULD", ["distill.cross_tokenizer=uld"]),
+        ("hybrid", ["distill.cross_tokenizer=hybrid"]),
+    ):
+        run, frozen = stage_run(out, "cost-" + label.split()[0].lower(), teacher, [*cost, *extra])
+        cpu = time.process_time()
+        _, result = distill_stage(run, frozen, log_tensorboard=False)
+        cpu, steps = time.process_time() - cpu, result["steps"]  # CPU: the stage with its closing evaluation
+        wall = result["train_seconds"] / steps
+        print(f"{label:<26} {wall:>12.3f} {cpu / steps:>11.3f} {result['peak_rss_bytes'] / 2**20:>12.0f}")
+
+
+if __name__ == "__main__":
+    main()

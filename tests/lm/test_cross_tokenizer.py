@@ -1,0 +1,234 @@
+"""Distillation across tokenizers end to end (tasks/cross_tokenizer.py): the stdlib demo with a unigram student.
+
+The teacher reads the corpus with the byte-level BPE, the student (another family, Qwen2) with a
+unigram tokenizer; ``distill.cross_tokenizer: auto`` picks the hybrid. References: the run's own
+live-teacher losses (the cache must give the same), Python's character counts (bits per character),
+and one-line refusals of what cannot work across tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from distilflow import pipeline
+from distilflow.cli import main
+from distilflow.config import load_config
+from distilflow.tasks.cross_tokenizer import CrossTokenizerWorkload
+from distilflow.workload import make_workload
+
+ERROR = "distilflow: error: "
+LLAMA = (
+    "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
+    "num_key_value_heads: 4, max_position_embeddings: 96}"
+)
+QWEN2 = (
+    "{model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4, "
+    "num_key_value_heads: 2, max_position_embeddings: 96}"
+)
+FEATURE_PAIR = "distill.feature_layers=[{student: model.layers.0, teacher: model.layers.1}]"
+
+
+def stdlib_args(out: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"output_dir={out}",
+        "threads=1",
+        "data.source=stdlib",
+        f"data.cache_dir={cache_dir}",
+        "data.stdlib.vocab_size=384",
+        "data.stdlib.student_tokenizer=unigram",
+        "data.stdlib.student_vocab_size=512",
+        "data.stdlib.train_chars=30000",
+        "data.stdlib.eval_chars=6000",
+        "data.stdlib.seq_len=32",
+        "data.stdlib.teacher_seq_len=40",
+        "teacher.model.arch=hf",
+        f"teacher.model.hf.config={LLAMA}",
+        "teacher.train.steps=6",
+        "teacher.train.batch_size=8",
+        "teacher.train.warmup_steps=0",
+        "student.model.arch=hf",
+        f"student.model.hf.config={QWEN2}",
+        "student.train.steps=4",
+        "student.train.batch_size=8",
+        "student.train.warmup_steps=0",
+        "student.train.log_every=1",
+        "distill.phases=[{name: kd, fraction: 1.0, terms: [kd, ce]}]",
+        "deploy.enabled=false",
+        *extra,
+    ]
+
+
+def student_losses(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["stage"] == "student" and "loss" in r]
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(ERROR), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A whole run across tokenizers (teacher, baseline, distilled student)."""
+    root = tmp_path_factory.mktemp("xtok")
+    args = stdlib_args(root / "live", root / "cache")
+    assert main(["run", *args, "--no-tensorboard"]) == 0
+    return root, args
+
+
+def test_auto_distils_with_the_hybrid_and_scores_bits_per_character(live_run):
+    root, args = live_run
+    results = json.loads((root / "live" / "results.json").read_text())
+    assert results["cross_tokenizer"] == "hybrid"
+    for stage in ("teacher", "baseline", "student"):
+        r = results[stage]
+        # Bits per character from the same NLL as perplexity: loss nats per token * tokens / characters.
+        assert 0 < r["bits_per_char"] < 16 and math.isfinite(r["perplexity"])
+    losses = student_losses(root / "live")
+    assert len(losses) == 4 and all("kd_matched" in r and "kd_unmatched" in r for r in losses)
+    for r in losses:  # the hybrid's parts add up to its KD term (weights 1 and 1)
+        assert r["kd"] == pytest.approx(r["kd_matched"] + r["kd_unmatched"], rel=1e-4)
+    assert "bits per char" in (root / "live" / "report.md").read_text()
+    # The teacher was trained on its own tokens: its saved tokenizer is the BPE, the student's the unigram.
+    teacher_vocab = json.loads((root / "live" / "teacher" / "hf" / "tokenizer.json").read_text())["model"]["type"]
+    student_vocab = json.loads((root / "live" / "student" / "hf" / "tokenizer.json").read_text())["model"]["type"]
+    assert (teacher_vocab, student_vocab) == ("BPE", "Unigram")
+
+
+def test_held_out_bits_per_character_count_each_character_once(live_run):
+    """The characters bits per character divide by are those of the tokens predicted (all but each row's
+    first token), on each side: the two sides' totals are the same text, give or take the first tokens."""
+    root, args = live_run
+    work = make_workload(load_config(None, args), torch.device("cpu"))
+    assert isinstance(work, CrossTokenizerWorkload)
+    held = work.held_out
+    for prefix in ("", "teacher_"):
+        chars = held[prefix + "chars"]
+        real = held[prefix + "attention_mask"].bool()
+        assert int(chars[~real].sum()) == 0
+    student_total, teacher_total = int(held["chars"].sum()), int(held["teacher_chars"].sum())
+    assert student_total == teacher_total  # both sides spell the same held-out characters
+    # Each stage's bits per character are its mean token NLL (results' loss) times its predicted tokens,
+    # over those tokens' characters: the same NLL, two denominators.
+    results = json.loads((root / "live" / "results.json").read_text())
+    for stage, prefix in (("teacher", "teacher_"), ("student", "")):
+        labels = held[prefix + "labels"][:, 1:]
+        scored = labels != -100
+        tokens, chars = int(scored.sum()), int(held[prefix + "chars"][:, 1:][scored].sum())
+        expected = results[stage]["loss"] * tokens / math.log(2) / chars
+        assert results[stage]["bits_per_char"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_full_cache_across_tokenizers_gives_the_live_teachers_losses(live_run, monkeypatch):
+    root, args = live_run
+    cached = [*args, f"output_dir={root / 'cached'}", "cache.use=true", "cache.format=full"]
+    cached.append(f"teacher.model.checkpoint={root / 'live' / 'teacher' / 'model.safetensors'}")
+    assert main(["cache-teacher", *cached]) == 0
+    manifest = json.loads((root / "cached" / "teacher_cache" / "manifest.json").read_text())
+    assert manifest["identity"]["cross_tokenizer"] is True
+
+    def no_teacher(*_a, **_k):
+        raise AssertionError("the teacher must not be loaded when a complete cache is used")
+
+    monkeypatch.setattr(pipeline, "teacher_stage", no_teacher)
+    assert main(["distill", *cached, "--no-tensorboard"]) == 0
+    live, from_cache = student_losses(root / "live"), student_losses(root / "cached")
+    for a, b in zip(live, from_cache, strict=True):
+        for key in ("loss", "kd", "kd_matched", "kd_unmatched", "ce"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_a_topk_cache_of_every_id_across_tokenizers_gives_the_live_losses(live_run):
+    """With k = the teacher's vocabulary the top-k path (sparse ULD and hybrid buckets) is the dense loss
+    but for the cache's float16 log-probabilities (losses/uld.py's unit tests cover k < V)."""
+    root, args = live_run
+    cached = [*args, f"output_dir={root / 'topk'}", "cache.use=true", "cache.format=topk", "cache.k=384"]
+    cached.append(f"teacher.model.checkpoint={root / 'live' / 'teacher' / 'model.safetensors'}")
+    assert main(["cache-teacher", *cached]) == 0
+    assert main(["distill", *cached, "--no-tensorboard"]) == 0
+    live, topk = student_losses(root / "live"), student_losses(root / "topk")
+    for a, b in zip(live, topk, strict=True):
+        for key in ("loss", "kd", "kd_matched", "kd_unmatched", "ce"):
+            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-4), (a["step"], key)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["distill.phases=[{name: f, fraction: 1.0, terms: [feature]}]", FEATURE_PAIR],
+            "a feature phase across tokenizers",
+        ),
+        (["distill.loss_impl=fused"], "distill.loss_impl fused: across tokenizers"),
+        (["cache.use=true", "cache.format=sampled"], "cache.format sampled: across tokenizers"),
+        (["distill.cross_tokenizer=off"], "distill.cross_tokenizer off: teacher and student tokenizers differ"),
+    ],
+)
+def test_what_cannot_work_across_tokenizers_is_refused_in_one_line(tmp_path, live_run, capsys, extra, message):
+    root, _ = live_run
+    out = tmp_path / "refused"
+    assert main(["run", *stdlib_args(out, root / "cache", *extra)]) == 2
+    assert message in one_error(capsys)
+    assert not out.exists()
+
+
+def test_a_feature_phase_with_a_layer_map_compares_groups(tmp_path, live_run):
+    root, _ = live_run
+    extra = ["distill.layer_map=uniform", "distill.phases=[{name: f, fraction: 1.0, terms: [feature, kd]}]"]
+    args = stdlib_args(tmp_path / "features", root / "cache", *extra)
+    args.append(f"teacher.model.checkpoint={root / 'live' / 'teacher' / 'model.safetensors'}")
+    assert main(["distill", *args, "--no-tensorboard"]) == 0
+    losses = student_losses(tmp_path / "features")
+    assert all(r["feature"] > 0 and math.isfinite(r["feature"]) for r in losses)
+
+
+def test_one_tokenizer_with_a_cross_tokenizer_loss_forced_is_a_note_then_plain_kd(tmp_path, live_run, capsys):
+    root, _ = live_run
+    args = stdlib_args(tmp_path / "same", root / "cache", "data.stdlib.student_tokenizer=bpe")
+    args += ["distill.cross_tokenizer=uld", "data.stdlib.teacher_seq_len=0"]
+    work = make_workload(load_config(None, args), torch.device("cpu"))
+    assert work.cross_tokenizer == "off" and work.aligned_kd is None
+    assert "distill.cross_tokenizer uld: teacher and student share one tokenizer; distilling with plain KD" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_slow_teacher_tokenizer_is_refused_in_one_line(tmp_path, live_run, capsys):
+    from transformers import ByT5Tokenizer
+
+    root, _ = live_run
+    ByT5Tokenizer().save_pretrained(tmp_path / "byt5")  # no tokenizer.json: no character offsets
+    (tmp_path / "byt5" / "vocab.txt").write_text("")  # past load_tokenizer's folder check (ByT5 needs no file)
+    out = tmp_path / "refused"
+    args = stdlib_args(out, root / "cache", f"data.stdlib.teacher_tokenizer={tmp_path / 'byt5'}")
+    assert main(["run", *args]) == 2
+    assert "the teacher tokenizer (ByT5Tokenizer) is a slow tokenizer without character offsets" in one_error(capsys)
+    assert not out.exists()
+
+
+def test_chat_records_with_a_chat_template_on_one_side_only_are_refused(tmp_path, live_run, capsys):
+    from distilflow.models.hf import load_tokenizer
+
+    root, _ = live_run
+    (unigram,) = (root / "cache").glob("stdlib-unigram-*")
+    (bpe,) = (root / "cache").glob("stdlib-tokenizer-*")
+    student = load_tokenizer(unigram)
+    student.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    student.save_pretrained(tmp_path / "student_tok")
+    data = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "def f(): pass"}, {"role": "assistant", "content": "return None"}]
+    data.write_text("".join(json.dumps({"messages": turns}) + "\n" for _ in range(8)))
+    out = tmp_path / "refused"
+    args = stdlib_args(out, root / "cache", "data.source=text", f"data.text.path={data}", "data.text.pack=false")
+    args += [f"data.text.tokenizer={tmp_path / 'student_tok'}", f"data.text.teacher_tokenizer={bpe}"]
+    args = [a for a in args if not a.startswith("data.stdlib.")] + ["data.text.seq_len=32"]
+    assert main(["run", *args]) == 2
+    assert "the student tokenizer has a chat template and the teacher tokenizer has none" in one_error(capsys)
+    assert not out.exists()
