@@ -173,6 +173,10 @@ class StepWatch:
         """Agreement and per-pair cosine of one micro-batch (on a logged step with teacher outputs)."""
         if not self.logged or teacher is None:
             return
+        if targets.alignment is not None:
+            # A teacher of another tokenizer: its positions and ids are not the student's, so neither a
+            # top-1 match nor a per-position cosine means anything (docs/DIAGNOSIS.md).
+            return
         hits, rows = top1_matches(student.logits, teacher.logits, targets.kd_mask)
         self.add("agree_hits", hits)
         self.add("agree_rows", rows)
