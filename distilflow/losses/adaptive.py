@@ -116,7 +116,8 @@ def summary(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None
     if values.numel() == 0:
         return {}
     out = {"min": float(values.min())}
-    quantiles = torch.quantile(values, torch.tensor(list(SUMMARY_QUANTILES.values()), dtype=values.dtype))
+    levels = torch.tensor(list(SUMMARY_QUANTILES.values()), dtype=values.dtype, device=values.device)
+    quantiles = torch.quantile(values, levels)
     out.update({name: float(q) for name, q in zip(SUMMARY_QUANTILES, quantiles)})
     out.update({"max": float(values.max()), "mean": float(values.mean())})
     return out
