@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from distilflow.config_checks import validate
+from distilflow.config_deploy import DeployConfig, GenaiConfig
 from distilflow.config_diagnostics import DiagnosticsConfig
 from distilflow.config_kinds import (
     DATA_SECTIONS,
@@ -34,19 +35,30 @@ from distilflow.config_kinds import (
     model_section,
 )
 from distilflow.config_migrate import describe_migration, migrate
+from distilflow.config_teachers import (
+    AdaptiveConfig,
+    CombineConfig,
+    feature_teacher_section,
+    resolve_spelling,
+)
 from distilflow.typed_config import build, describe, help_field, merge, parse_override, read_yaml, set_path, to_dict
 
 __all__ = [
+    "AdaptiveConfig",
     "CNNConfig",
+    "CombineConfig",
     "Config",
     "DATA_SECTIONS",
     "DataConfig",
+    "DeployConfig",
     "DiagnosticsConfig",
     "FactoryConfig",
     "FilesConfig",
+    "GenaiConfig",
     "HFConfig",
     "MLPConfig",
     "MNIST1DConfig",
+    "NamedTeacherConfig",
     "ModelConfig",
     "StdlibConfig",
     "StudentHFConfig",
@@ -93,6 +105,23 @@ class TrainConfig:
 class TeacherConfig:
     model: TeacherModelConfig = _f(TeacherModelConfig(arch="cnn1d"), "Architecture of the teacher.")
     train: TrainConfig = _f(TrainConfig(steps=2000), "Optimisation of the teacher.")
+
+
+@dataclass
+class NamedTeacherConfig:
+    name: str = _f("", "The teacher's name: in routes (data.teacher_column), distill.feature_teacher and its folder.")
+    model: TeacherModelConfig = _f(TeacherModelConfig(), "Architecture of this teacher (arch: mlp unless given).")
+    train: TrainConfig = _f(TrainConfig(steps=2000), "Optimisation of this teacher (when it is trained here).")
+    cache: str | None = _f(
+        None,
+        "Read this teacher's signals from its own teacher-signal cache in this folder instead of running it "
+        "('distilflow cache-teacher' writes it); unset: live, or <run_dir>/teachers/<name>/teacher_cache with "
+        "cache.use.",
+    )
+
+    def as_teacher(self) -> TeacherConfig:
+        """This teacher in the one-teacher spelling (what a teacher's own view of the run reads)."""
+        return TeacherConfig(model=self.model, train=self.train)
 
 
 @dataclass
@@ -175,71 +204,24 @@ class DistillConfig:
     )
     hybrid_matched_weight: float = _f(1.0, "cross_tokenizer hybrid: weight of the divergence on the shared ids.")
     hybrid_unmatched_weight: float = _f(1.0, "cross_tokenizer hybrid: weight of ULD on the ids not shared.")
-
-
-@dataclass
-class GenaiConfig:
-    enabled: bool = _f(
+    combine: CombineConfig | None = help_field(
+        None,
+        "teachers: how their signals mix into one teacher distribution (set with teachers:).",
+        section=CombineConfig,
+    )
+    feature_teacher: str | None = _f(
+        None, "teachers: the teacher whose features the feature pairs align with (needed with a feature phase)."
+    )
+    adaptive: AdaptiveConfig | None = help_field(
+        None,
+        "The input-adaptive KD weight: a weight per sample (per token for LMs) from the teacher's entropy or "
+        "correctness, mean 1 over each optimizer step; unset = the plain schedule.",
+        section=AdaptiveConfig,
+    )
+    label_free: bool = _f(
         False,
-        "Causal LMs: ship through ONNX Runtime GenAI's model builder (KV cache, int8/int4 weight-only) instead of "
-        "the full-sequence torch.export ONNX; needs the genai extra (pip install 'distilflow[genai]').",
-    )
-    precisions: list[Literal["fp32", "int8", "int4"]] = _f(
-        ["fp32", "int8", "int4"], "Variants built into deploy/genai-<precision>/ (weight-only for int8 and int4)."
-    )
-    block_size: Literal[16, 32, 64, 128, 256] = _f(32, "int8/int4: weights per quantization block (one scale each).")
-    accuracy_level: Literal[0, 1, 2, 3, 4] = _f(
-        4, "int8/int4 MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32, 0 = the provider's default."
-    )
-    quantize_embeddings: bool = _f(
-        True, "int4: also store the embedding table in 4 bits (the builder quantizes embeddings in 4 bits only)."
-    )
-    execution_provider: Literal["cpu", "cuda"] = _f("cpu", "Target of the build (cuda: documented, untested here).")
-    prompt_tokens: int = _f(64, "Benchmark: prompt length (the first tokens of held-out rows).")
-    new_tokens: int = _f(
-        64, "Benchmark: tokens decoded per prompt (end-of-text suppressed so every variant decodes all)."
-    )
-    repeats: int = _f(3, "Benchmark: timed repetitions per variant and batch size (the median is reported).")
-
-
-@dataclass
-class DeployConfig:
-    enabled: bool = _f(True, "'distilflow run' ends with export, quantization and the benchmark table.")
-    methods: list[Literal["dynamic", "static"]] = _f(
-        ["dynamic", "static"], "ONNX Runtime int8 methods: dynamic (no calibration) and/or static (calibrated QDQ)."
-    )
-    bits: int = _f(8, "Quantization bits (the article's config shape; 8 is what ONNX Runtime supports here).")
-    observe_steps: int = _f(16, "static: calibration batches of training data (the article's observe_steps).")
-    calibration_batch: int = _f(32, "static: rows (samples or sequences) per calibration batch.")
-    per_channel: bool = _f(False, "Per-output-channel weight scales instead of one per tensor.")
-    reduce_range: Literal["auto"] | bool = _f(
-        "auto",
-        "7-bit int8 weights, which ONNX Runtime needs on x86 CPUs without VNNI (their U8S8 kernel saturates): "
-        "auto = a probe of this machine's kernel decides; true for such a target or an unknown x86 one; false for "
-        "VNNI or ARM targets.",
-    )
-    op_types: list[str] = _f(
-        [], "ONNX operator types to quantise (empty = ONNX Runtime's defaults, e.g. MatMul, Gemm, Conv, Gather)."
-    )
-    exclude: list[str] = _f(
-        [],
-        "Regexes over ONNX node names or PyTorch module paths kept in float, e.g. 'lm_head' or 'classifier'.",
-    )
-    torch_backend: Literal["auto", "torchao", "torch_ao", "off"] = _f(
-        "auto",
-        "PyTorch-native int8: auto (torch.ao on CPU while PyTorch ships it, else torchao), torchao, torch_ao, off.",
-    )
-    batch_sizes: list[int] = _f(
-        [1, 64], "Batch sizes (samples, or sequences of the data section's seq_len) whose latency is measured."
-    )
-    threads: int = _f(1, "CPU threads for every variant in the benchmark (fixed so that the ratios compare).")
-    iterations: int = _f(20, "Timed calls per variant and batch size (after 3 warm-up calls).")
-    parity_tolerance: float = _f(1e-3, "Largest allowed ONNX-vs-eager logit difference, relative to the largest logit.")
-    tensorrt: bool = _f(
-        False, "Also run ONNX Runtime's TensorRT provider (needs onnxruntime-gpu and a GPU; else skipped with a note)."
-    )
-    genai: GenaiConfig = _f(
-        GenaiConfig(), "Causal LMs: generation through ONNX Runtime GenAI (KV cache, int8/int4), decode benchmark."
+        "The student reads no label: KD (and features) only, every training label dropped; no phase may use 'ce'. "
+        "Held-out labels still score it.",
     )
 
 
@@ -350,8 +332,14 @@ class Config:
     device: str = _f("cpu", "'cpu', 'cuda', 'cuda:N' or 'auto'.")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default).")
     data: DataConfig = _f(DataConfig(), "Where the data comes from.")
-    teacher: TeacherConfig = _f(
-        TeacherConfig(), "The teacher: trained first (or loaded from model.checkpoint or a model.hf.path folder)."
+    teacher: TeacherConfig | None = _f(
+        TeacherConfig(),
+        "The teacher: trained first (or loaded from model.checkpoint or a model.hf.path folder); none with teachers:.",
+    )
+    teachers: list[NamedTeacherConfig] | None = _f(
+        None,
+        "Several named teachers instead of teacher: (each trained here, a checkpoint, a model.hf.path folder, or its "
+        "own cache); their signals mix by distill.combine (docs/MULTI_TEACHER.md).",
     )
     student: StudentConfig = _f(
         StudentConfig(), "The student: trained once without a teacher (baseline) and once distilled, same budget."
@@ -383,11 +371,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     The defaults hold no model or data section: each comes from the file or the overrides, or, when
     neither sets it, from the defaults of the kind the config chooses (``arch``, ``data.source``)."""
     tree = to_dict(Config(), sections=False)
-    if path is not None:
-        tree = merge(tree, read_yaml(path))
+    given = read_yaml(path) if path is not None else {}
+    tree = merge(tree, given)
+    teacher_given = given.get("teacher") is not None
     for text in overrides:
         keys, value = parse_override(text)
         set_path(tree, keys, value)
+        teacher_given = teacher_given or (keys[0] == "teacher" and (len(keys) > 1 or value is not None))
+    resolve_spelling(tree, teacher_given)
     where = f"config '{path}'" if path is not None else "the overrides"
     return config_from_dict(tree, where=where)
 
@@ -399,6 +390,8 @@ def config_from_dict(tree: dict, *, where: str = "the config", quiet: bool = Fal
     if (notes["moved"] or notes["dropped"]) and not quiet:
         print(describe_migration(where, notes), file=sys.stderr)
     cfg = build(Config, tree)
+    if cfg.teachers is not None and cfg.distill.combine is None:
+        cfg.distill.combine = CombineConfig()  # saved with the run: the rule in use is on record
     if cfg.distill.feature_layers is None:
         cfg.distill.feature_layers = default_feature_layers(cfg)
     validate(cfg)
@@ -413,5 +406,8 @@ def default_feature_layers(cfg: Config) -> list[FeatureLayerConfig]:
     d = cfg.distill
     if d.layer_map is not None or not any("feature" in p.terms for p in d.phases):
         return []
-    student, teacher = last_hidden_layer(cfg.student.model), last_hidden_layer(cfg.teacher.model)
+    section = feature_teacher_section(cfg)  # the teacher the pairs align with (None: refused by validation)
+    if section is None:
+        return []
+    student, teacher = last_hidden_layer(cfg.student.model), last_hidden_layer(section.model)
     return [FeatureLayerConfig(student=student, teacher=teacher)] if student and teacher else []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from distilflow.config_teachers import check_teachers, trained_sections
 from distilflow.errors import UserError
 
 if TYPE_CHECKING:
@@ -30,8 +31,8 @@ def _check_models(cfg: Config, need: Any) -> None:
     from distilflow.config import model_section
 
     lm = cfg.task == "causal_lm"
-    for stage in ("teacher", "student"):
-        m = getattr(cfg, stage).model
+    for stage, section in trained_sections(cfg):
+        m = section.model
         _check_sections(m, f"{stage}.model", model_section(m.arch), f"arch {m.arch!r}", need)
         if lm:
             need(m.arch == "hf", f"{stage}.model.arch", m.arch, f"data.source '{cfg.data.source}' needs arch 'hf'")
@@ -123,6 +124,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}': {value!r} is not allowed; {rule}")
 
     _check_data(cfg, need)
+    check_teachers(cfg, need)  # teacher: or teachers:, combine, adaptive, label-free (first: the rest reads them)
     _check_models(cfg, need)
     d = cfg.distill
     need(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0")
@@ -184,8 +186,8 @@ def validate(cfg: Config) -> None:
         d.layer_map,
         "use 'uniform' or a list of [student, teacher] layer index pairs",
     )
-    for stage in ("teacher", "student"):
-        train = getattr(cfg, stage).train
+    for stage, section in trained_sections(cfg):
+        train = section.train
         pre = f"{stage}.train"
         need(train.steps >= 1, f"{pre}.steps", train.steps, "must be >= 1")
         need(train.batch_size >= 1, f"{pre}.batch_size", train.batch_size, "must be >= 1")

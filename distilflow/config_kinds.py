@@ -101,6 +101,12 @@ class DataConfig:
         "split of a file without test_path (npz, csv, text), the reasoning demo's problem sets.",
     )
     cache_dir: str = _f("~/.cache/distilflow", "Where generated datasets and trained tokenizers are cached.")
+    teacher_column: str | None = _f(
+        None,
+        "teachers: the column that routes each row to one named teacher: a field of text records (JSONL, parquet, "
+        "csv) holding a teacher's name, or an npz array (csv column) of per-row teacher indices or names; rows "
+        "without one (null, '' or -1) use distill.combine.",
+    )
     mnist1d: MNIST1DConfig | None = _section(MNIST1DConfig, "source mnist1d: the generated MNIST-1D sets.")
     files: FilesConfig | None = _section(FilesConfig, "source npz / csv: your classification files.")
     text: TextConfig | None = _section(TextConfig, "source text: your text files, as token rows.")

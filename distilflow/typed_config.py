@@ -186,19 +186,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _list_item(items: list, key: str) -> Any:
+    """The item of a list of mappings that ``key`` names: its ``name`` field, or its index."""
+    named = [item for item in items if isinstance(item, dict) and item.get("name") == key]
+    if named:
+        return named[0]
+    if key.isdigit() and int(key) < len(items) and isinstance(items[int(key)], dict):
+        return items[int(key)]
+    return None
+
+
 def set_path(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        child = node.get(part)
+    """Set ``value`` at the dotted ``path``; an item of a list of named mappings (``teachers``) is
+    reached by its name or index: ``teachers.cnn.train.steps=500``."""
+    node, i = tree, 0
+    while i < len(path) - 1:
+        part, child = path[i], node.get(path[i])
         if isinstance(child, list):
-            raise UserError(f"override '{'.'.join(path)}': '{part}' is a list; set it whole, e.g. {part}=[...]")
+            item = _list_item(child, path[i + 1]) if i + 2 < len(path) else None
+            if item is None:
+                raise UserError(
+                    f"override '{'.'.join(path)}': '{part}' is a list; set it whole, e.g. {part}=[...], or a key of "
+                    f"one of its named items, {part}.<name>.<key>=value"
+                )
+            node, i = item, i + 2
+            continue
         if not isinstance(child, dict):
             if part not in node:
                 # Leave the unknown key in place: validation names it with the allowed keys.
                 node[part] = {}
             else:
                 raise UserError(f"override '{'.'.join(path)}': '{'.'.join(path[: i + 1])}' is not a mapping")
-        node = node[part]
+        node, i = node[part], i + 1
     node[path[-1]] = value
 
 

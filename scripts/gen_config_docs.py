@@ -8,12 +8,15 @@ tests/test_shipped_configs.py fails when either file is out of date.
 from pathlib import Path
 
 from distilflow.config import (
+    AdaptiveConfig,
     CNNConfig,
+    CombineConfig,
     FactoryConfig,
     FilesConfig,
     HFConfig,
     MLPConfig,
     MNIST1DConfig,
+    NamedTeacherConfig,
     StdlibConfig,
     StudentHFConfig,
     TextConfig,
@@ -39,6 +42,9 @@ SECTIONS = [
     ("data.files", "source: npz or csv", "files", FilesConfig()),
     ("data.text", "source: text", "text", TextConfig()),
     ("data.stdlib", "source: stdlib", "stdlib", StdlibConfig()),
+    ("teachers (each entry; docs/MULTI_TEACHER.md)", "instead of teacher:", "teachers[i]", NamedTeacherConfig()),
+    ("distill.combine", "with teachers:", "combine", CombineConfig()),
+    ("distill.adaptive", "the input-adaptive KD weight", "adaptive", AdaptiveConfig()),
 ]
 
 

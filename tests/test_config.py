@@ -103,8 +103,14 @@ def test_malformed_overrides(bad):
 def test_override_into_a_scalar_or_a_list_is_refused():
     with pytest.raises(UserError, match="'name' is not a mapping"):
         load_config(overrides=["name.x=1"])
-    with pytest.raises(UserError, match="'phases' is a list"):
-        load_config(overrides=["distill.phases.0.fraction=1"])
+    with pytest.raises(UserError, match="'phases' is a list; set it whole"):
+        load_config(overrides=["distill.phases.no_such_phase.fraction=1"])
+
+
+def test_override_reaches_an_item_of_a_list_by_name_or_index():
+    cfg = load_config(overrides=["distill.phases.soft_label_pretrain.terms=[kd, ce]", "distill.phases.0.name=warm"])
+    assert cfg.distill.phases[1].terms == ["kd", "ce"] and cfg.distill.phases[0].name == "warm"
+    assert cfg.distill.phases[2].terms == ["kd", "ce"]  # the others as they were
 
 
 def test_override_replaces_a_whole_list_of_phases():
