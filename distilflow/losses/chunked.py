@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -31,7 +32,22 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 23
 at V = 128k). Smaller chunks save little more (the lm_head gradient dominates) and cost time: each
 chunk streams the whole lm_head through the matmuls again (docs/BENCHMARKS.md)."""
 
-Teacher = torch.Tensor | SparseTeacher | None
+
+@runtime_checkable
+class LazyTeacher(Protocol):
+    """A teacher whose dense logits are made on demand, rows at a time, without gradient: final hidden
+    states with the teacher's lm_head (losses/fused.HiddenStates) or several teachers mixed
+    (teachers/combine.MixedTeacher). ``shape`` is that of the logits ``(..., V)``; ``logits_at(index)``
+    gives the logits of the positions ``index`` (any basic index over them). The chunked and fused
+    losses ask for one chunk at a time; the plain loss for all rows at once (``logits_at()``)."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def logits_at(self, index: tuple = (...,)) -> torch.Tensor: ...
+
+
+Teacher = torch.Tensor | SparseTeacher | LazyTeacher | None
 
 
 @dataclass(frozen=True)
@@ -77,15 +93,17 @@ def row_slices(leading: torch.Size | tuple[int, ...], chunk_rows: int) -> Iterat
             yield (*prefix, slice(start, min(start + chunk_rows, last)))
 
 
-def teacher_rows(teacher, index: tuple):
-    """Rows ``index`` of a teacher: dense logits, a SparseTeacher, or hidden states (their logits)."""
+def teacher_rows(teacher: Teacher, index: tuple):
+    """Rows ``index`` of a teacher: dense logits, a SparseTeacher, or a :class:`LazyTeacher` (its logits there)."""
     if teacher is None:
         return None
     if isinstance(teacher, SparseTeacher):
         return sparse_rows(teacher, index)
     if isinstance(teacher, torch.Tensor):
         return teacher[index]
-    return teacher.logits_at(index)  # HiddenStates (losses/fused.py), no gradient
+    if isinstance(teacher, LazyTeacher):
+        return teacher.logits_at(index)  # no gradient
+    raise TypeError(f"a teacher signal of type {type(teacher).__name__} is not dense, sparse or lazy logits")
 
 
 def chunk_terms(

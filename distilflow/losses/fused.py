@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from distilflow.errors import UserError
 from distilflow.losses.chunked import (
+    LazyTeacher,
     LossParts,
     LossSpec,
     check_terms,
@@ -133,10 +134,8 @@ def _teacher_side(teacher, vocab: int):
     """The teacher as the chunk loop takes it, checked against the student's scored vocabulary."""
     if teacher is None or isinstance(teacher, SparseTeacher):
         return teacher
-    if isinstance(teacher, HiddenStates):
-        width = teacher.vocab
-    else:
-        width = teacher.shape[-1]
+    width = teacher.shape[-1]  # HiddenStates: its vocabulary cut
+    if not isinstance(teacher, LazyTeacher):  # dense logits (lazy teachers are made without gradient)
         teacher = teacher.detach()
     if width != vocab:
         raise UserError(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distilflow.losses.chunked import LossParts, chunked_kd_ce
+from distilflow.losses.chunked import LazyTeacher, LossParts, chunked_kd_ce
 from distilflow.losses.features import FEATURE_LOSSES
 from distilflow.losses.fused import HiddenStates, fused_kd_ce
 from distilflow.losses.logits import cross_entropy_sum
@@ -63,11 +63,12 @@ class Outputs:
 
     ``logits`` ``(B, C)`` for classifiers or ``(B, T, V)`` for language models; for the fused loss a
     :class:`HiddenStates` (final hidden states and lm_head) instead; a teacher cache may give a
-    :class:`SparseTeacher`. ``features`` the tapped intermediate outputs in the order of the
-    configured layer pairs.
+    :class:`SparseTeacher`; several teachers give their mixture (a :class:`LazyTeacher`, or a
+    :class:`SparseTeacher` over the union of their top-k ids). ``features`` the tapped intermediate
+    outputs in the order of the configured layer pairs.
     """
 
-    logits: torch.Tensor | HiddenStates | SparseTeacher
+    logits: torch.Tensor | HiddenStates | SparseTeacher | LazyTeacher
     features: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -84,12 +85,29 @@ class Targets:
     ``alignment`` (a teacher of another tokenizer, data/align.py): the batch's aligned groups; then
     ``kd_mask`` marks the logit row that predicts each group's first token and ``feature_mask`` each
     group's last token (so both count groups), and the KD and feature terms compare groups.
+
+    ``kd_weight`` ``(B,)`` or ``(B, T)`` float: the input-adaptive KD weight of each position
+    (losses/adaptive.py; mean 1 over the optimizer step's real positions), None for weight 1. It
+    multiplies the KD term's per-position divergence; ``kd_mask`` stays boolean, because the row
+    counts (:meth:`counts`) and the feature term read it. ``route`` ``(B,)`` or ``(B, T)`` int: the
+    teacher each position is distilled from when several teachers are routed by a data column
+    (teachers/multi.py; -1: no route), None without routing.
     """
 
     labels: torch.Tensor
     kd_mask: torch.Tensor
     feature_mask: torch.Tensor | None = None
     alignment: Alignment | None = None
+    kd_weight: torch.Tensor | None = None
+    route: torch.Tensor | None = None
+
+    def kd_rows(self, per_token: bool) -> torch.Tensor | None:
+        """The KD functions' ``mask`` argument: ``kd_mask`` (LMs) or None (classifiers: every sample),
+        times ``kd_weight`` when there is one."""
+        mask = self.kd_mask if per_token else None
+        if self.kd_weight is None:
+            return mask
+        return self.kd_weight if mask is None else self.kd_weight * mask.to(self.kd_weight.dtype)
 
     def counts(self, per_token: bool) -> dict[str, int]:
         """Rows that each term averages over."""
@@ -233,9 +251,9 @@ class Objective(nn.Module):
         """KD and CE by the plain functions of losses/logits.py (and losses/sparse.py), normalised."""
         parts = {}
         if "kd" in weights:
-            mask = targets.kd_mask if self.per_token else None
+            mask = targets.kd_rows(self.per_token)
             signal = teacher.logits
-            if isinstance(signal, HiddenStates):
+            if isinstance(signal, LazyTeacher):  # hidden states, several teachers mixed: all rows at once
                 signal = signal.logits_at()
             total = kd_divergence(
                 student.logits,
@@ -294,7 +312,7 @@ class Objective(nn.Module):
         kd_on = "kd" in weights
         signal = teacher.logits if kd_on else None
         options = dict(
-            mask=targets.kd_mask if self.per_token else None,
+            mask=targets.kd_rows(self.per_token),
             divergence=self.divergence,
             temperature=self.temperature,
             beta=self.jsd_beta,
@@ -304,8 +322,6 @@ class Objective(nn.Module):
         )
         if impl == "fused":
             return fused_kd_ce(student.logits, signal, targets.labels, **options)
-        if isinstance(signal, HiddenStates):
-            signal = signal.logits_at()
         return chunked_kd_ce(student.logits, signal, targets.labels, **options)
 
     def feature_term(

@@ -157,11 +157,12 @@ def check_signals(
 class MixedTeacher:
     """Dense teachers (and top-k caches, expanded) mixed on demand, rows at a time.
 
-    What the KD term consumes: :meth:`logits_at` gives ``T * log p_T`` for any rows (the KD term's
-    ``log_softmax(. / T)`` of it is ``log p_T``), :meth:`log_probs_at` ``log p_T``. The chunked and
-    fused losses ask for one chunk of rows at a time (``losses/chunked.teacher_rows``), so the
-    mixture is never held whole. Signals: dense logits ``(..., V)``, :class:`HiddenStates`, or
-    ``topk`` :class:`SparseTeacher` (its tail spread uniformly; see losses/confidence.py).
+    A :class:`~distilflow.losses.chunked.LazyTeacher`, as the KD term consumes it: :meth:`logits_at`
+    gives ``T * log p_T`` for any rows (the KD term's ``log_softmax(. / T)`` of it is ``log p_T``),
+    :meth:`log_probs_at` ``log p_T``. The chunked and fused losses ask for one chunk of rows at a
+    time (``losses/chunked.teacher_rows``), so the mixture is never held whole. Signals: dense
+    logits ``(..., V)``, :class:`HiddenStates`, or ``topk`` :class:`SparseTeacher` (its tail spread
+    uniformly; see losses/confidence.py).
     ``labels`` ``(...)`` for the label rules; ``route`` ``(B,)`` or ``(...)`` teacher indices.
     """
 
@@ -254,10 +255,6 @@ class MixedTeacher:
             out[sub] = mixed
         return out
 
-    def detach(self) -> MixedTeacher:
-        """Itself: the mixture is computed without gradient (the fused loss detaches dense teachers)."""
-        return self
-
     def logits_at(self, index: tuple = (...,)) -> torch.Tensor:
         """``T * log p_T`` ``(..., V)``: what the KD term reads as dense teacher logits at ``T``."""
         return self.log_probs_at(index).mul_(self.temperature)
@@ -332,14 +329,20 @@ def combine_teachers(
     route: torch.Tensor | None = None,
     names: Sequence[str] | None = None,
     chunk_rows: int = 0,
+    check: bool = True,
 ) -> SparseTeacher | MixedTeacher:
     """The one teacher distribution of N teachers' signals (checked): a top-k union when every teacher
     is a top-k cache, else a :class:`MixedTeacher`. One teacher without a route gives the same
-    distribution as that teacher (not the same object). ``labels`` / ``route`` as :class:`MixedTeacher`."""
-    combination.check(len(signals))
-    vocab_size = check_signals(
-        signals, temperature=temperature, vocab_size=vocab_size, labels=labels, route=route, names=names
-    )
+    distribution as that teacher (not the same object). ``labels`` / ``route`` as :class:`MixedTeacher`.
+    ``check=False`` skips :func:`check_signals` (``vocab_size`` must then be given): a caller that
+    checked the first micro-batch of a run does not pay its device synchronisations on every one."""
+    if check:
+        combination.check(len(signals))
+        vocab_size = check_signals(
+            signals, temperature=temperature, vocab_size=vocab_size, labels=labels, route=route, names=names
+        )
+    elif vocab_size is None:
+        raise ValueError("combine_teachers(check=False) needs vocab_size")
     if all(isinstance(s, SparseTeacher) for s in signals):
         return combine_topk(
             signals, temperature=temperature, combination=combination, vocab_size=vocab_size, labels=labels, route=route

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distilflow.losses.chunked import LazyTeacher
 from distilflow.losses.fused import HiddenStates
 from distilflow.losses.objective import Outputs, Targets
 from distilflow.losses.sparse import SparseTeacher
@@ -63,6 +64,9 @@ def top1_ids(signal: torch.Tensor | HiddenStates | SparseTeacher) -> torch.Tenso
         with torch.no_grad():
             ids = [F.linear(hidden[i : i + rows], weight, bias).argmax(-1) for i in range(0, len(hidden), rows)]
         return torch.cat(ids).reshape(signal.hidden.shape[:-1]) if ids else hidden.new_zeros(0, dtype=torch.long)
+    if isinstance(signal, LazyTeacher):  # several teachers mixed (teachers/combine.py): logged steps only
+        with torch.no_grad():
+            return signal.logits_at().argmax(-1)
     return signal.argmax(-1)
 
 

@@ -27,6 +27,7 @@ from distilflow.teachers.base import TeacherSignals
 from distilflow.train import dist
 from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
 from distilflow.train.diagnostics import StepWatch
+from distilflow.train.kd_position import PositionWeights
 from distilflow.train.logging import MetricsLog, Progress
 from distilflow.train.precision import (
     MAX_SKIPPED,
@@ -103,8 +104,13 @@ def fit(
     teacher: TeacherSignals | None = None,
     student_taps: Taps | None = None,
     watch: StepWatch | None = None,
+    kd_position: PositionWeights | None = None,
 ) -> FitResult:
     """Train ``model`` (and the objective's projection heads) for ``train.steps`` steps.
+
+    ``kd_position`` (``distill.adaptive``): on steps that use the KD term the teacher's signals of
+    every micro-batch come first, then the input-adaptive KD weight of each position, normalised
+    over the whole step (train/kd_position.py), and only then the forward and backward passes.
 
     Resumes from ``stage_dir/checkpoint.pt`` when it exists: model, heads, optimizer, gradient
     scaler, step and RNG state are restored, and schedules are pure functions of the step, so the
@@ -164,15 +170,20 @@ def fit(
             },
         )
 
-    def micro_loss(step: int, batch: Batch, target: Targets, rows: dict[str, int]) -> tuple[torch.Tensor, dict]:
-        """One micro-batch: teacher signals (when the phase needs them), student forward, objective."""
+    def teacher_signals(step: int, batch: Batch) -> Outputs:
+        # A cache reader only moves stored tensors; autocast would try to "promote" its fp16 ones.
+        with amp.autocast() if getattr(teacher, "autocast", False) else nullcontext():
+            return teacher(batch, features="feature" in objective.phase(step).terms)
+
+    def micro_loss(
+        step: int, batch: Batch, target: Targets, rows: dict[str, int], teacher_out: Outputs | None
+    ) -> tuple[torch.Tensor, dict]:
+        """One micro-batch: teacher signals (when the phase needs them and they are not given yet),
+        student forward, objective."""
         terms = objective.phase(step).terms
         wants_features = "feature" in terms
-        teacher_out = None
-        if uses_teacher(terms):
-            # A cache reader only moves stored tensors; autocast would try to "promote" its fp16 ones.
-            with amp.autocast() if getattr(teacher, "autocast", False) else nullcontext():
-                teacher_out = teacher(batch, features=wants_features)
+        if teacher_out is None and uses_teacher(terms):
+            teacher_out = teacher_signals(step, batch)
         with amp.autocast():
             if wants_features and student_taps is not None:
                 with student_taps.capture():
@@ -207,13 +218,18 @@ def fit(
         for target in targets:
             rows = add_counts(rows, target.counts(task.per_token))
         rows = world.all_reduce_counts(rows)  # the real rows of the whole global step
+        given: list[Outputs | None] = [None] * len(micro)  # teacher signals computed before the step
+        if kd_position is not None and "kd" in phase.terms:  # distill.adaptive: normalised over the step
+            given = [teacher_signals(step, b) for b in micro]
+            targets = kd_position.weigh(given, targets, per_token=task.per_token, world=world)
 
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         parts_sum: dict[str, float] = {}
         for i, (batch, target) in enumerate(zip(micro, targets)):
             with replica.sync(last=i == len(micro) - 1):  # DDP: gradients are reduced on the last one
-                loss, parts = replica(micro_loss, step, batch, target, rows)
+                loss, parts = replica(micro_loss, step, batch, target, rows, given[i])
+                given[i] = None  # this micro-batch's teacher signals are no longer needed
                 # Under torchrun a rank's loss is a share: the synchronised gradient norm below stops every rank.
                 if not world.distributed and not torch.isfinite(loss):
                     _stop(stage, step, "loss", float(loss.detach()), parts, ckpt_path)
@@ -256,6 +272,8 @@ def fit(
                 f"{task.unit}_per_s": window_units / max(window_seconds, 1e-9),
                 **diagnostics,
             }
+            if kd_position is not None:
+                info.update(kd_position.summary(world))  # kd_position_weight_min ... _max of the last weighted step
             if amp.scaling:
                 info.update(loss_scale=amp.scaler.get_scale(), skipped_steps=amp.skipped)
             log.write(info)
