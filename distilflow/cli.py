@@ -135,16 +135,19 @@ def _cmd_print_config(ns) -> int:
 
 
 def _print_results(results: dict) -> None:
-    first = next(results[stage] for stage in ("teacher", "baseline", "student") if stage in results)
+    from distilflow.report import model_rows
+
+    rows = model_rows(results)
+    first = next(r for _, r in rows if "accuracy" in r or "perplexity" in r)
     metric = "perplexity" if "perplexity" in first else "accuracy"
     cost = "macs" if "macs" in first else "macs_per_token"
     bpc = "bits_per_char" in first  # across tokenizers: perplexities are per own token, bits per character compare
-    print(f"{'model':<10} {metric:>10}{' bits/char' if bpc else ''} {'params':>12} {cost:>14}")
-    for stage in ("teacher", "baseline", "student"):
-        if stage in results:
-            r = results[stage]
-            per_char = f" {r['bits_per_char']:>9.4f}" if bpc else ""
-            print(f"{stage:<10} {r[metric]:>10.4f}{per_char} {r.get('params', 0):>12,} {r.get(cost, 0):>14,}")
+    width = max(10, *(len(label) for label, _ in rows))
+    print(f"{'model':<{width}} {metric:>10}{' bits/char' if bpc else ''} {'params':>12} {cost:>14}")
+    for label, r in rows:
+        value = f"{r[metric]:>10.4f}" if metric in r else f"{'cache':>10}"
+        per_char = f" {r.get('bits_per_char', float('nan')):>9.4f}" if bpc else ""
+        print(f"{label:<{width}} {value}{per_char} {r.get('params', 0):>12,} {r.get(cost, 0):>14,}")
 
 
 def _cmd_run(ns, cfg=None) -> int:
@@ -189,10 +192,15 @@ def _metric_line(role: str, result: dict) -> str:
 
 def _cmd_train_teacher(ns) -> int:
     from distilflow.pipeline import open_run, teacher_stage
+    from distilflow.teacher_views import teacher_views
 
     run = open_run(_load(ns.args))
-    _, result = teacher_stage(run, log_tensorboard=not ns.no_tensorboard)
-    print(f"{_metric_line('teacher', result)}; weights in {run.stage_dir('teacher')}")
+    for view in teacher_views(run):  # teacher:, or each named teacher of teachers: (not one known by its cache)
+        if view.cache_only:
+            continue
+        _, result = teacher_stage(view.run, log_tensorboard=not ns.no_tensorboard)
+        label = f"teacher '{view.name}'" if view.named else "teacher"
+        print(f"{_metric_line(label, result)}; weights in {view.run.stage_dir('teacher')}")
     return 0
 
 
@@ -201,21 +209,11 @@ def _has_weights(folder: Path) -> bool:
 
 
 def _cmd_distill(ns) -> int:
-    from distilflow.pipeline import distill_stage, open_run, teacher_stage
+    from distilflow.pipeline import distill_stage, distill_teachers, open_run
 
-    cfg = _load(ns.args)
-    run = open_run(cfg)
-    from distilflow.data.cache import reads_cache
-
-    # A complete teacher cache stands in for the teacher (which is then not loaded at all).
-    from_cache = reads_cache(cfg)
-    given = cfg.teacher.model.pretrained
-    if not from_cache and not given and not _has_weights(run.stage_dir("teacher")):
-        raise UserError(
-            f"no trained teacher in '{run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
-            "first, or set teacher.model.checkpoint=PATH (or teacher.model.hf.path for a Hugging Face folder)"
-        )
-    teacher = None if from_cache else teacher_stage(run, log_tensorboard=False)[0]
+    run = open_run(_load(ns.args))
+    # A complete teacher cache stands in for its teacher (which is then not loaded at all).
+    teacher = distill_teachers(run)
     _, result = distill_stage(run, teacher, log_tensorboard=not ns.no_tensorboard)
     print(f"{_metric_line('student', result)}; weights in {run.stage_dir('student')}")
     return 0
@@ -224,6 +222,7 @@ def _cmd_distill(ns) -> int:
 def _cmd_eval(ns) -> int:
     from distilflow.pipeline import load_trained, open_run
     from distilflow.stages import stage_loss_impl
+    from distilflow.teacher_views import student_vocab, teacher_views
 
     cfg = _load(ns.args)
     stages = [ns.model] if ns.model else ["teacher", "baseline", "student"]
@@ -231,22 +230,32 @@ def _cmd_eval(ns) -> int:
     if unknown:
         raise UserError(f"--model {unknown[0]!r} is not allowed; use teacher, baseline or student")
     run = open_run(cfg)
-    given_teacher = bool(cfg.teacher.model.pretrained)
-    # Students are scored as in training: over the vocabulary they share with the teacher (whose
-    # size, not weights, decides it).
-    reference = run.work.new_model("teacher")
-    results = {}
+    views = teacher_views(run)
+    # Students are scored as in training: over the vocabulary they share with the teachers (whose
+    # sizes, not weights, decide it).
+    references = [None if view.cache_only else view.run.work.new_model("teacher") for view in views]
+    results: dict = {}
     for stage in stages:
-        if not (stage == "teacher" and given_teacher) and not _has_weights(run.stage_dir(stage)):
-            if ns.model:
-                raise UserError(f"no trained {stage} in '{run.stage_dir(stage)}'; train it first with 'distilflow run'")
-            continue
-        model = load_trained(run, stage)
-        vocab = run.work.shared_vocab(model, reference) if stage != "teacher" else None
-        train = cfg.teacher.train if stage == "teacher" else cfg.student.train
-        impl = stage_loss_impl(cfg, run.work, train, [model], vocab)  # evaluated as it was trained
-        task = run.work.task(stage, train, cfg.seed, vocab, loss_impl=impl, chunk_rows=cfg.distill.loss_chunk_rows)
-        results[stage] = {**task.evaluate(model), **run.work.facts(model)}
+        # The teacher: each named one with teachers: (one known by its cache alone has no model to score).
+        runs = [(view, view.run) for view in views if not view.cache_only] if stage == "teacher" else [(None, run)]
+        for view, stage_run in runs:
+            given = view is not None and view.given
+            if not given and not _has_weights(stage_run.stage_dir(stage)):
+                if ns.model:
+                    raise UserError(
+                        f"no trained {stage} in '{stage_run.stage_dir(stage)}'; train it first with 'distilflow run'"
+                    )
+                continue
+            model = load_trained(stage_run, stage)
+            vocab = student_vocab(run, model, references) if stage != "teacher" else None
+            train = stage_run.cfg.teacher.train if stage == "teacher" else cfg.student.train
+            impl = stage_loss_impl(cfg, run.work, train, [model], vocab)  # evaluated as it was trained
+            task = run.work.task(stage, train, cfg.seed, vocab, loss_impl=impl, chunk_rows=cfg.distill.loss_chunk_rows)
+            scored = {**task.evaluate(model), **run.work.facts(model)}
+            if view is not None and view.named:
+                results.setdefault("teachers", {})[view.name] = scored
+            else:
+                results[stage] = scored
     if not results:
         raise UserError(f"no trained models in '{run.dir}'; run 'distilflow run' with this config first")
     _print_results(results)
@@ -297,19 +306,12 @@ def _cmd_bench(ns) -> int:
 
 def _cmd_cache_teacher(ns) -> int:
     from distilflow.data.cache import cache_dir, cache_summary
-    from distilflow.pipeline import cache_stage, open_run, teacher_stage
+    from distilflow.pipeline import cache_teachers, open_run
 
-    cfg = _load(ns.args)
-    run = open_run(cfg, writes_cache=True)
-    if not cfg.teacher.model.pretrained and not _has_weights(run.stage_dir("teacher")):
-        raise UserError(
-            f"no trained teacher in '{run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
-            "first, or set teacher.model.checkpoint=PATH (or teacher.model.hf.path for a Hugging Face folder)"
-        )
-    teacher, _ = teacher_stage(run, log_tensorboard=False)
+    run = open_run(_load(ns.args), writes_cache=True)
     began = time.monotonic()
-    manifest = cache_stage(run, teacher)
-    print(f"{cache_summary(manifest, cache_dir(cfg))}; {time.monotonic() - began:.1f} s")
+    for view, manifest in cache_teachers(run):
+        print(f"{cache_summary(manifest, cache_dir(view.cfg))}; {time.monotonic() - began:.1f} s")
     return 0
 
 

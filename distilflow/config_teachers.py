@@ -215,6 +215,21 @@ def _check_list(cfg: Config, need: Any) -> None:
             "copies the layers of one teacher; with 'teachers:' the student starts from its own init",
         ),
     ]
+    if cfg.task == "causal_lm":
+        refusals += [
+            (
+                cfg.distill.cross_tokenizer in ("uld", "hybrid"),
+                "distill.cross_tokenizer",
+                cfg.distill.cross_tokenizer,
+                "several teachers read the student's tokens (one tokenizer for all); use auto or off",
+            ),
+            (
+                bool(cfg.data.token_rows.teacher_tokenizer),
+                f"data.{cfg.data.source}.teacher_tokenizer",
+                cfg.data.token_rows.teacher_tokenizer,
+                "several teachers share the student's tokenizer (each folder's is checked against it)",
+            ),
+        ]
     for refused, key, value, why in refusals:
         need(not refused, key, value, f"not with 'teachers:'; {why}")
     column = cfg.data.teacher_column

@@ -8,6 +8,7 @@ checkpoint and final weights; a finished stage is reused, an unfinished one resu
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,14 @@ import torch
 from torch import nn
 
 from distilflow.config import Config, config_from_dict, read_yaml, to_dict
-from distilflow.data.cache import cache_complete, check_cache, logit_width, reads_cache, teacher_files
+from distilflow.config_teachers import adaptive_of, combination_of, trained_sections
+from distilflow.data.cache import cache_complete, cache_dir, logit_width, reads_cache
 from distilflow.data.cache_writer import write_cache
 from distilflow.device import resolve_device
 from distilflow.errors import UserError
 from distilflow.models.build import load_weights
+from distilflow.models.taps import Taps
+from distilflow.preflight import preflight
 from distilflow.stages import (
     Run,
     check_output_dir,
@@ -40,12 +44,21 @@ from distilflow.student_side import (
     student_taps_of,
     teacher_layer_paths,
 )
+from distilflow.tasks.label_free import LabelFreeTask
+from distilflow.teacher_views import TeacherView, feature_index, routed, student_vocab, teacher_views
+from distilflow.teachers.cached import OpenedCache
 from distilflow.teachers.cross_tokenizer import TeacherIdsGuard, TeacherOwnIds
 from distilflow.teachers.live import LiveTeacher
+from distilflow.teachers.multi import Member, MultiTeacher
 from distilflow.train import dist
 from distilflow.train.checkpoint import WEIGHTS, write_json
-from distilflow.train.precision import cast_teacher, check_teacher_dtype, check_train_options
+from distilflow.train.kd_position import PositionWeights
+from distilflow.train.precision import Precision, cast_teacher
 from distilflow.workload import make_workload
+
+Teachers = nn.Module | list[nn.Module | None] | None
+"""What the student's stages are given: the one teacher, or one entry per ``teachers:`` entry (None
+for a teacher read from its complete cache)."""
 
 
 def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
@@ -57,9 +70,10 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     if cfg.reasoning.task != "off":  # its own stage list (distilflow/reasoning.py), with its own folder layout
         raise UserError(f"reasoning.task {cfg.reasoning.task!r}: the reasoning demo runs with 'distilflow run' only")
     world = dist.env_world()  # under torchrun: every rank refuses a batch that does not split, before joining
-    trained = [("student.train", cfg.student.train)]
-    if not cfg.teacher.model.pretrained:  # a given teacher is not trained here
-        trained.append(("teacher.train", cfg.teacher.train))
+    # Given teachers are not trained here.
+    trained = [
+        (f"{key}.train", s.train) for key, s in trained_sections(cfg) if key == "student" or not s.model.pretrained
+    ]
     for key, train in trained:
         world.check_batch(train.batch_size, train.grad_accum, key)
     check_output_dir(cfg)
@@ -100,19 +114,94 @@ def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, di
     return model.eval(), finish_stage(run, "teacher", model, result)
 
 
-def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | None = None) -> tuple[nn.Module, dict]:
+def teachers_stage(run: Run, log_tensorboard: bool = True) -> list[tuple[nn.Module | None, dict]]:
+    """Every teacher of the run, in config order: :func:`teacher_stage` on its view. A named teacher known
+    by its complete own cache alone is neither trained nor loaded: ``(None, where its cache is)``."""
+    out = []
+    for view in teacher_views(run):
+        if view.cache_only:
+            out.append((None, {"from_cache": str(cache_dir(view.cfg)), "steps": 0}))
+        else:
+            out.append(teacher_stage(view.run, log_tensorboard))
+    return out
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / WEIGHTS).is_file()
+
+
+def _need_teacher(view: TeacherView, command: str) -> None:
+    """A teacher that ``command`` must run is given or trained already, else one line."""
+    if not view.given and not _has_weights(view.run.stage_dir("teacher")):
+        which = f"teacher '{view.name}'" if view.named else "trained teacher"
+        key = f"teachers.{view.name}.model" if view.named else "teacher.model"
+        raise UserError(
+            f"no {which} in '{view.run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
+            f"first, or set {key}.checkpoint=PATH (or {key}.hf.path for a Hugging Face folder)"
+        )
+
+
+def distill_teachers(run: Run) -> Teachers:
+    """The teachers ``distilflow distill`` needs (trained already or given), loaded: None for one whose
+    complete cache stands in for it (no teacher model is loaded then). Refused before any training."""
+    views = teacher_views(run)
+    needed = [not (view.cache_only or reads_cache(view.cfg)) for view in views]
+    for view, need in zip(views, needed):
+        if need:
+            _need_teacher(view, "distill")
+    models = [teacher_stage(view.run, log_tensorboard=False)[0] if need else None for view, need in zip(views, needed)]
+    return models if run.cfg.teachers else models[0]
+
+
+def cache_teachers(run: Run) -> list[tuple[TeacherView, dict]]:
+    """``distilflow cache-teacher``: the cache of every teacher that reads one (the one teacher; with
+    ``teachers:`` those under ``cache.use`` or naming their own ``cache``), written or finished, with
+    the teachers' shared vocabulary cut. Returns each view with its manifest."""
+    views = teacher_views(run)
+    targets = [view for view in views if view.cached or not view.named]
+    if not targets:
+        raise UserError(
+            "no teacher reads a cache: set cache.use=true, or give a teacher its own cache folder "
+            "(teachers.<name>.cache=PATH)"
+        )
+    for view in targets:
+        _need_teacher(view, "cache-teacher")
+    models = {view.name: teacher_stage(view.run, log_tensorboard=False)[0] for view in targets}
+    vocab = None
+    if run.cfg.teachers:  # the cut all teachers share (widths do not depend on the weights)
+        others = [None if v.cache_only else models.get(v.name) or v.run.work.new_model("teacher") for v in views]
+        vocab = student_vocab(run, new_student(run, None), others)
+    return [(view, cache_stage(view.run, models[view.name], vocab_size=vocab)) for view in targets]
+
+
+def _teacher_list(run: Run, teacher: Teachers) -> list[nn.Module | None]:
+    """``teacher`` as one entry per teacher view (the one teacher of ``teacher:``, or the list)."""
+    models = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    if len(models) != len(teacher_views(run)):
+        raise ValueError(f"{len(models)} teacher models for {len(teacher_views(run))} teachers")
+    return models
+
+
+def _init_teacher(run: Run, models: list[nn.Module | None]) -> nn.Module | None:
+    """The teacher a student may copy layers from (``init_layers``, refused with ``teachers:``)."""
+    return None if run.cfg.teachers else models[0]
+
+
+def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: Teachers = None) -> tuple[nn.Module, dict]:
     """The student trained on labels alone, with the same steps and batch size as distillation.
 
     ``teacher`` is only used to initialise a student from teacher layers (``init_layers``), so that
-    the baseline starts where the distilled student starts.
+    the baseline starts where the distilled student starts, and to score it over the ids it shares
+    with the teachers (``teachers:``: one entry per teacher, None for a cached one).
     """
-    model = new_student(run, teacher)
+    models = _teacher_list(run, teacher)
+    model = new_student(run, _init_teacher(run, models))
     done = load_finished(run, "baseline", model)
     if done is not None:
         return model.eval(), done
     # Scored over the ids it shares with the teacher, exactly as the distilled student is.
     cfg = run.cfg
-    vocab = run.work.shared_vocab(model, teacher)
+    vocab = student_vocab(run, model, models)
     impl, chunk_rows = stage_loss_impl(cfg, run.work, cfg.student.train, [model], vocab), cfg.distill.loss_chunk_rows
     task = run.work.task(
         "baseline", cfg.student.train, cfg.seed + 1, vocab_size=vocab, loss_impl=impl, chunk_rows=chunk_rows
@@ -123,47 +212,101 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | 
     return model.eval(), finish_stage(run, "baseline", model, result)
 
 
-def cache_stage(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict:
+def cache_stage(run: Run, teacher: nn.Module, *, quiet: bool = False, vocab_size: int | None = None) -> dict:
     """The teacher-signal cache of this config written (or finished) from ``teacher``; its manifest
-    (``quiet``: no progress lines)."""
+    (``quiet``: no progress lines). ``run`` is the teacher's view with several teachers, whose shared
+    vocabulary cut is ``vocab_size`` (None: this teacher's and the student's)."""
     cfg, work = run.cfg, run.work
     student = work.new_model("student", teacher if cfg.student.model.init_from_teacher else None)
     source = work.cache_source()
-    vocab = work.shared_vocab(student, teacher) or logit_width(source, teacher)
+    vocab = vocab_size or work.shared_vocab(student, teacher) or logit_width(source, teacher)
     teacher_layers = teacher_layer_paths(run, teacher)
     pairs = configured_pairs(run, student, teacher_layers) if cfg.cache.features else []
     return write_cache(cfg, source, teacher, vocab_size=vocab, pairs=pairs, teacher_layers=teacher_layers, quiet=quiet)
 
 
-def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
+@dataclass
+class TeacherSide:
+    """What the student's stage takes from one teacher: its cache (if read), the feature layer pairs
+    with both sides' taps and the projection heads (the feature teacher's; none for the others), and
+    the vocabulary cut that teacher alone would set."""
+
+    cache: OpenedCache | None
+    pairs: list
+    student_taps: Taps | None
+    teacher_taps: Taps | None
+    heads: nn.ModuleList
+    vocab: int | None
+
+
+def teacher_side(view: TeacherView, student: nn.Module, teacher: nn.Module | None, vocab: int | None) -> TeacherSide:
+    """One teacher (its view) as the student's stage uses it. With its cache read, the cache is written
+    first when missing and the teacher is given (``vocab``: the teachers' shared cut)."""
+    if view.cached:
+        if teacher is not None and not cache_complete(view.cfg):
+            cache_stage(view.run, teacher, vocab_size=vocab)
+        cached = open_run_cache(view.run, student)
+        taps = student_taps_of(student, cached.pairs)
+        heads = projection_heads(view.run, student, taps, cached.pairs, cached.teacher.feature_shapes())
+        return TeacherSide(cached, cached.pairs, taps, None, heads, cached.vocab_size)
+    aligned = live_alignment(view.run, student, teacher)
+    vocab_alone = view.run.work.shared_vocab(student, teacher)
+    return TeacherSide(None, aligned.pairs, aligned.student_taps, aligned.teacher_taps, aligned.heads, vocab_alone)
+
+
+def teacher_signals(
+    run: Run, sides: list[TeacherSide], models: list[nn.Module | None], task, vocab: int | None, features: bool
+):
+    """The ``TeacherSignals`` of the student's stage: the one teacher as it is (live, cached or sharded),
+    or several teachers combined per position (teachers/multi.py)."""
+    cfg, members = run.cfg, []
+    for view, side, teacher in zip(teacher_views(run), sides, models):
+        if side.cache is not None:
+            signals = side.cache.teacher
+        else:
+            # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
+            forward: Any = task
+            if run.work.cross_tokenizer != "off":  # the teacher reads its own ids of each aligned row (guarded)
+                forward = TeacherOwnIds(TeacherIdsGuard(run.work.tokenizer, run.work.teacher_tokenizer))
+            signals = LiveTeacher(cast_teacher(teacher, view.cfg.teacher.model.dtype), forward, side.teacher_taps)
+            signals = dist.current().shard_teacher_signals(signals, teacher)  # torchrun + dist.shard_teacher: FSDP2
+        members.append(Member(view.name, signals))
+    if not routed(cfg):
+        return members[0].signals
+    return MultiTeacher(
+        members,
+        combination=combination_of(cfg),
+        temperature=cfg.distill.temperature,
+        vocab_size=vocab,
+        targets=task.targets,
+        feature_teacher=feature_index(run) if features else None,
+        autocast=Precision(cfg.student.train.precision, run.work.device).autocast,
+        chunk_rows=cfg.distill.loss_chunk_rows,
+    )
+
+
+def distill_stage(run: Run, teacher: Teachers, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
     """The student distilled from ``teacher`` through the configured phases.
 
     With ``cache.use`` the teacher's outputs come from the teacher-signal cache (written first when
-    missing and a teacher is given; ``teacher`` may be None when the cache is complete).
+    missing and a teacher is given; ``teacher`` may be None when the cache is complete). With
+    ``teachers:``, ``teacher`` holds one entry per teacher (None for one read from its complete
+    cache) and their signals are combined (``distill.combine``, routed by ``data.teacher_column``).
     """
     cfg = run.cfg
-    model = new_student(run, teacher)
-    if cfg.cache.use:
-        if teacher is not None and not cache_complete(cfg):
-            cache_stage(run, teacher)
-        cached = open_run_cache(run, model)
-        pairs, vocab = cached.pairs, cached.vocab_size
-        student_taps = student_taps_of(model, pairs)
-        heads = projection_heads(run, model, student_taps, pairs, cached.teacher.feature_shapes())
-    else:
-        aligned = live_alignment(run, model, teacher)
-        pairs, student_taps, teacher_taps, heads = (
-            aligned.pairs,
-            aligned.student_taps,
-            aligned.teacher_taps,
-            aligned.heads,
-        )
-        vocab = run.work.shared_vocab(model, teacher)
+    models = _teacher_list(run, teacher)
+    model = new_student(run, _init_teacher(run, models))
+    shared = student_vocab(run, model, models) if cfg.teachers else None  # several: one checked cut
+    sides = [teacher_side(view, model, t, shared) for view, t in zip(teacher_views(run), models)]
+    feature = sides[feature_index(run)]
+    pairs, student_taps, heads = feature.pairs, feature.student_taps, feature.heads
+    vocab = shared if cfg.teachers else feature.vocab
     done = load_finished(run, "student", model)
     if done is not None:
         return model.eval(), done
     # A cached teacher's outputs are stored tensors: only the student runs through the task.
-    impl = stage_loss_impl(cfg, run.work, cfg.student.train, [model] + ([] if cfg.cache.use else [teacher]), vocab)
+    live = [t for t, side in zip(models, sides) if side.cache is None]
+    impl = stage_loss_impl(cfg, run.work, cfg.student.train, [model, *live], vocab)
     objective = distill_objective(
         cfg.distill,
         cfg.student.train.steps,
@@ -182,16 +325,13 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
         task = on_policy_task(
             task, model, cfg.on_policy, run.work.tokenizer, seed=cfg.seed + 3, total_steps=cfg.student.train.steps
         )
-    if cfg.cache.use:
-        signals = cached.teacher
-    else:
-        # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
-        frozen = cast_teacher(teacher, cfg.teacher.model.dtype)
-        forward: Any = task
-        if run.work.cross_tokenizer != "off":  # the teacher reads its own ids of each aligned row (guarded)
-            forward = TeacherOwnIds(TeacherIdsGuard(run.work.tokenizer, run.work.teacher_tokenizer))
-        signals = LiveTeacher(frozen, forward, teacher_taps)
-        signals = dist.current().shard_teacher_signals(signals, teacher)  # torchrun + dist.shard_teacher: FSDP2
+    if cfg.distill.label_free:  # the loss reads no label
+        task = LabelFreeTask(task)
+    width = vocab or logit_width(run.work.cache_source(), model)  # the ids every teacher signal spans
+    signals = teacher_signals(run, sides, models, task, width, features=bool(pairs))
+    kd_position = None
+    if cfg.distill.adaptive is not None:
+        kd_position = PositionWeights(adaptive_of(cfg), vocab_size=width, chunk_rows=cfg.distill.loss_chunk_rows)
     result = train_stage(
         run,
         "student",
@@ -202,54 +342,15 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
         teacher=signals,
         student_taps=student_taps,
         pairs=pairs,
+        kd_position=kd_position,
     )
     model, heads = result.model or model, result.heads or heads  # dist.strategy fsdp2: unsharded copies
     return model.eval(), finish_stage(run, "student", model, result, heads)
 
 
-def preflight(run: Run, *, writes_cache: bool = False) -> None:
-    """Resolve feature layers and build heads on untrained models, so that a bad layer path or
-    shapes no head can map fail before any training (shapes do not depend on the weights).
-
-    When distillation reads a complete teacher cache (``reads_cache``), no teacher is built or loaded
-    (a 7B teacher folder would take minutes and its size in memory): the student is checked against
-    the cache, whose manifest stands in for the teacher."""
-    cfg, device = run.cfg, run.work.device
-    teacher = None
-    if writes_cache or not reads_cache(cfg):
-        teacher = run.work.new_model("teacher")
-        if cfg.teacher.model.checkpoint:  # a missing, foreign or pickled file is refused here
-            load_weights(teacher, cfg.teacher.model.checkpoint, "teacher")
-    student = new_student(run, teacher)
-    if teacher is not None:
-        live_alignment(run, student, teacher)
-    # Precision, gradient checkpointing and teacher dtype must fit the models and the device.
-    if not cfg.teacher.model.pretrained:  # trained here: a fresh model, no file read
-        check_train_options(cfg.teacher.train, teacher or run.work.new_model("teacher"), device, "teacher.train")
-    check_train_options(cfg.student.train, student, device, "student.train")
-    check_teacher_dtype(cfg.teacher.model.dtype, device)
-    if teacher is None:  # a complete cache stands in for the teacher
-        describe, files = teacher_files(cfg)
-        missing = [f for f in files if not f.is_file()]
-        if cfg.teacher.model.pretrained and missing:  # else: its hash is not compared
-            raise UserError(
-                f"teacher {describe}: '{missing[0]}' does not exist; give the teacher the cache was made of"
-            )
-        open_run_cache(run, student)
-    elif cfg.cache.use or writes_cache:
-        # cache.k within the vocabulary; an existing teacher cache made for this config (intact, with use on).
-        source = run.work.cache_source()
-        vocab = run.work.shared_vocab(student, teacher) or logit_width(source, teacher)
-        pairs = configured_pairs(run, student, teacher_layer_paths(run, teacher))
-        check_cache(cfg, source, vocab_size=vocab, pairs=pairs, writes=writes_cache)
-    if cfg.deploy.enabled and cfg.deploy.genai.enabled and run.work.per_token:
-        from distilflow.deploy.genai import require_genai  # the genai extra: missing is said before training
-
-        require_genai()
-
-
 def load_trained(run: Run, stage: str) -> nn.Module:
-    """The trained model of ``stage`` from this run's folder (or the configured teacher)."""
+    """The trained model of ``stage`` from this run's folder (or the configured teacher); ``run`` is
+    a teacher's view for one of several teachers."""
     cfg = run.cfg
     needs_teacher = stage == "teacher" or bool(cfg.student.model.init_from_teacher)
     teacher = run.work.new_model("teacher") if needs_teacher else None
@@ -283,28 +384,40 @@ def teacher_student_speed(run: Run, teacher: nn.Module, student: nn.Module) -> d
 
 
 def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
-    """The main job: teacher, baseline, distilled student, results.json and report.md."""
+    """The main job: teacher(s), baseline, distilled student, results.json and report.md.
+
+    The baseline needs training labels: a label-free run whose data has none has no baseline."""
     began = time.monotonic()
     if cfg.reasoning.task != "off":  # the reasoning demo has its own stage list
         from distilflow.reasoning import run_reasoning
 
         return run_reasoning(cfg, log_tensorboard)
     run = open_run(cfg)
-    teacher, teacher_result = teacher_stage(run, log_tensorboard)
-    baseline, baseline_result = baseline_stage(run, log_tensorboard, teacher)
+    trained = teachers_stage(run, log_tensorboard)
+    teacher = [m for m, _ in trained] if cfg.teachers else trained[0][0]
+    stages: list[tuple[str, nn.Module | None, dict]] = []
+    if run.work.labelled:
+        stages.append(("baseline", *baseline_stage(run, log_tensorboard, teacher)))
     student, student_result = distill_stage(run, teacher, log_tensorboard)
+    stages.append(("student", student, student_result))
     results: dict[str, Any] = {"name": cfg.name}
     if run.work.cross_tokenizer != "off":  # the loss that distilled across tokenizers (uld or hybrid)
         results["cross_tokenizer"] = run.work.cross_tokenizer
-    for stage, model, result in (
-        ("teacher", teacher, teacher_result),
-        ("baseline", baseline, baseline_result),
-        ("student", student, student_result),
-    ):
+    teacher_rows = {}
+    for view, (model, result) in zip(teacher_views(run), trained):
+        teacher_rows[view.name] = {**result, **(run.work.facts(model) if model is not None else {})}
+    if cfg.teachers:
+        results["teachers"] = teacher_rows
+    else:
+        results["teacher"] = teacher_rows[teacher_views(run)[0].name]
+    for stage, model, result in stages:
         results[stage] = {**result, **run.work.facts(model)}
-    cost = "macs" if "macs" in results["teacher"] else "macs_per_token"
-    results["student"]["macs_ratio_to_teacher"] = results["student"][cost] / max(results["teacher"][cost], 1)
-    results["student"]["params_ratio_to_teacher"] = results["student"]["params"] / max(results["teacher"]["params"], 1)
+    cost = "macs" if "macs" in results["student"] else "macs_per_token"
+    # Against the largest teacher (with several) that has a model here.
+    largest = max((r for r in teacher_rows.values() if cost in r), key=lambda r: r[cost], default=None)
+    if largest is not None:
+        results["student"]["macs_ratio_to_teacher"] = results["student"][cost] / max(largest[cost], 1)
+        results["student"]["params_ratio_to_teacher"] = results["student"]["params"] / max(largest["params"], 1)
     preview = run.work.preview(student)
     if preview:
         results["student_samples"] = preview
@@ -314,7 +427,11 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
         info = deploy(run.work, student, cfg.deploy, run.dir / "deploy")
         results["deploy"] = info.pop("variants")
         results["deploy_info"] = info
-        results["speed"] = teacher_student_speed(run, teacher, student)
+        # Against the teacher (with several: the largest with a model here).
+        live = [teacher] if not cfg.teachers else [m for m in teacher if m is not None]
+        if live:
+            largest = max(live, key=lambda m: sum(p.numel() for p in m.parameters()))
+            results["speed"] = teacher_student_speed(run, largest, student)
     results["wall_seconds"] = round(time.monotonic() - began, 2)
     if not dist.current().is_main:  # under torchrun rank 0 writes results and report
         return results

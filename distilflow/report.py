@@ -138,6 +138,13 @@ def plot_schedules(cfg: Config, path: Path) -> None:
     plt.close(fig)
 
 
+def model_rows(results: dict) -> list[tuple[str, dict]]:
+    """``(label, result)`` of each model of a run: the teacher (``teacher:<name>`` for each of several),
+    the baseline (absent from a label-free run without labels) and the student."""
+    rows = [(f"teacher:{name}", r) for name, r in results.get("teachers", {}).items()]
+    return rows + [(stage, results[stage]) for stage in ("teacher", "baseline", "student") if stage in results]
+
+
 def plot_metric(rows: list[dict], results: dict, metric: str, path: Path) -> None:
     """The primary metric (accuracy or perplexity) during training and at the end, per stage."""
     plt = _pyplot()
@@ -152,9 +159,10 @@ def plot_metric(rows: list[dict], results: dict, metric: str, path: Path) -> Non
         a1.set_yscale("log")
     if a1.get_legend_handles_labels()[0]:
         a1.legend(fontsize=8)
-    names = [stage for stage in ("teacher", "baseline", "student") if stage in results]
-    values = [results[stage].get(metric, 0.0) for stage in names]
-    bars = a2.bar(names, values, color=["#4c72b0", "#999999", "#55a868"][: len(names)])
+    rows = [(name, r) for name, r in model_rows(results) if metric in r]
+    names, values = [name for name, _ in rows], [r[metric] for _, r in rows]
+    colors = {"baseline": "#999999", "student": "#55a868"}
+    bars = a2.bar(names, values, color=[colors.get(name, "#4c72b0") for name in names])
     for bar, value in zip(bars, values):
         a2.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
     if metric == "accuracy":
@@ -230,12 +238,16 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
         f"{cost.replace('_', ' ')} | steps | train seconds |",
         "|---|---|---|---|---|---|---|" + ("---|" if bpc else ""),
     ]
-    archs = {"teacher": cfg.teacher.model.arch, "baseline": cfg.student.model.arch, "student": cfg.student.model.arch}
-    for stage in ("teacher", "baseline", "student"):
-        r = results.get(stage, {})
+    archs = {"baseline": cfg.student.model.arch, "student": cfg.student.model.arch}
+    if cfg.teachers:
+        archs.update({f"teacher:{t.name}": t.model.arch for t in cfg.teachers})
+    else:
+        archs["teacher"] = cfg.teacher.model.arch
+    for stage, r in model_rows(results):
         per_char = f" {r.get('bits_per_char', float('nan')):.4f} |" if bpc else ""
         lines.append(
-            f"| {stage} | {archs[stage]} | {r.get(metric, float('nan')):.4f} |{per_char} {r.get('params', 0):,} | "
+            f"| {stage} | {archs.get(stage, '')} | {r.get(metric, float('nan')):.4f} |{per_char} "
+            f"{r.get('params', 0):,} | "
             f"{r.get(cost, 0):,} | {r.get('steps', 0)} | {r.get('train_seconds', 0)} |"
         )
     if bpc:
@@ -246,10 +258,12 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
         ]
     plan = phase_boundaries(cfg.distill.phases, cfg.student.train.steps)
     student = results["student"]
+    which = "the largest teacher's" if cfg.teachers else "the teacher's"
     lines += [
         "",
-        f"Student compute is {student['macs_ratio_to_teacher']:.3f} and parameters "
-        f"{student['params_ratio_to_teacher']:.3f} of the teacher's. Whole run: {results['wall_seconds']} s.",
+        f"Student compute is {student.get('macs_ratio_to_teacher', float('nan')):.3f} and parameters "
+        f"{student.get('params_ratio_to_teacher', float('nan')):.3f} of {which}. "
+        f"Whole run: {results['wall_seconds']} s.",
         "",
         "Phases of distillation: "
         + ", ".join(f"{p.name} steps {p.start}-{p.end} ({'+'.join(p.terms)})" for p in plan)

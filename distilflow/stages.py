@@ -11,7 +11,7 @@ once per stage; :func:`supervised_objective` and :func:`distill_objective` build
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from distilflow.teachers.base import TeacherSignals
 from distilflow.train import dist
 from distilflow.train.checkpoint import HEADS, WEIGHTS, write_json, write_text, write_weights
 from distilflow.train.diagnostics import StepWatch, pair_name
+from distilflow.train.kd_position import PositionWeights
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import FitResult, Task, fit
 from distilflow.workload import Workload
@@ -88,6 +89,7 @@ class Run:
 
     cfg: Config
     work: Workload
+    views: list = field(default_factory=list)  # its teachers seen one by one (distilflow/teacher_views.py), made once
 
     @property
     def dir(self) -> Path:
@@ -187,11 +189,13 @@ def train_stage(
     teacher: TeacherSignals | None = None,
     student_taps: Taps | None = None,
     pairs: list[LayerPair] = (),
+    kd_position: PositionWeights | None = None,
 ) -> FitResult:
     """Train ``model`` as ``stage`` (resuming its checkpoint) with the stage's metrics log (rank 0 writes)
     and its diagnostics (``diagnostics.*``; ``pairs``: the feature layer pairs, whose similarity is logged).
 
-    The teacher stage trains by ``teacher.train``, every other stage by ``student.train``."""
+    The teacher stage trains by ``teacher.train``, every other stage by ``student.train``;
+    ``kd_position``: the input-adaptive KD weight (``distill.adaptive``), None for the plain schedule."""
     train = run.cfg.teacher.train if stage == "teacher" else run.cfg.student.train
     watch = StepWatch(
         pair_names=[pair_name(p.student, p.teacher) for p in pairs],
@@ -200,6 +204,8 @@ def train_stage(
         spike_factor=run.cfg.diagnostics.spike_factor,
         spike_window=run.cfg.diagnostics.spike_window,
     )
+    if dist.current().is_main:
+        run.dir.mkdir(parents=True, exist_ok=True)  # a named teacher's view has its own folder
     log = MetricsLog(run.dir, stage, tensorboard=log_tensorboard) if dist.current().is_main else dist.NullLog()
     try:
         return fit(
@@ -214,6 +220,7 @@ def train_stage(
             teacher=teacher,
             student_taps=student_taps,
             watch=watch,
+            kd_position=kd_position,
         )
     finally:
         log.close()

@@ -59,6 +59,8 @@ class Workload(Protocol):
     differs (``distill.cross_tokenizer``): batches then carry the alignment (data/aligned_rows.py)."""
     aligned_kd: AlignedKD | None
     """The KD term across tokenizers (losses/aligned_kd.py) when ``cross_tokenizer`` is not off, else None."""
+    labelled: bool
+    """Whether the training rows carry labels (a label-free classifier run may read inputs alone)."""
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -66,6 +68,11 @@ class Workload(Protocol):
         """A fresh model of ``role`` ("teacher" or "student") as configured, on :attr:`device`, with
         the run's seed set first (so the baseline and the distilled student start equal). ``teacher``:
         a student copies layers from it when the config asks (``init_layers``)."""
+        ...
+
+    def with_teacher(self, cfg: Config) -> Workload:
+        """This workload (same data, tokenizer and device) building its ``"teacher"`` from ``cfg.teacher``:
+        one named teacher's view of a run with several (distilflow/teacher_views.py)."""
         ...
 
     def shared_vocab(self, student: nn.Module, teacher: nn.Module | None) -> int | None:

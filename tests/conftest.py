@@ -138,3 +138,23 @@ def loss_calls(monkeypatch):
     monkeypatch.setattr(objective, "fused_kd_ce", spy(objective.fused_kd_ce, "fused"))
     monkeypatch.setattr(causal_lm, "fused_kd_ce", spy(causal_lm.fused_kd_ce, "fused eval"))
     return calls
+
+
+@pytest.fixture
+def labels_read(monkeypatch):
+    """``labels_read()`` spies on the objective from then on and returns a list that gets one entry per
+    call: whether any label (not ``IGNORE_INDEX``) reached it (label-free runs must give only False)."""
+    from distilflow.losses.objective import IGNORE_INDEX, Objective
+
+    seen: list[bool] = []
+    real = Objective.forward
+
+    def forward(self, step, student, teacher, targets, rows):
+        seen.append(bool((targets.labels != IGNORE_INDEX).any()))
+        return real(self, step, student, teacher, targets, rows)
+
+    def start() -> list[bool]:
+        monkeypatch.setattr(Objective, "forward", forward)
+        return seen
+
+    return start

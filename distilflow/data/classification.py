@@ -2,6 +2,11 @@
 
 Everything is held in memory as tensors. Distillation may add an unlabeled *transfer set*:
 samples the teacher labels with its soft outputs; their hard label is ``IGNORE_INDEX``.
+
+Routing (several teachers, ``data.teacher_column``): an npz array of that name (or a CSV column)
+gives each sample's teacher, as an index into ``teachers:`` or as a name (``-1`` / ``''``: no
+route). A label-free student (``distill.label_free``) may read a training file without labels
+(``x`` alone): its labels are then ``IGNORE_INDEX``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from distilflow.config import DataConfig
 from distilflow.errors import UserError
 from distilflow.losses.objective import IGNORE_INDEX
 
+NO_ROUTE = -1
+
 
 @dataclass
 class ClassificationData:
@@ -27,6 +34,8 @@ class ClassificationData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     transfer_x: torch.Tensor | None = None  # (M, *input_shape), unlabeled
+    train_route: torch.Tensor | None = None  # (N,) int64 teacher index per sample (NO_ROUTE: none), or None
+    transfer_route: torch.Tensor | None = None  # (M,)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -35,6 +44,22 @@ class ClassificationData:
     @property
     def num_classes(self) -> int:
         return int(max(self.train_y.max(), self.test_y.max())) + 1
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the training samples carry labels (a label-free student's file may hold ``x`` alone)."""
+        return bool((self.train_y != IGNORE_INDEX).any())
+
+    def distill_route(self) -> torch.Tensor | None:
+        """The route of each sample of :meth:`distill_set` ``(N + M,)``, or None without routing."""
+        if self.train_route is None:
+            return None
+        if self.transfer_x is None or len(self.transfer_x) == 0:
+            return self.train_route
+        transfer = self.transfer_route
+        if transfer is None:
+            transfer = torch.full((len(self.transfer_x),), NO_ROUTE, dtype=torch.long)
+        return torch.cat([self.train_route, transfer])
 
     def distill_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Labeled train samples plus the transfer set (labels IGNORE_INDEX)."""
@@ -95,7 +120,11 @@ def _as_samples(x: np.ndarray, y: np.ndarray, where: str) -> tuple[torch.Tensor,
     return features, labels
 
 
-def _read_file(path: str, source: str, label_column: str, labeled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_file(
+    path: str, source: str, label_column: str, labeled: bool, route_column: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(x, y, route)`` of an npz or CSV file; ``y`` None when the file has none and ``labeled`` is
+    False; ``route`` the ``route_column`` array (None without one)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"data file '{path}' does not exist")
@@ -106,7 +135,8 @@ def _read_file(path: str, source: str, label_column: str, labeled: bool) -> tupl
                 if "x" not in files or (labeled and "y" not in files):
                     need = "'x' and 'y'" if labeled else "'x'"
                     raise UserError(f"data file '{path}' holds arrays {sorted(files)}; it needs {need}")
-                return f["x"], (f["y"] if labeled else None)
+                route = f[route_column] if route_column is not None and route_column in files else None
+                return f["x"], (f["y"] if "y" in files else None), route
         except UserError:
             raise
         except (ValueError, OSError) as exc:
@@ -123,12 +153,42 @@ def _read_file(path: str, source: str, label_column: str, labeled: bool) -> tupl
     if np.isnan(table).any():
         row = int(np.argwhere(np.isnan(table))[0][0]) + 2
         raise UserError(f"data file '{path}' line {row}: a value is empty or not a number")
+    route = None
+    if route_column is not None and route_column in header:
+        col = header.index(route_column)
+        route, table, header = table[:, col], np.delete(table, col, axis=1), header[:col] + header[col + 1 :]
     if label_column in header:
         col = header.index(label_column)
-        return np.delete(table, col, axis=1), table[:, col]
+        return np.delete(table, col, axis=1), table[:, col], route
     if labeled:
         raise UserError(f"data file '{path}' has no label column '{label_column}'; columns: {', '.join(header)}")
-    return table, None
+    return table, None, route
+
+
+def _as_route(values: np.ndarray | None, count: int, teachers: list[str], where: str) -> torch.Tensor | None:
+    """Teacher indices ``(count,)`` int64 from an array of indices (-1: none) or names ('': none)."""
+    if values is None:
+        return None
+    if values.shape != (count,):
+        raise UserError(f"{where}: the teacher column has shape {values.shape}; it needs one value per sample")
+    if values.dtype.kind in "US":
+        names = [str(v) for v in values.tolist()]
+        unknown = sorted({n for n in names if n and n not in teachers})
+        if unknown:
+            raise UserError(
+                f"{where}: teacher column value {unknown[0]!r} names no teacher (teachers: {', '.join(teachers)})"
+            )
+        return torch.tensor([teachers.index(n) if n else NO_ROUTE for n in names], dtype=torch.long)
+    if values.dtype.kind not in "iuf" or (values.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0)):
+        raise UserError(f"{where}: the teacher column must hold teacher indices or names, got dtype {values.dtype}")
+    route = torch.as_tensor(values.astype(np.int64))
+    bad = (route < NO_ROUTE) | (route >= len(teachers))
+    if bool(bad.any()):
+        raise UserError(
+            f"{where}: teacher column value {int(route[bad][0])} names no teacher "
+            f"(allowed: 0..{len(teachers) - 1} for {', '.join(teachers)}, or {NO_ROUTE} for none)"
+        )
+    return route
 
 
 def _from_factory(spec: str) -> ClassificationData:
@@ -154,8 +214,13 @@ def _from_factory(spec: str) -> ClassificationData:
     return data
 
 
-def load_classification(cfg: DataConfig) -> ClassificationData:
-    """The train/test split and optional transfer set described by ``cfg`` (its source's section)."""
+def load_classification(
+    cfg: DataConfig, *, teachers: list[str] | None = None, labels_needed: bool = True
+) -> ClassificationData:
+    """The train/test split and optional transfer set described by ``cfg`` (its source's section).
+
+    ``teachers``: the teachers' names, for ``cfg.teacher_column`` (routing); ``labels_needed`` False
+    (a label-free student whose teachers are not trained here) lets the training file lack labels."""
     if ":" in cfg.source:
         data = _from_factory(cfg.source)
     elif cfg.source == "mnist1d":
@@ -172,11 +237,22 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
             extra = _mnist1d_arrays(gen.transfer_size, 0.5, gen.transfer_seed, cache)
             data.transfer_x = torch.as_tensor(np.concatenate([extra["x"], extra["x_test"]]), dtype=torch.float32)
     else:
-        files = cfg.files
-        x, y = _read_file(files.path, cfg.source, files.label_column, labeled=True)
-        x, y = _as_samples(x, y, files.path)
+        files, column, names = cfg.files, cfg.teacher_column, teachers or []
+        x, y, route = _read_file(files.path, cfg.source, files.label_column, labels_needed, column)
+        if y is None:  # label-free: the inputs alone (a held-out file must hold the labels that score it)
+            if not files.test_path:
+                raise UserError(
+                    f"data file '{files.path}' holds no labels; give data.files.test_path, a labelled held-out set"
+                )
+            x = _as_features(x, files.path)
+            y = torch.full((len(x),), IGNORE_INDEX, dtype=torch.long)
+        else:
+            x, y = _as_samples(x, y, files.path)
+        if column is not None and route is None:
+            raise UserError(f"data file '{files.path}' has no teacher column '{column}' (data.teacher_column)")
+        route = _as_route(route, len(x), names, files.path)
         if files.test_path:
-            tx, ty = _read_file(files.test_path, cfg.source, files.label_column, labeled=True)
+            tx, ty, _ = _read_file(files.test_path, cfg.source, files.label_column, True, column)
             tx, ty = _as_samples(tx, ty, files.test_path)
         else:
             # A fixed permutation (seeded by data.seed) so the split does not depend on file order.
@@ -184,6 +260,7 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
             n_test = max(1, int(round(len(x) * files.test_fraction)))
             tx, ty = x[order[:n_test]], y[order[:n_test]]
             x, y = x[order[n_test:]], y[order[n_test:]]
+            route = route[order[n_test:]] if route is not None else None
         if len(x) == 0:
             raise UserError(f"data file '{files.path}': no training samples left after holding out the test split")
         if tx.shape[1:] != x.shape[1:]:
@@ -191,10 +268,11 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
                 f"test data '{files.test_path}' has samples of shape {tuple(tx.shape[1:])}, "
                 f"training data '{files.path}' {tuple(x.shape[1:])}"
             )
-        data = ClassificationData(x, y, tx, ty)
+        data = ClassificationData(x, y, tx, ty, train_route=route)
         if files.transfer_path:
-            ux, _ = _read_file(files.transfer_path, cfg.source, files.label_column, labeled=False)
+            ux, _, transfer_route = _read_file(files.transfer_path, cfg.source, files.label_column, False, column)
             ux = _as_features(ux, files.transfer_path)
+            data.transfer_route = _as_route(transfer_route, len(ux), names, files.transfer_path)
             if ux.shape[1:] != x.shape[1:]:
                 raise UserError(
                     f"transfer set '{files.transfer_path}' has samples of shape {tuple(ux.shape[1:])}, "

@@ -8,6 +8,12 @@ Formats (local files only; a folder means every supported file under it, sorted)
 - ``.parquet`` / ``.csv``: the same fields as columns, read with ``datasets.load_dataset``.
 
 Only completion tokens are scored: prompt tokens and padding get label ``IGNORE_INDEX`` (-100).
+
+Routing (several teachers, ``data.teacher_column``): a field of each JSONL line or table row names
+the teacher the record is distilled from; :func:`read_records` turns it into the teacher's index
+(``NO_ROUTE`` = -1 where the field is missing, null or empty) and :func:`tokenize` gives every
+token its record's index (``route``, aligned with ``input_ids``), so a packed row that spans two
+records sends each record's tokens to its own teacher.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from distilflow.losses.objective import IGNORE_INDEX
 from distilflow.models.hf import max_positions
 
 SUPPORTED = (".txt", ".jsonl", ".parquet", ".csv")
+NO_ROUTE = -1
 ON_ERROR = ("raise", "skip")
 FIELDS_HINT = "expected 'text', or 'prompt' and 'completion', or 'messages'"
 
@@ -45,6 +52,7 @@ class Record:
     completion: str = ""
     prompt: str = ""
     messages: list[dict[str, str]] | None = None
+    route: int = NO_ROUTE  # the index of the teacher this record is distilled from (data.teacher_column)
 
 
 @dataclass
@@ -131,13 +139,33 @@ def _files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def read_records(paths: str | Path | Sequence[str | Path], *, on_error: str = "raise") -> ReadResult:
+def _route(row: Any, column: str, teachers: Sequence[str]) -> int | str:
+    """The teacher index a row's ``column`` names (``NO_ROUTE`` when missing, null or empty), or why not."""
+    value = row.get(column) if isinstance(row, dict) else None
+    if value is None or value == "":
+        return NO_ROUTE
+    if isinstance(value, str) and value in teachers:
+        return list(teachers).index(value)
+    return f"'{column}' is {value!r}, which names no teacher (teachers: {', '.join(teachers)})"
+
+
+def read_records(
+    paths: str | Path | Sequence[str | Path],
+    *,
+    on_error: str = "raise",
+    teacher_column: str | None = None,
+    teachers: Sequence[str] = (),
+) -> ReadResult:
     """Records from local files or folders, in order.
 
     A malformed line or row (not JSON, no usable field, bad messages) is a :class:`UserError`
     naming the file and line (``row`` for parquet/csv), or with ``on_error="skip"`` it is skipped
     and counted in ``ReadResult.skipped``. Whitespace-only documents are dropped and counted in
     ``empty``. No record left at the end is a :class:`UserError`.
+
+    ``teacher_column``: each record's route, the index in ``teachers`` of the name that field holds
+    (plain ``.txt`` documents have none). A value that names no teacher is a :class:`UserError`
+    naming file and line whatever ``on_error`` says: the data and the config disagree.
     """
     if on_error not in ON_ERROR:
         raise UserError(f"on_error {on_error!r} is not allowed; use one of {', '.join(ON_ERROR)}")
@@ -162,6 +190,11 @@ def read_records(paths: str | Path | Sequence[str | Path], *, on_error: str = "r
                 result.skipped += 1
                 result.problems.append(message)
                 continue
+            if record is not None and teacher_column is not None:
+                route = _route(row, teacher_column, teachers)
+                if isinstance(route, str):
+                    raise UserError(f"{path}: {where} {route}")
+                record.route = route
             if record is None:
                 result.empty += 1
             else:
@@ -226,8 +259,11 @@ def encode(record: Record, tokenizer: Any) -> tuple[list[int], list[int]]:
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
-def tokenize(records: list[Record], tokenizer: Any, *, seq_len: int, pack: bool) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask``, ``labels``, each ``(N, seq_len)`` int64.
+def tokenize(
+    records: list[Record], tokenizer: Any, *, seq_len: int, pack: bool, routes: bool = False
+) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask``, ``labels``, each ``(N, seq_len)`` int64 (and ``route`` with
+    ``routes``: each token's record's teacher index, ``NO_ROUTE`` on padding).
 
     ``labels`` are aligned with ``input_ids`` (like HF's ``labels`` argument): the caller does the
     causal shift (logits at t predict labels at t + 1). They are -100 on padding and prompt tokens.
@@ -244,11 +280,13 @@ def tokenize(records: list[Record], tokenizer: Any, *, seq_len: int, pack: bool)
     if pack:
         ids = [token for token_ids, _ in encoded for token in token_ids]
         labels = [label for _, row_labels in encoded for label in row_labels]
+        route = [r.route for r, (token_ids, _) in zip(records, encoded) for _ in token_ids]
         rows = len(ids) // seq_len
         if rows == 0:
             raise UserError(f"packing needs at least seq_len={seq_len} tokens but the data has {len(ids)}")
         input_ids = torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
         label_rows = torch.tensor(labels[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+        route_rows = torch.tensor(route[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
         attention_mask = torch.ones_like(input_ids)
     else:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -256,18 +294,23 @@ def tokenize(records: list[Record], tokenizer: Any, *, seq_len: int, pack: bool)
             raise UserError("the tokenizer has neither a pad nor an eos token to pad with")
         input_ids = torch.full((len(encoded), seq_len), pad, dtype=torch.long)
         label_rows = torch.full((len(encoded), seq_len), IGNORE_INDEX, dtype=torch.long)
+        route_rows = torch.full((len(encoded), seq_len), NO_ROUTE, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), seq_len), dtype=torch.long)
         for row, (token_ids, row_labels) in enumerate(encoded):
             length = min(len(token_ids), seq_len)
             input_ids[row, :length] = torch.tensor(token_ids[:length])
             label_rows[row, :length] = torch.tensor(row_labels[:length])
+            route_rows[row, :length] = records[row].route
             attention_mask[row, :length] = 1
     scored = (label_rows != IGNORE_INDEX).any(dim=1)  # (N,)
     if not scored.all():
         warnings.warn(f"dropped {int((~scored).sum())} of {len(scored)} rows with no completion token", stacklevel=2)
     if not scored.any():
         raise UserError(f"no row has a completion token within seq_len={seq_len}; shorten prompts or raise seq_len")
-    return {"input_ids": input_ids[scored], "attention_mask": attention_mask[scored], "labels": label_rows[scored]}
+    out = {"input_ids": input_ids[scored], "attention_mask": attention_mask[scored], "labels": label_rows[scored]}
+    if routes:
+        out["route"] = route_rows[scored]
+    return out
 
 
 def check_seq_len(seq_len: int, model: nn.Module) -> None:

@@ -134,7 +134,10 @@ class CausalLMTask:
 
     def targets(self, batch: Batch) -> Targets:
         labels = batch["labels"][:, 1:]  # (B, T - 1)
-        return Targets(labels=labels, kd_mask=labels != IGNORE_INDEX, feature_mask=batch["attention_mask"].bool())
+        route = batch["route"][:, 1:] if "route" in batch else None  # the teacher of the predicted token
+        return Targets(
+            labels=labels, kd_mask=labels != IGNORE_INDEX, feature_mask=batch["attention_mask"].bool(), route=route
+        )
 
     def continued_rows(
         self,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from distilflow.config import Config, TrainConfig
+from distilflow.config_teachers import teacher_names
 from distilflow.data.batches import batch_indices
 from distilflow.data.cache import CacheSource
 from distilflow.data.text import Record, check_seq_len, read_records, split, tokenize
@@ -77,12 +78,18 @@ def load_text(cfg: Config) -> LoadedText:
     """
     d, rows = cfg.data, cfg.data.token_rows
     student_trust = cfg.student.model.hf is not None and cfg.student.model.hf.trust_remote_code
-    teacher_trust = cfg.teacher.model.hf is not None and cfg.teacher.model.hf.trust_remote_code
     given = _folder_tokenizer(rows.tokenizer, "tokenizer folder", student_trust)
     student = given or _folder_tokenizer(cfg.student.model.folder, "student model directory", student_trust)
-    teacher = _folder_tokenizer(rows.teacher_tokenizer, "teacher tokenizer folder", teacher_trust) or (
-        _folder_tokenizer(cfg.teacher.model.folder, "teacher model directory", teacher_trust)
-    )
+    if cfg.teachers:  # several teachers read the student's tokens: each folder's tokenizer is checked on load
+        folders = [t.model.folder for t in cfg.teachers if t.model.folder]
+        teacher = _folder_tokenizer(folders[0], "teacher model directory", student_trust) if folders else None
+        student = student or teacher
+        teacher = student
+    else:
+        teacher_trust = cfg.teacher.model.hf is not None and cfg.teacher.model.hf.trust_remote_code
+        teacher = _folder_tokenizer(rows.teacher_tokenizer, "teacher tokenizer folder", teacher_trust) or (
+            _folder_tokenizer(cfg.teacher.model.folder, "teacher model directory", teacher_trust)
+        )
     if d.source == "stdlib":
         from distilflow.data.stdlib_corpus import load_stdlib_corpus
 
@@ -100,9 +107,11 @@ def load_text(cfg: Config) -> LoadedText:
             "teacher.model.hf.path (a folder with a tokenizer)"
         )
     text = d.text
-    records = read_records(text.path, on_error=text.on_error)
+    route = {"teacher_column": d.teacher_column, "teachers": teacher_names(cfg)}
+    records = read_records(text.path, on_error=text.on_error, **route)
     if text.test_path:
-        train_records, held_records = records.records, read_records(text.test_path, on_error=text.on_error).records
+        held_records = read_records(text.test_path, on_error=text.on_error, **route).records
+        train_records = records.records
     else:
         train_records, held_records = split(records.records, fraction=text.test_fraction, seed=d.seed)
     if records.skipped:
@@ -121,6 +130,7 @@ class CausalLMWorkload:
 
     cross_tokenizer = "off"
     aligned_kd = None  # the teacher reads the student's tokens
+    labelled = True  # the next token of the text
 
     def __init__(self, cfg: Config, device: torch.device, text: LoadedText | None = None) -> None:
         self.cfg, self.device = cfg, device
@@ -129,12 +139,22 @@ class CausalLMWorkload:
         text = text or self.load_records()
         self.skipped = text.skipped
         self.tokenizer, self.teacher_tokenizer = text.tokenizer, text.teacher_tokenizer
-        self.train, self.held_out = self.rows(text.train), self.rows(text.held_out)
+        # With data.teacher_column every training token carries its record's teacher ("route").
+        routes = cfg.data.teacher_column is not None
+        self.train = self.rows(text.train, routes=True) if routes else self.rows(text.train)
+        self.held_out = self.rows(text.held_out)
 
-    def rows(self, records: list[Record]) -> Batch:
+    def with_teacher(self, cfg: Config) -> CausalLMWorkload:
+        """This workload (same tokenizer, rows and device) building its teacher from ``cfg.teacher``: one
+        named teacher's view of the run (distilflow/teacher_views.py); a teacher folder is loaded anew."""
+        other = copy.copy(self)
+        other.cfg, other._loaded = cfg, {}
+        return other
+
+    def rows(self, records: list[Record], *, routes: bool = False) -> Batch:
         """Token rows ``(N, seq_len)`` of ``records`` (packed when ``pack``; the data section's keys)."""
         rows = self.cfg.data.token_rows
-        return tokenize(records, self.tokenizer, seq_len=rows.seq_len, pack=rows.pack)
+        return tokenize(records, self.tokenizer, seq_len=rows.seq_len, pack=rows.pack, routes=routes)
 
     def load_records(self) -> LoadedText:
         """The tokenizers, the training records and the held-out records of ``data.source`` (a workload
@@ -269,8 +289,8 @@ class CausalLMWorkload:
         return find_decoder_layers(model)
 
     def cache_source(self) -> CacheSource:
-        """Every stage trains on the same token rows."""
-        return CacheSource(dict(self.train), self.forward, self.tokenizer)
+        """Every stage trains on the same token rows (their routes are not a teacher's input)."""
+        return CacheSource({k: v for k, v in self.train.items() if k != "route"}, self.forward, self.tokenizer)
 
     def facts(self, model: nn.Module) -> dict[str, int]:
         """Parameters, and multiply-accumulates per token of a forward pass over one full row."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
 
 from distilflow.config import Config, TrainConfig
+from distilflow.config_teachers import teacher_names
 from distilflow.data.batches import batch_indices
 from distilflow.data.cache import CacheSource
 from distilflow.data.classification import ClassificationData, load_classification
@@ -17,7 +20,8 @@ Batch = dict[str, torch.Tensor]
 
 
 class ClassifierTask:
-    """Samples ``x`` ``(N, ...)`` with labels ``y`` ``(N,)`` (IGNORE_INDEX = unlabeled)."""
+    """Samples ``x`` ``(N, ...)`` with labels ``y`` ``(N,)`` (IGNORE_INDEX = unlabeled); ``route``
+    ``(N,)`` the teacher of each sample when several are routed by a data column (-1: none)."""
 
     per_token = False
     primary_metric = "accuracy"
@@ -34,8 +38,10 @@ class ClassifierTask:
         grad_accum: int,
         seed: int,
         device: torch.device,
+        route: torch.Tensor | None = None,
     ) -> None:
         self.x, self.y = x.to(device), y.to(device)
+        self.route = route.to(device) if route is not None else None
         self.test_x, self.test_y = test_x.to(device), test_y.to(device)
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.device = device
@@ -44,7 +50,11 @@ class ClassifierTask:
         idx = batch_indices(step, num_samples=len(self.x), batch_size=self.batch_size, seed=self.seed)
         idx = idx.to(self.device)
         # "row": the samples' indices, so a teacher-signal cache finds their cached outputs.
-        return [{"x": self.x[chunk], "y": self.y[chunk], "row": chunk} for chunk in idx.chunk(self.grad_accum)]
+        batches = [{"x": self.x[chunk], "y": self.y[chunk], "row": chunk} for chunk in idx.chunk(self.grad_accum)]
+        if self.route is not None:
+            for batch in batches:
+                batch["route"] = self.route[batch["row"]]
+        return batches
 
     def count(self, batch: Batch) -> int:
         return len(batch["x"])
@@ -54,7 +64,7 @@ class ClassifierTask:
 
     def targets(self, batch: Batch) -> Targets:
         y = batch["y"]
-        return Targets(labels=y, kd_mask=torch.ones_like(y, dtype=torch.bool))
+        return Targets(labels=y, kd_mask=torch.ones_like(y, dtype=torch.bool), route=batch.get("route"))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 1024) -> dict[str, float]:
@@ -85,7 +95,22 @@ class ClassifierWorkload:
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        self.data: ClassificationData = load_classification(cfg.data)
+        routed = teacher_names(cfg) if cfg.data.teacher_column else None
+        # A label-free student may read inputs alone (its teachers are then given, not trained here).
+        self.data: ClassificationData = load_classification(
+            cfg.data, teachers=routed, labels_needed=not cfg.distill.label_free
+        )
+
+    @property
+    def labelled(self) -> bool:
+        return self.data.labelled
+
+    def with_teacher(self, cfg: Config) -> ClassifierWorkload:
+        """This workload (same data and device) building its teacher from ``cfg.teacher``: one named
+        teacher's view of the run (distilflow/teacher_views.py)."""
+        other = copy.copy(self)
+        other.cfg = cfg
+        return other
 
     def new_model(self, role: str, teacher: nn.Module | None = None) -> nn.Module:
         stage = self.cfg.teacher if role == "teacher" else self.cfg.student
@@ -120,6 +145,7 @@ class ClassifierWorkload:
             grad_accum=train.grad_accum,
             seed=seed,
             device=self.device,
+            route=self.data.distill_route() if stage == "student" else None,
         )
 
     def probe(self, role: str = "student") -> Batch:

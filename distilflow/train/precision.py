@@ -101,10 +101,10 @@ def check_train_options(train: TrainConfig, model: nn.Module, device: torch.devi
         _need_gradient_checkpointing(model, key)
 
 
-def check_teacher_dtype(dtype: str, device: torch.device) -> None:
+def check_teacher_dtype(dtype: str, device: torch.device, key: str = "teacher.model.dtype") -> None:
     if dtype == "float16" and device.type != "cuda":
         raise UserError(
-            f"config key 'teacher.model.dtype': 'float16' is not allowed on device {device.type}; use bfloat16 or "
+            f"config key '{key}': 'float16' is not allowed on device {device.type}; use bfloat16 or "
             "float32 on CPU (float16 needs a GPU)"
         )
 

@@ -1,0 +1,96 @@
+"""Checks of a run before anything is written (``pipeline.open_run``): models, layers, caches, teachers.
+
+Shapes do not depend on the weights, so feature layers are resolved and projection heads built on
+untrained models, and a bad layer path or shapes no head can map fail before any training. When
+distillation reads a complete teacher cache, the teacher is not built or loaded at all (a 7B
+teacher folder would take minutes and its size in memory): the cache's manifest stands in for it.
+With several teachers (``teachers:``) every teacher is checked in its view (teacher_views.py), and
+their label spaces or vocabularies must agree, read from their models or their caches' manifests.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distilflow.data.cache import check_cache, logit_width, reads_cache, teacher_files
+from distilflow.errors import UserError
+from distilflow.models.build import load_weights
+from distilflow.stages import Run
+from distilflow.student_side import configured_pairs, live_alignment, new_student, open_run_cache, teacher_layer_paths
+from distilflow.teacher_views import TeacherView, student_vocab, teacher_views
+from distilflow.train.precision import check_teacher_dtype, check_train_options
+
+
+def preflight(run: Run, *, writes_cache: bool = False) -> None:
+    """Every check that can fail on bad input, on untrained models (see the module docstring)."""
+    cfg, device = run.cfg, run.work.device
+    views = teacher_views(run)
+    models = [_teacher_model(view, writes_cache) for view in views]
+    student = new_student(run, None if cfg.teachers else models[0])
+    check_train_options(cfg.student.train, student, device, "student.train")
+    for view, teacher in zip(views, models):
+        _check_teacher(view, student, teacher, writes_cache)
+    student_vocab(run, student, models)  # teachers: one label space or vocabulary (models or cache manifests)
+    _check_labels(run, views)
+    if cfg.deploy.enabled and cfg.deploy.genai.enabled and run.work.per_token:
+        from distilflow.deploy.genai import require_genai  # the genai extra: missing is said before training
+
+        require_genai()
+
+
+def _teacher_model(view: TeacherView, writes_cache: bool) -> nn.Module | None:
+    """The view's teacher, untrained (its checkpoint loaded, so a missing, foreign or pickled file is
+    refused here), or None when distillation reads its complete cache instead."""
+    if view.cache_only or (not writes_cache and reads_cache(view.cfg)):
+        return None
+    teacher = view.run.work.new_model("teacher")
+    if view.cfg.teacher.model.checkpoint:
+        load_weights(teacher, view.cfg.teacher.model.checkpoint, _role(view))
+    return teacher
+
+
+def _role(view: TeacherView) -> str:
+    return f"teacher '{view.name}'" if view.named else "teacher"
+
+
+def _check_teacher(view: TeacherView, student: nn.Module, teacher: nn.Module | None, writes_cache: bool) -> None:
+    """One teacher: its layers against the student's, its training options, its dtype, its cache."""
+    run, cfg, device = view.run, view.cfg, view.run.work.device
+    if teacher is not None:
+        live_alignment(run, student, teacher)
+    if not cfg.teacher.model.pretrained and not view.cache_only:  # trained here: a fresh model, no file read
+        model = teacher or run.work.new_model("teacher")
+        check_train_options(cfg.teacher.train, model, device, _key(view, "train"))
+    check_teacher_dtype(cfg.teacher.model.dtype, device, _key(view, "model.dtype"))
+    if teacher is None:  # a complete cache stands in for the teacher
+        describe, files = teacher_files(cfg)
+        missing = [f for f in files if not f.is_file()]
+        if cfg.teacher.model.pretrained and missing:  # else: its hash is not compared
+            raise UserError(
+                f"teacher {describe}: '{missing[0]}' does not exist; give the teacher the cache was made of"
+            )
+        open_run_cache(run, student)
+    elif cfg.cache.use or writes_cache:
+        # cache.k within the vocabulary; an existing teacher cache made for this config (intact, with use on).
+        source = run.work.cache_source()
+        vocab = run.work.shared_vocab(student, teacher) or logit_width(source, teacher)
+        pairs = configured_pairs(run, student, teacher_layer_paths(run, teacher))
+        check_cache(cfg, source, vocab_size=vocab, pairs=pairs, writes=writes_cache)
+
+
+def _key(view: TeacherView, key: str) -> str:
+    """The config key of the view's teacher: ``teachers.<name>.<key>``, or ``teacher.<key>``."""
+    return f"teachers.{view.name}.{key}" if view.named else f"teacher.{key}"
+
+
+def _check_labels(run: Run, views: list[TeacherView]) -> None:
+    """A label-free run's file may lack labels; a teacher trained here cannot."""
+    if run.work.labelled:
+        return
+    for view in views:
+        if not view.given and not view.cache_only:
+            raise UserError(
+                f"{_role(view)} would be trained here, but the training data holds no labels "
+                f"(distill.label_free); give its weights ({_key(view, 'model.checkpoint')} or model.hf.path) or "
+                "its cache"
+            )
