@@ -112,6 +112,12 @@ class NamedTeacherConfig:
     name: str = _f("", "The teacher's name: in routes (data.teacher_column), distill.feature_teacher and its folder.")
     model: TeacherModelConfig = _f(TeacherModelConfig(), "Architecture of this teacher (arch: mlp unless given).")
     train: TrainConfig = _f(TrainConfig(steps=2000), "Optimisation of this teacher (when it is trained here).")
+    seed: int | None = _f(
+        None,
+        "Seed of this teacher's initialisation and batch order when it is trained here (and of the projection "
+        "heads when it is the feature teacher); unset: the run's seed, so two teachers of one architecture "
+        "would be the same model.",
+    )
     cache: str | None = _f(
         None,
         "Read this teacher's signals from its own teacher-signal cache in this folder instead of running it "

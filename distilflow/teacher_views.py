@@ -64,7 +64,8 @@ class TeacherView:
 
 
 def view_config(cfg: Config, entry: NamedTeacherConfig, *, feature_teacher: bool) -> Config:
-    """The run's config with ``entry`` as its one teacher, in its own folder, reading its own cache."""
+    """The run's config with ``entry`` as its one teacher, in its own folder, reading its own cache, with
+    its own ``seed`` when it gives one."""
     folder = cfg.run_dir / "teachers" / entry.name
     if entry.cache:
         path = entry.cache
@@ -85,8 +86,9 @@ def view_config(cfg: Config, entry: NamedTeacherConfig, *, feature_teacher: bool
         feature_layers=cfg.distill.feature_layers if feature_teacher else [],
         layer_map=cfg.distill.layer_map if feature_teacher else None,
     )
+    seed = cfg.seed if entry.seed is None else entry.seed
     return dataclasses.replace(
-        cfg, teacher=entry.as_teacher(), teachers=None, output_dir=str(folder), cache=cache, distill=distill
+        cfg, seed=seed, teacher=entry.as_teacher(), teachers=None, output_dir=str(folder), cache=cache, distill=distill
     )
 
 

@@ -94,3 +94,13 @@ def test_bad_input_is_one_line_exit_2_nothing_written(overrides, expected, tmp_p
     assert not out.exists()
     with pytest.raises(UserError):
         load_config(overrides=overrides)
+
+
+def test_a_teacher_with_its_own_seed_is_trained_from_it_and_the_others_from_the_runs():
+    from distilflow.teacher_views import view_config
+
+    same = "teachers=[{name: a, model: {arch: cnn1d}, seed: 7}, {name: b, model: {arch: cnn1d}}]"
+    cfg = load_config(overrides=[same, "distill.feature_teacher=a", "seed=3"])
+    a, b = (view_config(cfg, entry, feature_teacher=entry.name == "a") for entry in cfg.teachers)
+    assert (a.seed, b.seed) == (7, 3) and a.teacher.model.arch == b.teacher.model.arch == "cnn1d"
+    assert str(a.run_dir).endswith("teachers/a") and b.cache.features is False
