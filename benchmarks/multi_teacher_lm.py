@@ -2,12 +2,13 @@
 
     python benchmarks/multi_teacher_lm.py [--out DIR] [--hidden 512] [--layers 6] [--steps 10] [--chars 100000]
 
-Builds, in DIR: a byte-level BPE tokenizer (2,048 ids) trained on stdlib text, two Llama teachers of
-``hidden`` x ``layers`` (random weights, saved as Hugging Face folders, float32), a 1-layer student of
-hidden 64, and a JSONL file of stdlib source (records of 2,000 characters). Then, each in a fresh child process (so that each peak is
-its own): ``distill`` with one teacher live, with both live, ``cache-teacher`` (top-k 32) of both, and
-``distill`` with both read from their caches; plus a child that only imports distilflow and reads the
-data (the floor). Prints the peak resident set (``ru_maxrss``) of each and what it adds to the floor.
+Builds, in DIR: a byte-level BPE tokenizer (2,048 ids) trained on stdlib text, two Llama teachers
+of ``hidden`` x ``layers`` (random weights, saved as Hugging Face folders, float32), a 1-layer
+student of hidden 64, and a JSONL file of stdlib source (records of 2,000 characters). Then, each in
+a fresh child process (so that each peak is its own): ``distill`` with one teacher live, with both
+live, ``cache-teacher`` (top-k 32) of both, and ``distill`` with both read from their caches; plus a
+child that only imports distilflow and reads the data (the floor). Prints the peak resident set
+(``ru_maxrss``) of each and what it adds to the floor.
 """
 
 from __future__ import annotations
