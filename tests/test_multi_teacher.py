@@ -71,6 +71,19 @@ def test_a_run_trains_each_teacher_in_its_folder_and_reports_them(live_run):
     assert kd_rows and all(r["kd_position_weight_mean"] == pytest.approx(1.0, rel=1e-6) for r in kd_rows)
 
 
+def test_eval_scores_each_teacher_and_the_students_as_the_run_did(live_run, capsys):
+    results = json.loads((live_run / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(live_run)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:-1]] == ["teacher:cnn", "teacher:wide", "baseline", "student"]
+    scored = json.loads(lines[-1])
+    for name in ("cnn", "wide"):
+        assert scored["teachers"][name]["accuracy"] == pytest.approx(results["teachers"][name]["accuracy"], abs=1e-6)
+    for stage in ("baseline", "student"):
+        assert scored[stage]["accuracy"] == pytest.approx(results[stage]["accuracy"], abs=1e-6)
+
+
 def test_two_cached_teachers_give_the_losses_of_two_live_ones(live_run, tiny, tmp_path):
     """The same two teachers (their checkpoints), read from full caches: every logged loss equal."""
     out = tmp_path / "cached"
