@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distilflow.cli import main
+from distilflow.data.stdlib_corpus import stdlib_root, train_tokenizer
 from distilflow.models.hf import build_causal_lm
 from distilflow.teachers import multi
 
@@ -30,6 +31,10 @@ def _save(folder: Path, tokenizer, *, layers: int, hidden: int, seed: int) -> Pa
     return folder
 
 
+def _other_tokenizer(folder: Path):
+    return train_tokenizer([(stdlib_root() / "textwrap.py").read_text(encoding="utf-8")], 320, folder)
+
+
 def _record(i: int) -> dict:
     record = {"prompt": f"#{i} " + " ".join(WORDS[: i % 3 + 1]), "completion": " " + " ".join(WORDS[i % 7 :][:3])}
     if ROUTES[i % 3] is not None:
@@ -44,6 +49,8 @@ def folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
         "left": _save(root / "left", tokenizer, layers=2, hidden=32, seed=1),
         "right": _save(root / "right", tokenizer, layers=1, hidden=32, seed=2),
         "student": _save(root / "student", tokenizer, layers=1, hidden=16, seed=3),
+        # Another tokenizer of the same size, trained on other text: it differs from ours at some ids.
+        "foreign": _save(root / "foreign", _other_tokenizer(root / "other_tok"), layers=1, hidden=32, seed=4),
         "data": root / "data.jsonl",
         "bad": root / "bad.jsonl",
     }
@@ -53,8 +60,9 @@ def folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
     return paths
 
 
-def _args(folders: dict[str, Path], out: Path, *extra: str, data: str = "data") -> list[str]:
-    teachers = ", ".join(f"{{name: {n}, model: {{arch: hf, hf: {{path: '{folders[n]}'}}}}}}" for n in ("left", "right"))
+def _args(folders: dict[str, Path], out: Path, *extra: str, data: str = "data", right: str = "right") -> list[str]:
+    paths = {"left": folders["left"], "right": folders[right]}
+    teachers = ", ".join(f"{{name: {n}, model: {{arch: hf, hf: {{path: '{p}'}}}}}}" for n, p in paths.items())
     return [
         f"output_dir={out}",
         "data.source=text",
@@ -130,4 +138,12 @@ def test_a_record_naming_no_teacher_is_one_line_and_nothing_is_written(folders, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("distilflow: error: ") and "\n" not in err
     assert "line 2" in err and "'teacher' is 'middle', which names no teacher (teachers: left, right)" in err
+    assert not out.exists()
+
+
+def test_a_teacher_of_another_tokenizer_is_one_line_and_nothing_is_written(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *_args(folders, out, right="foreign")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distilflow: error: ") and "\n" not in err and "tokenizers differ at id" in err
     assert not out.exists()
