@@ -566,3 +566,42 @@ def test_lm_two_processes_log_the_losses_of_one(lm_job, tmp_path, extra):
     ranks = launch(lm_job(two, *extra))
     assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:] + ranks[1][2][-3000:]
     assert_same_metrics(metrics(two), metrics(one))
+
+
+# ---------------------------------------------------------------- two teachers and the adaptive KD weight
+# The adaptive weight's step totals are all-reduced and its summary gathered over the ranks, so the
+# global step, not its split, decides every number (losses and the logged weight distribution).
+
+MLP_TEACHER = (
+    "model: {{arch: mlp, mlp: {{hidden: {hidden}, dropout: 0.0}}}}, "
+    "train: {{steps: 6, batch_size: 32, warmup_steps: 1, log_every: 1}}"
+)
+TWO = (
+    f"teachers=[{{name: narrow, {MLP_TEACHER.format(hidden='[16]')}}}, "
+    f"{{name: wide, {MLP_TEACHER.format(hidden='[64, 64]')}}}]"
+)
+
+
+@pytest.fixture(scope="module")
+def two(args):
+    """test_dist's tiny MNIST-1D job (2 micro-batches of 16 per student step) with two MLP teachers (no
+    dropout, no BatchNorm) instead of its one, entropy-weighted, with the adaptive KD weight; its feature
+    phase aligns with teacher wide."""
+
+    def make(output_dir: Path, *extra: str) -> list[str]:
+        mine = [TWO, "distill.feature_teacher=wide", "distill.combine.rule=entropy", "distill.adaptive.tau=0.5", *extra]
+        return [a for a in args(output_dir, *mine) if not a.startswith(("teacher.", "distill.feature_layers"))]
+
+    return make
+
+
+def test_two_ranks_distill_from_two_teachers_with_the_adaptive_weight_as_one(two, tmp_path):
+    reference = tmp_path / "one"
+    assert main(["run", *two(reference)]) == 0
+    given = [f"teachers.{n}.model.checkpoint={reference / 'teachers' / n / 'teacher'}" for n in ("narrow", "wide")]
+    out = tmp_path / "two"
+    ranks = launch(["distill", *two(out, *given)])
+    assert all(rc == 0 for rc, _, _ in ranks), [err[-2000:] for _, _, err in ranks]
+    want = metrics(reference, "student")
+    assert any("kd_position_weight_p90" in r for r in want)
+    assert_same_metrics(metrics(out, "student"), want)
