@@ -79,6 +79,12 @@ class TrainConfig:
     eval_every: int = _f(500, "Evaluate on the test split every N steps (0 = only at the end).")
     log_every: int = _f(50, "Write metrics every N steps.")
     checkpoint_every: int = _f(500, "Write an atomic checkpoint every N steps (0 = only at the end).")
+    keep_last: int = _f(
+        2, "Checkpoints kept (the latest and keep_last - 1 older); a damaged latest one is replaced by the previous."
+    )
+    max_bad_steps: int = _f(
+        10, "Steps with a NaN/inf loss or gradient are skipped and counted; this many in a row stop the run."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32",
         "Forward passes under autocast in bf16 or fp16 (fp16: GPU only, with a gradient scaler); weights, "

@@ -203,6 +203,9 @@ def validate(cfg: Config) -> None:
         need(train.grad_clip >= 0, f"{pre}.grad_clip", train.grad_clip, "must be >= 0 (0 = off)")
         for key in ("eval_every", "log_every", "checkpoint_every"):
             need(getattr(train, key) >= 0, f"{pre}.{key}", getattr(train, key), "must be >= 0")
+        need(train.keep_last >= 1, f"{pre}.keep_last", train.keep_last, "must be >= 1 (checkpoints kept)")
+        bad = train.max_bad_steps
+        need(bad >= 1, f"{pre}.max_bad_steps", bad, "must be >= 1 (1: the first bad step stops the run)")
     need(cfg.threads >= 0, "threads", cfg.threads, "must be >= 0")
     dep = cfg.deploy
     need(dep.bits == 8, "deploy.bits", dep.bits, "only 8-bit integer quantization is supported")

@@ -7,3 +7,8 @@ class UserError(Exception):
     The message must name what is wrong and what is allowed; the CLI prints it as one line
     without a traceback and exits with code 2.
     """
+
+    # Under torchrun: True when every rank raises this same error from the same inputs (a refused
+    # config, a check before training, a verdict the ranks share), so that rank 0 alone prints it;
+    # False (the default) when it may be this rank's own (a write that failed here, a dead peer).
+    rank_0_reports: bool = False

@@ -237,6 +237,7 @@ def finish_stage(
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
         f"train_{result.unit}_per_s": round(result.units_per_s, 1),
+        "bad_steps": result.bad_steps,
         **result.memory,
     }
     world = dist.current()

@@ -244,7 +244,8 @@ DURING_RUN = [
         + ["distill.feature_layers=[{student: features.6, teacher: features.2}]"],
         "no projection head maps student shape (8, 20) onto teacher shape (8, 40)",
     ),
-    (["student.train.lr=1.0e+30"], "baseline step 2: loss is nan"),
+    # max_bad_steps 1: the first bad step stops (skipping and counting: tests/train/test_bad_steps.py).
+    (["student.train.lr=1.0e+30", "student.train.max_bad_steps=1"], "baseline step 2: loss is nan"),
 ]
 
 

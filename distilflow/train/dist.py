@@ -40,6 +40,7 @@ from torch import nn
 
 from distilflow.errors import UserError
 from distilflow.models.layers import decoder_layer_modules
+from distilflow.storage import WriteFailed
 from distilflow.train.replica import Replica, TrainedModules, fully_shard_modules, leaves_parameters_unused
 
 Batch = dict[str, torch.Tensor]
@@ -139,10 +140,20 @@ class World:
 
     @contextmanager
     def main_first(self, what: str = "rank 0 first") -> Iterator[None]:
-        """Rank 0 runs the block first (e.g. builds a dataset or tokenizer cache), then the others."""
+        """Rank 0 runs the block first (e.g. builds a dataset or tokenizer cache), then the others. When
+        it fails on rank 0 (bad data), the others are let go too and meet the same error themselves, so
+        that rank 0 alone reports it (:func:`input_checks`) instead of the others waiting for a dead rank."""
         if self.distributed and not self.is_main:
             self.barrier(what)
-        yield
+        try:
+            yield
+        except Exception:
+            if self.distributed and self.is_main:
+                try:
+                    self.barrier(what)
+                except DistError:
+                    pass  # the others stopped too; this rank's own error is the one to report
+            raise
         if self.distributed and self.is_main:
             self.barrier(what)
 
@@ -245,6 +256,19 @@ def current() -> World:
     return _WORLD
 
 
+@contextmanager
+def input_checks() -> Iterator[None]:
+    """Errors raised inside come from what every rank reads alike (the config, the data, the models, the
+    output folder), so under torchrun rank 0 alone prints them (cli.main), not one line per rank. A write
+    that failed or a peer that died stays each rank's own."""
+    try:
+        yield
+    except UserError as exc:
+        if not isinstance(exc, (DistError, WriteFailed)):
+            exc.rank_0_reports = True
+        raise
+
+
 def env_world() -> World:
     """Rank and size from the torchrun environment, without joining the group (for early checks)."""
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -296,6 +320,9 @@ class NullLog:
         pass
 
     def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def sync(self) -> None:
         pass
 
     def close(self) -> None:

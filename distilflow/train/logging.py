@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from distilflow.storage import append_text, disk_errors, write_text
 
 
 class MetricsLog:
@@ -33,16 +36,27 @@ class MetricsLog:
                 continue  # a line cut by a crash
             if row.get("stage") != self.stage or row.get("step", 0) <= step:
                 keep.append(line)
-        self.path.write_text("".join(k + "\n" for k in keep))
+        write_text(self.path, "".join(k + "\n" for k in keep))  # atomic: a kill here loses no row
 
     def write(self, row: dict[str, Any]) -> None:
         row = {"stage": self.stage, **row}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(self.path, json.dumps(row) + "\n", fsync=False)  # sync() with each checkpoint
         if self.writer is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.writer.add_scalar(f"{self.stage}/{key}", value, row["step"])
+
+    def sync(self) -> None:
+        """Make the rows written so far durable (before a checkpoint that follows them is written)."""
+        if self.path.is_file():
+            with disk_errors(self.path):
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
