@@ -116,15 +116,17 @@ def _load(args: list[str]):
     import dataclasses
 
     from distilflow.config import load_config
+    from distilflow.train import dist
 
     path, overrides = _split(args)
-    if path is None or not Path(path).is_dir():
-        return load_config(path, overrides)
-    saved = Path(path) / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"'{path}' is a folder without config.yaml; give a YAML config file or a run folder")
-    # The folder is the run, wherever it was first written.
-    return dataclasses.replace(load_config(saved, overrides), output_dir=str(path))
+    with dist.input_checks():  # the same config on every rank: rank 0 alone says what is wrong with it
+        if path is None or not Path(path).is_dir():
+            return load_config(path, overrides)
+        saved = Path(path) / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"'{path}' is a folder without config.yaml; give a YAML config file or a run folder")
+        # The folder is the run, wherever it was first written.
+        return dataclasses.replace(load_config(saved, overrides), output_dir=str(path))
 
 
 def _cmd_print_config(ns) -> int:
@@ -400,24 +402,63 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("default", module=r"distilflow(\.|$)")
 
 
+def _error_of(exc: Exception, world) -> UserError | None:
+    """``exc`` as the one line to print: a UserError, a collective that failed, a failure of the disk in a
+    writer we do not wrap; None for anything else (a bug: its traceback is shown)."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, RuntimeError) and world.comm_failure(exc) is not None:
+        return world.comm_failure(exc)
+    from distilflow.storage import disk_errno, write_failure
+
+    code = disk_errno(exc)
+    if code is None:
+        return None
+    return write_failure(getattr(exc, "filename", None) or "a file of this command", code)
+
+
+def _quiet_writer_threads() -> None:
+    """A writer thread (TensorBoard's) that hits a full disk: its traceback is not shown; the main thread
+    meets the same error at its next write and says it in one line."""
+    import threading
+
+    from distilflow.storage import disk_errno
+
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        if args.exc_value is None or disk_errno(args.exc_value) is None:
+            default(args)
+
+    threading.excepthook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if "--verbose" not in args:
         _quiet_libraries()
+    _quiet_writer_threads()
     from distilflow.train import dist
 
+    launched = dist.World()  # this process's place under torchrun, known before the group is joined
     try:
-        if not dist.env_world().is_main:  # under torchrun rank 0 prints the results; errors come from every rank
+        with dist.input_checks():
+            launched = dist.env_world()
+        if not launched.is_main:  # under torchrun rank 0 prints the results (and errors of the inputs)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-        ns = _parse(argv)
+        with dist.input_checks():
+            ns = _parse(argv)
         return HANDLERS[ns.command](ns)
-    except (UserError, RuntimeError) as exc:
-        world = dist.current()  # under torchrun every rank says which it is
-        error = exc if isinstance(exc, UserError) else world.comm_failure(exc)  # a collective that failed
+    except Exception as exc:
+        world = dist.current() if dist.current().distributed else launched
+        error = _error_of(exc, world)
         if error is None:
             raise
-        where = f" (rank {world.rank} of {world.size})" if world.distributed else ""
-        print(f"distilflow: error{where}: {error}", file=sys.stderr)
+        # Errors every rank meets alike (a refused config) are printed once, by rank 0; a rank's own
+        # (a failed write, a dead peer) by that rank, saying which it is.
+        if world.is_main or not error.rank_0_reports:
+            where = f" (rank {world.rank} of {world.size})" if world.distributed and not error.rank_0_reports else ""
+            print(f"distilflow: error{where}: {error}", file=sys.stderr)
         if isinstance(error, dist.DistError):  # a broken process group cannot be torn down cleanly
             sys.stderr.flush()
             os._exit(2)

@@ -31,6 +31,7 @@ from distilflow.stages import (
     supervised_objective,
     train_stage,
 )
+from distilflow.storage import check_writable
 from distilflow.student_side import (
     configured_pairs,
     live_alignment,
@@ -52,8 +53,14 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     """Check the output folder (same config or empty), load data, check the models, save the config.
 
     Everything that can fail on bad input runs before anything is written, so the corrected
-    command can use the same output_dir.
+    command can use the same output_dir; an output folder that cannot be written is refused first.
+    Under torchrun every rank checks the same inputs and rank 0 alone reports what is wrong.
     """
+    with dist.input_checks():
+        return _open_run(cfg, writes_cache=writes_cache)
+
+
+def _open_run(cfg: Config, *, writes_cache: bool) -> Run:
     if cfg.reasoning.task != "off":  # its own stage list (distilflow/reasoning.py), with its own folder layout
         raise UserError(f"reasoning.task {cfg.reasoning.task!r}: the reasoning demo runs with 'distilflow run' only")
     world = dist.env_world()  # under torchrun: every rank refuses a batch that does not split, before joining
@@ -63,6 +70,9 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     for key, train in trained:
         world.check_batch(train.batch_size, train.grad_accum, key)
     check_output_dir(cfg)
+    check_writable(cfg.run_dir, "output_dir")
+    if (cfg.cache.use or writes_cache) and cfg.cache.path:
+        check_writable(cfg.cache.path, "cache.path")  # another folder than the run's
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     world = dist.setup(cfg, resolve_device(cfg.device))  # torchrun: join the process group (else nothing)

@@ -3,7 +3,8 @@
 Formats, the manifest and the checks that decide whether a cache fits a run are in
 distilflow/data/cache.py; this module runs the teacher and writes. Each shard is written to a
 temporary file and renamed, and only then listed in the manifest, so a killed write resumes at the
-first shard that is not listed (byte-identical: sampling is seeded per shard). Under torchrun rank r
+first shard that is not listed (byte-identical: sampling is seeded per shard); a full disk stops it
+with one line and the shards written before stay listed (distilflow/storage.py). Under torchrun rank r
 writes shards r, r + N, ... and lists them in its own part; rank 0 merges the parts.
 """
 
@@ -37,6 +38,7 @@ from distilflow.data.cache import (
 from distilflow.errors import UserError
 from distilflow.models.layers import LayerPair
 from distilflow.models.taps import Taps
+from distilflow.storage import remove_stale_temps
 from distilflow.train import dist
 from distilflow.train.checkpoint import write_json, write_weights
 from distilflow.train.precision import cast_teacher
@@ -129,6 +131,8 @@ def write_cache(
     done = {s["file"]: s for s in (manifest or {}).get("shards", [])}
     done.update(_rank_parts(folder))  # listed by the ranks of an interrupted torchrun job (any world size)
     world = dist.current()
+    if world.is_main:
+        remove_stale_temps(folder)  # of a shard or manifest write that a kill cut short
     world.barrier("reading the teacher cache")  # every rank has read the parts before one is rewritten
     part = folder / (RANK_PART.format(rank=world.rank) if world.distributed else MANIFEST)
     manifest = {

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from distilflow.errors import UserError
+from distilflow.storage import errno_in_text, write_failure, write_text
 
 INSTALL_HINT = "pip install 'distilflow[genai]' (onnxruntime-genai >= 0.18)"
 MANIFEST = "distilflow_genai.json"
@@ -157,6 +158,9 @@ def build(hf_dir: str | Path, out: str | Path, precision: str, cfg: Any, *, trus
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cache)
     if done.returncode != 0 or not (staging / "model.onnx").is_file():
         shutil.rmtree(staging, ignore_errors=True)
+        code = errno_in_text(done.stderr)  # the builder (a subprocess) ran out of disk: one line, as our writes
+        if code is not None:
+            raise write_failure(staging, code)
         raise UserError(f"ONNX Runtime GenAI's builder failed on '{hf_dir}' ({precision}): {_failure(done.stderr)}")
     for name in SIDE_FILES:
         if (hf_dir / name).is_file() and not (staging / name).is_file():
@@ -173,7 +177,7 @@ def build(hf_dir: str | Path, out: str | Path, precision: str, cfg: Any, *, trus
         "onnxruntime_genai": _genai_version(),
         **summary,
     }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out
