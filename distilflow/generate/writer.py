@@ -1,19 +1,20 @@
 """The output JSONL of kept samples, resumable and safe against a kill.
 
 Per finished prompt, its kept samples are appended to ``OUTPUT`` and then one summary line to
-``OUTPUT.progress``, each flushed and fsynced. On start, the progress file names the finished
-prompts (they are skipped); output lines of a prompt that never reached the progress file, and a
-line cut by a kill, are dropped (the file is rewritten atomically only when there is such a line).
-So every finished completion survives, and no prompt is written twice.
+``OUTPUT.progress``, each fsynced. On start, the progress file names the finished prompts (they
+are skipped); output lines of a prompt that never reached the progress file, and a line cut by a
+kill, are dropped (the file is rewritten atomically only when there is such a line). So every
+finished completion survives, and no prompt is written twice. An append that fails (a full disk)
+is cut back to where it started and stops with one line (distilflow/storage.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from distilflow.storage import append_text, remove_stale_temps, write_text
 
 PROGRESS_SUFFIX = ".progress"
 
@@ -42,13 +43,7 @@ def read_complete_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 def rewrite_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     """Replace ``path`` atomically by ``rows`` as JSON lines (a temporary file, fsynced, renamed)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 class SampleWriter:
@@ -58,6 +53,7 @@ class SampleWriter:
         self.path = Path(path)
         self.progress_path = self.path.with_name(self.path.name + PROGRESS_SUFFIX)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path.parent, (self.path.name, self.progress_path.name))  # a killed rewrite's
         progress, progress_dropped = read_complete_lines(self.progress_path)
         self.finished: dict[str, dict[str, Any]] = {str(row["id"]): row for row in progress if "id" in row}
         if progress_dropped:
@@ -75,15 +71,8 @@ class SampleWriter:
     def write_prompt(self, prompt_id: str, samples: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Append ``samples`` (each with ``id``), then mark the prompt finished with ``summary``."""
         if samples:
-            with self.path.open("a", encoding="utf-8") as f:
-                for sample in samples:
-                    f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_text(self.path, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
         row = {"id": prompt_id, **summary}
-        with self.progress_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.progress_path, json.dumps(row, ensure_ascii=False) + "\n")
         self.finished[prompt_id] = row
         self.samples_on_disk += len(samples)

@@ -118,3 +118,44 @@ class Progress:
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         self.stream.write(f"[{self.stage}] {step}/{self.total} {status} elapsed {_clock(elapsed)} eta {_clock(eta)}\n")
         self.stream.flush()
+
+
+class CountProgress:
+    """Progress over a count of items (prompts, shards): a tqdm bar on a terminal, else a plain line
+    every 10 s and one at the end (no carriage-return frames in a log file); nothing when not ``show``."""
+
+    def __init__(self, desc: str, total: int, unit: str, *, show: bool = True, stream=None) -> None:
+        self.desc, self.total, self.unit, self.show = desc, total, unit, show
+        self.stream = stream or sys.stderr
+        self.began = self.last_print = time.monotonic()
+        self.done, self.status, self.printed = 0, "", 0
+        self.bar = None
+        if show and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit.rstrip("s"), file=self.stream, dynamic_ncols=True)
+
+    def update(self, done: int, **status: Any) -> None:
+        self.done, self.status = done, " ".join(f"{k} {v}" for k, v in status.items())
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(status)
+        elif self.show and time.monotonic() - self.last_print >= 10:
+            self._line()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.show and self.done != self.printed:  # the last count, unless just printed
+            self._line()
+
+    def _line(self) -> None:
+        self.last_print = now = time.monotonic()
+        self.printed = self.done
+        elapsed = now - self.began
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        self.stream.write(
+            f"[{self.desc}] {self.done}/{self.total} {self.unit} {self.status} elapsed {_clock(elapsed)} "
+            f"eta {_clock(eta)}\n"
+        )
+        self.stream.flush()
