@@ -91,6 +91,24 @@ def tiny_lm_args():
     return args
 
 
+@pytest.fixture(scope="session")
+def arith_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny random Llama (hidden 32, 2 layers, 4 heads, 64 positions, seed 0) with the
+    arithmetic character tokenizer: a model for ``generate`` that loads in a fraction of a second."""
+    from distilflow.data.arith import arith_tokenizer
+    from distilflow.data.stdlib_corpus import tiny_llama_config
+    from distilflow.models.hf import build_causal_lm
+
+    folder = tmp_path_factory.mktemp("arith-llama")
+    tokenizer = arith_tokenizer()
+    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    torch.manual_seed(0)
+    config = tiny_llama_config(len(tokenizer), hidden=32, layers=2, heads=4, max_positions=64, **special)
+    build_causal_lm(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _keep_torch_threads():
     """Runs set ``threads=1`` (torch.set_num_threads); give later tests the count they had."""

@@ -42,6 +42,7 @@ from distilflow.errors import UserError
 from distilflow.models.layers import decoder_layer_modules
 from distilflow.storage import WriteFailed
 from distilflow.train.replica import Replica, TrainedModules, fully_shard_modules, leaves_parameters_unused
+from distilflow.train.sync_batchnorm import sync_batchnorm
 
 Batch = dict[str, torch.Tensor]
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -202,10 +203,12 @@ class World:
             # CPU) receives the trained weights at the end, for the stages that follow (save, eval, export).
             device = next(model.parameters()).device
             plain = (copy.deepcopy(model).cpu(), copy.deepcopy(heads).cpu(), device)
+            sync_batchnorm(model)  # batch statistics over every rank's rows (train/sync_batchnorm.py)
             fully_shard_modules(step, model)
             return Replica(step, step, self, plain)
         from torch.nn.parallel import DistributedDataParallel
 
+        sync_batchnorm(model)  # batch statistics over every rank's rows (train/sync_batchnorm.py)
         device = next(model.parameters()).device
         ddp = DistributedDataParallel(
             step,

@@ -36,6 +36,7 @@ from distilflow.train.precision import (
     set_gradient_checkpointing,
 )
 from distilflow.train.resume import StageCheckpoints
+from distilflow.train.sync_batchnorm import unsync_batchnorm
 
 __all__ = ["FitResult", "NonFiniteLoss", "Task", "fit"]
 
@@ -290,6 +291,7 @@ def fit(
     if start >= train.steps:
         metrics = replica.gathered(task.evaluate, model)
     model.eval()
+    unsync_batchnorm(model)  # torch's own BatchNorm again for what follows (evaluation, export)
     set_gradient_checkpointing(model, False)
     step_units = int(world.all_reduce_sums({"units": step_units})["units"])
     return FitResult(
