@@ -166,3 +166,26 @@ def test_resuming_from_the_previous_checkpoint_is_exact_too(tmp_path, damage):
     for name, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
     assert _rows(tmp_path / "killed") == _rows(tmp_path / "straight")
+
+
+def _as_previous_release(path: Path) -> None:
+    """The checkpoint as the previous release wrote it: format 1, no digest, no bad-step counts, and
+    no older checkpoints beside it (keep_last did not exist)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    del state["digest"], state["bad_steps"]
+    torch.save({**state, "format": 1}, path)
+    for older in path.parent.glob("checkpoint-*.pt"):
+        older.unlink()
+
+
+def test_a_checkpoint_of_the_previous_release_resumes_exactly(tmp_path):
+    straight = _fit(tmp_path / "straight", _task())
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "killed", _task(kill_at=7))
+    _as_previous_release(tmp_path / "killed" / "student" / CHECKPOINT)
+    assert read_checkpoint(tmp_path / "killed" / "student" / CHECKPOINT)["format"] == 1
+    resumed = _fit(tmp_path / "killed", _task())
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert _rows(tmp_path / "killed") == _rows(tmp_path / "straight")
+    assert read_checkpoint(tmp_path / "killed" / "student" / CHECKPOINT)["format"] == 2  # rewritten as format 2
