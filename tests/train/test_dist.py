@@ -255,6 +255,43 @@ def test_a_batchnorm_teacher_on_two_processes_logs_the_losses_of_one(args, tmp_p
     assert drift > 100 * TOL  # each rank normalising over its own half is another computation
 
 
+# Student step 3 gets inf inputs in the second half of its rows only: under torchrun rank 1's rows,
+# so rank 0's own loss stays finite and only the global verdict makes it skip the step too.
+POISON_HALF_AT_3 = """
+import math, sys
+from distilflow.tasks import classify
+original = classify.ClassifierTask.micro_batches
+def micro_batches(self, step):
+    batches = original(self, step)
+    if step != 2:
+        return batches
+    out = []
+    for b in batches:
+        x = b["x"].clone()
+        x[len(x) // 2 :] *= math.inf
+        out.append({**b, "x": x})
+    return out
+classify.ClassifierTask.micro_batches = micro_batches
+from distilflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_bad_step_on_one_rank_is_skipped_by_every_rank_as_one_process_skips_it(reference, args, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    job = distill_args(args, reference, one)
+    exec_one = subprocess.run([sys.executable, "-c", POISON_HALF_AT_3, *job], cwd=ROOT, capture_output=True, text=True)
+    assert exec_one.returncode == 0, exec_one.stderr[-3000:]
+    ranks = launch(distill_args(args, reference, two), code=POISON_HALF_AT_3)
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:]
+    want, got = metrics(one, "student"), metrics(two, "student")
+    bad = [r for r in want if "bad_step" in r]
+    assert [(r["step"], r["bad_step"], r["bad_steps"]) for r in bad] == [(3, "loss", 1)]
+    assert [(r["step"], r["bad_step"], r["bad_steps"]) for r in got if "bad_step" in r] == [(3, "loss", 1)]
+    assert_same_metrics([r for r in got if "bad_step" not in r], [r for r in want if "bad_step" not in r])
+    assert ranks[1][2].count("step 3") == 0  # rank 0 alone says that the step is skipped
+
+
 # BatchNorm1d / 2d with and without affine and momentum=None: the rank-synced module on each rank's half
 # against a plain BatchNorm on the whole batch (the reference, computed by rank 0 itself).
 SYNCED_BN = """
