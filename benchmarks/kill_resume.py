@@ -61,7 +61,7 @@ def tiny(out: Path, data: Path) -> list[str]:
 
 
 def deploy_args() -> list[str]:
-    return ["deploy.methods=[dynamic]", "deploy.iterations=2", "deploy.batch_sizes=[1]", "deploy.torch_backend=off"]
+    return ["deploy.methods=[dynamic]", "deploy.iterations=2", "deploy.batch_sizes=[1]", "deploy.torch_backend='off'"]
 
 
 def files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, str]:

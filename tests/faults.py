@@ -1,9 +1,10 @@
-"""A full disk on demand: the fsync of a chosen file fails with ENOSPC, as a full disk makes it fail.
+"""A full disk on demand: the write of a chosen file fails with ENOSPC, as a full disk makes it fail.
 
-Every writer of distilflow (atomic writes of checkpoints, weights, shards, ONNX files, PNGs, JSON;
-appends of metrics and generated rows) fsyncs what it wrote before it counts as written, so failing
-the fsync of one file reaches every writer at the moment its data would meet the disk. The folder is
-snapshotted at that moment: a test then checks that the failure changed nothing already there.
+Every atomic write of distilflow (checkpoints, weights, shards, ONNX files, PNGs, JSON) fsyncs its
+temporary file before the rename, whatever library wrote it, so failing that fsync reaches every
+writer where a full disk fails it at the latest; appends (metrics, generated rows) fail at their
+``os.write``. The folder is snapshotted just before: a test then checks that the failure changed
+nothing already there.
 """
 
 from __future__ import annotations
@@ -29,27 +30,49 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 class FullDisk:
-    """``os.fsync`` of the ``nth`` file whose name (of its atomic-write target) matches ``pattern``
-    raises ENOSPC; ``folder`` is snapshotted just before, ``failed`` is the target path."""
+    """The ``nth`` write of a file whose name matches ``pattern`` fails with ENOSPC: for an atomic write
+    (a temporary file named after its target) at its fsync, for an append at its ``os.write``.
+    ``folder`` is snapshotted just before; ``failed`` is the target's path."""
 
     def __init__(self, monkeypatch, folder: Path, pattern: str, nth: int = 1) -> None:
         self.folder, self.pattern, self.left = Path(folder), pattern, nth
         self.failed: Path | None = None
         self.before: dict[str, str] = {}
-        self.real = os.fsync
+        self.real, self.real_write = os.fsync, os.write
         monkeypatch.setattr(os, "fsync", self.fsync)
+        monkeypatch.setattr(os, "write", self.write)
 
-    def fsync(self, fd: int) -> None:
+    def _due(self, fd: int, *, atomic: bool) -> bool:
+        if self.failed is not None:
+            return False
         path = Path(os.readlink(f"/proc/self/fd/{fd}"))
         match = _TEMP.match(path.name)
+        if bool(match) != atomic:
+            return False
         target = path.with_name(match.group("target")) if match else path
-        if self.failed is None and fnmatch.fnmatch(target.name, self.pattern):
-            self.left -= 1
-            if self.left == 0:
-                self.failed = target
-                self.before = snapshot(self.folder) if self.folder.is_dir() else {}
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if not fnmatch.fnmatch(target.name, self.pattern):
+            return False
+        self.left -= 1
+        if self.left:
+            return False
+        self.failed = target
+        self.before = snapshot(self.folder) if self.folder.is_dir() else {}
+        return True
+
+    def heal(self, monkeypatch) -> None:
+        """Room again: writes succeed."""
+        monkeypatch.setattr(os, "fsync", self.real)
+        monkeypatch.setattr(os, "write", self.real_write)
+
+    def fsync(self, fd: int) -> None:
+        if self._due(fd, atomic=True):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.real(fd)
+
+    def write(self, fd: int, data) -> int:
+        if fd > 2 and self._due(fd, atomic=False):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.real_write(fd, data)
 
 
 # A top-k teacher cache of the tiny run (tests/conftest.py) in 7 shards of its 220 rows (train + transfer).

@@ -1,8 +1,8 @@
 """A full disk and a folder that cannot be written, through the CLI: one line naming the path and the
 free space, exit 2, every file written before intact; the same command continues once there is room.
 
-The full disk is an fsync that fails with ENOSPC (tests/faults.py), the moment where a real full disk
-fails a write at the latest; one test fills a real 1 MiB tmpfs (needs root, as this machine has).
+The full disk is a write that fails with ENOSPC (tests/faults.py: an atomic write's fsync, an
+append's os.write); one test fills a real 1 MiB tmpfs (needs root, as this machine has).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _assert_full_disk_line(line: str, path) -> None:
 RUN_FAULTS = {
     "checkpoint": ([], "checkpoint.pt", 2),  # the student's second checkpoint (step 8)
     "final-weights": ([], "model.safetensors", 2),  # the baseline's (the teacher's is written)
-    "metrics": ([], "metrics.jsonl", 1),  # made durable before the first checkpoint
+    "metrics": ([], "metrics.jsonl", 3),  # the third row appended
     "report-png": ([], "*.png", 1),
     "report-md": ([], "report.md", 1),
     "deploy-onnx": (["deploy.enabled=true", "deploy.methods=[dynamic]", "deploy.iterations=1"], "student.onnx", 1),
@@ -60,7 +60,7 @@ def test_a_full_disk_during_run_is_one_line_and_loses_nothing(tmp_path, tiny_ove
     _assert_full_disk_line(_one_line(capsys), disk.failed)
     assert snapshot(run_dir) == disk.before  # nothing written before was changed, nothing half-written added
     assert not [p for p in run_dir.rglob("*.tmp")]
-    monkeypatch.setattr(os, "fsync", disk.real)  # room again: the same command finishes the run
+    disk.heal(monkeypatch)  # room again: the same command finishes the run
     assert main(args) == 0
     assert json.loads((run_dir / "results.json").read_text())["student"]["steps"] == 10
 
@@ -81,7 +81,7 @@ def test_a_full_disk_while_caching_keeps_the_shards_written(tmp_path, tiny_overr
     assert snapshot(run_dir) == disk.before
     manifest = json.loads((run_dir / "teacher_cache" / "manifest.json").read_text())
     assert len(manifest["shards"]) == 2 and not manifest["complete"]  # the two written shards stay listed
-    monkeypatch.setattr(os, "fsync", disk.real)
+    disk.heal(monkeypatch)
     assert main(args) == 0
     manifest = json.loads((run_dir / "teacher_cache" / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["shards"]) == 7
@@ -141,3 +141,34 @@ def test_a_real_full_tmpfs_is_one_line(tmp_path, tiny_overrides):
         assert not list(run_dir.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_while_generating_keeps_the_rows_written(arith_llama_dir, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(6)))
+
+    def job(out) -> list[str]:
+        return [
+            "generate",
+            f"output_dir={out}",
+            f"generate.prompts={prompts}",
+            f"generate.model={arith_llama_dir}",
+            "generate.n=2",
+            "generate.batch_size=4",
+            "generate.max_new_tokens=4",
+            "generate.keep_truncated=true",
+            "generate.verifier=none",
+            "threads=1",
+        ]
+
+    assert main(job(tmp_path / "one")) == 0
+    capsys.readouterr()
+    out = tmp_path / "full"
+    disk = FullDisk(monkeypatch, out, "generated.jsonl", 4)  # the fourth prompt's rows
+    assert main(job(out)) == 2
+    _assert_full_disk_line(_one_line(capsys), out / "generated.jsonl")
+    assert snapshot(out) == disk.before  # the rows of the first three prompts, their progress lines
+    assert len((out / "generated.jsonl.progress").read_text().splitlines()) == 3
+    disk.heal(monkeypatch)
+    assert main(job(out)) == 0
+    assert (out / "generated.jsonl").read_text() == (tmp_path / "one" / "generated.jsonl").read_text()
