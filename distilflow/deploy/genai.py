@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from distilflow.errors import UserError
-from distilflow.storage import errno_in_text, write_failure, write_text
+from distilflow.storage import atomic_write, errno_in_text, write_failure, write_text
 
 INSTALL_HINT = "pip install 'distilflow[genai]' (onnxruntime-genai >= 0.18)"
 MANIFEST = "distilflow_genai.json"
@@ -205,7 +205,7 @@ def _inline_weights(model_path: Path) -> None:
     if not data.is_file() or data.stat().st_size > SINGLE_FILE_LIMIT:
         return
     model = onnx.load(str(model_path), load_external_data=True)
-    onnx.save(model, str(model_path))
+    atomic_write(model_path, lambda tmp: onnx.save(model, tmp))  # model.onnx + .data stay usable until then
     data.unlink()
 
 
