@@ -77,3 +77,11 @@ class FullDisk:
 
 # A top-k teacher cache of the tiny run (tests/conftest.py) in 7 shards of its 220 rows (train + transfer).
 SHARDED_CACHE = ["cache.use=true", "cache.features=true", "cache.format=topk", "cache.k=4", "cache.shard_rows=32"]
+# The deploy stage at its cheapest: the ONNX export, dynamic int8, one timed call at batch 1.
+QUICK_DEPLOY = [
+    "deploy.enabled=true",
+    "deploy.methods=[dynamic]",
+    "deploy.iterations=1",
+    "deploy.batch_sizes=[1]",
+    "deploy.torch_backend='off'",
+]

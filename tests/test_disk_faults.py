@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 
 import pytest
-from faults import SHARDED_CACHE, FullDisk, snapshot
+from faults import QUICK_DEPLOY, SHARDED_CACHE, FullDisk, snapshot
 
 from distilflow.cli import main
 
@@ -45,7 +45,7 @@ RUN_FAULTS = {
     "metrics": ([], "metrics.jsonl", 3),  # the third row appended
     "report-png": ([], "*.png", 1),
     "report-md": ([], "report.md", 1),
-    "deploy-onnx": (["deploy.enabled=true", "deploy.methods=[dynamic]", "deploy.iterations=1"], "student.onnx", 1),
+    "deploy-onnx": ([*QUICK_DEPLOY], "student.onnx", 1),
 }
 
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from faults import SHARDED_CACHE, snapshot
+from faults import QUICK_DEPLOY, SHARDED_CACHE, snapshot
 
 from distilflow.cli import main
 
@@ -116,8 +116,7 @@ def test_run_killed_during_a_checkpoint_write_resumes_to_the_same_weights(
 
 def test_run_killed_in_the_deploy_stage_deploys_again(uninterrupted, tmp_path, tiny_overrides):
     run_dir = tmp_path / "run"
-    deploy = ["deploy.enabled=true", "deploy.methods=[dynamic]", "deploy.iterations=1", "deploy.batch_sizes=[1]"]
-    args = ["run", *tiny_overrides(run_dir), *deploy, "--no-tensorboard"]
+    args = ["run", *tiny_overrides(run_dir), *QUICK_DEPLOY, "--no-tensorboard"]
     killed(args, "student.onnx", 1, "writing")
     assert not (run_dir / "results.json").exists()
     assert not (run_dir / "deploy" / "student.onnx").exists()  # no half file under the real name
