@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+# The BatchNorm classes converted (torch.nn.SyncBatchNorm, GPU-only, is not one of them).
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class _RankSynced:
@@ -39,7 +41,7 @@ class _RankSynced:
         return _synced_batch_norm(self, input)
 
 
-def _synced_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+def _synced_batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm of ``x`` (batch, channels, *spatial) with statistics over all ranks' rows."""
     from torch.distributed.nn.functional import all_reduce
 
@@ -77,7 +79,7 @@ def sync_batchnorm(module: nn.Module) -> int:
     """Make every BatchNorm of ``module`` normalise over all ranks (in place); returns how many."""
     count = 0
     for child in module.modules():
-        if isinstance(child, _BatchNorm) and not isinstance(child, (_RankSynced, nn.SyncBatchNorm)):
+        if isinstance(child, BATCHNORMS) and not isinstance(child, _RankSynced):
             child.__class__ = _synced_class(type(child))
             count += 1
     return count
