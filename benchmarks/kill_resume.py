@@ -4,13 +4,14 @@
 
 For each command an uninterrupted reference runs first (a subprocess, as the user runs it) and its wall
 time T is measured; then the same command is started again in a fresh folder and SIGKILLed (the whole
-process group: torchrun's agent and both workers) at a moment drawn uniformly from [0.05 T, 0.95 T] of
-that attempt, ``--kills`` times, and finally run to the end. The result must equal the reference:
+process group: torchrun's agent and both workers) at a moment drawn uniformly from [0.05, 0.95] of
+the work still left (after the command's start-up), ``--kills`` times, and finally run to the end.
+The result must equal the reference:
 
 - ``run`` (teacher, baseline, student with checkpoints every 5 steps, deploy stage with dynamic int8):
   every ``.safetensors`` file byte for byte (weights of the three stages and the heads), and the
   student's logged steps each once; the ONNX files are compared too and reported;
-- ``cache``: ``cache-teacher`` (20 top-k shards): the manifest and every shard byte for byte;
+- ``cache``: ``cache-teacher`` (132 top-k shards of 8 rows): the manifest and every shard byte for byte;
 - ``generate``: sampled generation (temperature 1, 3 samples a prompt): the output JSONL line for line;
 - ``torchrun``: ``torchrun --nproc_per_node 2 -m distilflow run`` (the built-in BatchNorm CNN teacher),
   resumed by torchrun again: every ``.safetensors`` byte for byte against an uninterrupted 2-process run.
@@ -107,19 +108,34 @@ def finish(kind: str, args: list[str]) -> float:
     return time.monotonic() - began
 
 
-def killed_then_finished(kind: str, args: list[str], seconds: float, kills: int, rng: random.Random) -> list[float]:
-    """Kill ``kills`` times at random moments, then run to the end; the moments that landed (s)."""
-    landed = []
+def startup_seconds() -> float:
+    """Wall time of a command that does no work (interpreter, torch and distilflow imports)."""
+    began = time.monotonic()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "distilflow", "print-config"], cwd=ROOT, env=env, capture_output=True)
+    return time.monotonic() - began
+
+
+def killed_then_finished(
+    kind: str, args: list[str], seconds: float, kills: int, rng: random.Random, startup: float
+) -> list[float]:
+    """Kill ``kills`` times at random moments, then run to the end; the moments that landed (s).
+
+    Each attempt resumes the last one, so less work is left each time: the moment is drawn from
+    [0.05, 0.95] of the work still left (estimated from the uninterrupted time less the work the
+    killed attempts did), plus the start-up time of the command."""
+    landed, left = [], seconds - startup
     for _ in range(kills):
-        moment = rng.uniform(0.05, 0.95) * seconds
+        moment = startup + rng.uniform(0.05, 0.95) * max(left, 1.0)
         proc = start(kind, args)
         try:
             proc.wait(timeout=moment)
-            continue  # finished before the kill: nothing to kill
+            break  # finished before the kill: nothing left to kill
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             landed.append(round(moment, 1))
+            left -= moment - startup
     finish(kind, args)
     return landed
 
@@ -148,9 +164,10 @@ def jobs(work: Path, data: Path, models: dict[str, Path]) -> dict[str, tuple[lis
             *tiny(out, data),
             f"teacher.model.checkpoint={models['teacher']}",
             "cache.use=true",
+            "cache.features=true",
             "cache.format=topk",
             "cache.k=4",
-            "cache.shard_rows=40",
+            "cache.shard_rows=8",
         ]
 
     def compare_cache(a: Path, b: Path) -> dict:
@@ -222,6 +239,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kill-resume-"))
     data = work / "data"
     models = prepare(work, data)
+    startup = startup_seconds()
     table = []
     for name, (make_args, compare) in jobs(work, data, models).items():
         if name not in ns.only.split(","):
@@ -229,7 +247,9 @@ def main() -> None:
         kind = "torchrun" if name == "torchrun" else "plain"
         reference, resumed = work / f"{name}-reference", work / f"{name}-killed"
         seconds = finish(kind, make_args(reference))
-        landed = killed_then_finished(kind, make_args(resumed), seconds, ns.kills, rng)
+        landed = killed_then_finished(
+            kind, make_args(resumed), seconds, ns.kills, rng, startup * (2 if kind == "torchrun" else 1)
+        )
         row = {
             "command": name,
             "reference_s": round(seconds, 1),
