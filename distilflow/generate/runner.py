@@ -22,7 +22,7 @@ from distilflow.generate.backends import Completion, TransformersBackend, VLLMBa
 from distilflow.generate.prompts import Prompt, read_prompts, render_prompt
 from distilflow.generate.sampling import Sampling
 from distilflow.generate.verify import Checker, load_verifier
-from distilflow.generate.writer import SampleWriter
+from distilflow.generate.writer import SUMMARY_SUFFIX, SampleWriter, check_output_path
 
 
 @dataclass
@@ -96,7 +96,8 @@ def generate_to_file(
             tokens = len(backend.encode(text, special_tokens=special))
             check_budget(tokens, sampling.max_new_tokens, budget_model, p.where)
     reasons: collections.Counter[str] = collections.Counter()
-    bar = _progress(len(todo), show_progress)
+    verified_once = False  # the first batch that reached the checker has been looked at
+    bar = None  # made after the first batch, so that a run stopped by its first batch prints no bar
     began = time.monotonic()
     # Chat-rendered prompts carry their own special tokens; plain ones get the tokenizer's (e.g. BOS),
     # exactly as the text data path tokenizes a prompt for training.
@@ -105,21 +106,15 @@ def generate_to_file(
         for start in range(0, len(group), prompts_per_call):
             chunk = group[start : start + prompts_per_call]
             outputs = backend.generate([text for _, text in chunk], n=n, sampling=sampling, special_tokens=special)
-            for (prompt, _), completions in zip(chunk, outputs):
-                kept, seen, counts = [], set(), collections.Counter()
-                for index, completion in enumerate(completions):
-                    stats.tokens += completion.tokens
-                    if dedup and completion.text in seen:
-                        counts["duplicate"] += 1
-                        continue
-                    seen.add(completion.text)
-                    verdict = checker(
-                        prompt=prompt, completion=completion.text, tokens=completion.tokens, finish=completion.finish
-                    )
-                    if verdict.kept:
-                        kept.append(_record(prompt, completion, index, verdict.extracted, chat_template))
-                    else:
-                        counts[verdict.reason] += 1
+            judged = [
+                _judge(prompt, completions, checker, dedup, chat_template)
+                for (prompt, _), completions in zip(chunk, outputs)
+            ]
+            if not verified_once:
+                verified_once = _stop_if_verifier_always_fails(checker, judged)
+            bar = bar or _progress(len(todo), show_progress)
+            for (prompt, _), (kept, tokens, counts) in zip(chunk, judged):
+                stats.tokens += tokens
                 duplicates = counts.pop("duplicate", 0)
                 writer.write_prompt(
                     prompt.id, kept, {"kept": len(kept), "rejected": dict(counts), "duplicates": duplicates}
@@ -133,10 +128,48 @@ def generate_to_file(
                 bar.update(1)
                 speed = f"{stats.tokens / max(elapsed, 1e-9):.0f}"
                 bar.set_postfix(kept=stats.kept, rejected=stats.rejected, tok_s=speed)
-    bar.close()
+    if bar is not None:
+        bar.close()
     stats.seconds = time.monotonic() - began
     stats.reasons = dict(reasons)
     return stats
+
+
+def _judge(
+    prompt: Prompt, completions: list[Completion], checker: Checker, dedup: bool, chat: bool
+) -> tuple[list[dict[str, Any]], int, collections.Counter[str]]:
+    """The kept records of one prompt's completions, their tokens, and the count of each rejection."""
+    kept, seen, counts, tokens = [], set(), collections.Counter(), 0
+    for index, completion in enumerate(completions):
+        tokens += completion.tokens
+        if dedup and completion.text in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(completion.text)
+        verdict = checker(prompt=prompt, completion=completion.text, tokens=completion.tokens, finish=completion.finish)
+        if verdict.kept:
+            kept.append(_record(prompt, completion, index, verdict.extracted, chat))
+        else:
+            counts[verdict.reason] += 1
+    return kept, tokens, counts
+
+
+def _stop_if_verifier_always_fails(checker: Checker, judged: list[tuple[list, int, collections.Counter[str]]]) -> bool:
+    """One line instead of a whole run of rejections: the verifier raised on every sample of the first
+    batch it was called on (a wrong signature, a missing dependency, a bug), so nothing would be kept.
+    Returns whether the verifier was called in this batch (then later batches are not looked at)."""
+    errors = collections.Counter()
+    for _, _, counts in judged:
+        errors.update({reason: n for reason, n in counts.items() if reason.startswith("verifier error")})
+    called = errors.total() + sum(len(kept) + counts["wrong"] for kept, _, counts in judged)
+    if called and errors.total() == called:
+        spec = getattr(checker.verifier, "spec", "the verifier")
+        first = errors.most_common(1)[0][0].removeprefix("verifier error: ")
+        raise UserError(
+            f"generate.verifier {spec!r} raised on every sample of the first batch ({called} samples; first: "
+            f"{first}); nothing would be kept: fix the verifier (README: a verifier of your own) and run again"
+        )
+    return called > 0
 
 
 def _progress(total: int, show: bool) -> Any:
@@ -173,6 +206,8 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
             file=sys.stderr,
         )
     checker = checker_from_config(g)
+    output = Path(g.output) if g.output else cfg.run_dir / "generated.jsonl"
+    check_output_path(output)  # before the model is loaded
     folder = _model_folder(cfg)
     sampling = Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop=tuple(g.stop))
     torch.manual_seed(cfg.seed)
@@ -194,7 +229,6 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         model = model.to(resolve_device(cfg.device))
         backend = TransformersBackend(model, tokenizer, batch_size=g.batch_size)
         budget_model = model
-    output = Path(g.output) if g.output else cfg.run_dir / "generated.jsonl"
     writer = SampleWriter(output)
     stats = generate_to_file(
         prompt_set.prompts,
@@ -217,5 +251,5 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         "model": str(folder),
         "samples_in_file": writer.samples_on_disk,
     }
-    output.with_name(output.name + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    output.with_name(output.name + SUMMARY_SUFFIX).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -15,7 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from distilflow.errors import UserError
+
 PROGRESS_SUFFIX = ".progress"
+SUMMARY_SUFFIX = ".summary.json"  # the run's counts, written next to the output at the end
 
 
 def read_complete_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
@@ -51,13 +54,27 @@ def rewrite_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def check_output_path(path: Path) -> None:
+    """Preflight of the output file (before any model is loaded): it, its progress and summary files
+    must be files or absent, and the nearest existing folder above it a folder."""
+    for name in (path.name, path.name + PROGRESS_SUFFIX, path.name + SUMMARY_SUFFIX):
+        if path.with_name(name).is_dir():
+            raise UserError(
+                f"generate.output '{path}' is a folder ('{path.with_name(name)}'); name a .jsonl file, "
+                f"e.g. generate.output={path / 'generated.jsonl'}"
+            )
+    above = next(folder for folder in path.parents if folder.exists() or folder == folder.parent)
+    if above.exists() and not above.is_dir():
+        raise UserError(f"generate.output '{path}': '{above}' is a file, not a folder")
+
+
 class SampleWriter:
     """Appends kept samples per prompt; knows which prompts are finished."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.progress_path = self.path.with_name(self.path.name + PROGRESS_SUFFIX)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_output_path(self.path)
         progress, progress_dropped = read_complete_lines(self.progress_path)
         self.finished: dict[str, dict[str, Any]] = {str(row["id"]): row for row in progress if "id" in row}
         if progress_dropped:
@@ -74,6 +91,7 @@ class SampleWriter:
 
     def write_prompt(self, prompt_id: str, samples: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Append ``samples`` (each with ``id``), then mark the prompt finished with ``summary``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # here, so a run stopped before its first row writes none
         if samples:
             with self.path.open("a", encoding="utf-8") as f:
                 for sample in samples:
