@@ -102,9 +102,13 @@ def load_causal_lm(
             tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
             dtype = torch_dtype if torch_dtype is not None else "auto"
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except UserError:
+        raise
+    # OSError, ValueError, KeyError from transformers; SafetensorError (damaged weights) and pickle's
+    # UnpicklingError (a pytorch_model.bin that weights_only loading refuses) from below it.
+    except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{where} could not be loaded: {first_line}") from error
+        raise UserError(f"{where} could not be loaded: {type(error).__name__}: {first_line[:200]}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"{role} tokenizer in '{directory}' has neither a pad nor an eos token; add one")
