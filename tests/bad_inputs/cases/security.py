@@ -63,6 +63,31 @@ def hf_with_pickled_weights(path, kit) -> None:
     torch.save({"model.embed_tokens.weight": Payload(str(path.parent / "pwned"))}, path / "pytorch_model.bin")
 
 
+# Python that creates a file when imported: a model folder's own code (trust_remote_code). The marker's
+# path is written into the code: transformers imports a copy of it from its modules cache.
+REMOTE_CODE = """from pathlib import Path
+Path({marker!r}).write_text("remote code ran")
+from transformers import LlamaConfig
+
+
+class EvilConfig(LlamaConfig):
+    model_type = "evil"
+"""
+
+
+def hf_with_remote_code(path, kit) -> None:
+    """The kit's Llama folder declaring a config class of its own (``auto_map``) in ``evil.py``."""
+    shutil.copytree(kit.lm, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"})
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "evil.py").write_text(REMOTE_CODE.format(marker=str(path.parent / "pwned")))
+
+
+# YAML that creates a file when loaded with yaml.unsafe_load (distilflow reads YAML with safe_load).
+YAML_APPLY = '!!python/object/apply:builtins.open ["$dir/pwned", "w"]\n'
+
+
 def cache_shard_payload(folder) -> None:
     """The first shard replaced by a pickle, with the manifest's size and sha256 updated to match it."""
     import hashlib
@@ -177,6 +202,14 @@ CASES = [
         "is not a distilflow manifest",
         {"out": run_copy(lambda folder: pickle_payload(folder / "manifest.json", None))},
     ),
+    case(
+        "remote-code-not-trusted",
+        run_text("$dir/t.jsonl", "teacher.model.hf.config={}", "teacher.model.hf.path=$dir/t"),
+        "could not be loaded",
+        {"t.jsonl": LINES, "t": hf_with_remote_code},
+    ),
+    case("yaml-python-apply-tag", ["run", "$dir/c.yaml"], "is not valid YAML", {"c.yaml": YAML_APPLY}),
+    case("yaml-python-tag-in-override", [*RUN, f"name={YAML_APPLY.strip()}"], "value is not valid YAML"),
     # paths that point outside their folder
     case(
         "escape-cache-manifest-dotdot",
