@@ -147,6 +147,21 @@ def _check_kind_settings(cfg: Config, need: Any) -> None:
             "fused makes the logits from hidden states and lm_head, which only causal LMs have; a classifier's "
             "logits are its output: use chunked, plain or auto",
         )
+    elif cfg.deploy.enabled and cfg.deploy.genai.enabled:
+        # The GenAI deploy path reads deploy.genai, threads and parity_tolerance; the ONNX Runtime int8
+        # path's settings would be ignored.
+        from distilflow.config import DeployConfig
+
+        default = DeployConfig()
+        for key in ("methods", "observe_steps", "calibration_batch", "per_channel", "reduce_range", "op_types",
+                    "exclude", "torch_backend", "batch_sizes", "iterations", "tensorrt"):  # fmt: skip
+            value = getattr(cfg.deploy, key)
+            rule = (
+                "deploy.genai.enabled ships the causal LM through ONNX Runtime GenAI, which does not read it (that "
+                "path reads deploy.genai.*, deploy.threads, deploy.parity_tolerance); drop it or set "
+                "deploy.genai.enabled=false"
+            )
+            need(value == getattr(default, key), f"deploy.{key}", value, rule)
     files = cfg.data.files
     if files is not None and cfg.data.source == "npz":
         need(

@@ -30,6 +30,7 @@ BOUNDED = settings(
     deadline=None,  # 2 shared cores: time per example varies, the count bounds the cost
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=True,  # the same examples on every run: a failure is reproducible
+    database=None,  # nothing written into the checkout (.hypothesis/)
 )
 
 

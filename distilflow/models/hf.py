@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import pickle
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import logging as hf_logging
@@ -102,11 +104,9 @@ def load_causal_lm(
             tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
             dtype = torch_dtype if torch_dtype is not None else "auto"
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
-    except UserError:
-        raise
     # OSError, ValueError, KeyError from transformers; SafetensorError (damaged weights) and pickle's
     # UnpicklingError (a pytorch_model.bin that weights_only loading refuses) from below it.
-    except Exception as error:
+    except (OSError, ValueError, KeyError, EOFError, SafetensorError, pickle.UnpicklingError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{where} could not be loaded: {type(error).__name__}: {first_line[:200]}") from None
     if tokenizer.pad_token is None:

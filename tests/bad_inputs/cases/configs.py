@@ -92,6 +92,13 @@ CASES = [
     # Settings that cannot apply to the model kind in use (refused, not silently ignored).
     case("config-genai-on-classifier", [*RUN, "deploy.genai.enabled=true"], "deploy.genai"),
     case("config-genai-setting-on-classifier", [*RUN, "deploy.genai.precisions=[int4]"], "deploy.genai"),
+    case(
+        "config-int8-setting-with-genai",
+        run_text("$dir/t.jsonl", "deploy.enabled=true", "deploy.genai.enabled=true", "deploy.methods=[static]"),
+        "config key 'deploy.methods': ['static'] is not allowed; deploy.genai.enabled ships",
+        {"t.jsonl": "{}\n"},
+    ),
+    case("config-on-policy-setting-on-classifier", [*RUN, "on_policy.temperature=0.5"], "on_policy.temperature"),
     case("config-fused-on-classifier", [*RUN, "distill.loss_impl=fused"], "distill.loss_impl"),
     case(
         "config-label-column-on-npz",

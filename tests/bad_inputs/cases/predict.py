@@ -25,7 +25,7 @@ def genai_folder(config, *, model: bytes | None = b"not an onnx model"):
     return make
 
 
-def _config(**decoder) -> dict:
+def genai_config(**decoder) -> dict:
     base = {"filename": "model.onnx", "head_size": 8, "hidden_size": 16, "num_attention_heads": 2}
     base |= {"num_hidden_layers": 1, "num_key_value_heads": 2, "inputs": {}, "outputs": {}}
     return {"model": {"type": "llama", "context_length": 64, "vocab_size": 18, "decoder": base | decoder}}
@@ -89,15 +89,20 @@ CASES = [
         "genai-config-bad-context",
         GENAI,
         "context_length",
-        {"genai": genai_folder(_config() | {"model": {**_config()["model"], "context_length": "long"}})},
+        {"genai": genai_folder(genai_config() | {"model": {**genai_config()["model"], "context_length": "long"}})},
     ),
-    case("genai-model-file-missing", GENAI, "model.onnx", {"genai": genai_folder(_config(), model=None)}),
-    case("genai-model-garbage", GENAI, "could not be loaded by ONNX Runtime GenAI", {"genai": genai_folder(_config())}),
+    case("genai-model-file-missing", GENAI, "model.onnx", {"genai": genai_folder(genai_config(), model=None)}),
+    case(
+        "genai-model-garbage",
+        GENAI,
+        "could not be loaded by ONNX Runtime GenAI",
+        {"genai": genai_folder(genai_config())},
+    ),
     case(
         "genai-config-unknown-type",
         GENAI,
         "could not be loaded by ONNX Runtime GenAI",
-        {"genai": genai_folder({"model": {**_config()["model"], "type": "no-such-type"}})},
+        {"genai": genai_folder({"model": {**genai_config()["model"], "type": "no-such-type"}})},
     ),
     # Hugging Face folders
     case("predict-folder-not-a-model", ("predict", "$dir/m", "1+1="), "is not a model folder", {"m/notes.txt": "x"}),

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..case import CACHED, LINES, RUN, case, run_files, run_text
 from .caches import manifest_edit, run_copy
-from .predict import _config
+from .predict import genai_config
 
 
 class Payload:
@@ -133,13 +133,13 @@ CACHE_RUN = ("run", *CACHED, "--no-tensorboard")  # the kit's run again: same co
 def _genai_escape(path, kit) -> None:
     shutil.copytree(kit.tokenizer, path)
     (path.parent / "outside.onnx").write_bytes(b"not a model")
-    config = _config(filename="../outside.onnx")
+    config = genai_config(filename="../outside.onnx")
     (path / "genai_config.json").write_text(json.dumps(config))
 
 
 def _genai_absolute(path, kit) -> None:
     shutil.copytree(kit.tokenizer, path)
-    config = _config(filename=str(kit.onnx))
+    config = genai_config(filename=str(kit.onnx))
     (path / "genai_config.json").write_text(json.dumps(config))
 
 
