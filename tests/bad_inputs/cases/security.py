@@ -203,6 +203,40 @@ CASES = [
         {"out": run_copy(lambda folder: pickle_payload(folder / "manifest.json", None))},
     ),
     case(
+        "pickle-student-checkpoint",
+        [*RUN, "student.model.checkpoint=$dir/w.pt"],
+        "w.pt",
+        {"w.pt": torch_payload(lambda p: {"format": 1, "model": p})},
+    ),
+    case(
+        "pickle-onnx-model",
+        ("predict", "$dir/m.onnx", "$dir/x.npz"),
+        "is not a loadable ONNX model",
+        {"m.onnx": pickle_payload},
+    ),  # fmt: skip
+    case(
+        "pickle-predict-hf-folder", ("predict", "$dir/t", "1+1="), "could not be loaded", {"t": hf_with_pickled_weights}
+    ),  # fmt: skip
+    case(
+        "pickle-generate-model",
+        ["generate", "output_dir=$out", "generate.prompts=$dir/p.jsonl", "generate.model=$dir/t"],
+        "could not be loaded",
+        {"p.jsonl": '{"prompt": "1+1="}\n', "t": hf_with_pickled_weights},
+    ),  # fmt: skip
+    # the teacher's weights are hashed (bytes, not loaded) against the cache made of them first
+    case(
+        "pickle-eval-stage-weights",
+        ["eval", *CACHED, "--model", "teacher"],
+        "does not match this config",
+        {"out": run_copy(), "out/teacher/model.safetensors": pickle_payload},
+    ),  # fmt: skip
+    case(
+        "pickle-cache-manifest-on-cache-teacher",
+        ["cache-teacher", *CACHED],
+        "is not a distilflow manifest",
+        {"out": run_copy(lambda folder: pickle_payload(folder / "manifest.json", None))},
+    ),  # fmt: skip
+    case(
         "remote-code-not-trusted",
         run_text("$dir/t.jsonl", "teacher.model.hf.config={}", "teacher.model.hf.path=$dir/t"),
         "could not be loaded",
