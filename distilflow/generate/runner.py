@@ -164,7 +164,7 @@ def _stop_if_verifier_always_fails(checker: Checker, judged: list[tuple[list, in
     called = errors.total() + sum(len(kept) + counts["wrong"] for kept, _, counts in judged)
     if called and errors.total() == called:
         spec = getattr(checker.verifier, "spec", "the verifier")
-        first = errors.most_common(1)[0][0].removeprefix("verifier error: ")
+        first = next(iter(errors)).removeprefix("verifier error: ")  # a Counter keeps the order of first sight
         raise UserError(
             f"generate.verifier {spec!r} raised on every sample of the first batch ({called} samples; first: "
             f"{first}); nothing would be kept: fix the verifier (README: a verifier of your own) and run again"
