@@ -44,8 +44,18 @@ TEACHER_CKPT = (*RUN, "teacher.model.checkpoint=$dir/w")
 
 CASES = [
     # Hugging Face folders
-    case("hf-folder-missing", HF_TEACHER, "does not exist or is not a directory", {"t.jsonl": LINES}),
-    case("hf-folder-is-a-file", HF_TEACHER, "does not exist or is not a directory", {"t.jsonl": LINES, "teacher": "x"}),
+    case(
+        "hf-folder-missing",
+        HF_TEACHER,
+        "teacher' does not exist; give a folder written by save_pretrained",
+        {"t.jsonl": LINES},
+    ),
+    case(
+        "hf-folder-is-a-file",
+        HF_TEACHER,
+        "teacher' does not exist; give a folder written by save_pretrained",
+        {"t.jsonl": LINES, "teacher": "x"},
+    ),
     case(
         "hf-no-config", HF_TEACHER, "has no config.json", {"t.jsonl": LINES, "teacher": copy_lm(drop=("config.json",))}
     ),
