@@ -203,20 +203,22 @@ def _has_weights(folder: Path) -> bool:
 
 
 def _cmd_distill(ns) -> int:
-    from distilflow.pipeline import distill_stage, open_run, teacher_stage
+    from distilflow.data.cache import reads_cache
+    from distilflow.pipeline import distill_stage, open_run, refuse_reasoning_demo, teacher_stage
 
     cfg = _load(ns.args)
-    run = open_run(cfg)
-    from distilflow.data.cache import reads_cache
-
-    # A complete teacher cache stands in for the teacher (which is then not loaded at all).
+    refuse_reasoning_demo(cfg)
+    # A complete teacher cache stands in for the teacher (which is then not loaded at all). Checked
+    # before open_run, which saves the config: a refused command writes nothing.
     from_cache = reads_cache(cfg)
     given = cfg.teacher.model.pretrained
-    if not from_cache and not given and not _has_weights(run.stage_dir("teacher")):
+    trained = cfg.run_dir / "teacher"
+    if not from_cache and not given and not _has_weights(trained):
         raise UserError(
-            f"no trained teacher in '{run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
+            f"no trained teacher in '{trained}'; run 'distilflow train-teacher' with this config "
             "first, or set teacher.model.checkpoint=PATH (or teacher.model.hf.path for a Hugging Face folder)"
         )
+    run = open_run(cfg)
     teacher = None if from_cache else teacher_stage(run, log_tensorboard=False)[0]
     _, result = distill_stage(run, teacher, log_tensorboard=not ns.no_tensorboard)
     print(f"{_metric_line('student', result)}; weights in {run.stage_dir('student')}")

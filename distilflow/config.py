@@ -309,7 +309,7 @@ class GenerateConfig:
     verifier: str = _f(
         "exact",
         "none, exact (extracted == answer), regex (answer is a regex), math (math-verify, optional extra), "
-        "or 'module.path:function'.",
+        "or 'module.path:function' called with any of the keywords prompt, completion, answer, extracted.",
     )
     dedup: bool = _f(True, "Drop repeated completions of the same prompt.")
 

@@ -115,6 +115,63 @@ def _check_data(cfg: Config, need: Any) -> None:
         )
 
 
+def _first_changed(section: Any, prefix: str) -> tuple[str, Any] | None:
+    """``(dotted key, value)`` of the first field of ``section`` that differs from its default."""
+    default = type(section)()
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if value != getattr(default, f.name):
+            return f"{prefix}.{f.name}", value
+    return None
+
+
+def _check_kind_settings(cfg: Config, need: Any) -> None:
+    """Settings read by one kind of model or data only: given for another they would be ignored
+    without a word, so they are refused (a saved config holds their defaults, which pass)."""
+    from distilflow.config import GenaiConfig, OnPolicyConfig
+
+    if cfg.task != "causal_lm":
+        lm_only = "only causal LMs (data.source text or stdlib) read it"
+        changed = _first_changed(cfg.deploy.genai, "deploy.genai")
+        if changed:
+            rule = f"{lm_only}; a classifier ships through deploy's ONNX export and int8 quantization"
+            need(cfg.deploy.genai == GenaiConfig(), changed[0], changed[1], f"{rule}; drop deploy.genai")
+        changed = _first_changed(cfg.on_policy, "on_policy")
+        if changed:
+            rule = "on-policy distillation needs a causal LM (data.source text or stdlib); drop on_policy"
+            need(cfg.on_policy == OnPolicyConfig(), changed[0], changed[1], rule)
+        need(
+            cfg.distill.loss_impl != "fused",
+            "distill.loss_impl",
+            cfg.distill.loss_impl,
+            "fused makes the logits from hidden states and lm_head, which only causal LMs have; a classifier's "
+            "logits are its output: use chunked, plain or auto",
+        )
+    elif cfg.deploy.enabled and cfg.deploy.genai.enabled:
+        # The GenAI deploy path reads deploy.genai, threads and parity_tolerance; the ONNX Runtime int8
+        # path's settings would be ignored.
+        from distilflow.config import DeployConfig
+
+        default = DeployConfig()
+        for key in ("methods", "observe_steps", "calibration_batch", "per_channel", "reduce_range", "op_types",
+                    "exclude", "torch_backend", "batch_sizes", "iterations", "tensorrt"):  # fmt: skip
+            value = getattr(cfg.deploy, key)
+            rule = (
+                "deploy.genai.enabled ships the causal LM through ONNX Runtime GenAI, which does not read it (that "
+                "path reads deploy.genai.*, deploy.threads, deploy.parity_tolerance); drop it or set "
+                "deploy.genai.enabled=false"
+            )
+            need(value == getattr(default, key), f"deploy.{key}", value, rule)
+    files = cfg.data.files
+    if files is not None and cfg.data.source == "npz":
+        need(
+            files.label_column == "label",
+            "data.files.label_column",
+            files.label_column,
+            "only csv files have columns; an .npz file holds its labels in array 'y'",
+        )
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each failure names key, value and rule."""
 
@@ -124,6 +181,7 @@ def validate(cfg: Config) -> None:
 
     _check_data(cfg, need)
     _check_models(cfg, need)
+    _check_kind_settings(cfg, need)
     d = cfg.distill
     need(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0")
     need(0 < d.jsd_beta < 1, "distill.jsd_beta", d.jsd_beta, "must be in (0, 1)")

@@ -7,7 +7,9 @@ checkpoint and final weights; a finished stage is reused, an unfinished one resu
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,12 @@ from distilflow.train.precision import cast_teacher, check_teacher_dtype, check_
 from distilflow.workload import make_workload
 
 
+def refuse_reasoning_demo(cfg: Config) -> None:
+    """The reasoning demo has its own stage list (distilflow/reasoning.py) and folder layout."""
+    if cfg.reasoning.task != "off":
+        raise UserError(f"reasoning.task {cfg.reasoning.task!r}: the reasoning demo runs with 'distilflow run' only")
+
+
 def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     """Check the output folder (same config or empty), load data, check the models, save the config.
 
@@ -61,8 +69,7 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
 
 
 def _open_run(cfg: Config, *, writes_cache: bool) -> Run:
-    if cfg.reasoning.task != "off":  # its own stage list (distilflow/reasoning.py), with its own folder layout
-        raise UserError(f"reasoning.task {cfg.reasoning.task!r}: the reasoning demo runs with 'distilflow run' only")
+    refuse_reasoning_demo(cfg)
     world = dist.env_world()  # under torchrun: every rank refuses a batch that does not split, before joining
     trained = [("student.train", cfg.student.train)]
     if not cfg.teacher.model.pretrained:  # a given teacher is not trained here
@@ -87,7 +94,10 @@ def config_of_run(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"'{run_dir}' is not a distilflow run folder (no config.yaml)")
-    return config_from_dict(read_yaml(path), where=f"run folder config '{path}'")
+    cfg = config_from_dict(read_yaml(path), where=f"run folder config '{path}'")
+    # The folder given is the run, wherever it was made: a copied or moved run folder resumes in place
+    # (its saved output_dir may name the original, which must not be written to).
+    return dataclasses.replace(cfg, output_dir=str(run_dir))
 
 
 def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
@@ -233,6 +243,9 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
     student = new_student(run, teacher)
     if teacher is not None:
         live_alignment(run, student, teacher)
+        with warnings.catch_warnings():  # the stages say it (a vocabulary notice) once, when they run
+            warnings.simplefilter("ignore")
+            run.work.shared_vocab(student, teacher)  # embedding tables the tokenizer does not fit: refused now
     # Precision, gradient checkpointing and teacher dtype must fit the models and the device.
     if not cfg.teacher.model.pretrained:  # trained here: a fresh model, no file read
         check_train_options(cfg.teacher.train, teacher or run.work.new_model("teacher"), device, "teacher.train")

@@ -55,6 +55,13 @@ def check_output_dir(cfg: Config) -> None:
     resumes a run), ``diagnostics.*`` (they judge the training, not change it) and ``output_dir``
     (where the folder is: a run folder given to eval, or moved)."""
     run_dir = cfg.run_dir
+    # A symbolic link is followed (the run writes where it points); one that points nowhere is refused.
+    dangling = next((p for p in (run_dir, *run_dir.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise UserError(
+            f"output_dir '{run_dir}': '{dangling}' is a symbolic link to '{dangling.readlink()}', which does not "
+            "exist; create that folder or choose another output_dir"
+        )
     blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise UserError(f"output_dir '{run_dir}': '{blocking}' is a file, not a folder; choose another output_dir")
@@ -78,8 +85,16 @@ def check_output_dir(cfg: Config) -> None:
 def save_config(cfg: Config) -> None:
     """The resolved config as ``<run_dir>/config.yaml`` (rank 0 writes under torchrun)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if dist.current().is_main:
-        write_text(cfg.run_dir / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tree = to_dict(cfg)
+    saved = cfg.run_dir / CONFIG
+    # The same config is not written again (output_dir aside: where the folder is, not what it holds),
+    # so a resumed run that then stops on bad input changes nothing.
+    if dist.current().is_main and not (saved.is_file() and _same_run(read_yaml(saved), tree)):
+        write_text(saved, yaml.safe_dump(tree, sort_keys=False))
+
+
+def _same_run(saved: Any, tree: dict[str, Any]) -> bool:
+    return isinstance(saved, dict) and {**saved, "output_dir": None} == {**tree, "output_dir": None}
 
 
 @dataclass

@@ -188,16 +188,59 @@ def mismatch(folder: Path, stored: dict[str, Any], expected: dict[str, Any]) -> 
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The cache's manifest (None when there is none), its form checked: JSON, never a pickle; each
+    shard a plain file name in the folder (a name with a folder part, ``..`` or an absolute path is
+    refused: a manifest never points outside its cache)."""
     path = folder / MANIFEST
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         manifest = None
-    if not isinstance(manifest, dict) or not {"identity", "shards"} <= manifest.keys():
+    if not _well_formed(manifest):
         raise UserError(f"teacher cache manifest '{path}' is not a distilflow manifest; delete the folder")
+    for shard in manifest["shards"]:
+        name = shard["file"]
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise UserError(
+                f"teacher cache manifest '{path}' names shard file {name!r}, outside the cache folder; a manifest "
+                "names files in its own folder only: delete the folder and cache again"
+            )
     return manifest
+
+
+def _well_formed(manifest: Any) -> bool:
+    """The manifest's keys and types as the writer makes them (a hand-edited one may be anything)."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(manifest, dict):
+        return False
+    ident, shards = manifest.get("identity"), manifest.get("shards")
+    if not isinstance(ident, dict) or not isinstance(shards, list) or not count(ident.get("rows")):
+        return False
+    for shard in shards:
+        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
+            return False
+        rows = shard.get("rows")
+        if not (isinstance(rows, list) and len(rows) == 2 and all(map(count, rows))):
+            return False
+        if not count(shard.get("bytes")) or not isinstance(shard.get("sha256"), str):
+            return False
+    return True
+
+
+def shard_path(folder: Path, name: str) -> Path:
+    """``folder / name``, refused when it resolves outside ``folder`` (a shard replaced by a symbolic link)."""
+    path = folder / name
+    if path.is_symlink() and path.resolve().parent != folder.resolve():
+        raise UserError(
+            f"teacher cache shard '{path}' is a symbolic link to '{path.resolve()}', outside the cache folder; "
+            "shards are read from their own folder only: delete the folder and cache again"
+        )
+    return path
 
 
 def uses_features(cfg: Config) -> bool:
@@ -239,7 +282,7 @@ def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:
     """Every listed shard exists with its recorded size and sha256, and the shards cover all rows."""
     expected_start = 0
     for shard in manifest["shards"]:
-        path = folder / shard["file"]
+        path = shard_path(folder, shard["file"])
         if not path.is_file():
             raise UserError(f"teacher cache shard '{path}' is missing; run 'distilflow cache-teacher' again")
         if path.stat().st_size != shard["bytes"]:

@@ -121,7 +121,7 @@ class TransformersBackend:
         cannot load is one line."""
         from transformers import AutoModelForCausalLM
 
-        from distilflow.models.hf import load_tokenizer, no_progress_bars
+        from distilflow.models.hf import LOAD_ERRORS, load_tokenizer, no_progress_bars
 
         if threads:
             torch.set_num_threads(threads)
@@ -129,8 +129,9 @@ class TransformersBackend:
         try:
             with no_progress_bars():
                 model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).float()
-        except (OSError, ValueError) as exc:
-            raise UserError(f"'{folder}' could not be loaded as a causal LM: {str(exc).splitlines()[0]}") from None
+        except LOAD_ERRORS as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"'{folder}' could not be loaded as a causal LM: {type(exc).__name__}: {first}") from None
         return cls(model, tokenizer)
 
     def encode(self, text: str, *, special_tokens: bool) -> list[int]:

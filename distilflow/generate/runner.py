@@ -22,7 +22,7 @@ from distilflow.generate.backends import Completion, TransformersBackend, VLLMBa
 from distilflow.generate.prompts import Prompt, read_prompts, render_prompt
 from distilflow.generate.sampling import Sampling
 from distilflow.generate.verify import Checker, load_verifier
-from distilflow.generate.writer import SampleWriter
+from distilflow.generate.writer import SUMMARY_SUFFIX, SampleWriter, check_output_path
 from distilflow.storage import write_text
 from distilflow.train import dist
 from distilflow.train.logging import CountProgress
@@ -113,29 +113,20 @@ def generate_to_file(
                     tokens = len(backend.encode(text, special_tokens=special))
                     check_budget(tokens, sampling.max_new_tokens, budget_model, p.where)
     reasons: collections.Counter[str] = collections.Counter()
+    verified_once = False  # the first batch that reached the checker has been looked at
     bar = CountProgress("generate", len(prompts) - stats.already_done, "prompts", show=show_progress)
     began = time.monotonic()
     for index, special, chunk in calls:
         if seed is not None:
             torch.manual_seed(seed * 1_000_003 + index)
         outputs = backend.generate(rendered[index], n=n, sampling=sampling, special_tokens=special)
-        for prompt, completions in zip(chunk, outputs):
-            if writer.done(prompt.id):
-                continue  # written before the kill; generated again only for the draws of the others
-            kept, seen, counts = [], set(), collections.Counter()
-            for sample, completion in enumerate(completions):
-                stats.tokens += completion.tokens
-                if dedup and completion.text in seen:
-                    counts["duplicate"] += 1
-                    continue
-                seen.add(completion.text)
-                verdict = checker(
-                    prompt=prompt, completion=completion.text, tokens=completion.tokens, finish=completion.finish
-                )
-                if verdict.kept:
-                    kept.append(_record(prompt, completion, sample, verdict.extracted, chat_template))
-                else:
-                    counts[verdict.reason] += 1
+        todo = [(prompt, completions) for prompt, completions in zip(chunk, outputs) if not writer.done(prompt.id)]
+        # Prompts written before a kill are generated again only for the draws of the others.
+        judged = [_judge(prompt, completions, checker, dedup, chat_template) for prompt, completions in todo]
+        if not verified_once:
+            verified_once = _stop_if_verifier_always_fails(checker, judged)
+        for (prompt, _), (kept, tokens, counts) in zip(todo, judged):
+            stats.tokens += tokens
             duplicates = counts.pop("duplicate", 0)
             summary = {"kept": len(kept), "rejected": dict(counts), "duplicates": duplicates}
             writer.write_prompt(prompt.id, kept, summary)
@@ -150,6 +141,43 @@ def generate_to_file(
     stats.seconds = time.monotonic() - began
     stats.reasons = dict(reasons)
     return stats
+
+
+def _judge(
+    prompt: Prompt, completions: list[Completion], checker: Checker, dedup: bool, chat: bool
+) -> tuple[list[dict[str, Any]], int, collections.Counter[str]]:
+    """The kept records of one prompt's completions, their tokens, and the count of each rejection."""
+    kept, seen, counts, tokens = [], set(), collections.Counter(), 0
+    for index, completion in enumerate(completions):
+        tokens += completion.tokens
+        if dedup and completion.text in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(completion.text)
+        verdict = checker(prompt=prompt, completion=completion.text, tokens=completion.tokens, finish=completion.finish)
+        if verdict.kept:
+            kept.append(_record(prompt, completion, index, verdict.extracted, chat))
+        else:
+            counts[verdict.reason] += 1
+    return kept, tokens, counts
+
+
+def _stop_if_verifier_always_fails(checker: Checker, judged: list[tuple[list, int, collections.Counter[str]]]) -> bool:
+    """One line instead of a whole run of rejections: the verifier raised on every sample of the first
+    batch it was called on (a wrong signature, a missing dependency, a bug), so nothing would be kept.
+    Returns whether the verifier was called in this batch (then later batches are not looked at)."""
+    errors = collections.Counter()
+    for _, _, counts in judged:
+        errors.update({reason: n for reason, n in counts.items() if reason.startswith("verifier error")})
+    called = errors.total() + sum(len(kept) + counts["wrong"] for kept, _, counts in judged)
+    if called and errors.total() == called:
+        spec = getattr(checker.verifier, "spec", "the verifier")
+        first = next(iter(errors)).removeprefix("verifier error: ")  # a Counter keeps the order of first sight
+        raise UserError(
+            f"generate.verifier {spec!r} raised on every sample of the first batch ({called} samples; first: "
+            f"{first}); nothing would be kept: fix the verifier (README: a verifier of your own) and run again"
+        )
+    return called > 0
 
 
 def _calls(prompts: list[Prompt], chat_template: bool, per_call: int) -> list[tuple[bool, list[Prompt]]]:
@@ -187,6 +215,8 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
             raise UserError("config key 'generate.prompts' is not set; give a JSONL prompt file")
         prompt_set = read_prompts(g.prompts, on_error=g.on_error)
         checker = checker_from_config(g)
+        output = Path(g.output) if g.output else cfg.run_dir / "generated.jsonl"
+        check_output_path(output)  # before the model is loaded
         folder = _model_folder(cfg)
         backend, budget_model = _backend(cfg, folder)
     if prompt_set.skipped:
@@ -196,7 +226,6 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
             file=sys.stderr,
         )
     sampling = Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop=tuple(g.stop))
-    output = Path(g.output) if g.output else cfg.run_dir / "generated.jsonl"
     writer = SampleWriter(output)
     stats = generate_to_file(
         prompt_set.prompts,
@@ -220,7 +249,7 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         "model": str(folder),
         "samples_in_file": writer.samples_on_disk,
     }
-    write_text(output.with_name(output.name + ".summary.json"), json.dumps(summary, indent=2) + "\n")
+    write_text(output.with_name(output.name + SUMMARY_SUFFIX), json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from distilflow.generate.prompts import read_prompts
-from distilflow.generate.writer import PROGRESS_SUFFIX, read_complete_lines, rewrite_lines
+from distilflow.generate.writer import (
+    PROGRESS_SUFFIX,
+    SUMMARY_SUFFIX,
+    check_output_path,
+    read_complete_lines,
+    rewrite_lines,
+)
 from distilflow.storage import check_writable, write_text
 from distilflow.train import dist
 
@@ -42,6 +48,7 @@ def run_generate_sharded(cfg: Any) -> dict[str, Any]:
         if not cfg.generate.prompts:
             return run_generate(cfg)  # which names the missing key
         output = output_path(cfg)
+        check_output_path(output)  # before any part is merged or a model loaded
         check_writable(output.parent, "the folder of generate.output")
         prompt_set = read_prompts(cfg.generate.prompts, on_error=cfg.generate.on_error)
     order = [p.id for p in prompt_set.prompts]
@@ -69,7 +76,7 @@ def run_generate_sharded(cfg: Any) -> dict[str, Any]:
     total |= {"output": str(output), "samples_in_file": len(read_complete_lines(output)[0])}
     total["bad_lines_skipped"] = prompt_set.skipped
     if world.is_main:
-        write_text(output.with_name(output.name + ".summary.json"), json.dumps(total, indent=2) + "\n")
+        write_text(output.with_name(output.name + SUMMARY_SUFFIX), json.dumps(total, indent=2) + "\n")
         if prompt_set.skipped:
             skipped = prompt_set.skipped
             print(f"distilflow: skipped {skipped} bad prompt lines (generate.on_error=skip)", file=sys.stderr)

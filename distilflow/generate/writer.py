@@ -14,9 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distilflow.errors import UserError
 from distilflow.storage import append_text, remove_stale_temps, write_text
 
 PROGRESS_SUFFIX = ".progress"
+SUMMARY_SUFFIX = ".summary.json"  # the run's counts, written next to the output at the end
 
 
 def read_complete_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
@@ -46,14 +48,29 @@ def rewrite_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def check_output_path(path: Path) -> None:
+    """Preflight of the output file (before any model is loaded): it, its progress and summary files
+    must be files or absent, and the nearest existing folder above it a folder."""
+    for name in (path.name, path.name + PROGRESS_SUFFIX, path.name + SUMMARY_SUFFIX):
+        if path.with_name(name).is_dir():
+            raise UserError(
+                f"generate.output '{path}' is a folder ('{path.with_name(name)}'); name a .jsonl file, "
+                f"e.g. generate.output={path / 'generated.jsonl'}"
+            )
+    above = next(folder for folder in path.parents if folder.exists() or folder == folder.parent)
+    if above.exists() and not above.is_dir():
+        raise UserError(f"generate.output '{path}': '{above}' is a file, not a folder")
+
+
 class SampleWriter:
     """Appends kept samples per prompt; knows which prompts are finished."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.progress_path = self.path.with_name(self.path.name + PROGRESS_SUFFIX)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.path.parent, (self.path.name, self.progress_path.name))  # a killed rewrite's
+        check_output_path(self.path)
+        if self.path.parent.is_dir():
+            remove_stale_temps(self.path.parent, (self.path.name, self.progress_path.name))  # a killed rewrite's
         progress, progress_dropped = read_complete_lines(self.progress_path)
         self.finished: dict[str, dict[str, Any]] = {str(row["id"]): row for row in progress if "id" in row}
         if progress_dropped:
@@ -70,6 +87,7 @@ class SampleWriter:
 
     def write_prompt(self, prompt_id: str, samples: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Append ``samples`` (each with ``id``), then mark the prompt finished with ``summary``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # here, so a run stopped before its first row writes none
         if samples:
             append_text(self.path, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
         row = {"id": prompt_id, **summary}

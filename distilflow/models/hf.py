@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import pickle
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import logging as hf_logging
@@ -70,6 +72,12 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, what: s
     return tokenizer
 
 
+# What loading a model folder raises for a bad one: OSError, ValueError, KeyError from transformers;
+# SafetensorError (damaged weights) and pickle's UnpicklingError (a pytorch_model.bin that weights_only
+# loading refuses: it holds more than tensors) from below it.
+LOAD_ERRORS = (OSError, ValueError, KeyError, EOFError, SafetensorError, pickle.UnpicklingError)
+
+
 def load_causal_lm(
     path: str | Path,
     *,
@@ -102,9 +110,9 @@ def load_causal_lm(
             tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
             dtype = torch_dtype if torch_dtype is not None else "auto"
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except LOAD_ERRORS as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{where} could not be loaded: {first_line}") from error
+        raise UserError(f"{where} could not be loaded: {type(error).__name__}: {first_line[:200]}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"{role} tokenizer in '{directory}' has neither a pad nor an eos token; add one")

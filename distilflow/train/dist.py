@@ -274,13 +274,24 @@ def input_checks() -> Iterator[None]:
 
 def env_world() -> World:
     """Rank and size from the torchrun environment, without joining the group (for early checks)."""
-    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    size = _env_int("WORLD_SIZE", os.environ.get("WORLD_SIZE", "1") or "1")
     if size <= 1:
         return World()
     missing = [k for k in ENV if not os.environ.get(k)]
     if missing:
         raise UserError(f"WORLD_SIZE={size} but {', '.join(missing)} not set; launch with torchrun (it sets them all)")
-    return World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ["LOCAL_RANK"]))
+    rank, local_rank = _env_int("RANK", os.environ["RANK"]), _env_int("LOCAL_RANK", os.environ["LOCAL_RANK"])
+    if not (0 <= rank < size and 0 <= local_rank < size):
+        # A rank outside the world would wait for its peers until dist.timeout_s.
+        raise UserError(f"RANK={rank}, LOCAL_RANK={local_rank} with WORLD_SIZE={size}: ranks are 0..{size - 1}")
+    return World(rank=rank, size=size, local_rank=local_rank)
+
+
+def _env_int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
 
 
 def setup(cfg: Any, device: torch.device | None = None) -> World:
@@ -297,6 +308,11 @@ def setup(cfg: Any, device: torch.device | None = None) -> World:
         if backend == "auto":
             backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         if backend == "nccl":
+            if device is None or device.type != "cuda" or not torch.cuda.is_available():
+                raise UserError(
+                    f"config key 'dist.backend': 'nccl' is not allowed on device {device}; nccl needs CUDA GPUs: "
+                    "use auto or gloo"
+                )
             torch.cuda.set_device(world.local_rank)
         try:
             torch.distributed.init_process_group(
