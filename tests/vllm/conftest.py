@@ -1,0 +1,84 @@
+"""One real vLLM CPU server for the whole session, serving a tiny Llama that the session saves.
+
+The server runs from ``.vllm-venv`` (scripts/vllm_venv.sh). Without that venv the tests that need
+the server skip, naming the script, except under ``DISTILFLOW_REQUIRE_VLLM=1`` (.ci/run sets it),
+where a missing venv or a server that does not start fails them: CI never skips them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from distilflow.data.stdlib_corpus import stdlib_root, tiny_llama_config, train_tokenizer
+from distilflow.models.hf import build_student
+
+from .launch import MAX_MODEL_LEN, VllmServer, vllm_python
+
+TRAIN_FILES = ("bisect.py", "heapq.py", "keyword.py")
+REQUIRED = os.environ.get("DISTILFLOW_REQUIRE_VLLM") == "1"
+
+
+def served_config(vocab_size: int) -> dict:
+    """Hidden 128 in 2 heads: head size 64 (the CPU attention kernel refuses 16). Weights drawn with
+    std 0.2 instead of 0.02: distributions like a trained model's (top-1 ~0.2, top-20 mass 0.5-0.93)
+    rather than near-uniform, so few top-k values lie within float32 rounding of each other."""
+    config = tiny_llama_config(vocab_size, hidden=128, layers=2, heads=2, max_positions=MAX_MODEL_LEN)
+    return {**config, "initializer_range": 0.2}
+
+
+@pytest.fixture(scope="session")
+def served_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama (float32) with a 320-id byte-level BPE trained on three stdlib files."""
+    out = tmp_path_factory.mktemp("served-llama")
+    texts = [(stdlib_root() / name).read_text(encoding="utf-8") for name in TRAIN_FILES]
+    tokenizer = train_tokenizer(texts, 320, out)
+    torch.manual_seed(0)
+    model = build_student(served_config(len(tokenizer)))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_tokenizer(served_dir):
+    return AutoTokenizer.from_pretrained(served_dir, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def served_model(served_dir):
+    """The same weights in this process (transformers, float32, eval mode): the reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(served_dir, local_files_only=True).eval()
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{reason} (DISTILFLOW_REQUIRE_VLLM=1: the vLLM tests must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def _session_server(served_dir, tmp_path_factory):
+    """The session's server (started on first use); a test that stops it gets it restarted."""
+    if not vllm_python().is_file():
+        _unavailable(f"no vLLM CPU venv at {vllm_python().parent.parent}; make it with scripts/vllm_venv.sh")
+    server = VllmServer(served_dir, tmp_path_factory.mktemp("vllm-log") / "server.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def vllm_server(_session_server: VllmServer) -> VllmServer:
+    """A running vLLM server: ``.url``, serving ``launch.MODEL_NAME`` from ``served_dir``."""
+    if not _session_server.running:
+        try:
+            _session_server.start()
+        except RuntimeError as error:
+            _unavailable(str(error))
+        print(f"vllm server up in {_session_server.start_seconds:.1f} s at {_session_server.url}")
+    return _session_server
