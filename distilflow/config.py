@@ -274,6 +274,16 @@ class DistConfig:
 
 
 @dataclass
+class ServerConfig:
+    url: str | None = _f(
+        None, "Root URL of a vLLM OpenAI-compatible server (e.g. http://127.0.0.1:8000); None = not served."
+    )
+    model: str | None = _f(None, "Served model name (vllm --served-model-name); None = the only model served.")
+    timeout_s: float = _f(600.0, "Seconds one try of a request may wait for the server (connecting, each read).")
+    max_retries: int = _f(3, "Tries after the first on a refused/dropped connection, timeout, 5xx or malformed answer.")
+
+
+@dataclass
 class GenerateConfig:
     prompts: str | None = _f(None, "JSONL prompt set: lines with 'prompt' or chat 'messages', optional 'answer', 'id'.")
     output: str | None = _f(None, "Output JSONL of kept samples (default <run_dir>/generated.jsonl); resumable.")
@@ -281,7 +291,12 @@ class GenerateConfig:
         None, "Model folder that generates (default: teacher.model.hf.path, else this run's trained teacher/hf)."
     )
     backend: Literal["transformers", "vllm"] = _f(
-        "transformers", "transformers generate (KV cache, batched), or vllm when installed (untested here)."
+        "transformers",
+        "transformers generate (KV cache, batched), or vllm: a served model when server.url is set (tested against "
+        "vLLM's CPU build), else vLLM in this process (pip install vllm; untested here).",
+    )
+    server: ServerConfig = _f(
+        ServerConfig(), "backend vllm: sample from this served model (generate.model then only gives the tokenizer)."
     )
     n: int = _f(1, "Completions sampled per prompt (>= 1).")
     batch_size: int = _f(16, "transformers: sequences generated together (prompts x n are split into batches).")

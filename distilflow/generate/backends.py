@@ -30,9 +30,10 @@ class Completion:
     finish: str  # "stop" (eos or a stop string) or "length" (max_new_tokens reached)
 
 
-def check_budget(prompt_tokens: int, max_new_tokens: int, model: nn.Module, where: str) -> None:
-    """:class:`UserError` if the prompt plus the generation budget exceed the model's positions."""
-    limit = max_positions(model)
+def check_budget(prompt_tokens: int, max_new_tokens: int, model: nn.Module | int, where: str) -> None:
+    """:class:`UserError` if the prompt plus the generation budget exceed the model's positions
+    (``model``: a model, or its number of positions, e.g. a server's max_model_len)."""
+    limit = model if isinstance(model, int) else max_positions(model)
     if limit is not None and prompt_tokens + max_new_tokens > limit:
         raise UserError(
             f"{where}: prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceeds the model's "

@@ -177,9 +177,18 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     sampling = Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop=tuple(g.stop))
     torch.manual_seed(cfg.seed)
     budget_model = None
-    if g.backend == "vllm":
-        trust = bool(cfg.teacher.model.hf and cfg.teacher.model.hf.trust_remote_code)
-        backend: Any = VLLMBackend(folder, trust_remote_code=trust, seed=cfg.seed)
+    trust = bool(cfg.teacher.model.hf and cfg.teacher.model.hf.trust_remote_code)
+    if g.backend == "vllm" and g.server.url:
+        from distilflow.generate.served import ServedBackend, load_tokenizer
+
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust)
+        s = g.server
+        backend: Any = ServedBackend(
+            s.url, tokenizer, model=s.model, seed=cfg.seed, timeout_s=s.timeout_s, max_retries=s.max_retries
+        )
+        budget_model = backend.max_positions
+    elif g.backend == "vllm":
+        backend = VLLMBackend(folder, trust_remote_code=trust, seed=cfg.seed)
     else:
         from distilflow.device import resolve_device
         from distilflow.models.hf import load_causal_lm
@@ -189,7 +198,7 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         model, tokenizer = load_causal_lm(
             folder,
             role="generate model",
-            trust_remote_code=bool(cfg.teacher.model.hf and cfg.teacher.model.hf.trust_remote_code),
+            trust_remote_code=trust,
         )
         model = model.to(resolve_device(cfg.device))
         backend = TransformersBackend(model, tokenizer, batch_size=g.batch_size)
@@ -215,6 +224,7 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         **stats.as_dict(),
         "output": str(output),
         "model": str(folder),
+        "server": g.server.url,
         "samples_in_file": writer.samples_on_disk,
     }
     output.with_name(output.name + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
