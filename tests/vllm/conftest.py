@@ -75,10 +75,13 @@ def _session_server(served_dir, tmp_path_factory):
 @pytest.fixture
 def vllm_server(_session_server: VllmServer) -> VllmServer:
     """A running vLLM server: ``.url``, serving ``launch.MODEL_NAME`` from ``served_dir``."""
+    if _session_server.failed:  # one failed start per session: the others would wait as long again
+        _unavailable(_session_server.failed)
     if not _session_server.running:
         try:
             _session_server.start()
         except RuntimeError as error:
-            _unavailable(str(error))
+            _session_server.failed = str(error)
+            _unavailable(_session_server.failed)
         print(f"vllm server up in {_session_server.start_seconds:.1f} s at {_session_server.url}")
     return _session_server

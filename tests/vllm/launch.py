@@ -40,6 +40,7 @@ class VllmServer:
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.start_seconds = 0.0
+        self.failed: str | None = None  # why the last start failed
 
     @property
     def url(self) -> str:
