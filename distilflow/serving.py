@@ -184,8 +184,20 @@ def check_vocab_size(server: Server, model: str, vocab_size: int) -> None:
     """UserError unless the served model's vocabulary has exactly ``vocab_size`` ids.
 
     vLLM accepts a prompt id ``i`` iff ``i <= max(tokenizer's largest id, vocab_size - 1)``: id
-    ``vocab_size - 1`` must be accepted and id ``vocab_size`` refused as out of vocabulary.
+    ``vocab_size - 1`` must be accepted and id ``vocab_size`` refused as out of vocabulary. A server
+    started with ``--skip-tokenizer-init`` checks no ids (one past the vocabulary kills its engine):
+    it is refused first (its ``/tokenize`` answers 400).
     """
+
+    try:  # a server without its tokenizer does not validate ids: the probe past the end would kill it
+        server.post("/tokenize", {"model": model, "prompt": "a", "add_special_tokens": False})
+    except ClientError as error:
+        if "skip_tokenizer_init" in error.detail:
+            raise UserError(
+                f"{server.what} at {server.url} runs without its tokenizer (--skip-tokenizer-init): it cannot "
+                "check token ids or the vocabulary size; start it without that flag"
+            ) from None
+        raise
 
     def accepted(token_id: int) -> bool:
         try:

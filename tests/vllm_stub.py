@@ -28,7 +28,9 @@ class StubVllm:
         self.fail_count = 10**9  # answers that fail before the stub answers well again
         self.hits: list[str] = []
         self.release = threading.Event()
-        self.tokenize_ids: list[int] | None = None  # what /tokenize answers (None: 404)
+        self.tokenize_ids: list[int] | str | None = (
+            None  # what /tokenize answers ("skip": 400 as vLLM without tokenizer)
+        )
         self.last_payload: Any = None
         stub = self
 
@@ -85,8 +87,11 @@ class StubVllm:
                 return None
         if handler.path == "/v1/models":
             return self._send(handler, 200, json.dumps({"data": [{"id": self.model, "max_model_len": 64}]}).encode())
-        if handler.path == "/tokenize" and self.tokenize_ids is not None:
-            return self._send(handler, 200, json.dumps({"tokens": self.tokenize_ids}).encode())
+        if handler.path == "/tokenize" and self.tokenize_ids == "skip":  # as vLLM --skip-tokenizer-init
+            message = "Tokenizer not available when `skip_tokenizer_init=True`"
+            return self._send(handler, 400, json.dumps({"error": {"message": message}}).encode())
+        if handler.path == "/tokenize":
+            return self._send(handler, 200, json.dumps({"tokens": self.tokenize_ids or []}).encode())
         if handler.path == "/v1/completions":
             return self._completions(handler, payload)
         return self._send(handler, 404, b'{"error": {"message": "no such route"}}')

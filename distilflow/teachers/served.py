@@ -88,6 +88,7 @@ class ServedTeacher:
         )
         self.model, self.top_k, self.temperature = model, top_k, 1.0
         self.info: ServedModel | None = None
+        self.vocab_size: int | None = None  # set by check(vocab_size=...): larger ids are refused before sending
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="served-teacher")
 
     # --- identity ------------------------------------------------------------------------
@@ -104,6 +105,7 @@ class ServedTeacher:
             if self.top_k > vocab_size:
                 raise UserError(f"served teacher: top_k {self.top_k} exceeds the vocabulary of {vocab_size} ids")
             check_vocab_size(self.server, self.model, vocab_size)
+            self.vocab_size = vocab_size
         self.topk(torch.tensor([[0, 0]]), torch.ones(1, 2, dtype=torch.long))  # k allowed, log-probs returned
         return self.info
 
@@ -132,6 +134,14 @@ class ServedTeacher:
                 f"teacher server at {self.server.url} ('{self.model}') takes {limit} positions; a row of "
                 f"{longest} tokens (+1 generated) does not fit; lower data.seq_len to at most {limit - 1}"
             )
+        if self.vocab_size is not None and rows:
+            largest = max(int(input_ids[row, start:stop].max()) for row, start, stop in rows)
+            if largest >= self.vocab_size:
+                # A vLLM started with --skip-tokenizer-init does not check ids: one past the vocabulary
+                # kills its engine.
+                raise UserError(
+                    f"served teacher: token id {largest} is outside the teacher's {self.vocab_size}-id vocabulary"
+                )
         k = self.top_k
         ids = torch.zeros(batch, max(width - 1, 0), k, dtype=torch.long)
         values = torch.full((batch, max(width - 1, 0), k), -math.inf, dtype=torch.float32)

@@ -195,6 +195,18 @@ def test_rows_longer_than_the_server_takes_are_refused_before_sending(stub):
     assert "/v1/completions" not in stub.hits
 
 
+def test_ids_outside_the_checked_vocabulary_are_refused_before_sending(stub):
+    client = teacher(stub)
+    client.check(vocab_size=stub.vocab_size)
+    input_ids, attention_mask = rows()
+    input_ids[1, 1] = stub.vocab_size
+    sent = stub.hits.count("/v1/completions")
+    with pytest.raises(UserError) as excinfo:
+        client.topk(input_ids, attention_mask)
+    assert "token id 40 is outside the teacher's 40-id vocabulary" in one_line_error(excinfo)
+    assert stub.hits.count("/v1/completions") == sent
+
+
 def test_vocabulary_size_check(stub):
     server = Server(stub.url, max_retries=0)
     check_vocab_size(server, stub.model, stub.vocab_size)
@@ -202,6 +214,12 @@ def test_vocabulary_size_check(stub):
         with pytest.raises(UserError) as excinfo:
             check_vocab_size(server, stub.model, wrong)
         assert f"{word} than {wrong} vocabulary ids" in one_line_error(excinfo)
+    stub.tokenize_ids = "skip"
+    sent = stub.hits.count("/v1/completions")
+    with pytest.raises(UserError) as excinfo:
+        check_vocab_size(server, stub.model, stub.vocab_size)
+    assert "--skip-tokenizer-init" in one_line_error(excinfo)
+    assert stub.hits.count("/v1/completions") == sent  # no id probe sent to a server that would die of it
 
 
 def test_tokenizer_check(stub):

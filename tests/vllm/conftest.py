@@ -49,7 +49,7 @@ def served_tokenizer(served_dir):
 
 
 @pytest.fixture(scope="session")
-def served_model(served_dir):
+def reference_model(served_dir):
     """The same weights in this process (transformers, float32, eval mode): the reference."""
     from transformers import AutoModelForCausalLM
 

@@ -43,13 +43,13 @@ def served_args(vllm_server) -> list[str]:
     return ["generate.backend=vllm", f"generate.server.url={vllm_server.url}", f"generate.server.model={MODEL_NAME}"]
 
 
-def test_greedy_generation_equals_transformers(vllm_server, served_dir, served_model, served_tokenizer, tmp_path):
+def test_greedy_generation_equals_transformers(vllm_server, served_dir, reference_model, served_tokenizer, tmp_path):
     # Precondition that makes greedy decoding kernel-independent: at every step of the local greedy
     # path the top two logits are far apart compared with float32 kernel differences (~1e-5).
     for text in PROMPTS:
         ids = torch.tensor([served_tokenizer(text)["input_ids"]])
         with torch.no_grad():
-            out = served_model.generate(
+            out = reference_model.generate(
                 ids, max_new_tokens=MAX_NEW, do_sample=False, output_scores=True, return_dict_in_generate=True
             )
         for scores in out.scores:

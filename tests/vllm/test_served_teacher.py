@@ -56,10 +56,10 @@ def served(vllm_server, **kwargs) -> ServedTeacher:
     return ServedTeacher(vllm_server.url, **{"model": MODEL_NAME, "top_k": K, "timeout_s": 60, **kwargs})
 
 
-def test_served_topk_equals_local_log_softmax_topk(vllm_server, served_model, batch):
+def test_served_topk_equals_local_log_softmax_topk(vllm_server, reference_model, batch):
     input_ids, attention_mask = batch
     signals = served(vllm_server).topk(input_ids, attention_mask)
-    log_probs = local_log_probs(served_model, input_ids, attention_mask)
+    log_probs = local_log_probs(reference_model, input_ids, attention_mask)
     local_values, local_ids = log_probs.topk(K, dim=-1)  # (B, T - 1, K)
     real = attention_mask[:, 1:].bool()  # positions whose next token is real
     assert int(real.sum()) == 47 + 29 + 16 + 1
@@ -81,10 +81,10 @@ def test_served_topk_equals_local_log_softmax_topk(vllm_server, served_model, ba
     assert torch.isneginf(signals.values[~real]).all() and (signals.ids[~real] == 0).all()
 
 
-def test_kd_loss_from_served_signals_equals_the_local_teachers(vllm_server, served_model, batch):
+def test_kd_loss_from_served_signals_equals_the_local_teachers(vllm_server, reference_model, batch):
     input_ids, attention_mask = batch
     signals = served(vllm_server).topk(input_ids, attention_mask)
-    log_probs = local_log_probs(served_model, input_ids, attention_mask)
+    log_probs = local_log_probs(reference_model, input_ids, attention_mask)
     values, ids = log_probs.topk(K, dim=-1)
     local = SparseTeacher(ids, values, "topk", 1.0)
     # The local top-k cache as cache-teacher writes it (float16 log-probs).
@@ -142,11 +142,11 @@ def test_request_temperature_does_not_change_prompt_log_probs(vllm_server, batch
     assert plain[0] is None and len(plain) == 48
 
 
-def test_prefetch_overlaps_local_work(vllm_server, served_model, batch):
+def test_prefetch_overlaps_local_work(vllm_server, reference_model, batch):
     input_ids, attention_mask = batch
     with served(vllm_server) as teacher:
         pending = teacher.prefetch(input_ids, attention_mask)
-        local = local_log_probs(served_model, input_ids, attention_mask)  # the "training step"
+        local = local_log_probs(reference_model, input_ids, attention_mask)  # the "training step"
         signals = pending.result(timeout=120)
     real = attention_mask[:, 1:].bool()
     assert (local.gather(-1, signals.ids)[real] - signals.values[real]).abs().max() < ATOL
