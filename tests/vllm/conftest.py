@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from distilflow.data.stdlib_corpus import stdlib_root, tiny_llama_config, train_tokenizer
-from distilflow.models.hf import build_student
+from distilflow.models.hf import build_causal_lm
 
 from .launch import MAX_MODEL_LEN, VllmServer, vllm_python
 
@@ -38,7 +38,7 @@ def served_dir(tmp_path_factory) -> Path:
     texts = [(stdlib_root() / name).read_text(encoding="utf-8") for name in TRAIN_FILES]
     tokenizer = train_tokenizer(texts, 320, out)
     torch.manual_seed(0)
-    model = build_student(served_config(len(tokenizer)))
+    model = build_causal_lm(served_config(len(tokenizer)))
     model.save_pretrained(out)
     return out
 
