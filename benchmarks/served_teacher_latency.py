@@ -23,7 +23,7 @@ import urllib.request
 import torch
 from transformers import AutoModelForCausalLM
 
-from distilflow.teachers.served import ServedTeacher, _parse
+from distilflow.teachers.served_client import TeacherClient, parse_prompt_logprobs
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, vocab, (args.rows, args.seq_len), generator=generator)
     attention_mask = torch.ones_like(input_ids)
-    teacher = ServedTeacher(args.url, model=args.model, top_k=args.k, timeout_s=600)
+    teacher = TeacherClient(args.url, model=args.model, top_k=args.k, timeout_s=600)
     teacher.check()
     teacher.topk(input_ids, attention_mask)  # warm-up (vLLM compiles its rank count on first use)
     prompts = input_ids.tolist()
@@ -58,7 +58,7 @@ def main() -> None:
         round_trip.append(time.perf_counter() - began)
         size = len(raw)
         began = time.perf_counter()
-        _parse(json.loads(raw), prompts, args.k)
+        parse_prompt_logprobs(json.loads(raw), prompts, args.k)
         parse.append(time.perf_counter() - began)
         began = time.perf_counter()
         with torch.no_grad():

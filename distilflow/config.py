@@ -24,10 +24,12 @@ from distilflow.config_kinds import (
     MLPConfig,
     MNIST1DConfig,
     ModelConfig,
+    ServerConfig,
     StdlibConfig,
     StudentHFConfig,
     StudentModelConfig,
     TeacherModelConfig,
+    TeacherServerConfig,
     TextConfig,
     TokenRowsConfig,
     last_hidden_layer,
@@ -48,10 +50,12 @@ __all__ = [
     "MLPConfig",
     "MNIST1DConfig",
     "ModelConfig",
+    "ServerConfig",
     "StdlibConfig",
     "StudentHFConfig",
     "StudentModelConfig",
     "TeacherModelConfig",
+    "TeacherServerConfig",
     "TextConfig",
     "TokenRowsConfig",
     "config_from_dict",
@@ -93,6 +97,12 @@ class TrainConfig:
 class TeacherConfig:
     model: TeacherModelConfig = _f(TeacherModelConfig(arch="cnn1d"), "Architecture of the teacher.")
     train: TrainConfig = _f(TrainConfig(steps=2000), "Optimisation of the teacher.")
+    server: TeacherServerConfig | None = help_field(
+        None,
+        "A teacher served by vLLM: its top-k log-probabilities come over HTTP and its weights are never loaded "
+        "here (model.hf.path gives only its config.json and tokenizer). Left out: the teacher runs in this process.",
+        section=TeacherServerConfig,
+    )
 
 
 @dataclass
@@ -271,16 +281,6 @@ class DistConfig:
         600.0, "Seconds a collective waits for the other ranks; a dead or stuck rank then stops the job with one line."
     )
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "Process-group backend: auto = nccl on GPU, gloo on CPU.")
-
-
-@dataclass
-class ServerConfig:
-    url: str | None = _f(
-        None, "Root URL of a vLLM OpenAI-compatible server (e.g. http://127.0.0.1:8000); None = not served."
-    )
-    model: str | None = _f(None, "Served model name (vllm --served-model-name); None = the only model served.")
-    timeout_s: float = _f(600.0, "Seconds one try of a request may wait for the server (connecting, each read).")
-    max_retries: int = _f(3, "Tries after the first on a refused/dropped connection, timeout, 5xx or malformed answer.")
 
 
 @dataclass

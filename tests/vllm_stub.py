@@ -6,7 +6,9 @@ It answers like vLLM 0.32 (tests/vllm/ checks the real one): ``/v1/models``, ``/
 without ``prompt_logprobs``, ``n`` made-up completions per prompt (see ``_completions``).
 Imported as ``vllm_stub`` (tests/ is on sys.path for its conftest) by tests/teachers and tests/generate.
 ``fail`` makes the next answers fail: ``500``, ``garbage`` (200 with a non-JSON body), ``hang``
-(never answers until the server closes), ``drop`` (closes the connection), ``logits`` (raw values).
+(never answers until the server closes), ``drop`` (closes the connection), ``logits`` (raw values);
+``fail_from = n`` answers 500 from the n-th scoring request on. With ``tokenizer``, ``/tokenize``
+answers as a server of that tokenizer (for whole distillation runs against the stub).
 """
 
 from __future__ import annotations
@@ -20,10 +22,24 @@ import torch
 
 
 class StubVllm:
-    def __init__(self, *, vocab_size: int = 40, model: str = "stub-teacher", seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        vocab_size: int = 40,
+        model: str = "stub-teacher",
+        seed: int = 0,
+        tokenizer: Any = None,
+        max_model_len: int = 64,
+        max_logprobs: int = 20,
+    ) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.table = torch.randn(vocab_size, vocab_size, generator=generator) * 3.0  # (V, V) bigram logits
         self.vocab_size, self.model = vocab_size, model
+        # ``tokenizer``: /tokenize answers with its ids (as a server of that tokenizer); else tokenize_ids.
+        self.tokenizer, self.max_model_len, self.max_logprobs = tokenizer, max_model_len, max_logprobs
+        self.scored_rows = 0  # prompts answered with prompt log-probs
+        self.scoring_requests = 0  # /v1/completions requests asking for prompt log-probs
+        self.fail_from: int | None = None  # scoring requests from this one on answer 500 (a server gone bad)
         self.fail: str | None = None
         self.fail_count = 10**9  # answers that fail before the stub answers well again
         self.hits: list[str] = []
@@ -86,23 +102,32 @@ class StubVllm:
                 handler.close_connection = True
                 return None
         if handler.path == "/v1/models":
-            return self._send(handler, 200, json.dumps({"data": [{"id": self.model, "max_model_len": 64}]}).encode())
+            card = {"id": self.model, "max_model_len": self.max_model_len}
+            return self._send(handler, 200, json.dumps({"data": [card]}).encode())
         if handler.path == "/tokenize" and self.tokenize_ids == "skip":  # as vLLM --skip-tokenizer-init
             message = "Tokenizer not available when `skip_tokenizer_init=True`"
             return self._send(handler, 400, json.dumps({"error": {"message": message}}).encode())
         if handler.path == "/tokenize":
-            return self._send(handler, 200, json.dumps({"tokens": self.tokenize_ids or []}).encode())
+            tokens = self.tokenize_ids or []
+            if self.tokenizer is not None:
+                special = payload["add_special_tokens"]
+                tokens = self.tokenizer(payload["prompt"], add_special_tokens=special)["input_ids"]
+            return self._send(handler, 200, json.dumps({"tokens": tokens}).encode())
         if handler.path == "/v1/completions":
             return self._completions(handler, payload)
         return self._send(handler, 404, b'{"error": {"message": "no such route"}}')
 
     def _completions(self, handler: BaseHTTPRequestHandler, payload: dict[str, Any]) -> None:
         self.last_payload = payload
+        if payload.get("prompt_logprobs") is not None:
+            self.scoring_requests += 1
+            if self.fail_from is not None and self.scoring_requests >= self.fail_from:
+                return self._send(handler, 500, b'{"error": {"message": "engine died", "code": 500}}')
         if payload.get("model") != self.model:
             return self._send(handler, 404, b'{"error": {"message": "The model does not exist."}}')
         k = payload.get("prompt_logprobs")
-        if k is not None and k > 20:
-            message = f"Requested prompt logprobs of {k}, which is greater than max allowed: 20"
+        if k is not None and k > self.max_logprobs:
+            message = f"Requested prompt logprobs of {k}, which is greater than max allowed: {self.max_logprobs}"
             return self._send(handler, 400, json.dumps({"error": {"message": message}}).encode())
         prompts = payload["prompt"]
         if prompts and isinstance(prompts[0], int):
@@ -127,6 +152,7 @@ class StubVllm:
                         entry[str(token)] = {"logprob": value, "rank": r, "decoded_token": "x"}
                     entries.append(entry)
             if k is not None:
+                self.scored_rows += 1
                 choices.append({"index": index, "text": "", "finish_reason": "length", "prompt_logprobs": entries})
                 continue
             # Generation: sample j of prompt i is j + 1 copies of the prompt's last id, text "i.j".

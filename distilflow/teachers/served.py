@@ -1,236 +1,214 @@
-"""A teacher served by vLLM: top-k log-probabilities of every position of given token ids, over HTTP.
+"""A teacher served by vLLM as ``TeacherSignals``: top-k log-probabilities over HTTP, the next requests
+sent while the student trains.
 
-The teacher does not live in the training process: for a batch of token rows it asks the server's
-``/v1/completions`` for *prompt* log-probabilities (``prompt_logprobs: k``, ``max_tokens: 1``) and
-returns them as the sparse top-k representation the teacher-signal cache uses
-(:class:`~distilflow.losses.sparse.SparseTeacher`, kind ``topk``): ids and log-probabilities
-``(B, T - 1, k)``, position t predicting token t + 1, the tail ``log(1 - sum p_k)`` left to the loss.
-So ``topk_divergence`` applies unchanged.
+:class:`ServedTeacher` answers each micro-batch with ``Outputs(SparseTeacher)`` (kind ``topk`` at
+T = 1, ids and log-probabilities ``(B, T - 1, k)``, the tail left to the loss) from a
+:class:`~distilflow.teachers.served_client.TeacherClient`, so the top-k loss of a cache applies
+unchanged. It gives no features (the config refuses feature phases with a served teacher).
 
-What vLLM 0.32 returns (its serving and model-runner code; checked against a running server in
-tests/vllm/):
+Overlap: :class:`Lookahead` wraps the stage's task. When the loop asks it for step s's micro-batches
+it sends the requests of those micro-batches (if not sent yet) and, when batches are a pure function
+of the step (not on-policy sampling), those of step s + 1, from the client's worker thread; the
+teacher then takes the answer whose rows equal the batch it is given (compared by value, so a batch
+that differs from the one sent ahead is asked for again, never answered wrongly). The loop itself
+does not change: it calls the task and the teacher as for any other.
 
-- ``choices[i].prompt_logprobs``: one entry per prompt token; the first is ``null`` (nothing predicts
-  the first token); entry j is ``{token_id: {"logprob", "rank", "decoded_token"}}`` for the
-  distribution that predicts token j: the k largest, plus the actual token j when it is not among
-  them (so k or k + 1 entries; the top-k have ranks 1..k).
-- The values are ``log_softmax`` in float32 of the model's raw logits: prompt tokens skip the
-  sampler, so the request's ``temperature``/``top_p``/``top_k`` do not change them, and vLLM's
-  ``--logprobs-mode`` processed_* equals raw_* for them; ``raw_logits``/``processed_logits`` would
-  return logits instead (refused here: their exp sums past 1). ``-inf`` is sent as ``-9999.0``.
-- ``k`` is capped by the server's ``--max-logprobs`` (default 20): a larger k is a 400.
+Faults: a request that fails after the client's retries raises its one-line UserError at the
+micro-batch that needed it; a position of a real token without log-probabilities is refused
+(never a silent zero loss). The stage that trains keeps its last checkpoint and resumes when run again.
 
-Temperature: only T = 1. The top-k of ``softmax(z / T)`` are the same ids, but their values
-``z_v / T - logsumexp(z / T)`` need the normaliser over the whole vocabulary, which a top-k slice at
-T = 1 does not determine (the tail's shape is unknown); rescaling the slice would be silently wrong.
-
-Concurrency: :meth:`ServedTeacher.prefetch` sends a batch's request from a worker thread and returns
-a future, so the request is in flight while the caller trains on the previous batch.
+Shared vocabulary: the server scores the teacher's whole vocabulary. Where the student has fewer
+ids (``vocab_size``), ids past it are moved into the tail bucket; a local teacher would instead
+renormalise over the shared ids. Both agree when those ids carry no mass (the padding rows of an
+embedding table, as in the Qwen family); more than :data:`DROPPED_MASS` on them at a real position
+is refused.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 import torch
 
 from distilflow.errors import UserError
+from distilflow.losses.objective import Outputs
 from distilflow.losses.sparse import SparseTeacher
-from distilflow.serving import (
-    ClientError,
-    MalformedResponse,
-    ServedModel,
-    Server,
-    check_tokenizer,
-    check_vocab_size,
-    served_model,
-)
+from distilflow.teachers.base import Batch
+from distilflow.teachers.served_client import TeacherClient
+from distilflow.train import dist
 
-# vLLM clamps a -inf log-probability to -9999.0 in its JSON (clamp_prompt_logprobs).
-NEG_INF_SENT = -9999.0
-# Largest log of the top-k mass accepted as log-probabilities (float32 rounding of a mass of 1).
-MASS_SLACK = 1e-3
+if TYPE_CHECKING:
+    from torch import nn
+
+    from distilflow.losses.objective import Targets
+    from distilflow.train.loop import Task
+
+# Largest teacher probability on ids the student lacks that may move into the tail bucket unnoticed.
+DROPPED_MASS = 1e-3
+
+
+class TeacherUnavailable(UserError):
+    """The served teacher gave no usable answer for a micro-batch (after the client's retries): the stage stops."""
+
+
+def checked_signals(
+    signals: SparseTeacher, attention_mask: torch.Tensor, *, vocab_size: int, where: str
+) -> SparseTeacher:
+    """``signals`` ``(B, T - 1, k)`` for rows with ``attention_mask`` ``(B, T)``, refused when a position whose
+    next token is real has no log-probability, with ids ``>= vocab_size`` moved into the tail (values
+    ``-inf``, id 0; refused when they carry more than :data:`DROPPED_MASS`). ``where`` names the server."""
+    # (B, T - 1): positions whose token and next token are real (nothing predicts a row's first token)
+    mask = attention_mask.bool().to(signals.values.device)
+    real = mask[:, 1:] & mask[:, :-1]
+    missing = int((torch.isneginf(signals.values[..., 0]) & real).sum())
+    if missing:
+        raise UserError(
+            f"{where} gave no log-probabilities at {missing} positions of real tokens; refusing to train on "
+            "them (a zero loss would hide it)"
+        )
+    outside = signals.ids >= vocab_size  # (B, T - 1, k)
+    if not bool(outside.any()):
+        return signals
+    dropped = torch.logsumexp(signals.values.masked_fill(~outside, -math.inf), dim=-1)  # (B, T - 1)
+    worst = float(dropped[real].max()) if bool(real.any()) else -math.inf
+    if worst > math.log(DROPPED_MASS):
+        raise UserError(
+            f"{where}: the teacher puts probability {math.exp(worst):.3g} on ids the student lacks (>= {vocab_size}); "
+            f"a served teacher can drop at most {DROPPED_MASS:g} into the tail; use a student with the teacher's "
+            "vocabulary, or run the teacher in this process (it renormalises over the shared ids)"
+        )
+    ids, values = signals.ids.masked_fill(outside, 0), signals.values.masked_fill(outside, -math.inf)
+    return SparseTeacher(ids, values, signals.kind, signals.temperature)
 
 
 class ServedTeacher:
-    """Top-k prompt log-probabilities of a model served by vLLM (see the module docstring).
+    """Teacher signals from a vLLM server (a :class:`~distilflow.teachers.base.TeacherSignals`); see the
+    module docstring. ``vocab_size``: the student's shared-vocabulary cut (its logit columns);
+    ``device``: where the signals go. Counts: ``requests`` sent, ``ahead_hits`` answered by a request
+    sent ahead."""
 
-    ``url``: the server's root (``http://host:port``); ``model``: the served name (None: the only
-    one served); ``top_k``: ids kept per position (<= the server's ``--max-logprobs``);
-    ``timeout_s`` / ``max_retries`` / ``backoff_s``: see :class:`~distilflow.serving.Server`;
-    ``workers``: requests in flight at once through :meth:`prefetch`.
-    """
+    autocast = False  # nothing runs here; the answers are moved
+
+    def __init__(self, client: TeacherClient, *, vocab_size: int, device: torch.device) -> None:
+        self.client, self.vocab_size, self.device = client, vocab_size, device
+        self._pending: deque[tuple[torch.Tensor, torch.Tensor, Future[SparseTeacher]]] = deque()
+        self.requests = self.ahead_hits = 0
+        self.where = f"teacher server at {client.server.url} ('{client.model}')"
+
+    def ahead(self, batch: Batch) -> None:
+        """Send ``batch``'s request now from the client's worker thread; the call with this batch takes it."""
+        input_ids, attention_mask = _rows(batch)
+        self._pending.append((input_ids, attention_mask, self.client.prefetch(input_ids, attention_mask)))
+        self.requests += 1
+
+    def __call__(self, batch: Batch, *, features: bool) -> Outputs:
+        if features:
+            raise UserError("a served teacher gives no features; drop the 'feature' term from distill.phases")
+        input_ids, attention_mask = _rows(batch)
+        future = self._take(input_ids, attention_mask)
+        try:
+            if future is not None:
+                self.ahead_hits += 1
+                signals = future.result()
+            else:
+                self.requests += 1
+                signals = self.client.topk(input_ids, attention_mask)
+            signals = checked_signals(signals, attention_mask, vocab_size=self.vocab_size, where=self.where)
+        except UserError as error:
+            raise TeacherUnavailable(str(error)) from None
+        moved = SparseTeacher(signals.ids.to(self.device), signals.values.to(self.device), "topk", 1.0)
+        return Outputs(moved)
+
+    def _take(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Future[SparseTeacher] | None:
+        """The request sent ahead for these rows; requests sent before it were for batches not asked for."""
+        while self._pending:
+            sent_ids, sent_mask, future = self._pending.popleft()
+            if torch.equal(sent_ids, input_ids) and torch.equal(sent_mask, attention_mask):
+                return future
+            future.cancel()  # not started yet: never sent; else its answer is dropped
+        return None
+
+    def close(self) -> None:
+        """Drop the requests sent ahead and stop the client's worker thread."""
+        for _, _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self.client.close()
+
+
+def _rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU copies of a batch's ``input_ids`` and ``attention_mask`` ``(B, T)`` (what a request is keyed by)."""
+    return batch["input_ids"].detach().cpu().clone(), batch["attention_mask"].detach().cpu().clone()
+
+
+class Lookahead:
+    """A :class:`~distilflow.train.loop.Task` that sends the served teacher's requests ahead (see the
+    module docstring): this step's micro-batches when the loop asks for them, and with ``next_step`` the
+    next step's too (up to ``total_steps``), each as this process's share of it under torchrun.
+    ``wanted(step)``: whether the step's phase uses the teacher (no request is sent for one that does not)."""
 
     def __init__(
         self,
-        url: str,
+        task: Task,
+        teacher: ServedTeacher,
         *,
-        model: str | None = None,
-        top_k: int = 32,
-        temperature: float = 1.0,
-        timeout_s: float = 60.0,
-        max_retries: int = 3,
-        backoff_s: float = 0.5,
-        workers: int = 1,
+        next_step: bool,
+        total_steps: int,
+        wanted: Callable[[int], bool] = lambda step: True,
     ) -> None:
-        if abs(temperature - 1.0) > 1e-12:
-            raise UserError(
-                f"a served teacher gives log-probabilities at temperature 1 only, not {temperature:g}: vLLM's prompt "
-                "log-probabilities are the raw log_softmax, and a top-k slice cannot be re-tempered (the normaliser "
-                "needs the whole vocabulary); set distill.temperature=1 or cache the teacher locally"
-            )
-        if top_k < 1 or workers < 1:
-            raise UserError(f"served teacher: top_k and workers must be >= 1; got {top_k}, {workers}")
-        self.server = Server(
-            url, timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s, what="teacher server"
-        )
-        self.model, self.top_k, self.temperature = model, top_k, 1.0
-        self.info: ServedModel | None = None
-        self.vocab_size: int | None = None  # set by check(vocab_size=...): larger ids are refused before sending
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="served-teacher")
+        self.task, self.teacher, self.next_step, self.total_steps = task, teacher, next_step, total_steps
+        self.wanted = wanted
+        self.per_token, self.primary_metric, self.unit = task.per_token, task.primary_metric, task.unit
+        self._ahead: dict[int, list[Batch]] = {}
 
-    # --- identity ------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[Batch]:
+        batches = self._ahead.pop(step, None)
+        self._ahead.clear()
+        if batches is None:
+            batches = self.task.micro_batches(step)
+            if self.wanted(step):
+                self._send(batches)
+        if self.next_step and step + 1 < self.total_steps and self.wanted(step + 1):
+            upcoming = self.task.micro_batches(step + 1)  # a pure function of the step: the same batches later
+            self._ahead[step + 1] = upcoming
+            self._send(upcoming)
+        return batches
 
-    def check(self, *, tokenizer: Any = None, vocab_size: int | None = None) -> ServedModel:
-        """Refuse (one UserError line) a server that is not the configured teacher: the served model's
-        name, its tokenizer (``tokenizer``: a probe text tokenized both ways), its vocabulary size, and
-        that it gives ``top_k`` log-probabilities (``--max-logprobs``, ``--logprobs-mode``)."""
-        self.info = served_model(self.server, self.model)
-        self.model = self.info.name
-        if tokenizer is not None:
-            check_tokenizer(self.server, self.model, tokenizer)
-        if vocab_size is not None:
-            if self.top_k > vocab_size:
-                raise UserError(f"served teacher: top_k {self.top_k} exceeds the vocabulary of {vocab_size} ids")
-            check_vocab_size(self.server, self.model, vocab_size)
-            self.vocab_size = vocab_size
-        self.topk(torch.tensor([[0, 0]]), torch.ones(1, 2, dtype=torch.long))  # k allowed, log-probs returned
-        return self.info
+    def _send(self, batches: list[Batch]) -> None:
+        world = dist.current()  # the loop hands the teacher this rank's rows of each micro-batch
+        for batch in batches:
+            self.teacher.ahead(world.shard(batch))
 
-    # --- signals -------------------------------------------------------------------------
+    def count(self, batch: Batch) -> int:
+        return self.task.count(batch)
 
-    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SparseTeacher:
-        """The teacher's top-k log-probabilities for rows ``input_ids`` ``(B, T)`` with ``attention_mask``
-        ``(B, T)`` (each row's real tokens one contiguous run, e.g. right padding).
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self.task.forward(model, batch)
 
-        Returns a SparseTeacher with ``ids`` int64 and ``values`` float32 of shape ``(B, T - 1, k)``,
-        largest first; position t holds the distribution that predicts token t + 1. Positions whose
-        next token is padding (and rows without tokens) hold the empty distribution: values ``-inf``,
-        ids 0 (the loss's mask must leave them out, as it does for padding).
-        """
-        if self.info is None:
-            self.info = served_model(self.server, self.model)
-            self.model = self.info.name
-        input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
-        batch, width = input_ids.shape
-        spans = _spans(attention_mask)
-        rows = [(row, start, stop) for row, (start, stop) in enumerate(spans) if stop - start >= 1]
-        limit = self.info.max_model_len
-        longest = max((stop - start for _, start, stop in rows), default=0)
-        if limit is not None and longest + 1 > limit:
-            raise UserError(
-                f"teacher server at {self.server.url} ('{self.model}') takes {limit} positions; a row of "
-                f"{longest} tokens (+1 generated) does not fit; lower data.seq_len to at most {limit - 1}"
-            )
-        if self.vocab_size is not None and rows:
-            largest = max(int(input_ids[row, start:stop].max()) for row, start, stop in rows)
-            if largest >= self.vocab_size:
-                # A vLLM started with --skip-tokenizer-init does not check ids: one past the vocabulary
-                # kills its engine.
-                raise UserError(
-                    f"served teacher: token id {largest} is outside the teacher's {self.vocab_size}-id vocabulary"
-                )
-        k = self.top_k
-        ids = torch.zeros(batch, max(width - 1, 0), k, dtype=torch.long)
-        values = torch.full((batch, max(width - 1, 0), k), -math.inf, dtype=torch.float32)
-        if not rows:
-            return SparseTeacher(ids, values, "topk", self.temperature)
-        prompts = [input_ids[row, start:stop].tolist() for row, start, stop in rows]
-        payload = {
-            "model": self.model,
-            "prompt": prompts,
-            "max_tokens": 1,  # vLLM refuses 0; one greedy token is the cheapest answer
-            "temperature": 0.0,
-            "prompt_logprobs": k,
-        }
-        try:
-            per_row = self.server.post("/v1/completions", payload, lambda body: _parse(body, prompts, k))
-        except ClientError as error:
-            if "max allowed" in error.detail:
-                raise UserError(f"{error}; start vLLM with --max-logprobs {k} (or more)") from None
-            raise
-        for (row, start, stop), (row_ids, row_values) in zip(rows, per_row):
-            ids[row, start : stop - 1] = row_ids
-            values[row, start : stop - 1] = row_values
-        mass = torch.logsumexp(values, dim=-1)  # (B, T - 1); -inf where empty
-        worst = float(mass.max()) if mass.numel() else -math.inf
-        if worst > MASS_SLACK:
-            raise UserError(
-                f"teacher server at {self.server.url} sends top-{k} values whose probabilities sum to "
-                f"{math.exp(worst):.3g} > 1: they are not log-probabilities (start vLLM with --logprobs-mode "
-                "raw_logprobs, the default)"
-            )
-        return SparseTeacher(ids, values, "topk", self.temperature)
+    def targets(self, batch: Batch) -> Targets:
+        return self.task.targets(batch)
 
-    def prefetch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Future[SparseTeacher]:
-        """:meth:`topk` from a worker thread; ``.result()`` returns it (or raises its UserError).
-
-        The tensors are copied first, so the caller may reuse its batch buffers.
-        """
-        return self._pool.submit(self.topk, input_ids.detach().cpu().clone(), attention_mask.detach().cpu().clone())
-
-    def close(self) -> None:
-        """Wait for requests in flight and stop the worker threads."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> ServedTeacher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return self.task.evaluate(model)
 
 
-def _spans(attention_mask: torch.Tensor) -> list[tuple[int, int]]:
-    """Per row, ``(start, stop)`` of its real tokens; UserError if a row's tokens are not one run."""
-    spans = []
-    for row, mask in enumerate(attention_mask.bool()):
-        where = mask.nonzero().flatten()
-        if where.numel() == 0:
-            spans.append((0, 0))
-            continue
-        start, stop = int(where[0]), int(where[-1]) + 1
-        if stop - start != where.numel():
-            raise UserError(
-                f"served teacher: row {row}'s attention_mask has holes; a row's tokens must be one contiguous run"
-            )
-        spans.append((start, stop))
-    return spans
+class ServedCacheSignals:
+    """A served teacher's signals as ``cache-teacher`` stores them (a
+    :class:`~distilflow.data.cache_writer.CacheSignals`): top-k log-probabilities in float16 and ids in
+    int32, padding positions empty (``-inf``, id 0). The client asks ``cache.k`` ids per position."""
 
+    device = torch.device("cpu")
 
-def _parse(body: Any, prompts: list[list[int]], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per prompt, top-k ids and log-probs ``(len - 1, k)``, largest first, from a completions answer."""
-    choices = sorted(body["choices"], key=lambda choice: choice["index"])
-    if len(choices) != len(prompts):
-        raise MalformedResponse(f"{len(choices)} choices for {len(prompts)} prompts")
-    out = []
-    for choice, prompt in zip(choices, prompts):
-        entries = choice["prompt_logprobs"]
-        if not isinstance(entries, list) or len(entries) != len(prompt) or entries[0] is not None:
-            raise MalformedResponse(f"prompt_logprobs of a {len(prompt)}-token prompt has the wrong length or head")
-        row_ids: list[list[int]] = []
-        row_values: list[list[float]] = []
-        for position, entry in enumerate(entries[1:]):
-            pairs = {int(token): float(logprob["logprob"]) for token, logprob in entry.items()}
-            if len(pairs) == k + 1:  # the actual next token, outside the top k, was added beside them
-                pairs.pop(prompt[position + 1], None)
-            if len(pairs) != k:
-                raise MalformedResponse(f"{len(entry)} log-probs at a position; expected {k} or {k + 1}")
-            ordered = sorted(pairs.items(), key=lambda pair: -pair[1])  # largest first, as torch.topk
-            row_ids.append([token for token, _ in ordered])
-            row_values.append([value for _, value in ordered])
-        ids = torch.tensor(row_ids, dtype=torch.long).reshape(len(prompt) - 1, k)
-        values = torch.tensor(row_values, dtype=torch.float32).reshape(len(prompt) - 1, k)
-        out.append((ids, values.masked_fill(values <= NEG_INF_SENT, -math.inf)))
-    return out
+    def __init__(self, client: TeacherClient, *, vocab_size: int) -> None:
+        self.client, self.vocab_size = client, vocab_size
+        self.where = f"teacher server at {client.server.url} ('{client.model}')"
+
+    def __call__(self, batch: Batch, generator: torch.Generator) -> Batch:
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        signals = self.client.topk(input_ids, attention_mask)
+        signals = checked_signals(signals, attention_mask, vocab_size=self.vocab_size, where=self.where)
+        return {"logprobs": signals.values.half(), "ids": signals.ids.int()}

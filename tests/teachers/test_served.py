@@ -13,7 +13,7 @@ from vllm_stub import StubVllm
 
 from distilflow.errors import UserError
 from distilflow.serving import Server, check_tokenizer, check_vocab_size, served_model
-from distilflow.teachers.served import ServedTeacher
+from distilflow.teachers.served_client import TeacherClient
 
 K = 5
 
@@ -25,9 +25,9 @@ def stub():
     server.close()
 
 
-def teacher(stub: StubVllm, **kwargs) -> ServedTeacher:
+def teacher(stub: StubVllm, **kwargs) -> TeacherClient:
     options = {"model": stub.model, "top_k": K, "timeout_s": 5.0, "max_retries": 2, "backoff_s": 0.01, **kwargs}
-    return ServedTeacher(stub.url, **options)
+    return TeacherClient(stub.url, **options)
 
 
 def rows() -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +143,7 @@ def test_nothing_listening_is_one_line():
     server = StubVllm()
     url = server.url
     server.close()  # the port is free again: connections are refused
-    client = ServedTeacher(url, model="x", top_k=K, max_retries=1, backoff_s=0.01)
+    client = TeacherClient(url, model="x", top_k=K, max_retries=1, backoff_s=0.01)
     with pytest.raises(UserError) as excinfo:
         client.topk(*rows())
     message = one_line_error(excinfo)
@@ -151,7 +151,7 @@ def test_nothing_listening_is_one_line():
 
 
 def test_wrong_model_name_is_refused_without_retries(stub):
-    client = ServedTeacher(stub.url, model="llama-70b", top_k=K, max_retries=3, backoff_s=0.01)
+    client = TeacherClient(stub.url, model="llama-70b", top_k=K, max_retries=3, backoff_s=0.01)
     with pytest.raises(UserError) as excinfo:
         client.check()
     assert "serves ['stub-teacher'], not 'llama-70b'" in one_line_error(excinfo)

@@ -23,7 +23,7 @@ from distilflow.data.cache_writer import encode
 from distilflow.data.stdlib_corpus import stdlib_root, train_tokenizer
 from distilflow.errors import UserError
 from distilflow.losses.sparse import SparseTeacher, topk_divergence
-from distilflow.teachers.served import ServedTeacher
+from distilflow.teachers.served_client import TeacherClient
 
 from .launch import MAX_LOGPROBS, MODEL_NAME
 
@@ -52,8 +52,8 @@ def local_log_probs(model, input_ids, attention_mask) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def served(vllm_server, **kwargs) -> ServedTeacher:
-    return ServedTeacher(vllm_server.url, **{"model": MODEL_NAME, "top_k": K, "timeout_s": 60, **kwargs})
+def served(vllm_server, **kwargs) -> TeacherClient:
+    return TeacherClient(vllm_server.url, **{"model": MODEL_NAME, "top_k": K, "timeout_s": 60, **kwargs})
 
 
 def test_served_topk_equals_local_log_softmax_topk(vllm_server, reference_model, batch):
@@ -112,7 +112,7 @@ def test_identity_checks(vllm_server, served_tokenizer, tmp_path):
     assert (info.name, info.max_model_len) == (MODEL_NAME, 128)
     assert served(vllm_server, model=None).check().name == MODEL_NAME  # the only model served
     with pytest.raises(UserError, match=r"serves \['tiny-teacher'\], not 'tiny-student'"):
-        ServedTeacher(vllm_server.url, model="tiny-student", top_k=K).check()
+        TeacherClient(vllm_server.url, model="tiny-student", top_k=K).check()
     for wrong in (len(served_tokenizer) - 1, len(served_tokenizer) + 1):
         with pytest.raises(UserError, match="vocabulary ids"):
             served(vllm_server).check(vocab_size=wrong)
@@ -121,7 +121,7 @@ def test_identity_checks(vllm_server, served_tokenizer, tmp_path):
     with pytest.raises(UserError, match="tokenizes a probe text differently"):
         served(vllm_server).check(tokenizer=other)
     with pytest.raises(UserError, match=f"--max-logprobs {MAX_LOGPROBS + 1}"):
-        ServedTeacher(vllm_server.url, model=MODEL_NAME, top_k=MAX_LOGPROBS + 1).check()
+        TeacherClient(vllm_server.url, model=MODEL_NAME, top_k=MAX_LOGPROBS + 1).check()
 
 
 def test_request_temperature_does_not_change_prompt_log_probs(vllm_server, batch):
