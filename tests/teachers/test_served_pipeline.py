@@ -217,3 +217,161 @@ def test_failing_server_stops_at_the_last_checkpoint_and_the_run_resumes(
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("distill.temperature=2.0", "temperature 1 only"),
+        ("distill.phases=[{name: f, fraction: 1.0, terms: [feature]}]", "'feature' term needs teacher features"),
+        ("teacher.server.model=null", "name the served model"),
+        ("cache.format=full", "top-k log-probs: topk"),
+        ("student.model.hf.init_layers=[0]", "copies teacher weights"),
+        ("teacher.server.url=localhost:8000", "http(s)://host:port"),
+        ("teacher.model.checkpoint=x.safetensors", "not with teacher.server"),
+    ],
+)
+def test_combinations_a_served_teacher_cannot_do_are_refused_at_load(
+    tiny_lm_args, tmp_path, teacher_folder, stub, capsys, override, named
+):
+    args = served_args(tiny_lm_args, tmp_path, teacher_folder, stub, override)
+    capsys.readouterr()
+    assert main(["distill", *args]) == 2
+    assert named in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+    assert stub.hits == []  # refused before the server is asked anything
+
+
+def test_a_server_that_is_not_the_configured_teacher_is_refused_before_anything_is_written(
+    tiny_lm_args, tmp_path, teacher_folder, tokenizer, capsys
+):
+    cases = [
+        (StubVllm(vocab_size=len(tokenizer), tokenizer=tokenizer, model="other"), "not 'stub-teacher'"),
+        (StubVllm(vocab_size=len(tokenizer) + 8, tokenizer=tokenizer), "more than 300 vocabulary ids"),
+        (StubVllm(vocab_size=len(tokenizer), tokenizer=None), "tokenizes a probe text differently"),
+        (StubVllm(vocab_size=len(tokenizer), tokenizer=tokenizer, max_logprobs=K - 1), f"--max-logprobs {K}"),
+        (StubVllm(vocab_size=len(tokenizer), tokenizer=tokenizer, max_model_len=32), "lower it to at most 31"),
+    ]
+    for stub, named in cases:
+        try:
+            args = served_args(tiny_lm_args, tmp_path, teacher_folder, stub, "teacher.server.model=stub-teacher")
+            capsys.readouterr()
+            assert main(["run", *args]) == 2
+            assert named in one_error_line(capsys)
+            assert not (tmp_path / "run").exists()
+        finally:
+            stub.close()
+
+
+def test_a_teacher_with_a_padded_vocabulary_is_cut_to_the_students_ids(
+    tiny_lm_args, tmp_path, teacher_folder, tokenizer, never_loaded
+):
+    """Teacher config.json with 320 rows, student with the tokenizer's 300 (the Qwen 152064 / 151936 case):
+    the served ids past 300 carry no mass here and move into the tail; distillation runs on 300 columns."""
+    padded = make_teacher_folder(tmp_path / "padded", vocab_size=len(tokenizer) + 20)
+    stub = StubVllm(vocab_size=len(tokenizer) + 20, tokenizer=tokenizer)
+    # Five likely ids per row, every other real id far below the padding rows (which then fill the rest
+    # of every top 20 with about 1e-8 of the mass): the cut must move them into the tail, else the loss
+    # refuses ids past the student's 300 ("the teacher cache holds vocabulary id ...").
+    real = len(tokenizer)
+    stub.table[:, :real] = -20.0
+    likely = torch.randint(0, real, (stub.vocab_size, 5), generator=torch.Generator().manual_seed(1))
+    stub.table.scatter_(1, likely, 10.0)
+    stub.table[:, real:] = -8.0
+    assert int((stub.log_probs(0).topk(20).indices >= real).sum()) >= 15
+    try:
+        args = served_args(tiny_lm_args, tmp_path, padded, stub, "teacher.server.top_k=20")
+        assert main(["distill", *args, "--no-tensorboard"]) == 0
+        assert all(math.isfinite(r["kd"]) for r in student_rows(tmp_path / "run"))
+    finally:
+        stub.close()
+    assert not never_loaded
+
+
+def test_checked_signals_moves_ids_the_student_lacks_into_the_tail_and_refuses_mass_there():
+    from distilflow.errors import UserError
+    from distilflow.losses.sparse import SparseTeacher
+
+    probs = torch.tensor([[[0.5, 0.3, 0.0005], [0.6, 0.2, 0.1]]])  # (1, 2, 3): two positions, k = 3
+    ids = torch.tensor([[[4, 2, 9], [1, 3, 8]]])
+    signals = SparseTeacher(ids, probs.log(), "topk", 1.0)
+    whole = torch.ones(1, 3, dtype=torch.long)
+
+    def check(vocab_size: int, mask: torch.Tensor = whole) -> SparseTeacher:
+        return served_module.checked_signals(signals, mask, vocab_size=vocab_size, where="teacher server at U")
+
+    same = check(10)  # every id within the student's vocabulary: unchanged
+    assert torch.equal(same.ids, ids) and torch.equal(same.values, signals.values)
+    cut = check(9)  # id 9 holds 0.0005 <= DROPPED_MASS: moved into the tail (empty slot)
+    assert cut.ids.tolist() == [[[4, 2, 0], [1, 3, 8]]]
+    assert torch.isneginf(cut.values[0, 0, 2]) and torch.equal(cut.values[0, 1], signals.values[0, 1])
+    with pytest.raises(UserError, match=r"probability 0.1 on ids the student lacks \(>= 8\)"):
+        check(8)  # id 8 holds 0.1 at a real position
+    # Position 1 predicts a padding token: not scored, so its mass does not matter.
+    assert check(8, torch.tensor([[1, 1, 0]])).ids[0, 1].tolist() == [1, 3, 0]
+    empty = SparseTeacher(ids, torch.full_like(signals.values, -math.inf), "topk", 1.0)
+    with pytest.raises(UserError, match="no log-probabilities at 2 positions of real tokens"):
+        served_module.checked_signals(empty, whole, vocab_size=10, where="teacher server at U")
+
+
+class FakeClient:
+    """Answers topk from a function of the rows; records the rows of each request in order."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from distilflow.serving import Server
+
+        self.server, self.model, self.sent = Server("http://fake"), "fake", []
+        self._pool = ThreadPoolExecutor(max_workers=1)
+
+    def topk(self, input_ids, attention_mask):
+        from distilflow.losses.sparse import SparseTeacher
+
+        self.sent.append(input_ids[:, 0].tolist())
+        values = torch.log_softmax(input_ids[:, :-1, None].float().expand(-1, -1, 2) * torch.tensor([1.0, 0.0]), -1)
+        return SparseTeacher(torch.stack([input_ids[:, 1:], input_ids[:, 1:] + 1], -1), values, "topk", 1.0)
+
+    def prefetch(self, input_ids, attention_mask):
+        return self._pool.submit(self.topk, input_ids, attention_mask)
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+
+
+class Steps:
+    """A task whose step s has micro-batches whose first tokens are 10 s + i (i < micro)."""
+
+    per_token, primary_metric, unit = True, "perplexity", "tokens"
+
+    def __init__(self, micro: int):
+        self.micro, self.asked = micro, []
+
+    def micro_batches(self, step):
+        self.asked.append(step)
+        rows = [torch.tensor([[10 * step + i, 3, 4]]) for i in range(self.micro)]
+        return [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows]
+
+
+def test_lookahead_sends_the_next_steps_requests_before_the_loop_asks_and_never_answers_wrongly():
+    client = FakeClient()
+    teacher = served_module.ServedTeacher(client, vocab_size=100, device=torch.device("cpu"))
+    task = served_module.Lookahead(Steps(2), teacher, next_step=True, total_steps=3, wanted=lambda step: step != 1)
+    batches = task.micro_batches(0)
+    # Step 0's two micro-batches and (step 1 uses no teacher) nothing of step 1.
+    first = teacher(batches[0], features=False).logits
+    assert first.ids[0, :, 0].tolist() == [3, 4] and teacher.ahead_hits == 1
+    teacher(batches[1], features=False)
+    assert client.sent == [[0], [1]]
+    task.micro_batches(1)  # no teacher in this phase; step 2's requests go out now
+    client._pool.submit(lambda: None).result()  # let the worker finish what was sent
+    assert client.sent == [[0], [1], [20], [21]]
+    step2 = task.micro_batches(2)
+    assert task.task.asked == [0, 1, 2]  # step 2's batches were made once, ahead, and reused
+    # A batch other than the one sent ahead (e.g. changed by the caller) is asked for again.
+    other = {"input_ids": torch.tensor([[7, 5, 6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    assert teacher(other, features=False).logits.ids[0, :, 0].tolist() == [5, 6]
+    assert client.sent[-1] == [7] and teacher.requests == 5
+    teacher(step2[0], features=False)  # its request was dropped above (sent before the other batch)
+    assert client.sent[-1] == [20] and teacher.requests == 6
+    teacher.close()
