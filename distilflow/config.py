@@ -293,10 +293,15 @@ class GenerateConfig:
     backend: Literal["transformers", "vllm"] = _f(
         "transformers",
         "transformers generate (KV cache, batched), or vllm: a served model when server.url is set (tested against "
-        "vLLM's CPU build), else vLLM in this process (pip install vllm; untested here).",
+        "vLLM's CPU build), else vLLM in this process (pip install vllm; tested with the CPU build).",
     )
     server: ServerConfig = _f(
         ServerConfig(), "backend vllm: sample from this served model (generate.model then only gives the tokenizer)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto",
+        "Weights' dtype in this process: auto = transformers: the checkpoint's; vLLM: its own rule (a float32 "
+        "checkpoint runs in bfloat16 or float16). Not used with server.url (the server's --dtype decides).",
     )
     n: int = _f(1, "Completions sampled per prompt (>= 1).")
     batch_size: int = _f(16, "transformers: sequences generated together (prompts x n are split into batches).")

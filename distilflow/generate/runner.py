@@ -188,18 +188,15 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         )
         budget_model = backend.max_positions
     elif g.backend == "vllm":
-        backend = VLLMBackend(folder, trust_remote_code=trust, seed=cfg.seed)
+        backend = VLLMBackend(folder, trust_remote_code=trust, seed=cfg.seed, dtype=g.dtype)
     else:
         from distilflow.device import resolve_device
         from distilflow.models.hf import load_causal_lm
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        model, tokenizer = load_causal_lm(
-            folder,
-            role="generate model",
-            trust_remote_code=trust,
-        )
+        dtype = None if g.dtype == "auto" else getattr(torch, g.dtype)
+        model, tokenizer = load_causal_lm(folder, role="generate model", trust_remote_code=trust, torch_dtype=dtype)
         model = model.to(resolve_device(cfg.device))
         backend = TransformersBackend(model, tokenizer, batch_size=g.batch_size)
         budget_model = model

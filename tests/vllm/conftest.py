@@ -63,25 +63,42 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def _session_server(served_dir, tmp_path_factory):
-    """The session's server (started on first use); a test that stops it gets it restarted."""
+def vllm_venv() -> Path:
+    """The vLLM CPU venv's python (skip, or fail under DISTILFLOW_REQUIRE_VLLM=1, without it)."""
     if not vllm_python().is_file():
         _unavailable(f"no vLLM CPU venv at {vllm_python().parent.parent}; make it with scripts/vllm_venv.sh")
+    return vllm_python()
+
+
+@pytest.fixture(scope="session")
+def _session_server(vllm_venv, served_dir, tmp_path_factory):
+    """The session's server (started on first use); a test that stops it gets it restarted."""
     server = VllmServer(served_dir, tmp_path_factory.mktemp("vllm-log") / "server.log")
     yield server
     server.stop()
 
 
+def running(server: VllmServer) -> VllmServer:
+    """``server`` started if it is not running (skip, or fail under DISTILFLOW_REQUIRE_VLLM=1, if it cannot be)."""
+    if server.failed:  # one failed start per session: the others would wait as long again
+        _unavailable(server.failed)
+    if not server.running:
+        try:
+            server.start()
+        except RuntimeError as error:
+            server.failed = str(error)
+            _unavailable(server.failed)
+        print(f"vllm server up in {server.start_seconds:.1f} s at {server.url}")
+    return server
+
+
 @pytest.fixture
 def vllm_server(_session_server: VllmServer) -> VllmServer:
     """A running vLLM server: ``.url``, serving ``launch.MODEL_NAME`` from ``served_dir``."""
-    if _session_server.failed:  # one failed start per session: the others would wait as long again
-        _unavailable(_session_server.failed)
-    if not _session_server.running:
-        try:
-            _session_server.start()
-        except RuntimeError as error:
-            _session_server.failed = str(error)
-            _unavailable(_session_server.failed)
-        print(f"vllm server up in {_session_server.start_seconds:.1f} s at {_session_server.url}")
-    return _session_server
+    return running(_session_server)
+
+
+@pytest.fixture(scope="module")
+def module_vllm_server(_session_server: VllmServer) -> VllmServer:
+    """The same server for module-scoped fixtures (a module whose tests stop it must use ``vllm_server``)."""
+    return running(_session_server)

@@ -26,6 +26,27 @@ def vllm_python() -> Path:
     return VENV / "bin" / "python"
 
 
+def vllm_env(**extra: str) -> dict[str, str]:
+    """The environment vLLM runs in here: 1 GiB of KV cache, one thread, offline, nothing of our venv."""
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache (the default takes a share of RAM)
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # share the 2 cores; do not pin threads
+        "OMP_NUM_THREADS": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    # Nothing of our venv in vLLM's. ATEN_CPU_CAPABILITY (CI's second pass, which checks our code on
+    # the portable kernels) breaks vLLM: prompt log-probs run a torch.compile'd rank count whose
+    # Inductor C++ no longer builds ("'at::vec' has not been declared"); vLLM is not the code under
+    # test there.
+    for key in ("PYTHONPATH", "VIRTUAL_ENV", "ATEN_CPU_CAPABILITY"):
+        env.pop(key, None)
+    return {**env, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -35,8 +56,8 @@ def free_port() -> int:
 class VllmServer:
     """One ``vllm`` API server process (and its engine processes, in its own process group)."""
 
-    def __init__(self, model_dir: Path, log_path: Path) -> None:
-        self.model_dir, self.log_path = model_dir, log_path
+    def __init__(self, model_dir: Path, log_path: Path, *, max_model_len: int = MAX_MODEL_LEN) -> None:
+        self.model_dir, self.log_path, self.max_model_len = model_dir, log_path, max_model_len
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.start_seconds = 0.0
@@ -53,22 +74,7 @@ class VllmServer:
     def start(self, timeout_s: float = 420.0) -> None:
         """Start the server and wait for ``/health``; RuntimeError (with the log's tail) if it does not come up."""
         self.port = free_port()
-        env = {
-            **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache (the default takes a share of RAM)
-            "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # share the 2 cores; do not pin threads
-            "OMP_NUM_THREADS": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-        }
-        # Nothing of our venv in the server's. ATEN_CPU_CAPABILITY (CI's second pass, which checks our
-        # code on the portable kernels) breaks vLLM: prompt log-probs run a torch.compile'd rank count
-        # whose Inductor C++ no longer builds ("'at::vec' has not been declared"); the server is not
-        # the code under test there.
-        for key in ("PYTHONPATH", "VIRTUAL_ENV", "ATEN_CPU_CAPABILITY"):
-            env.pop(key, None)
+        env = vllm_env()
         command = [
             str(vllm_python()),
             "-m",
@@ -84,7 +90,7 @@ class VllmServer:
             "--dtype",
             "float32",
             "--max-model-len",
-            str(MAX_MODEL_LEN),
+            str(self.max_model_len),
             "--max-logprobs",
             str(MAX_LOGPROBS),
             "--seed",

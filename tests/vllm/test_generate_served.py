@@ -22,8 +22,9 @@ def write_prompts(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def generate(tmp_path: Path, served_dir: Path, prompts: Path, output: Path, *extra: str) -> list[dict]:
-    args = [
+def generate_args(tmp_path: Path, served_dir: Path, prompts: Path, output: Path, *extra: str) -> list[str]:
+    """``distilflow generate`` arguments: every completion of ``served_dir`` kept, none verified."""
+    return [
         "generate",
         f"output_dir={tmp_path}",
         f"generate.prompts={prompts}",
@@ -35,7 +36,10 @@ def generate(tmp_path: Path, served_dir: Path, prompts: Path, output: Path, *ext
         "threads=1",
         *extra,
     ]
-    assert main(args) == 0
+
+
+def generate(tmp_path: Path, served_dir: Path, prompts: Path, output: Path, *extra: str) -> list[dict]:
+    assert main(generate_args(tmp_path, served_dir, prompts, output, *extra)) == 0
     return [json.loads(line) for line in output.read_text().splitlines()]
 
 
