@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 from vllm_stub import StubVllm
 
 from distilflow.cli import main
@@ -57,19 +56,6 @@ def stub(tokenizer):
     server = StubVllm(vocab_size=len(tokenizer), tokenizer=tokenizer, max_model_len=64)
     yield server
     server.close()
-
-
-@pytest.fixture
-def never_loaded(monkeypatch):
-    """transformers' from_pretrained raises: any attempt to load teacher weights fails the test."""
-    loads = []
-
-    def refuse(*args, **kwargs):
-        loads.append(args)
-        raise AssertionError("the served teacher's weights must never be loaded")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-    return loads
 
 
 def served_args(tiny_lm_args, root: Path, folder: Path, stub: StubVllm, *extra: str) -> list[str]:
@@ -191,6 +177,35 @@ def test_cache_teacher_from_the_server_holds_the_tables_top_k(tiny_lm_args, tmp_
     sent = stub.scoring_requests
     assert main(["cache-teacher", *args]) == 0
     assert stub.scoring_requests - sent == 1
+
+
+def test_cache_teacher_from_a_failing_server_resumes_to_the_same_files(
+    tiny_lm_args, tmp_path, teacher_folder, stub, capsys
+):
+    """A server that fails mid-cache stops cache-teacher with one line, its finished shards kept; called
+    again, it asks only for the missing shards and ends with the files of an uninterrupted write."""
+    small = "cache.shard_rows=64"
+    whole = served_args(tiny_lm_args, tmp_path / "a", teacher_folder, stub, small, f"cache.path={tmp_path / 'whole'}")
+    assert main(["cache-teacher", *whole]) == 0
+    uninterrupted, stub.scoring_requests = stub.scoring_requests, 0
+    listed = read_manifest(tmp_path / "whole")["shards"]
+    assert len(listed) >= 4
+    cut = served_args(tiny_lm_args, tmp_path / "b", teacher_folder, stub, small, f"cache.path={tmp_path / 'cut'}")
+    stub.fail_from = uninterrupted - 12  # within the last shards (8 rows a request, 64 rows a shard)
+    capsys.readouterr()
+    assert main(["cache-teacher", *cut]) == 2
+    line = one_error_line(capsys)
+    assert f"teacher server at {stub.url}/v1/completions" in line and "HTTP 500: engine died" in line
+    kept = read_manifest(tmp_path / "cut")
+    assert not kept["complete"] and 0 < len(kept["shards"]) < len(listed)
+    stub.fail_from, stub.scoring_requests = None, 0
+    assert main(["cache-teacher", *cut]) == 0
+    assert stub.scoring_requests == uninterrupted - 8 * len(kept["shards"])  # kept shards are not asked again
+    resumed = read_manifest(tmp_path / "cut")
+    assert resumed["complete"]
+    assert [(s["file"], s["rows"], s["sha256"]) for s in resumed["shards"]] == [
+        (s["file"], s["rows"], s["sha256"]) for s in listed
+    ]
 
 
 def test_failing_server_stops_at_the_last_checkpoint_and_the_run_resumes(
