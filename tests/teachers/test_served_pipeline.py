@@ -117,8 +117,8 @@ def test_distill_from_the_server_never_loads_the_teacher_and_sends_requests_ahea
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert all(math.isfinite(r["kd"]) and r["kd"] > 0 for r in rows)
     (teacher,) = made
-    # One request per micro-batch (10 steps x 1), every one sent ahead of the step that used it
-    # except the first; none wasted.
+    # One request per micro-batch (10 steps x 1), every one sent before its loss asked for it (step
+    # 0's when the loop asked for its batches, each later one during the step before); none wasted.
     assert (teacher.requests, teacher.ahead_hits) == (10, 10)
     assert stub.scoring_requests == 10 + 1  # + the preflight's probe of k
     assert stub.last_payload["prompt_logprobs"] == K
