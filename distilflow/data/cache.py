@@ -188,6 +188,12 @@ def teacher_sha256(cfg: Config) -> str | None:
 _TEACHER_HASHES: dict[tuple[tuple[str, int, int], ...], str] = {}
 
 
+def forget_teacher_hashes() -> None:
+    """Drop the hashes :func:`teacher_sha256` remembers: the next call reads the files again (for a
+    file rewritten in place with the same size and modification time, and for tests that count reads)."""
+    _TEACHER_HASHES.clear()
+
+
 def mismatch(folder: Path, stored: dict[str, Any], expected: dict[str, Any]) -> str | None:
     for key, value in expected.items():
         if value is None and key == "teacher_sha256":

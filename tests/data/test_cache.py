@@ -402,7 +402,7 @@ def test_run_from_complete_cache_never_loads_hf_teacher_and_hashes_it_once(lm_te
         return real_sha(paths)
 
     monkeypatch.setattr(cache_mod, "sha256_files", counting)
-    cache_mod._TEACHER_HASHES.clear()
+    cache_mod.forget_teacher_hashes()
     assert main(["run", *args, f"output_dir={root / 'run-reads'}", *cache, *phases, "--no-tensorboard"]) == 0
     results = json.loads((root / "run-reads" / "results.json").read_text())
     for key in ("perplexity", "loss", "params", "macs_per_token"):

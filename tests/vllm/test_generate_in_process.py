@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+from .generation import PROMPTS, generate, generate_args, write_prompts
 from .launch import REPO, vllm_env
-from .test_generate_served import PROMPTS, generate, generate_args, write_prompts
 
 
 def test_in_process_vllm_generation_equals_transformers(vllm_venv, served_dir, tmp_path):
