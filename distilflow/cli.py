@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -145,8 +146,11 @@ def _print_results(results: dict) -> None:
     for stage in ("teacher", "baseline", "student"):
         if stage in results:
             r = results[stage]
-            per_char = f" {r['bits_per_char']:>9.4f}" if bpc else ""
-            print(f"{stage:<10} {r[metric]:>10.4f}{per_char} {r.get('params', 0):>12,} {r.get(cost, 0):>14,}")
+            per_char = f" {r.get('bits_per_char', math.nan):>9.4f}" if bpc else ""
+            score = r.get(metric, math.nan)  # a teacher known by a cache that recorded no score has none
+            print(f"{stage:<10} {score:>10.4f}{per_char} {r.get('params', 0):>12,} {r.get(cost, 0):>14,}")
+    if "note" in results.get("teacher", {}):
+        print(f"teacher: {results['teacher']['note']}")
 
 
 def _cmd_run(ns, cfg=None) -> int:
@@ -208,19 +212,23 @@ def _cmd_distill(ns) -> int:
 
     cfg = _load(ns.args)
     refuse_reasoning_demo(cfg)
-    # A complete teacher cache stands in for the teacher (which is then not loaded at all). Checked
-    # before open_run, which saves the config: a refused command writes nothing.
+    # A complete teacher cache or a server stands in for the teacher (which is then not loaded at all).
+    # Checked before open_run, which saves the config: a refused command writes nothing.
     from_cache = reads_cache(cfg)
+    elsewhere = from_cache or cfg.teacher.server is not None
     given = cfg.teacher.model.pretrained
     trained = cfg.run_dir / "teacher"
-    if not from_cache and not given and not _has_weights(trained):
+    if not elsewhere and not given and not _has_weights(trained):
         raise UserError(
             f"no trained teacher in '{trained}'; run 'distilflow train-teacher' with this config "
             "first, or set teacher.model.checkpoint=PATH (or teacher.model.hf.path for a Hugging Face folder)"
         )
     run = open_run(cfg)
-    teacher = None if from_cache else teacher_stage(run, log_tensorboard=False)[0]
-    _, result = distill_stage(run, teacher, log_tensorboard=not ns.no_tensorboard)
+    writes_cache = cfg.cache.use and not from_cache  # then the teacher's result goes into the manifest
+    teacher, teacher_result = None, None
+    if writes_cache or not elsewhere:
+        teacher, teacher_result = teacher_stage(run, log_tensorboard=False)
+    _, result = distill_stage(run, teacher, log_tensorboard=not ns.no_tensorboard, teacher_result=teacher_result)
     print(f"{_metric_line('student', result)}; weights in {run.stage_dir('student')}")
     return 0
 
@@ -228,6 +236,7 @@ def _cmd_distill(ns) -> int:
 def _cmd_eval(ns) -> int:
     from distilflow.pipeline import load_trained, open_run
     from distilflow.stages import stage_loss_impl
+    from distilflow.teacher_side import served_teacher_result, teacher_outline
 
     cfg = _load(ns.args)
     stages = [ns.model] if ns.model else ["teacher", "baseline", "student"]
@@ -236,11 +245,15 @@ def _cmd_eval(ns) -> int:
         raise UserError(f"--model {unknown[0]!r} is not allowed; use teacher, baseline or student")
     run = open_run(cfg)
     given_teacher = bool(cfg.teacher.model.pretrained)
+    served = cfg.teacher.server is not None
     # Students are scored as in training: over the vocabulary they share with the teacher (whose
-    # size, not weights, decides it).
-    reference = run.work.new_model("teacher")
+    # size, not weights, decides it; a served teacher's from its config.json).
+    reference = teacher_outline(run) if served else run.work.new_model("teacher")
     results = {}
     for stage in stages:
+        if stage == "teacher" and served:  # scored by the server, as in training
+            results[stage] = served_teacher_result(run)
+            continue
         if not (stage == "teacher" and given_teacher) and not _has_weights(run.stage_dir(stage)):
             if ns.model:
                 raise UserError(f"no trained {stage} in '{run.stage_dir(stage)}'; train it first with 'distilflow run'")
@@ -300,7 +313,7 @@ def _cmd_bench(ns) -> int:
 
 
 def _cmd_cache_teacher(ns) -> int:
-    from distilflow.data.cache import cache_dir, cache_summary
+    from distilflow.data.cache import cache_complete, cache_dir, cache_summary
     from distilflow.pipeline import cache_stage, open_run, teacher_stage
 
     cfg = _load(ns.args)
@@ -310,9 +323,11 @@ def _cmd_cache_teacher(ns) -> int:
             f"no trained teacher in '{run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
             "first, or set teacher.model.checkpoint=PATH (or teacher.model.hf.path for a Hugging Face folder)"
         )
-    teacher, _ = teacher_stage(run, log_tensorboard=False)
+    teacher, teacher_result = None, None  # a served teacher's finished cache: nothing to ask the server
+    if cfg.teacher.server is None or not cache_complete(cfg):
+        teacher, teacher_result = teacher_stage(run, log_tensorboard=False)  # None: served
     began = time.monotonic()
-    manifest = cache_stage(run, teacher)
+    manifest = cache_stage(run, teacher, teacher_result=teacher_result)
     print(f"{cache_summary(manifest, cache_dir(cfg))}; {time.monotonic() - began:.1f} s")
     return 0
 

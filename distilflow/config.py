@@ -24,10 +24,12 @@ from distilflow.config_kinds import (
     MLPConfig,
     MNIST1DConfig,
     ModelConfig,
+    ServerConfig,
     StdlibConfig,
     StudentHFConfig,
     StudentModelConfig,
     TeacherModelConfig,
+    TeacherServerConfig,
     TextConfig,
     TokenRowsConfig,
     last_hidden_layer,
@@ -48,10 +50,12 @@ __all__ = [
     "MLPConfig",
     "MNIST1DConfig",
     "ModelConfig",
+    "ServerConfig",
     "StdlibConfig",
     "StudentHFConfig",
     "StudentModelConfig",
     "TeacherModelConfig",
+    "TeacherServerConfig",
     "TextConfig",
     "TokenRowsConfig",
     "config_from_dict",
@@ -99,6 +103,12 @@ class TrainConfig:
 class TeacherConfig:
     model: TeacherModelConfig = _f(TeacherModelConfig(arch="cnn1d"), "Architecture of the teacher.")
     train: TrainConfig = _f(TrainConfig(steps=2000), "Optimisation of the teacher.")
+    server: TeacherServerConfig | None = help_field(
+        None,
+        "A teacher served by vLLM: its top-k log-probabilities come over HTTP and its weights are never loaded "
+        "here (model.hf.path gives only its config.json and tokenizer). Left out: the teacher runs in this process.",
+        section=TeacherServerConfig,
+    )
 
 
 @dataclass
@@ -287,7 +297,17 @@ class GenerateConfig:
         None, "Model folder that generates (default: teacher.model.hf.path, else this run's trained teacher/hf)."
     )
     backend: Literal["transformers", "vllm"] = _f(
-        "transformers", "transformers generate (KV cache, batched), or vllm when installed (untested here)."
+        "transformers",
+        "transformers generate (KV cache, batched), or vllm: a served model when server.url is set (tested against "
+        "vLLM's CPU build), else vLLM in this process (pip install vllm; tested with the CPU build).",
+    )
+    server: ServerConfig = _f(
+        ServerConfig(), "backend vllm: sample from this served model (generate.model then only gives the tokenizer)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto",
+        "Weights' dtype in this process: auto = transformers: the checkpoint's; vLLM: its own rule (a float32 "
+        "checkpoint runs in bfloat16 or float16). Not used with server.url (the server's --dtype decides).",
     )
     n: int = _f(1, "Completions sampled per prompt (>= 1).")
     batch_size: int = _f(16, "transformers: sequences generated together (prompts x n are split into batches).")

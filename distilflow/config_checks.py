@@ -172,6 +172,63 @@ def _check_kind_settings(cfg: Config, need: Any) -> None:
         )
 
 
+def _check_served_teacher(cfg: Config, need: Any) -> None:
+    """``teacher.server``: what a teacher that gives only top-k log-probabilities at T = 1 over HTTP can do
+    (distilflow/teachers/served.py); combinations that would be silently wrong are refused."""
+    server = cfg.teacher.server
+    if server is None:
+        return
+    key = "teacher.server"
+    need(
+        server.url is not None and server.url.startswith(("http://", "https://")),
+        f"{key}.url",
+        server.url,
+        "a served teacher needs its server's root URL, http(s)://host:port",
+    )
+    need(
+        bool(server.model),
+        f"{key}.model",
+        server.model,
+        "name the served model (vllm --served-model-name): the server is checked for it, and a cache records it",
+    )
+    need(server.top_k >= 1, f"{key}.top_k", server.top_k, "must be >= 1")
+    need(server.timeout_s > 0, f"{key}.timeout_s", server.timeout_s, "must be > 0")
+    need(server.max_retries >= 0, f"{key}.max_retries", server.max_retries, "must be >= 0")
+    need(cfg.task == "causal_lm", key, "given", "a served teacher scores tokens: causal LMs (data.source text, stdlib)")
+    need(cfg.reasoning.task == "off", key, "given", "the reasoning demo trains its own teacher; drop teacher.server")
+    model = cfg.teacher.model
+    need(
+        model.hf is not None and model.hf.path is not None,
+        "teacher.model.hf.path",
+        model.hf.path if model.hf is not None else None,
+        "a served teacher needs the folder of its config.json and tokenizer (its weights are not read)",
+    )
+    need(model.checkpoint is None, "teacher.model.checkpoint", model.checkpoint, "not with teacher.server")
+    need(
+        abs(cfg.distill.temperature - 1.0) < 1e-12,
+        "distill.temperature",
+        cfg.distill.temperature,
+        "a served teacher gives log-probabilities at temperature 1 only (vLLM's prompt log-probs are the raw "
+        "log_softmax, and a top-k slice cannot be re-tempered: its normaliser needs the whole vocabulary); use 1, "
+        "or run the teacher in this process",
+    )
+    need(
+        not any("feature" in p.terms for p in cfg.distill.phases),
+        "distill.phases",
+        [p.name for p in cfg.distill.phases],
+        "the 'feature' term needs teacher features, which a served teacher does not give; drop it",
+    )
+    need(not cfg.cache.features, "cache.features", cfg.cache.features, "a served teacher gives no features")
+    need(cfg.cache.format == "topk", "cache.format", cfg.cache.format, "a served teacher gives top-k log-probs: topk")
+    need(
+        not cfg.student.model.init_from_teacher,
+        "student.model.hf.init_layers",
+        cfg.student.model.init_from_teacher,
+        "copies teacher weights, which a served teacher does not have here",
+    )
+    need(not cfg.dist.shard_teacher, "dist.shard_teacher", True, "the teacher is served: nothing to shard")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each failure names key, value and rule."""
 
@@ -182,6 +239,7 @@ def validate(cfg: Config) -> None:
     _check_data(cfg, need)
     _check_models(cfg, need)
     _check_kind_settings(cfg, need)
+    _check_served_teacher(cfg, need)
     d = cfg.distill
     need(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0")
     need(0 < d.jsd_beta < 1, "distill.jsd_beta", d.jsd_beta, "must be in (0, 1)")

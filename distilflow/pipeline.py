@@ -18,7 +18,7 @@ from torch import nn
 
 from distilflow.config import Config, config_from_dict, read_yaml, to_dict
 from distilflow.data.cache import cache_complete, check_cache, logit_width, reads_cache, teacher_files
-from distilflow.data.cache_writer import write_cache
+from distilflow.data.cache_writer import ModelSignals, write_cache
 from distilflow.device import resolve_device
 from distilflow.errors import UserError
 from distilflow.models.build import load_weights
@@ -43,8 +43,21 @@ from distilflow.student_side import (
     student_taps_of,
     teacher_layer_paths,
 )
+from distilflow.teacher_side import (
+    cached_teacher_result,
+    check_served_teacher,
+    served_signals,
+    served_teacher_result,
+    shared_vocab_of,
+    stopped_note,
+    student_columns,
+    teacher_client,
+    teacher_elsewhere,
+    teacher_outline,
+)
 from distilflow.teachers.cross_tokenizer import TeacherIdsGuard, TeacherOwnIds
 from distilflow.teachers.live import LiveTeacher
+from distilflow.teachers.served import ServedCacheSignals, ServedTeacher, TeacherUnavailable
 from distilflow.train import dist
 from distilflow.train.checkpoint import WEIGHTS, write_json
 from distilflow.train.precision import cast_teacher, check_teacher_dtype, check_train_options
@@ -100,9 +113,14 @@ def config_of_run(run_dir: str | Path) -> Config:
     return dataclasses.replace(cfg, output_dir=str(run_dir))
 
 
-def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
-    """The teacher: from ``teacher.model.checkpoint`` or a pretrained ``path``, reused, or trained now."""
+def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module | None, dict]:
+    """The teacher: from ``teacher.model.checkpoint`` or a pretrained ``path``, reused, or trained now.
+
+    None when it is not loaded here (``teacher_side.teacher_elsewhere``: served, or a given teacher whose
+    signals all come from a complete cache); its result then comes from the server or the manifest."""
     cfg = run.cfg
+    if teacher_elsewhere(cfg):
+        return None, cached_teacher_result(cfg) if reads_cache(cfg) else served_teacher_result(run)
     model = run.work.new_model("teacher")
     impl, chunk_rows = stage_loss_impl(cfg, run.work, cfg.teacher.train, [model]), cfg.distill.loss_chunk_rows
     task = run.work.task("teacher", cfg.teacher.train, cfg.seed, loss_impl=impl, chunk_rows=chunk_rows)
@@ -132,7 +150,7 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | 
         return model.eval(), done
     # Scored over the ids it shares with the teacher, exactly as the distilled student is.
     cfg = run.cfg
-    vocab = run.work.shared_vocab(model, teacher)
+    vocab = shared_vocab_of(run, model, teacher)
     impl, chunk_rows = stage_loss_impl(cfg, run.work, cfg.student.train, [model], vocab), cfg.distill.loss_chunk_rows
     task = run.work.task(
         "baseline", cfg.student.train, cfg.seed + 1, vocab_size=vocab, loss_impl=impl, chunk_rows=chunk_rows
@@ -143,33 +161,66 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: nn.Module | 
     return model.eval(), finish_stage(run, "baseline", model, result)
 
 
-def cache_stage(run: Run, teacher: nn.Module, *, quiet: bool = False) -> dict:
-    """The teacher-signal cache of this config written (or finished) from ``teacher``; its manifest
-    (``quiet``: no progress lines)."""
+def cache_stage(
+    run: Run, teacher: nn.Module | None, *, teacher_result: dict | None = None, quiet: bool = False
+) -> dict:
+    """The teacher-signal cache of this config written (or finished) from ``teacher``, or from the served
+    teacher (``teacher`` None); its manifest. ``teacher_result``: the teacher's score and cost, recorded
+    for runs that read the cache instead of loading the teacher; ``quiet``: no progress lines."""
     cfg, work = run.cfg, run.work
-    student = work.new_model("student", teacher if cfg.student.model.init_from_teacher else None)
     source = work.cache_source()
-    vocab = work.shared_vocab(student, teacher) or logit_width(source, teacher)
-    teacher_layers = teacher_layer_paths(run, teacher)
-    pairs = configured_pairs(run, student, teacher_layers) if cfg.cache.features else []
-    return write_cache(cfg, source, teacher, vocab_size=vocab, pairs=pairs, teacher_layers=teacher_layers, quiet=quiet)
+    if cfg.teacher.server is not None:
+        student = work.new_model("student")
+        vocab = student_columns(run, student, teacher_outline(run))
+        signals: Any = ServedCacheSignals(teacher_client(cfg, top_k=cfg.cache.k), vocab_size=vocab)
+        pairs, teacher_layers = [], None
+    else:
+        student = work.new_model("student", teacher if cfg.student.model.init_from_teacher else None)
+        vocab = work.shared_vocab(student, teacher) or logit_width(source, teacher)
+        teacher_layers = teacher_layer_paths(run, teacher)
+        pairs = configured_pairs(run, student, teacher_layers) if cfg.cache.features else []
+        signals = ModelSignals(cfg, source, teacher, vocab_size=vocab, pairs=pairs)
+        if teacher_result is not None:
+            teacher_result = {**teacher_result, **work.facts(teacher)}
+    try:
+        return write_cache(
+            cfg,
+            source,
+            signals,
+            vocab_size=vocab,
+            pairs=pairs,
+            teacher_layers=teacher_layers,
+            teacher_result=teacher_result,
+            quiet=quiet,
+        )
+    finally:
+        if isinstance(signals, ServedCacheSignals):
+            signals.client.close()
 
 
-def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
+def distill_stage(
+    run: Run, teacher: nn.Module | None, log_tensorboard: bool = True, *, teacher_result: dict | None = None
+) -> tuple[nn.Module, dict]:
     """The student distilled from ``teacher`` through the configured phases.
 
     With ``cache.use`` the teacher's outputs come from the teacher-signal cache (written first when
-    missing and a teacher is given; ``teacher`` may be None when the cache is complete).
+    missing, from ``teacher`` or the served teacher; ``teacher`` may be None when the cache is
+    complete; ``teacher_result`` is recorded in a cache written here). With ``teacher.server`` and no
+    cache they come from the server, the next requests sent while the student trains.
     """
     cfg = run.cfg
+    served = cfg.teacher.server is not None
     model = new_student(run, teacher)
+    student_taps, heads, pairs = None, nn.ModuleList(), []
     if cfg.cache.use:
-        if teacher is not None and not cache_complete(cfg):
-            cache_stage(run, teacher)
+        if (teacher is not None or served) and not cache_complete(cfg):
+            cache_stage(run, teacher, teacher_result=teacher_result)
         cached = open_run_cache(run, model)
         pairs, vocab = cached.pairs, cached.vocab_size
         student_taps = student_taps_of(model, pairs)
         heads = projection_heads(run, model, student_taps, pairs, cached.teacher.feature_shapes())
+    elif served:  # top-k log-probabilities only: no features, no teacher model here
+        vocab = run.work.shared_vocab(model, teacher_outline(run))
     else:
         aligned = live_alignment(run, model, teacher)
         pairs, student_taps, teacher_taps, heads = (
@@ -182,8 +233,9 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
     done = load_finished(run, "student", model)
     if done is not None:
         return model.eval(), done
-    # A cached teacher's outputs are stored tensors: only the student runs through the task.
-    impl = stage_loss_impl(cfg, run.work, cfg.student.train, [model] + ([] if cfg.cache.use else [teacher]), vocab)
+    # A cached or served teacher's outputs are tensors given to the loss: only the student runs through the task.
+    runs_teacher = not (cfg.cache.use or served)
+    impl = stage_loss_impl(cfg, run.work, cfg.student.train, [model] + ([teacher] if runs_teacher else []), vocab)
     objective = distill_objective(
         cfg.distill,
         cfg.student.train.steps,
@@ -203,7 +255,9 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
             task, model, cfg.on_policy, run.work.tokenizer, seed=cfg.seed + 3, total_steps=cfg.student.train.steps
         )
     if cfg.cache.use:
-        signals = cached.teacher
+        signals: Any = cached.teacher
+    elif served:  # the task sends the teacher's requests ahead (teachers/served.py)
+        signals, task = served_signals(run, model, task, objective)
     else:
         # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
         frozen = cast_teacher(teacher, cfg.teacher.model.dtype)
@@ -212,17 +266,23 @@ def distill_stage(run: Run, teacher: nn.Module | None, log_tensorboard: bool = T
             forward = TeacherOwnIds(TeacherIdsGuard(run.work.tokenizer, run.work.teacher_tokenizer))
         signals = LiveTeacher(frozen, forward, teacher_taps)
         signals = dist.current().shard_teacher_signals(signals, teacher)  # torchrun + dist.shard_teacher: FSDP2
-    result = train_stage(
-        run,
-        "student",
-        model,
-        objective,
-        task,
-        log_tensorboard=log_tensorboard,
-        teacher=signals,
-        student_taps=student_taps,
-        pairs=pairs,
-    )
+    try:
+        result = train_stage(
+            run,
+            "student",
+            model,
+            objective,
+            task,
+            log_tensorboard=log_tensorboard,
+            teacher=signals,
+            student_taps=student_taps,
+            pairs=pairs,
+        )
+    except TeacherUnavailable as error:  # the run stops where the server failed; the checkpoint stays
+        raise UserError(f"{error}; {stopped_note(run, 'student')}") from None
+    finally:
+        if isinstance(signals, ServedTeacher):
+            signals.close()
     model, heads = result.model or model, result.heads or heads  # dist.strategy fsdp2: unsharded copies
     return model.eval(), finish_stage(run, "student", model, result, heads)
 
@@ -235,8 +295,10 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
     (a 7B teacher folder would take minutes and its size in memory): the student is checked against
     the cache, whose manifest stands in for the teacher."""
     cfg, device = run.cfg, run.work.device
+    served = cfg.teacher.server is not None
+    reading = reads_cache(cfg) and not writes_cache  # a complete cache stands in for the teacher
     teacher = None
-    if writes_cache or not reads_cache(cfg):
+    if not (served or reading):
         teacher = run.work.new_model("teacher")
         if cfg.teacher.model.checkpoint:  # a missing, foreign or pickled file is refused here
             load_weights(teacher, cfg.teacher.model.checkpoint, "teacher")
@@ -251,7 +313,7 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
         check_train_options(cfg.teacher.train, teacher or run.work.new_model("teacher"), device, "teacher.train")
     check_train_options(cfg.student.train, student, device, "student.train")
     check_teacher_dtype(cfg.teacher.model.dtype, device)
-    if teacher is None:  # a complete cache stands in for the teacher
+    if reading:
         describe, files = teacher_files(cfg)
         missing = [f for f in files if not f.is_file()]
         if cfg.teacher.model.pretrained and missing:  # else: its hash is not compared
@@ -259,6 +321,12 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
                 f"teacher {describe}: '{missing[0]}' does not exist; give the teacher the cache was made of"
             )
         open_run_cache(run, student)
+    elif served:  # the server is the configured teacher: name, tokenizer, vocabulary, k, row length
+        outline = teacher_outline(run)
+        check_served_teacher(run, outline, writes_cache=writes_cache)
+        if cfg.cache.use or writes_cache:
+            vocab = student_columns(run, student, outline)
+            check_cache(cfg, run.work.cache_source(), vocab_size=vocab, pairs=[], writes=writes_cache)
     elif cfg.cache.use or writes_cache:
         # cache.k within the vocabulary; an existing teacher cache made for this config (intact, with use on).
         source = run.work.cache_source()
@@ -313,9 +381,9 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
 
         return run_reasoning(cfg, log_tensorboard)
     run = open_run(cfg)
-    teacher, teacher_result = teacher_stage(run, log_tensorboard)
+    teacher, teacher_result = teacher_stage(run, log_tensorboard)  # None: served, or all in a complete cache
     baseline, baseline_result = baseline_stage(run, log_tensorboard, teacher)
-    student, student_result = distill_stage(run, teacher, log_tensorboard)
+    student, student_result = distill_stage(run, teacher, log_tensorboard, teacher_result=teacher_result)
     results: dict[str, Any] = {"name": cfg.name}
     if run.work.cross_tokenizer != "off":  # the loss that distilled across tokenizers (uld or hybrid)
         results["cross_tokenizer"] = run.work.cross_tokenizer
@@ -324,10 +392,12 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
         ("baseline", baseline, baseline_result),
         ("student", student, student_result),
     ):
-        results[stage] = {**result, **run.work.facts(model)}
-    cost = "macs" if "macs" in results["teacher"] else "macs_per_token"
-    results["student"]["macs_ratio_to_teacher"] = results["student"][cost] / max(results["teacher"][cost], 1)
-    results["student"]["params_ratio_to_teacher"] = results["student"]["params"] / max(results["teacher"]["params"], 1)
+        results[stage] = {**result, **(run.work.facts(model) if model is not None else {})}
+    cost = "macs" if "macs" in results["student"] else "macs_per_token"
+    for key, ratio in ((cost, "macs_ratio_to_teacher"), ("params", "params_ratio_to_teacher")):
+        # A teacher known only by a cache that did not record its cost has no ratio (its result says why).
+        if key in results["teacher"]:
+            results["student"][ratio] = results["student"][key] / max(results["teacher"][key], 1)
     preview = run.work.preview(student)
     if preview:
         results["student_samples"] = preview

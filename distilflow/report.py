@@ -251,11 +251,18 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
             "perplexity is over the model's own tokens; bits per character compare the models on the same text.",
         ]
     plan = phase_boundaries(cfg.distill.phases, cfg.student.train.steps)
-    student = results["student"]
+    student, teacher = results["student"], results.get("teacher", {})
+    if "macs_ratio_to_teacher" in student:
+        ratios = (
+            f"Student compute is {student['macs_ratio_to_teacher']:.3f} and parameters "
+            f"{student['params_ratio_to_teacher']:.3f} of the teacher's."
+        )
+    else:
+        ratios = f"The teacher's cost is not known here: {teacher.get('note', 'not recorded')}."
+    where = f" Teacher: {teacher['loaded_from']}." if "served at" in str(teacher.get("loaded_from", "")) else ""
     lines += [
         "",
-        f"Student compute is {student['macs_ratio_to_teacher']:.3f} and parameters "
-        f"{student['params_ratio_to_teacher']:.3f} of the teacher's. Whole run: {results['wall_seconds']} s.",
+        f"{ratios}{where} Whole run: {results['wall_seconds']} s.",
         "",
         "Phases of distillation: "
         + ", ".join(f"{p.name} steps {p.start}-{p.end} ({'+'.join(p.terms)})" for p in plan)

@@ -36,6 +36,8 @@ from distilflow.workload import Workload
 
 RESULT = "result.json"
 CONFIG = "config.yaml"
+# Keys a run folder's saved config may differ in (besides deploy.* and dist.*): see check_output_dir.
+NOT_COMPARED = ("output_dir", "teacher.server.url", "teacher.server.timeout_s", "teacher.server.max_retries")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -52,8 +54,10 @@ def check_output_dir(cfg: Config) -> None:
     resumed); else one line, before anything is written. Keys that do not change what is trained are
     not compared: ``deploy.*`` (a finished run may be re-exported and re-quantized with other
     settings; the saved config then records the latest), ``dist.*`` (any world size and strategy
-    resumes a run), ``diagnostics.*`` (they judge the training, not change it) and ``output_dir``
-    (where the folder is: a run folder given to eval, or moved)."""
+    resumes a run), ``diagnostics.*`` (they judge the training, not change it), ``output_dir`` (where
+    the folder is: a run folder given to eval, or moved) and where a served teacher answers and how
+    patiently (``teacher.server.url`` / ``timeout_s`` / ``max_retries``: the same served model may move
+    to another host between a stopped run and its resumption)."""
     run_dir = cfg.run_dir
     # A symbolic link is followed (the run writes where it points); one that points nowhere is refused.
     dangling = next((p for p in (run_dir, *run_dir.parents) if p.is_symlink() and not p.exists()), None)
@@ -73,7 +77,7 @@ def check_output_dir(cfg: Config) -> None:
     diff = [
         key
         for key in _differences(saved_tree, to_dict(cfg))
-        if not key.startswith(("deploy.", "dist.", "diagnostics.")) and key != "output_dir"
+        if not key.startswith(("deploy.", "dist.", "diagnostics.")) and key not in NOT_COMPARED
     ]
     if diff:
         raise UserError(

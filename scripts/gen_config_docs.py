@@ -16,6 +16,7 @@ from distilflow.config import (
     MNIST1DConfig,
     StdlibConfig,
     StudentHFConfig,
+    TeacherServerConfig,
     TextConfig,
     describe,
     load_config,
@@ -39,6 +40,7 @@ SECTIONS = [
     ("data.files", "source: npz or csv", "files", FilesConfig()),
     ("data.text", "source: text", "text", TextConfig()),
     ("data.stdlib", "source: stdlib", "stdlib", StdlibConfig()),
+    ("teacher.server", "a teacher served by vLLM", "server", TeacherServerConfig()),
 ]
 
 

@@ -60,6 +60,33 @@ def _tiny_llama(hidden: int, layers: int) -> str:
     )
 
 
+def refuse_causal_lm_loads(patch: pytest.MonkeyPatch) -> list:
+    """transformers' ``AutoModelForCausalLM.from_pretrained`` made to raise under ``patch``: any attempt to
+    load teacher weights fails the test. Returns the list of attempts (its arguments)."""
+    from transformers import AutoModelForCausalLM
+
+    loads: list = []
+
+    def refuse(*args, **kwargs):
+        loads.append(args)
+        raise AssertionError("the served teacher's weights must never be loaded")
+
+    patch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    return loads
+
+
+@pytest.fixture
+def never_loaded(monkeypatch) -> list:
+    """Teacher weights cannot be loaded in this test (``refuse_causal_lm_loads``); the attempts."""
+    return refuse_causal_lm_loads(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def refuse_loads():
+    """``refuse_causal_lm_loads`` for fixtures of a wider scope (with their own ``pytest.MonkeyPatch``)."""
+    return refuse_causal_lm_loads
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_args():
     """``tiny_lm_args(root)`` -> CLI arguments of the built-in stdlib LM demo made tiny (seconds):

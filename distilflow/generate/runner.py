@@ -247,6 +247,7 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         **stats.as_dict(),
         "output": str(output),
         "model": str(folder),
+        "server": g.server.url,
         "samples_in_file": writer.samples_on_disk,
     }
     write_text(output.with_name(output.name + SUMMARY_SUFFIX), json.dumps(summary, indent=2) + "\n")
@@ -254,16 +255,27 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
 
 
 def _backend(cfg: Any, folder: Path) -> tuple[Any, Any]:
-    """The backend that generates, and the model whose positions bound a prompt's budget (None for vLLM)."""
+    """The backend that generates, and what bounds a prompt's budget: the model (transformers), the
+    server's max_model_len (a vLLM server), or None (vLLM in process checks it itself)."""
     g = cfg.generate
     trust = bool(cfg.teacher.model.hf and cfg.teacher.model.hf.trust_remote_code)
+    if g.backend == "vllm" and g.server.url:
+        from distilflow.generate.served import ServedBackend, load_tokenizer
+
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust)
+        s = g.server
+        backend = ServedBackend(
+            s.url, tokenizer, model=s.model, seed=cfg.seed, timeout_s=s.timeout_s, max_retries=s.max_retries
+        )
+        return backend, backend.max_positions
     if g.backend == "vllm":
-        return VLLMBackend(folder, trust_remote_code=trust, seed=cfg.seed), None
+        return VLLMBackend(folder, trust_remote_code=trust, seed=cfg.seed, dtype=g.dtype), None
     from distilflow.device import resolve_device
     from distilflow.models.hf import load_causal_lm
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tokenizer = load_causal_lm(folder, role="generate model", trust_remote_code=trust)
+    dtype = None if g.dtype == "auto" else getattr(torch, g.dtype)
+    model, tokenizer = load_causal_lm(folder, role="generate model", trust_remote_code=trust, torch_dtype=dtype)
     model = model.to(resolve_device(cfg.device))
     return TransformersBackend(model, tokenizer, batch_size=g.batch_size), model

@@ -187,6 +187,24 @@ def build_causal_lm(
     return model
 
 
+def causal_lm_outline(folder: str | Path, *, role: str = "teacher") -> nn.Module:
+    """The architecture of a local folder's ``config.json`` without its weights: a model on the meta
+    device (parameter shapes, layer names, the vocabulary size), nothing read but config.json. What a
+    teacher served elsewhere is known by in this process."""
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"{role} model directory '{path}' has no config.json; give the folder the model was saved to")
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return build_causal_lm(path, role=role).eval()
+
+
+def linear_macs_per_token(model: nn.Module) -> int:
+    """Multiply-accumulates per token of a model's linear layers (sum of in x out): what the FLOP counter
+    finds for a Hugging Face decoder with SDPA attention on CPU (it does not count SDPA); no forward pass,
+    so it works on a :func:`causal_lm_outline`."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
 def copy_from_teacher(student: nn.Module, teacher: nn.Module, init_layers: list[int], *, role: str = "student") -> None:
     """Copy the teacher's non-layer tensors and layers ``init_layers`` into ``student`` in place."""
     student_paths, teacher_paths = decoder_layers(student), decoder_layers(teacher)
