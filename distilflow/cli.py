@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -116,15 +117,17 @@ def _load(args: list[str]):
     import dataclasses
 
     from distilflow.config import load_config
+    from distilflow.train import dist
 
     path, overrides = _split(args)
-    if path is None or not Path(path).is_dir():
-        return load_config(path, overrides)
-    saved = Path(path) / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"'{path}' is a folder without config.yaml; give a YAML config file or a run folder")
-    # The folder is the run, wherever it was first written.
-    return dataclasses.replace(load_config(saved, overrides), output_dir=str(path))
+    with dist.input_checks():  # the same config on every rank: rank 0 alone says what is wrong with it
+        if path is None or not Path(path).is_dir():
+            return load_config(path, overrides)
+        saved = Path(path) / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"'{path}' is a folder without config.yaml; give a YAML config file or a run folder")
+        # The folder is the run, wherever it was first written.
+        return dataclasses.replace(load_config(saved, overrides), output_dir=str(path))
 
 
 def _cmd_print_config(ns) -> int:
@@ -145,9 +148,12 @@ def _print_results(results: dict) -> None:
     width = max(10, *(len(label) for label, _ in rows))
     print(f"{'model':<{width}} {metric:>10}{' bits/char' if bpc else ''} {'params':>12} {cost:>14}")
     for label, r in rows:
+        # A teacher known by its cache alone (one that recorded no score) has none.
         value = f"{r[metric]:>10.4f}" if metric in r else f"{'cache':>10}"
-        per_char = f" {r.get('bits_per_char', float('nan')):>9.4f}" if bpc else ""
+        per_char = f" {r.get('bits_per_char', math.nan):>9.4f}" if bpc else ""
         print(f"{label:<{width}} {value}{per_char} {r.get('params', 0):>12,} {r.get(cost, 0):>14,}")
+    if "note" in results.get("teacher", {}):
+        print(f"teacher: {results['teacher']['note']}")
 
 
 def _cmd_run(ns, cfg=None) -> int:
@@ -209,12 +215,22 @@ def _has_weights(folder: Path) -> bool:
 
 
 def _cmd_distill(ns) -> int:
-    from distilflow.pipeline import distill_stage, distill_teachers, open_run
+    from distilflow.pipeline import (
+        check_distill_teachers,
+        distill_stage,
+        distill_teachers,
+        open_run,
+        refuse_reasoning_demo,
+    )
 
-    run = open_run(_load(ns.args))
-    # A complete teacher cache stands in for its teacher (which is then not loaded at all).
-    teacher = distill_teachers(run)
-    _, result = distill_stage(run, teacher, log_tensorboard=not ns.no_tensorboard)
+    cfg = _load(ns.args)
+    refuse_reasoning_demo(cfg)
+    # A complete teacher cache or a server stands in for its teacher (which is then not loaded at all).
+    # Checked before open_run, which saves the config: a refused command writes nothing.
+    check_distill_teachers(cfg)
+    run = open_run(cfg)
+    teacher, teacher_result = distill_teachers(run)
+    _, result = distill_stage(run, teacher, log_tensorboard=not ns.no_tensorboard, teacher_result=teacher_result)
     print(f"{_metric_line('student', result)}; weights in {run.stage_dir('student')}")
     return 0
 
@@ -222,6 +238,7 @@ def _cmd_distill(ns) -> int:
 def _cmd_eval(ns) -> int:
     from distilflow.pipeline import load_trained, open_run
     from distilflow.stages import stage_loss_impl
+    from distilflow.teacher_side import served_teacher_result, teacher_outline
     from distilflow.teacher_views import student_vocab, teacher_views
 
     cfg = _load(ns.args)
@@ -231,14 +248,24 @@ def _cmd_eval(ns) -> int:
         raise UserError(f"--model {unknown[0]!r} is not allowed; use teacher, baseline or student")
     run = open_run(cfg)
     views = teacher_views(run)
+
+    def served(view) -> bool:
+        return view.cfg.teacher.server is not None
+
     # Students are scored as in training: over the vocabulary they share with the teachers (whose
-    # sizes, not weights, decide it).
-    references = [None if view.cache_only else view.run.work.new_model("teacher") for view in views]
+    # sizes, not weights, decide it; a served teacher's from its config.json).
+    references = [
+        None if view.cache_only else teacher_outline(view.run) if served(view) else view.run.work.new_model("teacher")
+        for view in views
+    ]
     results: dict = {}
     for stage in stages:
         # The teacher: each named one with teachers: (one known by its cache alone has no model to score).
         runs = [(view, view.run) for view in views if not view.cache_only] if stage == "teacher" else [(None, run)]
         for view, stage_run in runs:
+            if view is not None and served(view):  # scored by the server, as in training (one teacher only)
+                results[stage] = served_teacher_result(stage_run)
+                continue
             given = view is not None and view.given
             if not given and not _has_weights(stage_run.stage_dir(stage)):
                 if ns.model:
@@ -402,24 +429,63 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("default", module=r"distilflow(\.|$)")
 
 
+def _error_of(exc: Exception, world) -> UserError | None:
+    """``exc`` as the one line to print: a UserError, a collective that failed, a failure of the disk in a
+    writer we do not wrap; None for anything else (a bug: its traceback is shown)."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, RuntimeError) and world.comm_failure(exc) is not None:
+        return world.comm_failure(exc)
+    from distilflow.storage import disk_errno, write_failure
+
+    code = disk_errno(exc)
+    if code is None:
+        return None
+    return write_failure(getattr(exc, "filename", None) or "a file of this command", code)
+
+
+def _quiet_writer_threads() -> None:
+    """A writer thread (TensorBoard's) that hits a full disk: its traceback is not shown; the main thread
+    meets the same error at its next write and says it in one line."""
+    import threading
+
+    from distilflow.storage import disk_errno
+
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        if args.exc_value is None or disk_errno(args.exc_value) is None:
+            default(args)
+
+    threading.excepthook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if "--verbose" not in args:
         _quiet_libraries()
+    _quiet_writer_threads()
     from distilflow.train import dist
 
+    launched = dist.World()  # this process's place under torchrun, known before the group is joined
     try:
-        if not dist.env_world().is_main:  # under torchrun rank 0 prints the results; errors come from every rank
+        with dist.input_checks():
+            launched = dist.env_world()
+        if not launched.is_main:  # under torchrun rank 0 prints the results (and errors of the inputs)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-        ns = _parse(argv)
+        with dist.input_checks():
+            ns = _parse(argv)
         return HANDLERS[ns.command](ns)
-    except (UserError, RuntimeError) as exc:
-        world = dist.current()  # under torchrun every rank says which it is
-        error = exc if isinstance(exc, UserError) else world.comm_failure(exc)  # a collective that failed
+    except Exception as exc:
+        world = dist.current() if dist.current().distributed else launched
+        error = _error_of(exc, world)
         if error is None:
             raise
-        where = f" (rank {world.rank} of {world.size})" if world.distributed else ""
-        print(f"distilflow: error{where}: {error}", file=sys.stderr)
+        # Errors every rank meets alike (a refused config) are printed once, by rank 0; a rank's own
+        # (a failed write, a dead peer) by that rank, saying which it is.
+        if world.is_main or not error.rank_0_reports:
+            where = f" (rank {world.rank} of {world.size})" if world.distributed and not error.rank_0_reports else ""
+            print(f"distilflow: error{where}: {error}", file=sys.stderr)
         if isinstance(error, dist.DistError):  # a broken process group cannot be torn down cleanly
             sys.stderr.flush()
             os._exit(2)

@@ -25,10 +25,12 @@ from distilflow.config_kinds import (
     MLPConfig,
     MNIST1DConfig,
     ModelConfig,
+    ServerConfig,
     StdlibConfig,
     StudentHFConfig,
     StudentModelConfig,
     TeacherModelConfig,
+    TeacherServerConfig,
     TextConfig,
     TokenRowsConfig,
     last_hidden_layer,
@@ -60,10 +62,12 @@ __all__ = [
     "MNIST1DConfig",
     "NamedTeacherConfig",
     "ModelConfig",
+    "ServerConfig",
     "StdlibConfig",
     "StudentHFConfig",
     "StudentModelConfig",
     "TeacherModelConfig",
+    "TeacherServerConfig",
     "TextConfig",
     "TokenRowsConfig",
     "config_from_dict",
@@ -91,6 +95,12 @@ class TrainConfig:
     eval_every: int = _f(500, "Evaluate on the test split every N steps (0 = only at the end).")
     log_every: int = _f(50, "Write metrics every N steps.")
     checkpoint_every: int = _f(500, "Write an atomic checkpoint every N steps (0 = only at the end).")
+    keep_last: int = _f(
+        2, "Checkpoints kept (the latest and keep_last - 1 older); a damaged latest one is replaced by the previous."
+    )
+    max_bad_steps: int = _f(
+        10, "Steps with a NaN/inf loss or gradient are skipped and counted; this many in a row stop the run."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32",
         "Forward passes under autocast in bf16 or fp16 (fp16: GPU only, with a gradient scaler); weights, "
@@ -105,6 +115,12 @@ class TrainConfig:
 class TeacherConfig:
     model: TeacherModelConfig = _f(TeacherModelConfig(arch="cnn1d"), "Architecture of the teacher.")
     train: TrainConfig = _f(TrainConfig(steps=2000), "Optimisation of the teacher.")
+    server: TeacherServerConfig | None = help_field(
+        None,
+        "A teacher served by vLLM: its top-k log-probabilities come over HTTP and its weights are never loaded "
+        "here (model.hf.path gives only its config.json and tokenizer). Left out: the teacher runs in this process.",
+        section=TeacherServerConfig,
+    )
 
 
 @dataclass
@@ -269,7 +285,17 @@ class GenerateConfig:
         None, "Model folder that generates (default: teacher.model.hf.path, else this run's trained teacher/hf)."
     )
     backend: Literal["transformers", "vllm"] = _f(
-        "transformers", "transformers generate (KV cache, batched), or vllm when installed (untested here)."
+        "transformers",
+        "transformers generate (KV cache, batched), or vllm: a served model when server.url is set (tested against "
+        "vLLM's CPU build), else vLLM in this process (pip install vllm; tested with the CPU build).",
+    )
+    server: ServerConfig = _f(
+        ServerConfig(), "backend vllm: sample from this served model (generate.model then only gives the tokenizer)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto",
+        "Weights' dtype in this process: auto = transformers: the checkpoint's; vLLM: its own rule (a float32 "
+        "checkpoint runs in bfloat16 or float16). Not used with server.url (the server's --dtype decides).",
     )
     n: int = _f(1, "Completions sampled per prompt (>= 1).")
     batch_size: int = _f(16, "transformers: sequences generated together (prompts x n are split into batches).")
@@ -291,7 +317,7 @@ class GenerateConfig:
     verifier: str = _f(
         "exact",
         "none, exact (extracted == answer), regex (answer is a regex), math (math-verify, optional extra), "
-        "or 'module.path:function'.",
+        "or 'module.path:function' called with any of the keywords prompt, completion, answer, extracted.",
     )
     dedup: bool = _f(True, "Drop repeated completions of the same prompt.")
 

@@ -116,6 +116,122 @@ def _check_data(cfg: Config, need: Any) -> None:
         )
 
 
+def _first_changed(section: Any, prefix: str) -> tuple[str, Any] | None:
+    """``(dotted key, value)`` of the first field of ``section`` that differs from its default."""
+    default = type(section)()
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if value != getattr(default, f.name):
+            return f"{prefix}.{f.name}", value
+    return None
+
+
+def _check_kind_settings(cfg: Config, need: Any) -> None:
+    """Settings read by one kind of model or data only: given for another they would be ignored
+    without a word, so they are refused (a saved config holds their defaults, which pass)."""
+    from distilflow.config import GenaiConfig, OnPolicyConfig
+
+    if cfg.task != "causal_lm":
+        lm_only = "only causal LMs (data.source text or stdlib) read it"
+        changed = _first_changed(cfg.deploy.genai, "deploy.genai")
+        if changed:
+            rule = f"{lm_only}; a classifier ships through deploy's ONNX export and int8 quantization"
+            need(cfg.deploy.genai == GenaiConfig(), changed[0], changed[1], f"{rule}; drop deploy.genai")
+        changed = _first_changed(cfg.on_policy, "on_policy")
+        if changed:
+            rule = "on-policy distillation needs a causal LM (data.source text or stdlib); drop on_policy"
+            need(cfg.on_policy == OnPolicyConfig(), changed[0], changed[1], rule)
+        need(
+            cfg.distill.loss_impl != "fused",
+            "distill.loss_impl",
+            cfg.distill.loss_impl,
+            "fused makes the logits from hidden states and lm_head, which only causal LMs have; a classifier's "
+            "logits are its output: use chunked, plain or auto",
+        )
+    elif cfg.deploy.enabled and cfg.deploy.genai.enabled:
+        # The GenAI deploy path reads deploy.genai, threads and parity_tolerance; the ONNX Runtime int8
+        # path's settings would be ignored.
+        from distilflow.config import DeployConfig
+
+        default = DeployConfig()
+        for key in ("methods", "observe_steps", "calibration_batch", "per_channel", "reduce_range", "op_types",
+                    "exclude", "torch_backend", "batch_sizes", "iterations", "tensorrt"):  # fmt: skip
+            value = getattr(cfg.deploy, key)
+            rule = (
+                "deploy.genai.enabled ships the causal LM through ONNX Runtime GenAI, which does not read it (that "
+                "path reads deploy.genai.*, deploy.threads, deploy.parity_tolerance); drop it or set "
+                "deploy.genai.enabled=false"
+            )
+            need(value == getattr(default, key), f"deploy.{key}", value, rule)
+    files = cfg.data.files
+    if files is not None and cfg.data.source == "npz":
+        need(
+            files.label_column == "label",
+            "data.files.label_column",
+            files.label_column,
+            "only csv files have columns; an .npz file holds its labels in array 'y'",
+        )
+
+
+def _check_served_teacher(cfg: Config, need: Any) -> None:
+    """``teacher.server``: what a teacher that gives only top-k log-probabilities at T = 1 over HTTP can do
+    (distilflow/teachers/served.py); combinations that would be silently wrong are refused."""
+    if cfg.teacher is None:  # teachers: entries have no server key (refused at load, config_teachers.py)
+        return
+    server = cfg.teacher.server
+    if server is None:
+        return
+    key = "teacher.server"
+    need(
+        server.url is not None and server.url.startswith(("http://", "https://")),
+        f"{key}.url",
+        server.url,
+        "a served teacher needs its server's root URL, http(s)://host:port",
+    )
+    need(
+        bool(server.model),
+        f"{key}.model",
+        server.model,
+        "name the served model (vllm --served-model-name): the server is checked for it, and a cache records it",
+    )
+    need(server.top_k >= 1, f"{key}.top_k", server.top_k, "must be >= 1")
+    need(server.timeout_s > 0, f"{key}.timeout_s", server.timeout_s, "must be > 0")
+    need(server.max_retries >= 0, f"{key}.max_retries", server.max_retries, "must be >= 0")
+    need(cfg.task == "causal_lm", key, "given", "a served teacher scores tokens: causal LMs (data.source text, stdlib)")
+    need(cfg.reasoning.task == "off", key, "given", "the reasoning demo trains its own teacher; drop teacher.server")
+    model = cfg.teacher.model
+    need(
+        model.hf is not None and model.hf.path is not None,
+        "teacher.model.hf.path",
+        model.hf.path if model.hf is not None else None,
+        "a served teacher needs the folder of its config.json and tokenizer (its weights are not read)",
+    )
+    need(model.checkpoint is None, "teacher.model.checkpoint", model.checkpoint, "not with teacher.server")
+    need(
+        abs(cfg.distill.temperature - 1.0) < 1e-12,
+        "distill.temperature",
+        cfg.distill.temperature,
+        "a served teacher gives log-probabilities at temperature 1 only (vLLM's prompt log-probs are the raw "
+        "log_softmax, and a top-k slice cannot be re-tempered: its normaliser needs the whole vocabulary); use 1, "
+        "or run the teacher in this process",
+    )
+    need(
+        not any("feature" in p.terms for p in cfg.distill.phases),
+        "distill.phases",
+        [p.name for p in cfg.distill.phases],
+        "the 'feature' term needs teacher features, which a served teacher does not give; drop it",
+    )
+    need(not cfg.cache.features, "cache.features", cfg.cache.features, "a served teacher gives no features")
+    need(cfg.cache.format == "topk", "cache.format", cfg.cache.format, "a served teacher gives top-k log-probs: topk")
+    need(
+        not cfg.student.model.init_from_teacher,
+        "student.model.hf.init_layers",
+        cfg.student.model.init_from_teacher,
+        "copies teacher weights, which a served teacher does not have here",
+    )
+    need(not cfg.dist.shard_teacher, "dist.shard_teacher", True, "the teacher is served: nothing to shard")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each failure names key, value and rule."""
 
@@ -126,6 +242,8 @@ def validate(cfg: Config) -> None:
     _check_data(cfg, need)
     check_teachers(cfg, need)  # teacher: or teachers:, combine, adaptive, label-free (first: the rest reads them)
     _check_models(cfg, need)
+    _check_kind_settings(cfg, need)
+    _check_served_teacher(cfg, need)
     d = cfg.distill
     need(d.temperature > 0, "distill.temperature", d.temperature, "must be > 0")
     need(0 < d.jsd_beta < 1, "distill.jsd_beta", d.jsd_beta, "must be in (0, 1)")
@@ -205,6 +323,9 @@ def validate(cfg: Config) -> None:
         need(train.grad_clip >= 0, f"{pre}.grad_clip", train.grad_clip, "must be >= 0 (0 = off)")
         for key in ("eval_every", "log_every", "checkpoint_every"):
             need(getattr(train, key) >= 0, f"{pre}.{key}", getattr(train, key), "must be >= 0")
+        need(train.keep_last >= 1, f"{pre}.keep_last", train.keep_last, "must be >= 1 (checkpoints kept)")
+        bad = train.max_bad_steps
+        need(bad >= 1, f"{pre}.max_bad_steps", bad, "must be >= 1 (1: the first bad step stops the run)")
     need(cfg.threads >= 0, "threads", cfg.threads, "must be >= 0")
     dep = cfg.deploy
     need(dep.bits == 8, "deploy.bits", dep.bits, "only 8-bit integer quantization is supported")

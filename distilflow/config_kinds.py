@@ -221,3 +221,26 @@ def last_hidden_layer(model: ModelConfig) -> str | None:
     if model.arch == "mlp" and model.mlp is not None:
         return f"layers.{2 * len(model.mlp.hidden) - 1}" if model.mlp.hidden else None
     return "pool" if model.arch in ("cnn1d", "cnn2d") else None
+
+
+@dataclass
+class ServerConfig:
+    url: str | None = _f(
+        None, "Root URL of a vLLM OpenAI-compatible server (e.g. http://127.0.0.1:8000); None = not served."
+    )
+    model: str | None = _f(None, "Served model name (vllm --served-model-name); None = the only model served.")
+    timeout_s: float = _f(600.0, "Seconds one try of a request may wait for the server (connecting, each read).")
+    max_retries: int = _f(3, "Tries after the first on a refused/dropped connection, timeout, 5xx or malformed answer.")
+
+
+@dataclass
+class TeacherServerConfig(ServerConfig):
+    """``teacher.server``: where a served teacher answers (distilflow/teachers/served.py)."""
+
+    url: str | None = _f(None, "Root URL of the vLLM OpenAI-compatible server of the teacher (http://host:port).")
+    top_k: int = _f(
+        32,
+        "Log-probabilities per position asked online (distill, run); cache-teacher asks cache.k. At most the "
+        "server's --max-logprobs (vLLM's default is 20).",
+    )
+    timeout_s: float = _f(120.0, "Seconds one try of a request may wait for the server (connecting, each read).")

@@ -112,6 +112,14 @@ def resolve_spelling(tree: dict, teacher_given: bool) -> None:
     section is dropped (None), and a ``teacher:`` the user gave too (``teacher_given``) is refused."""
     if tree.get("teachers") is None:
         return
+    entries = tree["teachers"] if isinstance(tree["teachers"], list) else []
+    served = [e.get("name") or str(i) for i, e in enumerate(entries) if isinstance(e, dict) and "server" in e]
+    if served:  # the served path (teachers/served.py) reads one teacher's top-k; combining them is not built
+        raise UserError(
+            f"config key 'teachers.{served[0]}.server': a teacher served by vLLM is supported with 'teacher:' only "
+            "(one teacher); with 'teachers:' every teacher runs in this process or is read from its own cache "
+            "(teachers.<name>.cache)"
+        )
     if teacher_given:
         raise UserError(
             "config keys 'teacher' and 'teachers' are both given; use 'teacher:' for one teacher or 'teachers:' "

@@ -7,6 +7,7 @@ checkpoint and final weights; a finished stage is reused, an unfinished one resu
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 from distilflow.config import Config, config_from_dict, read_yaml, to_dict
 from distilflow.config_teachers import adaptive_of, combination_of, trained_sections
 from distilflow.data.cache import cache_complete, cache_dir, logit_width, reads_cache
-from distilflow.data.cache_writer import write_cache
+from distilflow.data.cache_writer import ModelSignals, write_cache
 from distilflow.device import resolve_device
 from distilflow.errors import UserError
 from distilflow.models.build import load_weights
@@ -35,6 +36,7 @@ from distilflow.stages import (
     supervised_objective,
     train_stage,
 )
+from distilflow.storage import check_writable
 from distilflow.student_side import (
     configured_pairs,
     live_alignment,
@@ -45,11 +47,30 @@ from distilflow.student_side import (
     teacher_layer_paths,
 )
 from distilflow.tasks.label_free import LabelFreeTask
-from distilflow.teacher_views import TeacherView, feature_index, routed, student_vocab, teacher_views
+from distilflow.teacher_side import (
+    cached_teacher_result,
+    served_signals,
+    served_teacher_result,
+    stopped_note,
+    student_columns,
+    teacher_client,
+    teacher_elsewhere,
+    teacher_outline,
+)
+from distilflow.teacher_views import (
+    TeacherView,
+    feature_index,
+    feature_teacher_name,
+    routed,
+    student_vocab,
+    teacher_views,
+    view_config,
+)
 from distilflow.teachers.cached import OpenedCache
 from distilflow.teachers.cross_tokenizer import TeacherIdsGuard, TeacherOwnIds
 from distilflow.teachers.live import LiveTeacher
 from distilflow.teachers.multi import Member, MultiTeacher
+from distilflow.teachers.served import ServedCacheSignals, ServedTeacher, TeacherUnavailable
 from distilflow.train import dist
 from distilflow.train.checkpoint import WEIGHTS, write_json
 from distilflow.train.kd_position import PositionWeights
@@ -61,14 +82,25 @@ Teachers = nn.Module | list[nn.Module | None] | None
 for a teacher read from its complete cache)."""
 
 
+def refuse_reasoning_demo(cfg: Config) -> None:
+    """The reasoning demo has its own stage list (distilflow/reasoning.py) and folder layout."""
+    if cfg.reasoning.task != "off":
+        raise UserError(f"reasoning.task {cfg.reasoning.task!r}: the reasoning demo runs with 'distilflow run' only")
+
+
 def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     """Check the output folder (same config or empty), load data, check the models, save the config.
 
     Everything that can fail on bad input runs before anything is written, so the corrected
-    command can use the same output_dir.
+    command can use the same output_dir; an output folder that cannot be written is refused first.
+    Under torchrun every rank checks the same inputs and rank 0 alone reports what is wrong.
     """
-    if cfg.reasoning.task != "off":  # its own stage list (distilflow/reasoning.py), with its own folder layout
-        raise UserError(f"reasoning.task {cfg.reasoning.task!r}: the reasoning demo runs with 'distilflow run' only")
+    with dist.input_checks():
+        return _open_run(cfg, writes_cache=writes_cache)
+
+
+def _open_run(cfg: Config, *, writes_cache: bool) -> Run:
+    refuse_reasoning_demo(cfg)
     world = dist.env_world()  # under torchrun: every rank refuses a batch that does not split, before joining
     # Given teachers are not trained here.
     trained = [
@@ -77,6 +109,9 @@ def open_run(cfg: Config, *, writes_cache: bool = False) -> Run:
     for key, train in trained:
         world.check_batch(train.batch_size, train.grad_accum, key)
     check_output_dir(cfg)
+    check_writable(cfg.run_dir, "output_dir")
+    if (cfg.cache.use or writes_cache) and cfg.cache.path:
+        check_writable(cfg.cache.path, "cache.path")  # another folder than the run's
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     world = dist.setup(cfg, resolve_device(cfg.device))  # torchrun: join the process group (else nothing)
@@ -91,12 +126,20 @@ def config_of_run(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"'{run_dir}' is not a distilflow run folder (no config.yaml)")
-    return config_from_dict(read_yaml(path), where=f"run folder config '{path}'")
+    cfg = config_from_dict(read_yaml(path), where=f"run folder config '{path}'")
+    # The folder given is the run, wherever it was made: a copied or moved run folder resumes in place
+    # (its saved output_dir may name the original, which must not be written to).
+    return dataclasses.replace(cfg, output_dir=str(run_dir))
 
 
-def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
-    """The teacher: from ``teacher.model.checkpoint`` or a pretrained ``path``, reused, or trained now."""
+def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module | None, dict]:
+    """The teacher: from ``teacher.model.checkpoint`` or a pretrained ``path``, reused, or trained now.
+
+    None when it is not loaded here (``teacher_side.teacher_elsewhere``: served, or a given teacher whose
+    signals all come from a complete cache); its result then comes from the server or the manifest."""
     cfg = run.cfg
+    if teacher_elsewhere(cfg):
+        return None, cached_teacher_result(cfg) if reads_cache(cfg) else served_teacher_result(run)
     model = run.work.new_model("teacher")
     impl, chunk_rows = stage_loss_impl(cfg, run.work, cfg.teacher.train, [model]), cfg.distill.loss_chunk_rows
     task = run.work.task("teacher", cfg.teacher.train, cfg.seed, loss_impl=impl, chunk_rows=chunk_rows)
@@ -132,25 +175,57 @@ def _has_weights(folder: Path) -> bool:
 
 def _need_teacher(view: TeacherView, command: str) -> None:
     """A teacher that ``command`` must run is given or trained already, else one line."""
-    if not view.given and not _has_weights(view.run.stage_dir("teacher")):
-        which = f"teacher '{view.name}'" if view.named else "trained teacher"
-        key = f"teachers.{view.name}.model" if view.named else "teacher.model"
+    _need_weights(view.cfg, view.name if view.named else None)
+
+
+def _need_weights(cfg: Config, name: str | None) -> None:
+    """The teacher of ``cfg`` (a view's config for teacher ``name``) is given or trained already, else one line."""
+    folder = cfg.run_dir / "teacher"
+    if not cfg.teacher.model.pretrained and not _has_weights(folder):
+        which = f"teacher '{name}'" if name else "trained teacher"
+        key = f"teachers.{name}.model" if name else "teacher.model"
         raise UserError(
-            f"no {which} in '{view.run.stage_dir('teacher')}'; run 'distilflow train-teacher' with this config "
+            f"no {which} in '{folder}'; run 'distilflow train-teacher' with this config "
             f"first, or set {key}.checkpoint=PATH (or {key}.hf.path for a Hugging Face folder)"
         )
 
 
-def distill_teachers(run: Run) -> Teachers:
-    """The teachers ``distilflow distill`` needs (trained already or given), loaded: None for one whose
-    complete cache stands in for it (no teacher model is loaded then). Refused before any training."""
+def _loads_teacher(cfg: Config) -> bool:
+    """Whether ``distilflow distill`` loads (or asks) this teacher: not when a complete cache or a server
+    stands in for it, except to write its cache (its result then goes into the manifest)."""
+    from_cache = reads_cache(cfg)
+    writes_cache = cfg.cache.use and not from_cache
+    return writes_cache or not (from_cache or cfg.teacher.server is not None)
+
+
+def check_distill_teachers(cfg: Config) -> None:
+    """``distilflow distill``, before ``open_run`` saves the config (a refused command writes nothing):
+    every teacher it must load is given or trained already (a teacher known by its complete own cache
+    alone needs neither)."""
+    if not cfg.teachers:
+        if _loads_teacher(cfg) and cfg.teacher.server is None:
+            _need_weights(cfg, None)
+        return
+    for entry in cfg.teachers:
+        view = view_config(cfg, entry, feature_teacher=entry.name == feature_teacher_name(cfg))
+        if _loads_teacher(view) and not (entry.cache is not None and cache_complete(view)):
+            _need_weights(view, entry.name)
+
+
+def distill_teachers(run: Run) -> tuple[Teachers, dict | list[dict | None] | None]:
+    """The teachers ``distilflow distill`` needs (trained already or given), loaded, and their results:
+    None for one whose complete cache or server stands in for it (no teacher model is loaded then; a
+    cache written now records the teacher's result). Refused before any training."""
     views = teacher_views(run)
-    needed = [not (view.cache_only or reads_cache(view.cfg)) for view in views]
+    needed = [not view.cache_only and _loads_teacher(view.cfg) for view in views]
     for view, need in zip(views, needed):
-        if need:
+        if need and view.cfg.teacher.server is None:
             _need_teacher(view, "distill")
-    models = [teacher_stage(view.run, log_tensorboard=False)[0] if need else None for view, need in zip(views, needed)]
-    return models if run.cfg.teachers else models[0]
+    loaded = [
+        teacher_stage(view.run, log_tensorboard=False) if need else (None, None) for view, need in zip(views, needed)
+    ]
+    models, results = [m for m, _ in loaded], [r for _, r in loaded]
+    return (models, results) if run.cfg.teachers else (models[0], results[0])
 
 
 def cache_teachers(run: Run) -> list[tuple[TeacherView, dict]]:
@@ -166,12 +241,19 @@ def cache_teachers(run: Run) -> list[tuple[TeacherView, dict]]:
         )
     for view in targets:
         _need_teacher(view, "cache-teacher")
-    models = {view.name: teacher_stage(view.run, log_tensorboard=False)[0] for view in targets}
+    trained = {}
+    for view in targets:  # a served teacher's finished cache: nothing to ask the server
+        served_done = view.cfg.teacher.server is not None and cache_complete(view.cfg)
+        trained[view.name] = (None, None) if served_done else teacher_stage(view.run, log_tensorboard=False)
+    models = {name: model for name, (model, _) in trained.items()}
     vocab = None
     if run.cfg.teachers:  # the cut all teachers share (widths do not depend on the weights)
         others = [None if v.cache_only else models.get(v.name) or v.run.work.new_model("teacher") for v in views]
         vocab = student_vocab(run, new_student(run, None), others)
-    return [(view, cache_stage(view.run, models[view.name], vocab_size=vocab)) for view in targets]
+    return [
+        (view, cache_stage(view.run, models[view.name], teacher_result=trained[view.name][1], vocab_size=vocab))
+        for view in targets
+    ]
 
 
 def _teacher_list(run: Run, teacher: Teachers) -> list[nn.Module | None]:
@@ -212,17 +294,48 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: Teachers = N
     return model.eval(), finish_stage(run, "baseline", model, result)
 
 
-def cache_stage(run: Run, teacher: nn.Module, *, quiet: bool = False, vocab_size: int | None = None) -> dict:
-    """The teacher-signal cache of this config written (or finished) from ``teacher``; its manifest
-    (``quiet``: no progress lines). ``run`` is the teacher's view with several teachers, whose shared
-    vocabulary cut is ``vocab_size`` (None: this teacher's and the student's)."""
+def cache_stage(
+    run: Run,
+    teacher: nn.Module | None,
+    *,
+    teacher_result: dict | None = None,
+    quiet: bool = False,
+    vocab_size: int | None = None,
+) -> dict:
+    """The teacher-signal cache of this config written (or finished) from ``teacher``, or from the served
+    teacher (``teacher`` None); its manifest. ``teacher_result``: the teacher's score and cost, recorded
+    for runs that read the cache instead of loading the teacher; ``quiet``: no progress lines. ``run`` is
+    the teacher's view with several teachers, whose shared vocabulary cut is ``vocab_size`` (None: this
+    teacher's and the student's)."""
     cfg, work = run.cfg, run.work
-    student = work.new_model("student", teacher if cfg.student.model.init_from_teacher else None)
     source = work.cache_source()
-    vocab = vocab_size or work.shared_vocab(student, teacher) or logit_width(source, teacher)
-    teacher_layers = teacher_layer_paths(run, teacher)
-    pairs = configured_pairs(run, student, teacher_layers) if cfg.cache.features else []
-    return write_cache(cfg, source, teacher, vocab_size=vocab, pairs=pairs, teacher_layers=teacher_layers, quiet=quiet)
+    if cfg.teacher.server is not None:  # one teacher only (teachers: entries are never served)
+        student = work.new_model("student")
+        vocab = vocab_size or student_columns(run, student, teacher_outline(run))
+        signals: Any = ServedCacheSignals(teacher_client(cfg, top_k=cfg.cache.k), vocab_size=vocab)
+        pairs, teacher_layers = [], None
+    else:
+        student = work.new_model("student", teacher if cfg.student.model.init_from_teacher else None)
+        vocab = vocab_size or work.shared_vocab(student, teacher) or logit_width(source, teacher)
+        teacher_layers = teacher_layer_paths(run, teacher)
+        pairs = configured_pairs(run, student, teacher_layers) if cfg.cache.features else []
+        signals = ModelSignals(cfg, source, teacher, vocab_size=vocab, pairs=pairs)
+        if teacher_result is not None:
+            teacher_result = {**teacher_result, **work.facts(teacher)}
+    try:
+        return write_cache(
+            cfg,
+            source,
+            signals,
+            vocab_size=vocab,
+            pairs=pairs,
+            teacher_layers=teacher_layers,
+            teacher_result=teacher_result,
+            quiet=quiet,
+        )
+    finally:
+        if isinstance(signals, ServedCacheSignals):
+            signals.client.close()
 
 
 @dataclass
@@ -239,16 +352,27 @@ class TeacherSide:
     vocab: int | None
 
 
-def teacher_side(view: TeacherView, student: nn.Module, teacher: nn.Module | None, vocab: int | None) -> TeacherSide:
+def teacher_side(
+    view: TeacherView,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    vocab: int | None,
+    teacher_result: dict | None = None,
+) -> TeacherSide:
     """One teacher (its view) as the student's stage uses it. With its cache read, the cache is written
-    first when missing and the teacher is given (``vocab``: the teachers' shared cut)."""
+    first when missing, from the teacher given or the served one (``vocab``: the teachers' shared cut;
+    ``teacher_result`` recorded in it)."""
+    served = view.cfg.teacher.server is not None
     if view.cached:
-        if teacher is not None and not cache_complete(view.cfg):
-            cache_stage(view.run, teacher, vocab_size=vocab)
+        if (teacher is not None or served) and not cache_complete(view.cfg):
+            cache_stage(view.run, teacher, teacher_result=teacher_result, vocab_size=vocab)
         cached = open_run_cache(view.run, student)
         taps = student_taps_of(student, cached.pairs)
         heads = projection_heads(view.run, student, taps, cached.pairs, cached.teacher.feature_shapes())
         return TeacherSide(cached, cached.pairs, taps, None, heads, cached.vocab_size)
+    if served:  # top-k log-probabilities only: no features, no teacher model here
+        vocab_alone = view.run.work.shared_vocab(student, teacher_outline(view.run))
+        return TeacherSide(None, [], None, None, nn.ModuleList(), vocab_alone)
     aligned = live_alignment(view.run, student, teacher)
     vocab_alone = view.run.work.shared_vocab(student, teacher)
     return TeacherSide(None, aligned.pairs, aligned.student_taps, aligned.teacher_taps, aligned.heads, vocab_alone)
@@ -258,7 +382,8 @@ def teacher_signals(
     run: Run, sides: list[TeacherSide], models: list[nn.Module | None], task, vocab: int | None, features: bool
 ):
     """The ``TeacherSignals`` of the student's stage: the one teacher as it is (live, cached or sharded),
-    or several teachers combined per position (teachers/multi.py)."""
+    or several teachers combined per position (teachers/multi.py). A served teacher read live is set up
+    by :func:`distill_stage` (teacher_side.served_signals)."""
     cfg, members = run.cfg, []
     for view, side, teacher in zip(teacher_views(run), sides, models):
         if side.cache is not None:
@@ -285,27 +410,38 @@ def teacher_signals(
     )
 
 
-def distill_stage(run: Run, teacher: Teachers, log_tensorboard: bool = True) -> tuple[nn.Module, dict]:
+def distill_stage(
+    run: Run,
+    teacher: Teachers,
+    log_tensorboard: bool = True,
+    *,
+    teacher_result: dict | list[dict | None] | None = None,
+) -> tuple[nn.Module, dict]:
     """The student distilled from ``teacher`` through the configured phases.
 
     With ``cache.use`` the teacher's outputs come from the teacher-signal cache (written first when
-    missing and a teacher is given; ``teacher`` may be None when the cache is complete). With
-    ``teachers:``, ``teacher`` holds one entry per teacher (None for one read from its complete
-    cache) and their signals are combined (``distill.combine``, routed by ``data.teacher_column``).
+    missing, from ``teacher`` or the served teacher; ``teacher`` may be None when the cache is
+    complete; ``teacher_result`` is recorded in a cache written here). With ``teacher.server`` and no
+    cache they come from the server, the next requests sent while the student trains. With
+    ``teachers:``, ``teacher`` (and ``teacher_result``) hold one entry per teacher (None for one read
+    from its complete cache) and their signals are combined (``distill.combine``, routed by
+    ``data.teacher_column``).
     """
     cfg = run.cfg
     models = _teacher_list(run, teacher)
+    results = list(teacher_result) if isinstance(teacher_result, (list, tuple)) else [teacher_result] * len(models)
     model = new_student(run, _init_teacher(run, models))
     shared = student_vocab(run, model, models) if cfg.teachers else None  # several: one checked cut
-    sides = [teacher_side(view, model, t, shared) for view, t in zip(teacher_views(run), models)]
+    views = teacher_views(run)
+    sides = [teacher_side(view, model, t, shared, r) for view, t, r in zip(views, models, results)]
     feature = sides[feature_index(run)]
     pairs, student_taps, heads = feature.pairs, feature.student_taps, feature.heads
     vocab = shared if cfg.teachers else feature.vocab
     done = load_finished(run, "student", model)
     if done is not None:
         return model.eval(), done
-    # A cached teacher's outputs are stored tensors: only the student runs through the task.
-    live = [t for t, side in zip(models, sides) if side.cache is None]
+    # A cached or served teacher's outputs are tensors given to the loss: only the student runs through the task.
+    live = [t for t, side in zip(models, sides) if side.cache is None and t is not None]
     impl = stage_loss_impl(cfg, run.work, cfg.student.train, [model, *live], vocab)
     objective = distill_objective(
         cfg.distill,
@@ -328,22 +464,31 @@ def distill_stage(run: Run, teacher: Teachers, log_tensorboard: bool = True) -> 
     if cfg.distill.label_free:  # the loss reads no label
         task = LabelFreeTask(task)
     width = vocab or logit_width(run.work.cache_source(), model)  # the ids every teacher signal spans
-    signals = teacher_signals(run, sides, models, task, width, features=bool(pairs))
+    if not cfg.teachers and cfg.teacher.server is not None and sides[0].cache is None:  # one served teacher, live
+        signals, task = served_signals(run, model, task, objective)  # the task sends its requests ahead
+    else:
+        signals = teacher_signals(run, sides, models, task, width, features=bool(pairs))
     kd_position = None
     if cfg.distill.adaptive is not None:
         kd_position = PositionWeights(adaptive_of(cfg), vocab_size=width, chunk_rows=cfg.distill.loss_chunk_rows)
-    result = train_stage(
-        run,
-        "student",
-        model,
-        objective,
-        task,
-        log_tensorboard=log_tensorboard,
-        teacher=signals,
-        student_taps=student_taps,
-        pairs=pairs,
-        kd_position=kd_position,
-    )
+    try:
+        result = train_stage(
+            run,
+            "student",
+            model,
+            objective,
+            task,
+            log_tensorboard=log_tensorboard,
+            teacher=signals,
+            student_taps=student_taps,
+            pairs=pairs,
+            kd_position=kd_position,
+        )
+    except TeacherUnavailable as error:  # the run stops where the server failed; the checkpoint stays
+        raise UserError(f"{error}; {stopped_note(run, 'student')}") from None
+    finally:
+        if isinstance(signals, ServedTeacher):
+            signals.close()
     model, heads = result.model or model, result.heads or heads  # dist.strategy fsdp2: unsharded copies
     return model.eval(), finish_stage(run, "student", model, result, heads)
 
@@ -393,12 +538,13 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
 
         return run_reasoning(cfg, log_tensorboard)
     run = open_run(cfg)
-    trained = teachers_stage(run, log_tensorboard)
+    trained = teachers_stage(run, log_tensorboard)  # a teacher's model is None: served, or all in a complete cache
     teacher = [m for m, _ in trained] if cfg.teachers else trained[0][0]
     stages: list[tuple[str, nn.Module | None, dict]] = []
     if run.work.labelled:
         stages.append(("baseline", *baseline_stage(run, log_tensorboard, teacher)))
-    student, student_result = distill_stage(run, teacher, log_tensorboard)
+    teacher_results = [r for _, r in trained]
+    student, student_result = distill_stage(run, teacher, log_tensorboard, teacher_result=teacher_results)
     stages.append(("student", student, student_result))
     results: dict[str, Any] = {"name": cfg.name}
     if run.work.cross_tokenizer != "off":  # the loss that distilled across tokenizers (uld or hybrid)
@@ -413,11 +559,12 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
     for stage, model, result in stages:
         results[stage] = {**result, **run.work.facts(model)}
     cost = "macs" if "macs" in results["student"] else "macs_per_token"
-    # Against the largest teacher (with several) that has a model here.
+    # Against the largest teacher (with several) whose cost is known: a teacher known only by a cache
+    # that did not record its cost has no ratio (its result says why).
     largest = max((r for r in teacher_rows.values() if cost in r), key=lambda r: r[cost], default=None)
-    if largest is not None:
-        results["student"]["macs_ratio_to_teacher"] = results["student"][cost] / max(largest[cost], 1)
-        results["student"]["params_ratio_to_teacher"] = results["student"]["params"] / max(largest["params"], 1)
+    for key, ratio in ((cost, "macs_ratio_to_teacher"), ("params", "params_ratio_to_teacher")):
+        if largest is not None and key in largest:
+            results["student"][ratio] = results["student"][key] / max(largest[key], 1)
     preview = run.work.preview(student)
     if preview:
         results["student_samples"] = preview
@@ -428,7 +575,7 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
         results["deploy"] = info.pop("variants")
         results["deploy_info"] = info
         # Against the teacher (with several: the largest with a model here).
-        live = [teacher] if not cfg.teachers else [m for m in teacher if m is not None]
+        live = [m for m in (teacher if cfg.teachers else [teacher]) if m is not None]  # none: served or cached
         if live:
             largest = max(live, key=lambda m: sum(p.numel() for p in m.parameters()))
             results["speed"] = teacher_student_speed(run, largest, student)

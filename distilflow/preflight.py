@@ -6,9 +6,13 @@ distillation reads a complete teacher cache, the teacher is not built or loaded 
 teacher folder would take minutes and its size in memory): the cache's manifest stands in for it.
 With several teachers (``teachers:``) every teacher is checked in its view (teacher_views.py), and
 their label spaces or vocabularies must agree, read from their models or their caches' manifests.
+A served teacher (``teacher.server``, one teacher only) is not built either: the server is checked to
+serve the configured model (name, tokenizer, vocabulary, k, row length).
 """
 
 from __future__ import annotations
+
+import warnings
 
 from torch import nn
 
@@ -17,6 +21,7 @@ from distilflow.errors import UserError
 from distilflow.models.build import load_weights
 from distilflow.stages import Run
 from distilflow.student_side import configured_pairs, live_alignment, new_student, open_run_cache, teacher_layer_paths
+from distilflow.teacher_side import check_served_teacher, student_columns, teacher_outline
 from distilflow.teacher_views import TeacherView, student_vocab, teacher_views
 from distilflow.train.precision import check_teacher_dtype, check_train_options
 
@@ -30,7 +35,9 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
     check_train_options(cfg.student.train, student, device, "student.train")
     for view, teacher in zip(views, models):
         _check_teacher(view, student, teacher, writes_cache)
-    student_vocab(run, student, models)  # teachers: one label space or vocabulary (models or cache manifests)
+    with warnings.catch_warnings():  # the stages say it (a vocabulary notice) once, when they run
+        warnings.simplefilter("ignore")
+        student_vocab(run, student, models)  # teachers: one label space or vocabulary (models or cache manifests)
     _check_labels(run, views)
     if cfg.deploy.enabled and cfg.deploy.genai.enabled and run.work.per_token:
         from distilflow.deploy.genai import require_genai  # the genai extra: missing is said before training
@@ -41,12 +48,17 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
 def _teacher_model(view: TeacherView, writes_cache: bool) -> nn.Module | None:
     """The view's teacher, untrained (its checkpoint loaded, so a missing, foreign or pickled file is
     refused here), or None when distillation reads its complete cache instead."""
-    if view.cache_only or (not writes_cache and reads_cache(view.cfg)):
+    if view.cache_only or _reading(view, writes_cache) or view.cfg.teacher.server is not None:
         return None
     teacher = view.run.work.new_model("teacher")
     if view.cfg.teacher.model.checkpoint:
         load_weights(teacher, view.cfg.teacher.model.checkpoint, _role(view))
     return teacher
+
+
+def _reading(view: TeacherView, writes_cache: bool) -> bool:
+    """Distillation reads the view's complete cache, which stands in for its teacher."""
+    return view.cache_only or (not writes_cache and reads_cache(view.cfg))
 
 
 def _role(view: TeacherView) -> str:
@@ -58,11 +70,14 @@ def _check_teacher(view: TeacherView, student: nn.Module, teacher: nn.Module | N
     run, cfg, device = view.run, view.cfg, view.run.work.device
     if teacher is not None:
         live_alignment(run, student, teacher)
+        with warnings.catch_warnings():  # the stages say it (a vocabulary notice) once, when they run
+            warnings.simplefilter("ignore")
+            run.work.shared_vocab(student, teacher)  # embedding tables the tokenizer does not fit: refused now
     if not cfg.teacher.model.pretrained and not view.cache_only:  # trained here: a fresh model, no file read
         model = teacher or run.work.new_model("teacher")
         check_train_options(cfg.teacher.train, model, device, _key(view, "train"))
     check_teacher_dtype(cfg.teacher.model.dtype, device, _key(view, "model.dtype"))
-    if teacher is None:  # a complete cache stands in for the teacher
+    if _reading(view, writes_cache):  # a complete cache stands in for the teacher
         describe, files = teacher_files(cfg)
         missing = [f for f in files if not f.is_file()]
         if cfg.teacher.model.pretrained and missing:  # else: its hash is not compared
@@ -70,6 +85,12 @@ def _check_teacher(view: TeacherView, student: nn.Module, teacher: nn.Module | N
                 f"teacher {describe}: '{missing[0]}' does not exist; give the teacher the cache was made of"
             )
         open_run_cache(run, student)
+    elif cfg.teacher.server is not None:  # the server is the configured teacher: name, tokenizer, vocabulary, k, rows
+        outline = teacher_outline(run)
+        check_served_teacher(run, outline, writes_cache=writes_cache)
+        if cfg.cache.use or writes_cache:
+            vocab = student_columns(run, student, outline)
+            check_cache(cfg, run.work.cache_source(), vocab_size=vocab, pairs=[], writes=writes_cache)
     elif cfg.cache.use or writes_cache:
         # cache.k within the vocabulary; an existing teacher cache made for this config (intact, with use on).
         source = run.work.cache_source()

@@ -8,6 +8,7 @@ from typing import Any
 
 from distilflow.config import Config
 from distilflow.schedules import kd_weight, lr_at, phase_boundaries
+from distilflow.storage import atomic_write, write_text
 
 PART_NAMES = ("kd", "ce", "feature")
 
@@ -33,6 +34,11 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    """The figure as a PNG; a full disk is one line naming the file (an earlier PNG of that name stays)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def _shade_phases(ax, cfg: Config) -> None:
@@ -74,7 +80,7 @@ def plot_losses(rows: list[dict], cfg: Config, path: Path) -> None:
         ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -134,7 +140,7 @@ def plot_schedules(cfg: Config, path: Path) -> None:
         ax.set_title(title, pad=12)
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -169,7 +175,7 @@ def plot_metric(rows: list[dict], results: dict, metric: str, path: Path) -> Non
         a2.set_ylim(0, 1.05)
     a2.set_title(f"final held-out {metric}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -185,7 +191,7 @@ def write_reasoning_report(run_dir: Path, cfg: Config, results: dict) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_title("held-out exact match (greedy)")
     fig.tight_layout()
-    fig.savefig(run_dir / "exact_match.png", dpi=110)
+    _save(fig, run_dir / "exact_match.png")
     plt.close(fig)
     task, traces = results["task"], results["traces"]
     reasons = ", ".join(f"{k} {v}" for k, v in traces["rejected_by_reason"].items()) or "none"
@@ -219,7 +225,7 @@ def write_reasoning_report(run_dir: Path, cfg: Config, results: dict) -> Path:
         "",
     ]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 
@@ -257,13 +263,19 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
             "perplexity is over the model's own tokens; bits per character compare the models on the same text.",
         ]
     plan = phase_boundaries(cfg.distill.phases, cfg.student.train.steps)
-    student = results["student"]
+    student, teacher = results["student"], results.get("teacher", {})
     which = "the largest teacher's" if cfg.teachers else "the teacher's"
+    if "macs_ratio_to_teacher" in student:
+        ratios = (
+            f"Student compute is {student['macs_ratio_to_teacher']:.3f} and parameters "
+            f"{student.get('params_ratio_to_teacher', float('nan')):.3f} of {which}."
+        )
+    else:
+        ratios = f"The teacher's cost is not known here: {teacher.get('note', 'not recorded')}."
+    where = f" Teacher: {teacher['loaded_from']}." if "served at" in str(teacher.get("loaded_from", "")) else ""
     lines += [
         "",
-        f"Student compute is {student.get('macs_ratio_to_teacher', float('nan')):.3f} and parameters "
-        f"{student.get('params_ratio_to_teacher', float('nan')):.3f} of {which}. "
-        f"Whole run: {results['wall_seconds']} s.",
+        f"{ratios}{where} Whole run: {results['wall_seconds']} s.",
         "",
         "Phases of distillation: "
         + ", ".join(f"{p.name} steps {p.start}-{p.end} ({'+'.join(p.terms)})" for p in plan)
@@ -314,5 +326,5 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
     for sample in samples:
         lines += ["```", sample["prompt"] + " => " + sample["continuation"], "```", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

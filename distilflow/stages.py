@@ -37,6 +37,8 @@ from distilflow.workload import Workload
 
 RESULT = "result.json"
 CONFIG = "config.yaml"
+# Keys a run folder's saved config may differ in (besides deploy.* and dist.*): see check_output_dir.
+NOT_COMPARED = ("output_dir", "teacher.server.url", "teacher.server.timeout_s", "teacher.server.max_retries")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -53,9 +55,18 @@ def check_output_dir(cfg: Config) -> None:
     resumed); else one line, before anything is written. Keys that do not change what is trained are
     not compared: ``deploy.*`` (a finished run may be re-exported and re-quantized with other
     settings; the saved config then records the latest), ``dist.*`` (any world size and strategy
-    resumes a run), ``diagnostics.*`` (they judge the training, not change it) and ``output_dir``
-    (where the folder is: a run folder given to eval, or moved)."""
+    resumes a run), ``diagnostics.*`` (they judge the training, not change it), ``output_dir`` (where
+    the folder is: a run folder given to eval, or moved) and where a served teacher answers and how
+    patiently (``teacher.server.url`` / ``timeout_s`` / ``max_retries``: the same served model may move
+    to another host between a stopped run and its resumption)."""
     run_dir = cfg.run_dir
+    # A symbolic link is followed (the run writes where it points); one that points nowhere is refused.
+    dangling = next((p for p in (run_dir, *run_dir.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise UserError(
+            f"output_dir '{run_dir}': '{dangling}' is a symbolic link to '{dangling.readlink()}', which does not "
+            "exist; create that folder or choose another output_dir"
+        )
     blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise UserError(f"output_dir '{run_dir}': '{blocking}' is a file, not a folder; choose another output_dir")
@@ -67,7 +78,7 @@ def check_output_dir(cfg: Config) -> None:
     diff = [
         key
         for key in _differences(saved_tree, to_dict(cfg))
-        if not key.startswith(("deploy.", "dist.", "diagnostics.")) and key != "output_dir"
+        if not key.startswith(("deploy.", "dist.", "diagnostics.")) and key not in NOT_COMPARED
     ]
     if diff:
         raise UserError(
@@ -79,8 +90,16 @@ def check_output_dir(cfg: Config) -> None:
 def save_config(cfg: Config) -> None:
     """The resolved config as ``<run_dir>/config.yaml`` (rank 0 writes under torchrun)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if dist.current().is_main:
-        write_text(cfg.run_dir / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tree = to_dict(cfg)
+    saved = cfg.run_dir / CONFIG
+    # The same config is not written again (output_dir aside: where the folder is, not what it holds),
+    # so a resumed run that then stops on bad input changes nothing.
+    if dist.current().is_main and not (saved.is_file() and _same_run(read_yaml(saved), tree)):
+        write_text(saved, yaml.safe_dump(tree, sort_keys=False))
+
+
+def _same_run(saved: Any, tree: dict[str, Any]) -> bool:
+    return isinstance(saved, dict) and {**saved, "output_dir": None} == {**tree, "output_dir": None}
 
 
 @dataclass
@@ -244,6 +263,7 @@ def finish_stage(
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
         f"train_{result.unit}_per_s": round(result.units_per_s, 1),
+        "bad_steps": result.bad_steps,
         **result.memory,
     }
     world = dist.current()

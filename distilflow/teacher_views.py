@@ -30,6 +30,7 @@ from distilflow.config_teachers import ONE_TEACHER
 from distilflow.data.cache import cache_complete, cache_dir, logit_width, read_manifest
 from distilflow.errors import UserError
 from distilflow.stages import Run
+from distilflow.teacher_side import shared_vocab_of
 
 
 @dataclass
@@ -167,6 +168,8 @@ def student_vocab(run: Run, student: nn.Module, teachers: Sequence[nn.Module | N
     (:func:`common_width`; a teacher read from its cache gives its cache's width)."""
     views = teacher_views(run)
     if not run.cfg.teachers:
+        if teachers[0] is None and run.work.per_token:  # an LM teacher's complete cache's manifest or served outline
+            return shared_vocab_of(run, student, None)
         return run.work.shared_vocab(student, teachers[0])
     widths = [teacher_width(view, teacher) for view, teacher in zip(views, teachers)]
     student_width = logit_width(run.work.cache_source(), student)

@@ -60,6 +60,33 @@ def _tiny_llama(hidden: int, layers: int) -> str:
     )
 
 
+def refuse_causal_lm_loads(patch: pytest.MonkeyPatch) -> list:
+    """transformers' ``AutoModelForCausalLM.from_pretrained`` made to raise under ``patch``: any attempt to
+    load teacher weights fails the test. Returns the list of attempts (its arguments)."""
+    from transformers import AutoModelForCausalLM
+
+    loads: list = []
+
+    def refuse(*args, **kwargs):
+        loads.append(args)
+        raise AssertionError("the served teacher's weights must never be loaded")
+
+    patch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    return loads
+
+
+@pytest.fixture
+def never_loaded(monkeypatch) -> list:
+    """Teacher weights cannot be loaded in this test (``refuse_causal_lm_loads``); the attempts."""
+    return refuse_causal_lm_loads(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def refuse_loads():
+    """``refuse_causal_lm_loads`` for fixtures of a wider scope (with their own ``pytest.MonkeyPatch``)."""
+    return refuse_causal_lm_loads
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_args():
     """``tiny_lm_args(root)`` -> CLI arguments of the built-in stdlib LM demo made tiny (seconds):
@@ -89,6 +116,24 @@ def tiny_lm_args():
         ]
 
     return args
+
+
+@pytest.fixture(scope="session")
+def arith_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny random Llama (hidden 32, 2 layers, 4 heads, 64 positions, seed 0) with the
+    arithmetic character tokenizer: a model for ``generate`` that loads in a fraction of a second."""
+    from distilflow.data.arith import arith_tokenizer
+    from distilflow.data.stdlib_corpus import tiny_llama_config
+    from distilflow.models.hf import build_causal_lm
+
+    folder = tmp_path_factory.mktemp("arith-llama")
+    tokenizer = arith_tokenizer()
+    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    torch.manual_seed(0)
+    config = tiny_llama_config(len(tokenizer), hidden=32, layers=2, heads=4, max_positions=64, **special)
+    build_causal_lm(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(autouse=True)

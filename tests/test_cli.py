@@ -171,6 +171,35 @@ def test_resume_continues_an_interrupted_run_bit_exactly(finished_run, tmp_path,
         assert all(torch.equal(resumed[k], reference[k]) for k in reference), stage
 
 
+def test_resume_of_a_copied_run_folder_writes_in_the_copy_only(finished_run, tmp_path):
+    """The saved config names the original folder as output_dir; resume FOLDER resumes FOLDER."""
+    import hashlib
+    import shutil
+
+    original = finished_run[0]
+
+    def files(root: Path) -> dict[str, tuple[int, str]]:
+        return {
+            str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
+
+    before = files(original)
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    shutil.rmtree(copy / "student")
+    (copy / "results.json").unlink()
+    assert main(["resume", str(copy), "--no-tensorboard"]) == 0
+    assert files(original) == before
+    resumed, reference = (
+        load_file(str(copy / "student" / "model.safetensors")),
+        load_file(str(original / "student" / "model.safetensors")),
+    )
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert (copy / "results.json").is_file()
+
+
 def test_print_config_comments_every_top_level_key(capsys):
     assert main(["print-config"]) == 0
     out = capsys.readouterr().out
@@ -244,7 +273,8 @@ DURING_RUN = [
         + ["distill.feature_layers=[{student: features.6, teacher: features.2}]"],
         "no projection head maps student shape (8, 20) onto teacher shape (8, 40)",
     ),
-    (["student.train.lr=1.0e+30"], "baseline step 2: loss is nan"),
+    # max_bad_steps 1: the first bad step stops (skipping and counting: tests/train/test_bad_steps.py).
+    (["student.train.lr=1.0e+30", "student.train.max_bad_steps=1"], "baseline step 2: loss is nan"),
 ]
 
 

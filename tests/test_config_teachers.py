@@ -82,6 +82,15 @@ BAD = [
     ([*TWO, "cache.use=true", "cache.format=sampled"], "several teachers combine full or topk caches only"),
     (["cache.use=true", "cache.format=sampled", "distill.adaptive.tau=1"], "a sampled cache holds drawn ids"),
     ([*TWO, "dist.shard_teacher=true"], "'dist.shard_teacher': True is not allowed; not with 'teachers:'"),
+    # A served teacher (issue 19) is one teacher's path: refused among several, by value or by override.
+    (
+        [
+            "teachers=[{name: a}, {name: b, server: {url: 'http://127.0.0.1:8000', model: t}}]",
+            "distill.feature_teacher=a",
+        ],
+        "'teachers.b.server': a teacher served by vLLM is supported with 'teacher:' only",
+    ),
+    ([*TWO, "teachers.wide.server.url=http://127.0.0.1:8000"], "'teachers.wide.server': a teacher served by vLLM"),
 ]
 
 

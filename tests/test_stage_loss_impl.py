@@ -8,6 +8,7 @@ the reasoning demo's stages are checked in tests/generate/test_reasoning.py.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -27,9 +28,10 @@ def _by_stage(calls, *, training: bool = True) -> dict[str, set]:
     return out
 
 
-@pytest.mark.parametrize(("setting", "expected"), [("chunked", "chunked"), ("fused", "chunked"), ("plain", "plain")])
+@pytest.mark.parametrize(("setting", "expected"), [("chunked", "chunked"), ("plain", "plain")])
 def test_classifier_stages_use_the_configured_loss(tmp_path, tiny_overrides, loss_calls, setting, expected):
-    """A classifier's explicit ``fused`` is ``chunked`` (its logits are its output), in every stage."""
+    """Every stage of a classifier uses the setting (``fused`` is refused at load time: its logits are its
+    output; tests/bad_inputs: config-fused-on-classifier)."""
     args = [*tiny_overrides(tmp_path / "run"), f"distill.loss_impl={setting}", "distill.loss_chunk_rows=7"]
     assert main(["run", *args, "--no-tensorboard"]) == 0
     chunk = None if expected == "plain" else 7
@@ -60,8 +62,12 @@ class _Workload:
         return self.problem
 
 
+# A causal-LM config for the LM workloads (a classifier's config refuses fused when it loads).
+LM_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lm_stdlib.yaml"
+
+
 def _resolve(setting: str, work: _Workload, *, batch_size: int = 16, grad_accum: int = 1, vocab_size=None) -> str:
-    cfg = load_config(None, [f"distill.loss_impl={setting}"])
+    cfg = load_config(LM_CONFIG if work.per_token else None, [f"distill.loss_impl={setting}"])
     train = dataclasses.replace(cfg.student.train, batch_size=batch_size, grad_accum=grad_accum)
     return stage_loss_impl(cfg, work, train, [object()], vocab_size)
 
@@ -80,4 +86,5 @@ def test_auto_by_the_logits_of_one_micro_batch():
     assert _resolve("plain", capped) == "plain"
     classifier = _Workload(False, 1, 10)
     assert _resolve("auto", classifier, batch_size=4096) == "plain"
-    assert _resolve("fused", classifier) == "chunked"
+    with pytest.raises(UserError, match="which only causal LMs have"):  # refused when the config loads
+        _resolve("fused", classifier)

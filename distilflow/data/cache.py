@@ -22,9 +22,11 @@ What a row stores, per position (a sample for classifiers; each shifted token fo
 - ``cache.features``: the tapped teacher features of the configured layer pairs (``feature.N``,
   float32, shape per row as the teacher produces it).
 
-The manifest records what the signals depend on (teacher weight files, tokenizer, training rows,
-seq_len, format, k, samples, seed, temperature, feature pairs); a reader whose config expects
-anything else is refused with one line, as is a missing, truncated or altered shard.
+The manifest records what the signals depend on (teacher weight files, or a served teacher's name
+and its folder's config.json; tokenizer, training rows, seq_len, format, k, samples, seed,
+temperature, feature pairs); a reader whose config expects anything else is refused with one line,
+as is a missing, truncated or altered shard. Beside the identity it keeps the teacher's score and
+cost (``teacher_result``), so that a run reading a complete cache never loads a given teacher.
 """
 
 from __future__ import annotations
@@ -87,8 +89,11 @@ def _sha256_tensors(tensors: list[torch.Tensor]) -> str:
 
 
 def teacher_files(cfg: Config) -> tuple[str, list[Path]]:
-    """Where the configured teacher's weights live: a description and the files that hold them."""
-    m = cfg.teacher.model
+    """Where the configured teacher's weights live: a description and the files that hold them (a served
+    teacher's weights are not here: its folder's config.json stands for its architecture)."""
+    m, server = cfg.teacher.model, cfg.teacher.server
+    if server is not None:
+        return f"model '{server.model}' served at {server.url}", [Path(m.folder).expanduser() / "config.json"]
     if m.checkpoint:
         path = Path(m.checkpoint).expanduser()
         return f"checkpoint {path}", [path / WEIGHTS if path.is_dir() else path]
@@ -135,7 +140,7 @@ def identity(cfg: Config, source: CacheSource, *, vocab_size: int, pairs: list[L
 
     ``teacher_sha256`` is None while the teacher is not trained yet (then it is not compared).
     """
-    c = cfg.cache
+    c, served = cfg.cache, cfg.teacher.server
     rows = source.rows
     sparse = c.format != "full"
     ident: dict[str, Any] = {
@@ -155,7 +160,9 @@ def identity(cfg: Config, source: CacheSource, *, vocab_size: int, pairs: list[L
         # Across tokenizers: the teacher's tokenizer (the rows, hashed above, hold both sides and the groups).
         "teacher_tokenizer_sha256": _tokenizer_sha256(source.teacher_tokenizer),
         "cross_tokenizer": True if source.next_ids else None,  # None: a same-tokenizer cache (as before)
-        "teacher_dtype": cfg.teacher.model.dtype,
+        # A served teacher runs in the server's dtype; its served name (checked against the server) instead.
+        "teacher_dtype": None if served else cfg.teacher.model.dtype,
+        "teacher_served": served.model if served else None,
         "features": bool(c.features),
         # The manifest's form of a pair: [student path, teacher path, weight].
         "feature_pairs": [[p.student, p.teacher, p.weight] for p in pairs] if c.features else [],
@@ -165,11 +172,26 @@ def identity(cfg: Config, source: CacheSource, *, vocab_size: int, pairs: list[L
 
 
 def teacher_sha256(cfg: Config) -> str | None:
-    """Hash of the teacher's weight files, or None when they do not exist (yet)."""
+    """Hash of the teacher's weight files, or None when they do not exist (yet).
+
+    Computed once per process for the same files (path, size, modification time): a 70B teacher's
+    140 GB are read once by a command, not by each check that compares a cache with the config."""
     _, files = teacher_files(cfg)
     if not files or not all(f.is_file() for f in files):
         return None
-    return sha256_files(files)
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _TEACHER_HASHES:
+        _TEACHER_HASHES[key] = sha256_files(files)
+    return _TEACHER_HASHES[key]
+
+
+_TEACHER_HASHES: dict[tuple[tuple[str, int, int], ...], str] = {}
+
+
+def forget_teacher_hashes() -> None:
+    """Drop the hashes :func:`teacher_sha256` remembers: the next call reads the files again (for a
+    file rewritten in place with the same size and modification time, and for tests that count reads)."""
+    _TEACHER_HASHES.clear()
 
 
 def mismatch(folder: Path, stored: dict[str, Any], expected: dict[str, Any]) -> str | None:
@@ -188,16 +210,59 @@ def mismatch(folder: Path, stored: dict[str, Any], expected: dict[str, Any]) -> 
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The cache's manifest (None when there is none), its form checked: JSON, never a pickle; each
+    shard a plain file name in the folder (a name with a folder part, ``..`` or an absolute path is
+    refused: a manifest never points outside its cache)."""
     path = folder / MANIFEST
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         manifest = None
-    if not isinstance(manifest, dict) or not {"identity", "shards"} <= manifest.keys():
+    if not _well_formed(manifest):
         raise UserError(f"teacher cache manifest '{path}' is not a distilflow manifest; delete the folder")
+    for shard in manifest["shards"]:
+        name = shard["file"]
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise UserError(
+                f"teacher cache manifest '{path}' names shard file {name!r}, outside the cache folder; a manifest "
+                "names files in its own folder only: delete the folder and cache again"
+            )
     return manifest
+
+
+def _well_formed(manifest: Any) -> bool:
+    """The manifest's keys and types as the writer makes them (a hand-edited one may be anything)."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(manifest, dict):
+        return False
+    ident, shards = manifest.get("identity"), manifest.get("shards")
+    if not isinstance(ident, dict) or not isinstance(shards, list) or not count(ident.get("rows")):
+        return False
+    for shard in shards:
+        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
+            return False
+        rows = shard.get("rows")
+        if not (isinstance(rows, list) and len(rows) == 2 and all(map(count, rows))):
+            return False
+        if not count(shard.get("bytes")) or not isinstance(shard.get("sha256"), str):
+            return False
+    return True
+
+
+def shard_path(folder: Path, name: str) -> Path:
+    """``folder / name``, refused when it resolves outside ``folder`` (a shard replaced by a symbolic link)."""
+    path = folder / name
+    if path.is_symlink() and path.resolve().parent != folder.resolve():
+        raise UserError(
+            f"teacher cache shard '{path}' is a symbolic link to '{path.resolve()}', outside the cache folder; "
+            "shards are read from their own folder only: delete the folder and cache again"
+        )
+    return path
 
 
 def uses_features(cfg: Config) -> bool:
@@ -239,7 +304,7 @@ def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:
     """Every listed shard exists with its recorded size and sha256, and the shards cover all rows."""
     expected_start = 0
     for shard in manifest["shards"]:
-        path = folder / shard["file"]
+        path = shard_path(folder, shard["file"])
         if not path.is_file():
             raise UserError(f"teacher cache shard '{path}' is missing; run 'distilflow cache-teacher' again")
         if path.stat().st_size != shard["bytes"]:

@@ -1,9 +1,10 @@
-"""Writing the teacher-signal cache: the teacher over the training rows, shard by shard.
+"""Writing the teacher-signal cache: the teacher (here, or served) over the training rows, shard by shard.
 
 Formats, the manifest and the checks that decide whether a cache fits a run are in
 distilflow/data/cache.py; this module runs the teacher and writes. Each shard is written to a
 temporary file and renamed, and only then listed in the manifest, so a killed write resumes at the
-first shard that is not listed (byte-identical: sampling is seeded per shard). Under torchrun rank r
+first shard that is not listed (byte-identical: sampling is seeded per shard); a full disk stops it
+with one line and the shards written before stay listed (distilflow/storage.py). Under torchrun rank r
 writes shards r, r + N, ... and lists them in its own part; rank 0 merges the parts.
 """
 
@@ -13,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from distilflow.data.cache import (
 from distilflow.errors import UserError
 from distilflow.models.layers import LayerPair
 from distilflow.models.taps import Taps
+from distilflow.storage import remove_stale_temps
 from distilflow.train import dist
 from distilflow.train.checkpoint import write_json, write_weights
 from distilflow.train.precision import cast_teacher
@@ -91,32 +93,81 @@ def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
+class CacheSignals(Protocol):
+    """What one micro-batch's cached tensors come from: the teacher model here (:class:`ModelSignals`) or
+    a served teacher (distilflow/teachers/served.py). ``device``: where the batch's rows are moved first."""
+
+    device: torch.device
+
+    def __call__(self, batch: Batch, generator: torch.Generator) -> Batch: ...
+
+
+class ModelSignals:
+    """The teacher model run on each micro-batch (eval mode, ``teacher.model.dtype`` as the live teacher
+    runs), with the features of the cached layer pairs; its logits cut to ``vocab_size`` and encoded."""
+
+    def __init__(self, cfg: Config, source: CacheSource, teacher: nn.Module, *, vocab_size: int, pairs: list) -> None:
+        self.cfg, self.source, self.vocab_size = cfg, source, vocab_size
+        self.teacher = cast_teacher(teacher.eval(), cfg.teacher.model.dtype)
+        self.device = next(self.teacher.parameters()).device
+        self.taps = Taps(self.teacher, [p.teacher for p in pairs], "teacher") if pairs else None
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, generator: torch.Generator) -> Batch:
+        c = self.cfg.cache
+        if self.taps is not None:
+            with self.taps.capture():
+                logits = self.source.forward(self.teacher, batch)
+            features = self.taps.features()
+        else:
+            logits, features = self.source.forward(self.teacher, batch), []
+        logits = logits[..., : self.vocab_size]  # the shared-vocabulary cut (a no-op when sizes agree)
+        out = encode(
+            logits,
+            fmt=c.format,
+            k=c.k,
+            samples=c.samples,
+            temperature=self.cfg.distill.temperature,
+            generator=generator,
+        )
+        source = self.source
+        if source.next_ids:  # across tokenizers: the alignment the signals belong to, per teacher position
+            out["teacher_ids"] = batch[source.next_ids].int()  # (B, T_t)
+            out["teacher_group"] = batch["teacher_group"].int()
+            if c.format == "topk":  # and log p_T of each actual next teacher token (what a span's merge needs)
+                following = batch[source.next_ids][:, 1 : logits.shape[1] + 1]  # (B, T_t - 1)
+                out["next_logprobs"] = next_token_logprobs(logits, following, self.cfg.distill.temperature)
+        for i, feature in enumerate(features):
+            out[f"feature.{i}"] = feature.float()
+        return out
+
+
 def write_cache(
     cfg: Config,
     source: CacheSource,
-    teacher: nn.Module,
+    signals: CacheSignals,
     *,
     vocab_size: int,
     pairs: list[LayerPair],
     teacher_layers: list[str] | None,
+    teacher_result: dict[str, Any] | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Run ``teacher`` over the source's rows and write the cache; resume a partial one.
+    """Write the cache of ``signals`` over the source's rows; resume a partial one.
 
     ``vocab_size``: the logit columns kept (the shared-vocabulary cut); ``pairs``: the layer pairs whose
     teacher features are cached (with ``cache.features``); ``teacher_layers``: the teacher's decoder
-    layers, recorded for ``distill.layer_map`` (a reader pairs them without the teacher model).
-    Returns the manifest. Refuses a folder holding a cache of another config.
+    layers, recorded for ``distill.layer_map`` (a reader pairs them without the teacher model);
+    ``teacher_result``: the teacher's score and cost, recorded for runs that read the cache instead of
+    loading the teacher. Returns the manifest. Refuses a folder holding a cache of another config.
     """
     c = cfg.cache
     if source.next_ids and c.format == "sampled":  # checked before anything is written
         raise UserError("cache.format sampled: across tokenizers the cache holds top-k or full signals; use topk")
     folder = cache_dir(cfg)
-    teacher.eval()
     pairs = pairs if c.features else []
     ident = identity(cfg, source, vocab_size=vocab_size, pairs=pairs)
     vocab = vocab_size
-    teacher = cast_teacher(teacher, cfg.teacher.model.dtype)  # as the live teacher runs
     manifest = read_manifest(folder)
     if manifest is not None:
         problem = mismatch(folder, manifest["identity"], ident)
@@ -129,6 +180,8 @@ def write_cache(
     done = {s["file"]: s for s in (manifest or {}).get("shards", [])}
     done.update(_rank_parts(folder))  # listed by the ranks of an interrupted torchrun job (any world size)
     world = dist.current()
+    if world.is_main:
+        remove_stale_temps(folder)  # of a shard or manifest write that a kill cut short
     world.barrier("reading the teacher cache")  # every rank has read the parts before one is rewritten
     part = folder / (RANK_PART.format(rank=world.rank) if world.distributed else MANIFEST)
     manifest = {
@@ -136,6 +189,7 @@ def write_cache(
         "teacher": describe,
         "complete": False,
         "teacher_layers": teacher_layers,
+        "teacher_result": teacher_result,
         "bytes_per_position": sum(
             BYTES_PER_ENTRY[name] * (vocab if c.format == "full" else c.k if c.format == "topk" else c.samples)
             for name in TENSORS[c.format]
@@ -144,10 +198,8 @@ def write_cache(
         "shards": [],
     }
     rows = source.rows
-    device = next(teacher.parameters()).device
     total = ident["rows"]
     micro = max(cfg.student.train.batch_size // cfg.student.train.grad_accum, 1)
-    taps = Taps(teacher, [p.teacher for p in pairs], "teacher") if pairs else None
     began = last_print = time.monotonic()
     starts = list(range(0, total, c.shard_rows))
     for index, start in enumerate(starts):
@@ -161,8 +213,8 @@ def write_cache(
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + index)
         pieces: dict[str, list[torch.Tensor]] = {}
         for lo in range(start, stop, micro):
-            batch = {key: value[lo : min(lo + micro, stop)].to(device) for key, value in rows.items()}
-            for key, value in _teacher_signals(cfg, source, teacher, batch, taps, vocab, generator).items():
+            batch = {key: value[lo : min(lo + micro, stop)].to(signals.device) for key, value in rows.items()}
+            for key, value in signals(batch, generator).items():
                 pieces.setdefault(key, []).append(value.cpu())
         tensors = {key: torch.cat(parts).contiguous() for key, parts in pieces.items()}
         path = folder / name
@@ -211,29 +263,3 @@ def _rank_parts(folder: Path, ranks: int | None = None) -> dict[str, dict[str, A
 
 def _shard_ok(path: Path, shard: dict[str, Any]) -> bool:
     return path.is_file() and path.stat().st_size == shard["bytes"] and sha256_files([path]) == shard["sha256"]
-
-
-@torch.no_grad()
-def _teacher_signals(
-    cfg: Config, source: CacheSource, teacher: nn.Module, batch: Batch, taps: Taps | None, vocab: int, generator
-) -> Batch:
-    c = cfg.cache
-    if taps is not None:
-        with taps.capture():
-            logits = source.forward(teacher, batch)
-        features = taps.features()
-    else:
-        logits, features = source.forward(teacher, batch), []
-    logits = logits[..., :vocab]  # the shared-vocabulary cut (a no-op when sizes agree)
-    out = encode(
-        logits, fmt=c.format, k=c.k, samples=c.samples, temperature=cfg.distill.temperature, generator=generator
-    )
-    if source.next_ids:  # across tokenizers: the alignment the signals belong to, per teacher position
-        out["teacher_ids"] = batch[source.next_ids].int()  # (B, T_t)
-        out["teacher_group"] = batch["teacher_group"].int()
-        if c.format == "topk":  # and log p_T of each actual next teacher token (what a span's merge needs)
-            following = batch[source.next_ids][:, 1 : logits.shape[1] + 1]  # (B, T_t - 1)
-            out["next_logprobs"] = next_token_logprobs(logits, following, cfg.distill.temperature)
-    for i, feature in enumerate(features):
-        out[f"feature.{i}"] = feature.float()
-    return out

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from distilflow.config import DataConfig
+from distilflow.data.tabular import read_csv_table, read_npz_arrays
 from distilflow.errors import UserError
 from distilflow.losses.objective import IGNORE_INDEX
 
@@ -73,9 +74,8 @@ def _mnist1d_arrays(num_samples: int, train_split: float, seed: int, cache_dir: 
     """``mnist1d.data.make_dataset`` (never ``get_dataset``, which downloads), cached as .npz."""
     key = hashlib.sha256(json.dumps([num_samples, train_split, seed, "v1"]).encode()).hexdigest()[:16]
     path = cache_dir / f"mnist1d-{key}.npz"
-    if path.is_file():
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+    if path.is_file():  # never unpickled: a damaged or foreign file is refused with one line
+        return read_npz_arrays(path, ("x", "y", "x_test", "y_test"), f"MNIST-1D cache file '{path}' (data.cache_dir)")
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -92,24 +92,39 @@ def _mnist1d_arrays(num_samples: int, train_split: float, seed: int, cache_dir: 
 def _as_features(x: np.ndarray, where: str) -> torch.Tensor:
     if x.dtype == object or not np.issubdtype(x.dtype, np.number):
         raise UserError(f"{where}: features must be numbers, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.complexfloating):
+        raise UserError(f"{where}: features must be real numbers, got dtype {x.dtype}")
     if x.ndim < 2:
         raise UserError(f"{where}: features need shape (samples, ...), got shape {x.shape}")
-    tensor = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    if 0 in x.shape[1:]:
+        raise UserError(f"{where}: features have shape {x.shape}; each sample needs at least one feature")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
+        tensor = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
     if not torch.isfinite(tensor).all():
-        raise UserError(f"{where}: features hold NaN or inf values")
+        raise UserError(f"{where}: features hold NaN or inf values (or values beyond float32's range)")
     return tensor
+
+
+# Labels are class ids 0..C-1 and the model gets C outputs: ids far beyond the classes present are a
+# numbering to fix, not a classifier of a billion classes.
+SPARSE_LABELS = 1024
 
 
 def _as_labels(y: np.ndarray, where: str) -> torch.Tensor:
     if y.ndim != 1:
         raise UserError(f"{where}: labels need shape (samples,), got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
-            y = y.astype(np.int64)
-        else:
+        whole = np.issubdtype(y.dtype, np.floating) and bool(np.isfinite(y).all()) and bool(np.all(np.mod(y, 1) == 0))
+        if not whole:
             raise UserError(f"{where}: labels must be integer class ids 0..C-1, got dtype {y.dtype}")
+        y = y.astype(np.int64)
     if len(y) and y.min() < 0:
         raise UserError(f"{where}: labels must be class ids >= 0, found {int(y.min())}")
+    if len(y) and int(y.max()) >= SPARSE_LABELS and int(y.max()) + 1 > 4 * len(np.unique(y)):
+        raise UserError(
+            f"{where}: labels go up to {int(y.max())} but only {len(np.unique(y))} distinct ids occur; "
+            "renumber the classes 0..C-1 (the model gets one output per id up to the largest)"
+        )
     return torch.as_tensor(y, dtype=torch.long)
 
 
@@ -117,6 +132,8 @@ def _as_samples(x: np.ndarray, y: np.ndarray, where: str) -> tuple[torch.Tensor,
     features, labels = _as_features(x, where), _as_labels(y, where)
     if len(features) != len(labels):
         raise UserError(f"{where}: {len(features)} samples in 'x' but {len(labels)} labels in 'y'")
+    if len(features) == 0:
+        raise UserError(f"{where}: no samples (its arrays have 0 rows)")
     return features, labels
 
 
@@ -128,40 +145,22 @@ def _read_file(
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"data file '{path}' does not exist")
+    where = f"data file '{path}'"
     if source == "npz" or p.suffix == ".npz":
-        try:
-            with np.load(p, allow_pickle=False) as f:
-                files = set(f.files)
-                if "x" not in files or (labeled and "y" not in files):
-                    need = "'x' and 'y'" if labeled else "'x'"
-                    raise UserError(f"data file '{path}' holds arrays {sorted(files)}; it needs {need}")
-                route = f[route_column] if route_column is not None and route_column in files else None
-                return f["x"], (f["y"] if "y" in files else None), route
-        except UserError:
-            raise
-        except (ValueError, OSError) as exc:
-            raise UserError(f"data file '{path}' is not a readable .npz file ({exc})") from None
-    try:
-        header = p.open().readline().strip().split(",")
-        table = np.genfromtxt(p, delimiter=",", skip_header=1, dtype=np.float64, ndmin=2)
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"data file '{path}' is not a readable CSV file ({exc})") from None
-    if table.size == 0:
-        raise UserError(f"data file '{path}' has no data rows")
-    if table.shape[1] != len(header):
-        raise UserError(f"data file '{path}': header has {len(header)} columns but rows have {table.shape[1]}")
-    if np.isnan(table).any():
-        row = int(np.argwhere(np.isnan(table))[0][0]) + 2
-        raise UserError(f"data file '{path}' line {row}: a value is empty or not a number")
+        needed = ("x", "y") if labeled else ("x",)
+        optional = ("y",) + ((route_column,) if route_column is not None else ())
+        arrays = read_npz_arrays(p, needed, where, optional=optional)
+        return arrays["x"], arrays.get("y"), arrays.get(route_column) if route_column is not None else None
+    header, table = read_csv_table(p, where)
     route = None
-    if route_column is not None and route_column in header:
+    if route_column is not None and route_column in header:  # teacher indices (-1: none)
         col = header.index(route_column)
         route, table, header = table[:, col], np.delete(table, col, axis=1), header[:col] + header[col + 1 :]
     if label_column in header:
         col = header.index(label_column)
         return np.delete(table, col, axis=1), table[:, col], route
     if labeled:
-        raise UserError(f"data file '{path}' has no label column '{label_column}'; columns: {', '.join(header)}")
+        raise UserError(f"{where} has no label column '{label_column}'; columns: {', '.join(header)}")
     return table, None, route
 
 
@@ -239,7 +238,8 @@ def load_classification(
     else:
         files, column, names = cfg.files, cfg.teacher_column, teachers or []
         x, y, route = _read_file(files.path, cfg.source, files.label_column, labels_needed, column)
-        if y is None:  # label-free: the inputs alone (a held-out file must hold the labels that score it)
+        unlabelled = y is None
+        if unlabelled:  # label-free: the inputs alone (a held-out file must hold the labels that score it)
             if not files.test_path:
                 raise UserError(
                     f"data file '{files.path}' holds no labels; give data.files.test_path, a labelled held-out set"
@@ -254,6 +254,11 @@ def load_classification(
         if files.test_path:
             tx, ty, _ = _read_file(files.test_path, cfg.source, files.label_column, True, column)
             tx, ty = _as_samples(tx, ty, files.test_path)
+            if not unlabelled and int(ty.max()) > int(y.max()):  # label-free: no trained classes to compare
+                raise UserError(
+                    f"test data '{files.test_path}' has labels up to class {int(ty.max())}, the training data "
+                    f"'{files.path}' only up to class {int(y.max())}; a class never trained on cannot be scored"
+                )
         else:
             # A fixed permutation (seeded by data.seed) so the split does not depend on file order.
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))

@@ -91,9 +91,20 @@ def _record_from_row(row: Any) -> Record | None:
     raise _BadRow(f"has no usable field; {FIELDS_HINT}")
 
 
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; one line naming the file and the byte when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.object[error.start : error.start + 1]!r})"
+        ) from None
+
+
 def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 or other line separators
+    for number, line in enumerate(read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (a trailing newline) are not records
         try:
@@ -106,19 +117,39 @@ def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
 def _table_rows(path: Path) -> list[tuple[str, Any]]:
     import datasets
 
+    kind = path.suffix[1:]
+    if kind == "parquet" and _parquet_rows(path) == 0:
+        return []  # datasets fails on a table of no rows; it is an empty file ("no usable records")
     bars_were_off = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs the failure it then raises
     try:
         # A throwaway cache: local files are re-read each time, nothing is written to ~/.cache.
         with tempfile.TemporaryDirectory() as cache_dir:
-            table = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train", cache_dir=cache_dir)
+            table = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir)
             rows = table.to_list()
     except Exception as error:  # datasets raises many types for unreadable files
-        raise UserError(f"{path} could not be read as {path.suffix[1:]}: {error}") from error
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:  # the reader's own words
+            cause = cause.__cause__ or cause.__context__
+        detail = " ".join(str(cause).split())[:200] or type(cause).__name__
+        raise UserError(f"{path} could not be read as {kind}: {detail}") from None
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if not bars_were_off:
             datasets.enable_progress_bars()
     return [(f"row {number}", row) for number, row in enumerate(rows, start=1)]
+
+
+def _parquet_rows(path: Path) -> int:
+    """Rows in a parquet file's footer (read by pyarrow, which datasets reads parquet with)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(str(path)).num_rows
+    except Exception as error:  # pyarrow.ArrowInvalid and OSError for files that are not parquet
+        raise UserError(f"{path} could not be read as parquet: {' '.join(str(error).split())[:200]}") from None
 
 
 def _files(paths: str | Path | Sequence[str | Path]) -> list[Path]:

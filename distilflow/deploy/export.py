@@ -20,6 +20,7 @@ from torch import nn
 
 from distilflow.deploy import quiet_logs
 from distilflow.errors import UserError
+from distilflow.storage import atomic_write
 
 
 class _LogitsOnly(nn.Module):
@@ -59,22 +60,27 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path, 
     else:
         dynamic = {"x": {0: batch}}
     args = tuple(example[n] for n in names)
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: str) -> None:
+        torch.onnx.export(
+            module,
+            args,
+            tmp,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes=dynamic,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
     try:
         # torch.export prints the partial graph of a failed export to stderr; the UserError says it in one line.
         with warnings.catch_warnings(), redirect_stdout(StringIO()), redirect_stderr(StringIO()), quiet_logs():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                args,
-                str(path),
-                input_names=names,
-                output_names=["logits"],
-                dynamic_shapes=dynamic,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
+            atomic_write(path, write)  # a kill or a full disk leaves no half-written student.onnx
+    except UserError:
+        raise  # a full disk (WriteFailed)
     except Exception as exc:  # the exporter raises many types; name the operator if it does
         raise UserError(f"ONNX export of the {kind} model failed: {_export_failure(exc)}") from None
     return path

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from distilflow.errors import UserError
+from distilflow.storage import atomic_write, errno_in_text, write_failure, write_text
 
 INSTALL_HINT = "pip install 'distilflow[genai]' (onnxruntime-genai >= 0.18)"
 MANIFEST = "distilflow_genai.json"
@@ -157,6 +158,9 @@ def build(hf_dir: str | Path, out: str | Path, precision: str, cfg: Any, *, trus
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cache)
     if done.returncode != 0 or not (staging / "model.onnx").is_file():
         shutil.rmtree(staging, ignore_errors=True)
+        code = errno_in_text(done.stderr)  # the builder (a subprocess) ran out of disk: one line, as our writes
+        if code is not None:
+            raise write_failure(staging, code)
         raise UserError(f"ONNX Runtime GenAI's builder failed on '{hf_dir}' ({precision}): {_failure(done.stderr)}")
     for name in SIDE_FILES:
         if (hf_dir / name).is_file() and not (staging / name).is_file():
@@ -173,7 +177,7 @@ def build(hf_dir: str | Path, out: str | Path, precision: str, cfg: Any, *, trus
         "onnxruntime_genai": _genai_version(),
         **summary,
     }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out
@@ -201,7 +205,7 @@ def _inline_weights(model_path: Path) -> None:
     if not data.is_file() or data.stat().st_size > SINGLE_FILE_LIMIT:
         return
     model = onnx.load(str(model_path), load_external_data=True)
-    onnx.save(model, str(model_path))
+    atomic_write(model_path, lambda tmp: onnx.save(model, tmp))  # model.onnx + .data stay usable until then
     data.unlink()
 
 
@@ -247,25 +251,64 @@ def weight_summary(folder: str | Path) -> dict[str, Any]:
 
 
 def read_genai_config(folder: str | Path) -> dict[str, Any]:
+    """``genai_config.json`` of a GenAI folder, checked before ONNX Runtime GenAI reads it: JSON with a
+    ``model.decoder`` section and a positive ``model.context_length``, and every file it names a
+    relative path inside the folder that exists (a config never points outside its folder)."""
     path = Path(folder) / "genai_config.json"
     if not path.is_file():
         raise UserError(f"'{folder}' is not an ONNX Runtime GenAI model folder (no genai_config.json)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"'{path}' is not valid JSON ({exc})") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("decoder"), dict):
+        raise UserError(f"'{path}' is not an ONNX Runtime GenAI config (it needs a 'model' with a 'decoder' section)")
+    length = model.get("context_length")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise UserError(f"'{path}': model.context_length {length!r} is not allowed; it must be an integer >= 1")
+    root = Path(folder).resolve()
+    for key, name in _file_names(model, "model"):
+        if not isinstance(name, str) or not name:
+            raise UserError(f"'{path}': {key} {name!r} is not a file name")
+        target = (root / name).resolve()
+        if Path(name).is_absolute() or ".." in Path(name).parts or not target.is_relative_to(root):
+            raise UserError(
+                f"'{path}': {key} {name!r} is outside the model folder; a GenAI folder names its own files only"
+            )
+        if not target.is_file():
+            raise UserError(f"'{path}': {key} names '{root / name}', which does not exist")
+    return config
+
+
+def _file_names(section: Any, prefix: str) -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every ``filename`` key in the config's nested sections."""
+    found = []
+    if isinstance(section, dict):
+        for key, value in section.items():
+            if key == "filename":
+                found.append((f"{prefix}.{key}", value))
+            else:
+                found += _file_names(value, f"{prefix}.{key}")
+    elif isinstance(section, list):
+        for i, value in enumerate(section):
+            found += _file_names(value, f"{prefix}[{i}]")
+    return found
 
 
 def open_model(folder: str | Path, threads: int = 0, execution_provider: str = "cpu") -> Any:
     """An ``onnxruntime_genai.Model`` with ``threads`` intra-op threads (0 = ONNX Runtime's default)."""
     og = require_genai()
     read_genai_config(folder)
-    config = og.Config(str(folder))
-    if execution_provider == "cpu":
-        config.clear_providers()
-    if threads:
-        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     try:
+        config = og.Config(str(folder))
+        if execution_provider == "cpu":
+            config.clear_providers()
+        if threads:
+            options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         return og.Model(config)
-    except Exception as exc:  # the runtime raises RuntimeError with ONNX Runtime's message
+    except Exception as exc:  # the runtime raises RuntimeError with its own or ONNX Runtime's message
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"'{folder}' could not be loaded by ONNX Runtime GenAI ({first})") from None
 

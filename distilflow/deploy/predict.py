@@ -32,25 +32,28 @@ def open_session(model_path: str | Path, threads: int = 0):
 
 
 def _read_features(path: Path) -> np.ndarray:
+    from distilflow.data.tabular import read_csv_table, read_npz_arrays
+
     if not path.is_file():
         raise UserError(f"input file '{path}' does not exist")
+    where = f"input file '{path}'"
     if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if "x" not in f.files:
-                    raise UserError(f"input file '{path}' holds arrays {sorted(f.files)}; it needs 'x'")
-                return np.asarray(f["x"], dtype=np.float32)
-        except (ValueError, OSError) as exc:
-            raise UserError(f"input file '{path}' is not a readable .npz file ({exc})") from None
-    if path.suffix == ".csv":
-        header = path.open().readline().strip().split(",")
-        table = np.genfromtxt(path, delimiter=",", skip_header=1, dtype=np.float32, ndmin=2)
-        if np.isnan(table).any():
-            raise UserError(f"input file '{path}': a value is empty or not a number")
+        x = read_npz_arrays(path, ("x",), where)["x"]
+        if x.dtype == object or not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise UserError(f"{where}: 'x' must be numbers, got dtype {x.dtype}")
+    elif path.suffix == ".csv":
+        header, x = read_csv_table(path, where)
         if "label" in header:
-            table = np.delete(table, header.index("label"), axis=1)
-        return table
-    raise UserError(f"input file '{path}' must be .npz (array x) or .csv for a classifier")
+            x = np.delete(x, header.index("label"), axis=1)
+    else:
+        raise UserError(f"input file '{path}' must be .npz (array x) or .csv for a classifier")
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused just below
+        x = np.asarray(x, dtype=np.float32)
+    if x.ndim < 2 or len(x) == 0:
+        raise UserError(f"{where}: 'x' needs shape (samples, ...) with one or more samples, got {x.shape}")
+    if not np.isfinite(x).all():
+        raise UserError(f"{where}: the features hold NaN or inf values")
+    return x
 
 
 def predict_classes(session, path: Path, batch: int = 256) -> list[tuple[int, int, float]]:

@@ -28,6 +28,7 @@ from torch import nn
 from distilflow.deploy import quiet_logs
 from distilflow.deploy.int8_kernels import resolve_reduce_range
 from distilflow.errors import UserError
+from distilflow.storage import atomic_write
 
 IntType = Literal["int8", "uint8"]
 INT8_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLinear", "QuantizeLinear")
@@ -120,14 +121,17 @@ def ort_dynamic(
     gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
     excluded += [f"{name}_MatMul" for name in excluded if name in gemms]
     with quiet_logs():
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            op_types_to_quantize=op_types or None,
-            per_channel=per_channel,
-            reduce_range=resolve_reduce_range(reduce_range),
-            weight_type=_quant_type(weight_type),
-            nodes_to_exclude=excluded,
+        atomic_write(
+            dst,
+            lambda tmp: quantize_dynamic(
+                str(src),
+                tmp,
+                op_types_to_quantize=op_types or None,
+                per_channel=per_channel,
+                reduce_range=resolve_reduce_range(reduce_range),
+                weight_type=_quant_type(weight_type),
+                nodes_to_exclude=excluded,
+            ),
         )
     return dst
 
@@ -170,20 +174,23 @@ def ort_static(
     with quiet_logs():
         # Only layers with a stored weight are quantized: a MatMul of two activations (attention
         # scores, attention x values) in int8 ruined a small LM here (perplexity 44 -> 321).
-        quantize_static(
-            str(src),
-            str(dst),
-            _Reader(calibration),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=op_types or None,
-            nodes_to_quantize=weight_nodes(model),
-            per_channel=per_channel,
-            reduce_range=resolve_reduce_range(reduce_range),
-            activation_type=_quant_type(activation_type),
-            weight_type=_quant_type(weight_type),
-            nodes_to_exclude=_excluded_nodes(model, list(exclude)),
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": activation_type == "int8"},
+        atomic_write(
+            dst,
+            lambda tmp: quantize_static(
+                str(src),
+                tmp,
+                _Reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=op_types or None,
+                nodes_to_quantize=weight_nodes(model),
+                per_channel=per_channel,
+                reduce_range=resolve_reduce_range(reduce_range),
+                activation_type=_quant_type(activation_type),
+                weight_type=_quant_type(weight_type),
+                nodes_to_exclude=_excluded_nodes(model, list(exclude)),
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": activation_type == "int8"},
+            ),
         )
     return dst
 
@@ -201,7 +208,7 @@ def strip_metadata(path: Path) -> None:
         del node.metadata_props[:]
         node.doc_string = ""
     model.graph.doc_string = ""
-    onnx.save(model, str(path))
+    atomic_write(path, lambda tmp: onnx.save(model, tmp))  # a kill here leaves the file as it was
 
 
 def quantized_summary(path: Path) -> dict[str, int]:

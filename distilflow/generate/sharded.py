@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from distilflow.generate.prompts import read_prompts
-from distilflow.generate.writer import PROGRESS_SUFFIX, read_complete_lines, rewrite_lines
+from distilflow.generate.writer import (
+    PROGRESS_SUFFIX,
+    SUMMARY_SUFFIX,
+    check_output_path,
+    read_complete_lines,
+    rewrite_lines,
+)
+from distilflow.storage import check_writable, write_text
 from distilflow.train import dist
 
 COUNTS = ("prompts", "already_done", "generated_prompts", "kept", "rejected", "duplicates", "tokens")
@@ -36,11 +43,14 @@ def run_generate_sharded(cfg: Any) -> dict[str, Any]:
     from distilflow.device import resolve_device
     from distilflow.generate.runner import run_generate
 
-    world = dist.setup(cfg, resolve_device(cfg.device))
-    if not cfg.generate.prompts:
-        return run_generate(cfg)  # which names the missing key
-    output = output_path(cfg)
-    prompt_set = read_prompts(cfg.generate.prompts, on_error=cfg.generate.on_error)
+    with dist.input_checks():  # the same inputs on every rank: rank 0 alone reports what is wrong
+        world = dist.setup(cfg, resolve_device(cfg.device))
+        if not cfg.generate.prompts:
+            return run_generate(cfg)  # which names the missing key
+        output = output_path(cfg)
+        check_output_path(output)  # before any part is merged or a model loaded
+        check_writable(output.parent, "the folder of generate.output")
+        prompt_set = read_prompts(cfg.generate.prompts, on_error=cfg.generate.on_error)
     order = [p.id for p in prompt_set.prompts]
     if not world.distributed:
         merge_parts(output, order)  # finished prompts of an interrupted torchrun job, if any
@@ -56,7 +66,7 @@ def run_generate_sharded(cfg: Any) -> dict[str, Any]:
     if mine:
         subset = part.with_name(part.name + ".prompts.jsonl")
         subset.parent.mkdir(parents=True, exist_ok=True)
-        subset.write_text("".join(json.dumps(p.as_record(), ensure_ascii=False) + "\n" for p in mine))
+        write_text(subset, "".join(json.dumps(p.as_record(), ensure_ascii=False) + "\n" for p in mine))
         g = dataclasses.replace(cfg.generate, prompts=str(subset), output=str(part))
         summary = run_generate(dataclasses.replace(cfg, generate=g), show_progress=world.is_main)
     summaries = world.all_gather_objects(summary)  # also the barrier before the merge
@@ -66,7 +76,7 @@ def run_generate_sharded(cfg: Any) -> dict[str, Any]:
     total |= {"output": str(output), "samples_in_file": len(read_complete_lines(output)[0])}
     total["bad_lines_skipped"] = prompt_set.skipped
     if world.is_main:
-        output.with_name(output.name + ".summary.json").write_text(json.dumps(total, indent=2) + "\n")
+        write_text(output.with_name(output.name + SUMMARY_SUFFIX), json.dumps(total, indent=2) + "\n")
         if prompt_set.skipped:
             skipped = prompt_set.skipped
             print(f"distilflow: skipped {skipped} bad prompt lines (generate.on_error=skip)", file=sys.stderr)

@@ -3,12 +3,14 @@
 A completion is *kept* when every filter passes and the verifier accepts its extracted final
 answer. Every rejection carries a short reason (``"truncated"``, ``"format"``, ``"wrong"``,
 ``"verifier error: ..."``) that the run counts and reports. A verifier that raises rejects that
-completion only; the run goes on.
+completion only; the run goes on, unless it raised on every sample of the first batch (a verifier
+that cannot work: the run stops with one line, before that batch is written).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,8 +69,10 @@ VerifierFn = Callable[[str, str], bool]
 def load_verifier(spec: str) -> VerifierFn | _UserVerifier | None:
     """The verifier named by ``generate.verifier``: none, exact, regex, math, or 'module:function'.
 
-    A user function is called as ``fn(prompt=..., completion=..., answer=..., extracted=...)`` (all
-    strings, ``answer``/``extracted`` may be None) and returns a truth value.
+    A user function is called with keywords: ``prompt`` (the prompt text, or its chat messages),
+    ``completion``, ``answer`` (the reference, may be None) and ``extracted`` (the final answer found
+    in the completion, may be None); it may take any of them (or ``**kwargs``) and returns a truth
+    value. Its signature is checked here, before anything is generated.
     """
     if spec == "none":
         return None
@@ -98,14 +102,54 @@ def load_verifier(spec: str) -> VerifierFn | _UserVerifier | None:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(f"generate.verifier {spec!r}: '{module_name}' has no function '{name}'")
-    return _UserVerifier(fn)
+    return _UserVerifier(fn, spec, _keywords(fn, spec))
+
+
+# The keywords a user's verifier is called with; it may take any of them (or **kwargs).
+VERIFIER_KEYWORDS = ("prompt", "completion", "answer", "extracted")
+
+
+def _keywords(fn: Callable[..., Any], spec: str) -> tuple[str, ...]:
+    """The keywords of VERIFIER_KEYWORDS that ``fn`` takes; refused with one line (before anything is
+    generated) when it takes none of them or needs an argument none of them gives."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # some builtins have no signature: call them with every keyword
+        return VERIFIER_KEYWORDS
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return VERIFIER_KEYWORDS
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    taken = tuple(k for k in VERIFIER_KEYWORDS if any(p.name == k and p.kind in by_keyword for p in parameters))
+    names = ", ".join(VERIFIER_KEYWORDS)
+    listed = ", ".join(f"'{p.name}'" for p in parameters) or "no parameters"
+    if not taken:
+        raise UserError(
+            f"generate.verifier {spec!r} accepts none of the keywords it is called with ({names}); its "
+            f"parameters: {listed}. Write e.g. def check(completion, answer): ..."
+        )
+    required = [
+        p.name
+        for p in parameters
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in taken
+    ]
+    if required:
+        raise UserError(
+            f"generate.verifier {spec!r} needs parameter '{required[0]}', which is none of the keywords it is "
+            f"called with ({names}); give it a default or rename it"
+        )
+    return taken
 
 
 @dataclass
 class _UserVerifier:
-    """A user's ``module:function``, called with keyword arguments."""
+    """A user's ``module:function``, called with the keywords of VERIFIER_KEYWORDS it takes."""
 
     fn: Callable[..., Any]
+    spec: str
+    keywords: tuple[str, ...]
+
+    def __call__(self, **values: Any) -> Any:
+        return self.fn(**{k: values[k] for k in self.keywords})
 
 
 @dataclass
@@ -152,7 +196,7 @@ class Checker:
             return Verdict(False, "no answer" if extracted is None else "no reference answer", extracted)
         try:
             if user:
-                ok = self.verifier.fn(
+                ok = self.verifier(
                     prompt=prompt.text if prompt.messages is None else prompt.messages,
                     completion=completion,
                     answer=prompt.answer,

@@ -1,21 +1,24 @@
 """The output JSONL of kept samples, resumable and safe against a kill.
 
 Per finished prompt, its kept samples are appended to ``OUTPUT`` and then one summary line to
-``OUTPUT.progress``, each flushed and fsynced. On start, the progress file names the finished
-prompts (they are skipped); output lines of a prompt that never reached the progress file, and a
-line cut by a kill, are dropped (the file is rewritten atomically only when there is such a line).
-So every finished completion survives, and no prompt is written twice.
+``OUTPUT.progress``, each fsynced. On start, the progress file names the finished prompts (they
+are skipped); output lines of a prompt that never reached the progress file, and a line cut by a
+kill, are dropped (the file is rewritten atomically only when there is such a line). So every
+finished completion survives, and no prompt is written twice. An append that fails (a full disk)
+is cut back to where it started and stops with one line (distilflow/storage.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from distilflow.errors import UserError
+from distilflow.storage import append_text, remove_stale_temps, write_text
+
 PROGRESS_SUFFIX = ".progress"
+SUMMARY_SUFFIX = ".summary.json"  # the run's counts, written next to the output at the end
 
 
 def read_complete_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
@@ -42,13 +45,21 @@ def read_complete_lines(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 def rewrite_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     """Replace ``path`` atomically by ``rows`` as JSON lines (a temporary file, fsynced, renamed)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def check_output_path(path: Path) -> None:
+    """Preflight of the output file (before any model is loaded): it, its progress and summary files
+    must be files or absent, and the nearest existing folder above it a folder."""
+    for name in (path.name, path.name + PROGRESS_SUFFIX, path.name + SUMMARY_SUFFIX):
+        if path.with_name(name).is_dir():
+            raise UserError(
+                f"generate.output '{path}' is a folder ('{path.with_name(name)}'); name a .jsonl file, "
+                f"e.g. generate.output={path / 'generated.jsonl'}"
+            )
+    above = next(folder for folder in path.parents if folder.exists() or folder == folder.parent)
+    if above.exists() and not above.is_dir():
+        raise UserError(f"generate.output '{path}': '{above}' is a file, not a folder")
 
 
 class SampleWriter:
@@ -57,7 +68,9 @@ class SampleWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.progress_path = self.path.with_name(self.path.name + PROGRESS_SUFFIX)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_output_path(self.path)
+        if self.path.parent.is_dir():
+            remove_stale_temps(self.path.parent, (self.path.name, self.progress_path.name))  # a killed rewrite's
         progress, progress_dropped = read_complete_lines(self.progress_path)
         self.finished: dict[str, dict[str, Any]] = {str(row["id"]): row for row in progress if "id" in row}
         if progress_dropped:
@@ -74,16 +87,10 @@ class SampleWriter:
 
     def write_prompt(self, prompt_id: str, samples: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Append ``samples`` (each with ``id``), then mark the prompt finished with ``summary``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # here, so a run stopped before its first row writes none
         if samples:
-            with self.path.open("a", encoding="utf-8") as f:
-                for sample in samples:
-                    f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_text(self.path, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
         row = {"id": prompt_id, **summary}
-        with self.progress_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.progress_path, json.dumps(row, ensure_ascii=False) + "\n")
         self.finished[prompt_id] = row
         self.samples_on_disk += len(samples)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import pickle
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import logging as hf_logging
@@ -70,6 +72,12 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, what: s
     return tokenizer
 
 
+# What loading a model folder raises for a bad one: OSError, ValueError, KeyError from transformers;
+# SafetensorError (damaged weights) and pickle's UnpicklingError (a pytorch_model.bin that weights_only
+# loading refuses: it holds more than tensors) from below it.
+LOAD_ERRORS = (OSError, ValueError, KeyError, EOFError, SafetensorError, pickle.UnpicklingError)
+
+
 def load_causal_lm(
     path: str | Path,
     *,
@@ -102,9 +110,9 @@ def load_causal_lm(
             tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
             dtype = torch_dtype if torch_dtype is not None else "auto"
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except LOAD_ERRORS as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{where} could not be loaded: {first_line}") from error
+        raise UserError(f"{where} could not be loaded: {type(error).__name__}: {first_line[:200]}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"{role} tokenizer in '{directory}' has neither a pad nor an eos token; add one")
@@ -177,6 +185,24 @@ def build_causal_lm(
             raise UserError(f"{role} init_layers {init_layers} need a teacher to copy from; give a teacher or drop it")
         copy_from_teacher(model, teacher, init_layers, role=role)
     return model
+
+
+def causal_lm_outline(folder: str | Path, *, role: str = "teacher") -> nn.Module:
+    """The architecture of a local folder's ``config.json`` without its weights: a model on the meta
+    device (parameter shapes, layer names, the vocabulary size), nothing read but config.json. What a
+    teacher served elsewhere is known by in this process."""
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"{role} model directory '{path}' has no config.json; give the folder the model was saved to")
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return build_causal_lm(path, role=role).eval()
+
+
+def linear_macs_per_token(model: nn.Module) -> int:
+    """Multiply-accumulates per token of a model's linear layers (sum of in x out): what the FLOP counter
+    finds for a Hugging Face decoder with SDPA attention on CPU (it does not count SDPA); no forward pass,
+    so it works on a :func:`causal_lm_outline`."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def copy_from_teacher(student: nn.Module, teacher: nn.Module, init_layers: list[int], *, role: str = "student") -> None:

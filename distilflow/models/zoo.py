@@ -33,6 +33,27 @@ class MLP(nn.Module):
         return self.classifier(self.dropout(self.layers(x.flatten(1))))
 
 
+class _ConvBeforeNorm:
+    """A convolution whose output goes straight into a BatchNorm. The norm subtracts every per-channel
+    constant, so the conv bias has a zero gradient in exact arithmetic; in float it gets rounding noise
+    (~1e-9), which AdamW normalises into full learning-rate steps in a direction that changes with the
+    summation order (1 vs N processes, one CPU vs another), and the running means follow the bias. So
+    the bias keeps its value and its place in the state_dict and the optimizer, but its gradient is an
+    exact zero (``0 * bias``): it moves only by weight decay, the same in every run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.detach() + 0.0 * self.bias  # the bias's value, with a gradient of exactly 0
+        return self._conv_forward(x, self.weight, bias)
+
+
+class Conv1dBeforeNorm(_ConvBeforeNorm, nn.Conv1d):
+    pass
+
+
+class Conv2dBeforeNorm(_ConvBeforeNorm, nn.Conv2d):
+    pass
+
+
 class CNN(nn.Module):
     """Conv blocks [Conv, BatchNorm, ReLU, (MaxPool 2 between blocks)], global average pool, Linear.
 
@@ -52,7 +73,7 @@ class CNN(nn.Module):
         if len(input_shape) not in (dims, dims + 1):
             raise ValueError(f"a {dims}-D CNN needs inputs of {dims} or {dims + 1} dims per sample, got {input_shape}")
         self.dims = dims
-        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        conv = Conv1dBeforeNorm if dims == 1 else Conv2dBeforeNorm
         norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
         pool = nn.MaxPool1d if dims == 1 else nn.MaxPool2d
         cin = input_shape[0] if len(input_shape) == dims + 1 else 1

@@ -25,6 +25,7 @@ from distilflow.data.cache import (
     identity,
     mismatch,
     read_manifest,
+    shard_path,
     verify_shards,
 )
 from distilflow.errors import UserError
@@ -53,10 +54,7 @@ class CachedTeacher:
         ident = manifest["identity"]
         self.format, self.temperature, self.samples = ident["format"], ident["temperature"], ident["samples"]
         self.starts = [s["rows"][0] for s in manifest["shards"]]
-        self.files = [
-            safe_open(str(folder / s["file"]), framework="pt", device="cpu")  # memory-mapped
-            for s in manifest["shards"]
-        ]
+        self.files = [_open_shard(shard_path(folder, s["file"])) for s in manifest["shards"]]
 
     def _rows(self, rows: torch.Tensor, names: list[str]) -> Batch:
         out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
@@ -105,6 +103,17 @@ class CachedTeacher:
         """Per-row shapes of the cached teacher features, in the order of the layer pairs."""
         pairs = self.manifest["identity"]["feature_pairs"]
         return [tuple(self.files[0].get_slice(f"feature.{i}").get_shape()[1:]) for i in range(len(pairs))]
+
+
+def _open_shard(path: Path) -> Any:
+    """A shard memory-mapped by safetensors (a header and raw tensors: nothing in it is executed)."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as error:  # safetensors raises SafetensorError (and OSError) for files that are not its own
+        raise UserError(
+            f"teacher cache shard '{path}' is not a readable safetensors file ({error}); delete the folder and "
+            "run 'distilflow cache-teacher' again"
+        ) from None
 
 
 def _bisect(starts: list[int], row: int) -> int:

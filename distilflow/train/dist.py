@@ -40,7 +40,9 @@ from torch import nn
 
 from distilflow.errors import UserError
 from distilflow.models.layers import decoder_layer_modules
+from distilflow.storage import WriteFailed
 from distilflow.train.replica import Replica, TrainedModules, fully_shard_modules, leaves_parameters_unused
+from distilflow.train.sync_batchnorm import sync_batchnorm
 
 Batch = dict[str, torch.Tensor]
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -139,10 +141,20 @@ class World:
 
     @contextmanager
     def main_first(self, what: str = "rank 0 first") -> Iterator[None]:
-        """Rank 0 runs the block first (e.g. builds a dataset or tokenizer cache), then the others."""
+        """Rank 0 runs the block first (e.g. builds a dataset or tokenizer cache), then the others. When
+        it fails on rank 0 (bad data), the others are let go too and meet the same error themselves, so
+        that rank 0 alone reports it (:func:`input_checks`) instead of the others waiting for a dead rank."""
         if self.distributed and not self.is_main:
             self.barrier(what)
-        yield
+        try:
+            yield
+        except Exception:
+            if self.distributed and self.is_main:
+                try:
+                    self.barrier(what)
+                except DistError:
+                    pass  # the others stopped too; this rank's own error is the one to report
+            raise
         if self.distributed and self.is_main:
             self.barrier(what)
 
@@ -191,10 +203,12 @@ class World:
             # CPU) receives the trained weights at the end, for the stages that follow (save, eval, export).
             device = next(model.parameters()).device
             plain = (copy.deepcopy(model).cpu(), copy.deepcopy(heads).cpu(), device)
+            sync_batchnorm(model)  # batch statistics over every rank's rows (train/sync_batchnorm.py)
             fully_shard_modules(step, model)
             return Replica(step, step, self, plain)
         from torch.nn.parallel import DistributedDataParallel
 
+        sync_batchnorm(model)  # batch statistics over every rank's rows (train/sync_batchnorm.py)
         device = next(model.parameters()).device
         ddp = DistributedDataParallel(
             step,
@@ -245,15 +259,39 @@ def current() -> World:
     return _WORLD
 
 
+@contextmanager
+def input_checks() -> Iterator[None]:
+    """Errors raised inside come from what every rank reads alike (the config, the data, the models, the
+    output folder), so under torchrun rank 0 alone prints them (cli.main), not one line per rank. A write
+    that failed or a peer that died stays each rank's own."""
+    try:
+        yield
+    except UserError as exc:
+        if not isinstance(exc, (DistError, WriteFailed)):
+            exc.rank_0_reports = True
+        raise
+
+
 def env_world() -> World:
     """Rank and size from the torchrun environment, without joining the group (for early checks)."""
-    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    size = _env_int("WORLD_SIZE", os.environ.get("WORLD_SIZE", "1") or "1")
     if size <= 1:
         return World()
     missing = [k for k in ENV if not os.environ.get(k)]
     if missing:
         raise UserError(f"WORLD_SIZE={size} but {', '.join(missing)} not set; launch with torchrun (it sets them all)")
-    return World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ["LOCAL_RANK"]))
+    rank, local_rank = _env_int("RANK", os.environ["RANK"]), _env_int("LOCAL_RANK", os.environ["LOCAL_RANK"])
+    if not (0 <= rank < size and 0 <= local_rank < size):
+        # A rank outside the world would wait for its peers until dist.timeout_s.
+        raise UserError(f"RANK={rank}, LOCAL_RANK={local_rank} with WORLD_SIZE={size}: ranks are 0..{size - 1}")
+    return World(rank=rank, size=size, local_rank=local_rank)
+
+
+def _env_int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
 
 
 def setup(cfg: Any, device: torch.device | None = None) -> World:
@@ -270,6 +308,11 @@ def setup(cfg: Any, device: torch.device | None = None) -> World:
         if backend == "auto":
             backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         if backend == "nccl":
+            if device is None or device.type != "cuda" or not torch.cuda.is_available():
+                raise UserError(
+                    f"config key 'dist.backend': 'nccl' is not allowed on device {device}; nccl needs CUDA GPUs: "
+                    "use auto or gloo"
+                )
             torch.cuda.set_device(world.local_rank)
         try:
             torch.distributed.init_process_group(
@@ -296,6 +339,9 @@ class NullLog:
         pass
 
     def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def sync(self) -> None:
         pass
 
     def close(self) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from distilflow.storage import append_text, disk_errors, write_text
 
 
 class MetricsLog:
@@ -33,16 +36,27 @@ class MetricsLog:
                 continue  # a line cut by a crash
             if row.get("stage") != self.stage or row.get("step", 0) <= step:
                 keep.append(line)
-        self.path.write_text("".join(k + "\n" for k in keep))
+        write_text(self.path, "".join(k + "\n" for k in keep))  # atomic: a kill here loses no row
 
     def write(self, row: dict[str, Any]) -> None:
         row = {"stage": self.stage, **row}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(self.path, json.dumps(row) + "\n", fsync=False)  # sync() with each checkpoint
         if self.writer is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.writer.add_scalar(f"{self.stage}/{key}", value, row["step"])
+
+    def sync(self) -> None:
+        """Make the rows written so far durable (before a checkpoint that follows them is written)."""
+        if self.path.is_file():
+            with disk_errors(self.path):
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -103,4 +117,45 @@ class Progress:
         done = step - self.start
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         self.stream.write(f"[{self.stage}] {step}/{self.total} {status} elapsed {_clock(elapsed)} eta {_clock(eta)}\n")
+        self.stream.flush()
+
+
+class CountProgress:
+    """Progress over a count of items (prompts, shards): a tqdm bar on a terminal, else a plain line
+    every 10 s and one at the end (no carriage-return frames in a log file); nothing when not ``show``."""
+
+    def __init__(self, desc: str, total: int, unit: str, *, show: bool = True, stream=None) -> None:
+        self.desc, self.total, self.unit, self.show = desc, total, unit, show
+        self.stream = stream or sys.stderr
+        self.began = self.last_print = time.monotonic()
+        self.done, self.status, self.printed = 0, "", 0
+        self.bar = None
+        if show and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit.rstrip("s"), file=self.stream, dynamic_ncols=True)
+
+    def update(self, done: int, **status: Any) -> None:
+        self.done, self.status = done, " ".join(f"{k} {v}" for k, v in status.items())
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(status)
+        elif self.show and time.monotonic() - self.last_print >= 10:
+            self._line()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.show and self.done != self.printed:  # the last count, unless just printed
+            self._line()
+
+    def _line(self) -> None:
+        self.last_print = now = time.monotonic()
+        self.printed = self.done
+        elapsed = now - self.began
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        self.stream.write(
+            f"[{self.desc}] {self.done}/{self.total} {self.unit} {self.status} elapsed {_clock(elapsed)} "
+            f"eta {_clock(eta)}\n"
+        )
         self.stream.flush()

@@ -25,7 +25,7 @@ from distilflow.models.taps import Taps
 from distilflow.schedules import lr_at
 from distilflow.teachers.base import TeacherSignals
 from distilflow.train import dist
-from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
+from distilflow.train.bad_steps import BadSteps, NonFiniteLoss
 from distilflow.train.diagnostics import StepWatch
 from distilflow.train.kd_position import PositionWeights
 from distilflow.train.logging import MetricsLog, Progress
@@ -36,6 +36,10 @@ from distilflow.train.precision import (
     reset_peak_memory,
     set_gradient_checkpointing,
 )
+from distilflow.train.resume import StageCheckpoints
+from distilflow.train.sync_batchnorm import unsync_batchnorm
+
+__all__ = ["FitResult", "NonFiniteLoss", "Task", "fit"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -59,10 +63,6 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
 
 
-class NonFiniteLoss(UserError):
-    """The loss or the gradient became NaN/inf; the run stops and keeps the last good checkpoint."""
-
-
 @dataclass
 class FitResult:
     steps: int
@@ -76,6 +76,7 @@ class FitResult:
     # dist.strategy fsdp2 under torchrun: unsharded copies of the trained model and heads (else None).
     model: nn.Module | None = None
     heads: nn.Module | None = None
+    bad_steps: int = 0  # steps skipped because their loss or gradient was not finite (train/bad_steps.py)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -112,11 +113,13 @@ def fit(
     every micro-batch come first, then the input-adaptive KD weight of each position, normalised
     over the whole step (train/kd_position.py), and only then the forward and backward passes.
 
-    Resumes from ``stage_dir/checkpoint.pt`` when it exists: model, heads, optimizer, gradient
-    scaler, step and RNG state are restored, and schedules are pure functions of the step, so the
-    run continues exactly where it stopped. Forward passes (student and teacher) run under
-    ``train.precision``'s autocast; see train/precision.py. ``watch`` measures the diagnostics
-    (train/diagnostics.py: agreement, per-pair feature similarity, loss spikes; default settings when None).
+    Resumes from the newest good checkpoint of ``stage_dir`` (train/resume.py): model, heads,
+    optimizer, gradient scaler, bad-step counts, step and RNG state are restored, and schedules are
+    pure functions of the step, so the run continues exactly where it stopped. Forward passes
+    (student and teacher) run under ``train.precision``'s autocast; see train/precision.py. A step
+    whose loss or gradient is not finite is skipped (train/bad_steps.py). ``watch`` measures the
+    diagnostics (train/diagnostics.py: agreement, per-pair feature similarity, loss spikes; default
+    settings when None).
     """
     if objective.needs_teacher and teacher is None:
         raise UserError(f"stage '{stage}' uses teacher terms but no teacher was given")
@@ -132,20 +135,23 @@ def fit(
     replica = world.wrap(model, objective)
     params = replica.parameters()
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    ckpt_path = stage_dir / CHECKPOINT
     watch = watch or StepWatch(heads=objective.heads, per_token=task.per_token)
+    checkpoints = StageCheckpoints(stage_dir, keep_last=train.keep_last, main=world.is_main)
+    lr_key = f"{'teacher' if stage == 'teacher' else 'student'}.train.lr"
+    bad_steps = BadSteps(stage, train.max_bad_steps, lr_key=lr_key, announce=world.is_main)
     start = 0
-    if ckpt_path.is_file():
-        state = read_checkpoint(ckpt_path)
+    state = checkpoints.load()  # the newest good one; a damaged one is set aside with a notice
+    if state is not None:
         try:
             replica.load_state(state, optimizer)
             if "precision" in state:  # absent in checkpoints written before train.precision existed
                 amp.load_state_dict(state["precision"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
-                f"checkpoint '{ckpt_path}' does not fit the configured {stage} ({type(exc).__name__}); "
+                f"checkpoint '{checkpoints.good}' does not fit the configured {stage} ({type(exc).__name__}); "
                 "use a fresh output_dir"
             ) from None
+        bad_steps.load_state_dict(state.get("bad_steps"))
         _set_rng_state(state["rng"])
         watch.load_state_dict(state.get("diagnostics", {}))
         start = int(state["step"])
@@ -156,14 +162,16 @@ def fit(
         state = replica.state(optimizer)  # model, heads, optimizer: full (gathered under FSDP2)
         if not world.is_main:
             return
-        write_checkpoint(
-            ckpt_path,
+        log.sync()  # the metrics rows up to this step reach the disk with the checkpoint
+        checkpoints.save(
+            step,
             {
                 "stage": stage,
                 "step": step,
                 "phase": objective.phase(max(step - 1, 0)).name,
                 **state,
                 "precision": amp.state_dict(),
+                "bad_steps": bad_steps.state_dict(),
                 "rng": _rng_state(),
                 "diagnostics": watch.state_dict(),
                 "config": config,
@@ -230,34 +238,47 @@ def fit(
             with replica.sync(last=i == len(micro) - 1):  # DDP: gradients are reduced on the last one
                 loss, parts = replica(micro_loss, step, batch, target, rows, given[i])
                 given[i] = None  # this micro-batch's teacher signals are no longer needed
-                # Under torchrun a rank's loss is a share: the synchronised gradient norm below stops every rank.
-                if not world.distributed and not torch.isfinite(loss):
-                    _stop(stage, step, "loss", float(loss.detach()), parts, ckpt_path)
                 # DDP and FSDP2 average gradients over ranks; the sum of the shares is the global gradient.
                 amp.backward(loss * world.size if world.distributed else loss)
             loss_sum += float(loss.detach())
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
         grad_norm = amp.clip(params, optimizer, train.grad_clip)
+        # A loss or gradient that is not finite: the step is skipped and counted (the same step on every rank).
+        bad = bad_steps.verdict(world, loss_sum, grad_norm, scaler_skips=amp.scaling)
         # fp16: the scaler skips a step whose gradients overflowed and lowers its scale; only a long
         # run of skips means the gradients are not finite at any scale.
-        if not math.isfinite(grad_norm) and (not amp.scaling or amp.skipped_in_a_row + 1 >= MAX_SKIPPED):
-            what = f"gradient norm (after {MAX_SKIPPED} skipped fp16 steps)" if amp.scaling else "gradient norm"
-            _stop(stage, step, what, grad_norm, {}, ckpt_path)
-        amp.step(optimizer)
-        # Every step is judged for a loss spike (global values: the ranks' shares summed).
-        judged = world.all_reduce_sums({"loss": loss_sum, **parts_sum})
-        spike = watch.spike(phase.name, {k: judged[k] for k in parts_sum}, judged["loss"])
-        if spike is not None:
-            value, median = spike
-            log.write(
-                {"step": done, "phase": phase.name, "spike_loss": value, "spike_median": median, "grad_norm": grad_norm}
-            )
+        if bad is None and not math.isfinite(grad_norm) and amp.skipped_in_a_row + 1 >= MAX_SKIPPED:
+            what = f"gradient norm (after {MAX_SKIPPED} skipped fp16 steps)"
+            raise bad_steps.stop(step, what, grad_norm, {}, checkpoints.good)
+        if bad is None:
+            amp.step(optimizer)
+            bad_steps.good()
+            # Every good step is judged for a loss spike (global values: the ranks' shares summed).
+            judged = world.all_reduce_sums({"loss": loss_sum, **parts_sum})
+            spike = watch.spike(phase.name, {k: judged[k] for k in parts_sum}, judged["loss"])
+            if spike is not None:
+                value, median = spike
+                log.write(
+                    {
+                        "step": done,
+                        "phase": phase.name,
+                        "spike_loss": value,
+                        "spike_median": median,
+                        "grad_norm": grad_norm,
+                    }
+                )
+        else:  # no optimizer step; counted, logged, and the run stops at max_bad_steps in a row
+            amp.skip(optimizer)
+            totals = world.all_reduce_sums({"loss": loss_sum, **parts_sum})  # global values, for the line
+            value = totals.pop("loss") if bad == "loss" else grad_norm
+            row = bad_steps.bad(step, bad, value, totals, checkpoints.good)
+            log.write({"step": done, "phase": phase.name, **row})
         units, seconds = sum(task.count(b) for b in micro), time.monotonic() - step_began
         window_units, window_seconds = window_units + units, window_seconds + seconds
         step_units, step_seconds = step_units + units, step_seconds + seconds
 
-        if logged:
+        if logged and bad is None:
             # Logged values are global: the ranks' shares of loss and parts, and their units, summed.
             totals = world.all_reduce_sums({"loss": loss_sum, **parts_sum, "_units": window_units, **watch.sums()})
             window_units = int(totals.pop("_units"))
@@ -288,6 +309,7 @@ def fit(
     if start >= train.steps:
         metrics = replica.gathered(task.evaluate, model)
     model.eval()
+    unsync_batchnorm(model)  # torch's own BatchNorm again for what follows (evaluation, export)
     set_gradient_checkpointing(model, False)
     step_units = int(world.all_reduce_sums({"units": step_units})["units"])
     return FitResult(
@@ -297,14 +319,6 @@ def fit(
         unit=task.unit,
         units_per_s=step_units / step_seconds if step_seconds else 0.0,
         memory={**peak_memory(device), "peak_rss_scope": memory_scope},
+        bad_steps=bad_steps.total,
         **replica.finish(),
-    )
-
-
-def _stop(stage: str, step: int, what: str, value: float, parts: dict, ckpt_path: Path) -> None:
-    detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
-    kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written yet"
-    raise NonFiniteLoss(
-        f"{stage} step {step + 1}: {what} is {value} ({detail or 'no parts'}); stopped, {kept}. "
-        "Lower the learning rate, keep grad_clip on, or check the data for extreme values"
     )

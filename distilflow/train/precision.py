@@ -75,6 +75,12 @@ class Precision:
         self.skipped += 0 if stepped else 1
         return stepped
 
+    def skip(self, optimizer: torch.optim.Optimizer) -> None:
+        """Leave this step out (a bad step, train/bad_steps.py): no optimizer step; fp16's scaler keeps its
+        scale (a loss that is not finite is not an overflow of the gradients) and forgets this step's unscale."""
+        if self.scaling:
+            self.scaler.update(self.scaler.get_scale())
+
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict(), "skipped": self.skipped, "skipped_in_a_row": self.skipped_in_a_row}
 

@@ -374,6 +374,51 @@ def test_distill_from_complete_cache_never_loads_hf_teacher(lm_teacher, monkeypa
     assert loads
 
 
+def test_run_from_complete_cache_never_loads_hf_teacher_and_hashes_it_once(lm_teacher, monkeypatch):
+    """'run' with a given Hugging Face teacher and a complete cache: the teacher's score and cost come from
+    the cache's manifest (recorded by the run that wrote it, where the teacher was loaded), its weights
+    are never loaded, and its files are hashed once (the identity check), not once per check."""
+    root, args = lm_teacher
+    hf_teacher = [f"teacher.model.hf.path={root / 'live/teacher/hf'}", "teacher.model.hf.config={}"]
+    cache = [*hf_teacher, "cache.use=true", "cache.format=topk", "cache.k=8", f"cache.path={root / 'run-cache'}"]
+    phases = ["distill.layer_map=null", KD_PHASES]
+    assert main(["run", *args, f"output_dir={root / 'run-writes'}", *cache, *phases, "--no-tensorboard"]) == 0
+    written = json.loads((root / "run-writes" / "results.json").read_text())["teacher"]
+    recorded = read_manifest(root / "run-cache")["teacher_result"]
+    assert recorded["perplexity"] == written["perplexity"] and recorded["params"] == written["params"] > 0
+
+    from transformers import AutoModelForCausalLM
+
+    def no_weights(*_a, **_k):
+        raise AssertionError("the teacher's weights must not be loaded when a complete cache is used")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    hashed = []
+    real_sha = cache_mod.sha256_files
+
+    def counting(paths):
+        if any(p.name == "config.json" for p in paths):  # the teacher's files (shards are hashed too)
+            hashed.append(paths)
+        return real_sha(paths)
+
+    monkeypatch.setattr(cache_mod, "sha256_files", counting)
+    cache_mod.forget_teacher_hashes()
+    assert main(["run", *args, f"output_dir={root / 'run-reads'}", *cache, *phases, "--no-tensorboard"]) == 0
+    results = json.loads((root / "run-reads" / "results.json").read_text())
+    for key in ("perplexity", "loss", "params", "macs_per_token"):
+        assert results["teacher"][key] == written[key], key
+    assert results["teacher"]["from_cache"] == str(root / "run-cache")
+    assert results["student"]["macs_ratio_to_teacher"] == pytest.approx(
+        written["macs_per_token"] and results["student"]["macs_per_token"] / written["macs_per_token"]
+    )
+    assert len(hashed) == 1
+    # The students read the same cache from the same init: equal losses.
+    for a, b in zip(_losses(root / "run-writes"), _losses(root / "run-reads"), strict=True):
+        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {
+            k: v for k, v in b.items() if k != "tokens_per_s"
+        }
+
+
 def test_complete_cache_of_a_missing_teacher_file_refused(classifier_teacher, capsys):
     """The teacher is not loaded when a complete cache is read, but a given teacher file must still exist:
     its hash is what ties the cache to this teacher."""

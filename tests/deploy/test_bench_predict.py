@@ -222,7 +222,7 @@ def test_predict_npz_and_csv(classifier, tmp_path):
     assert predict(str(fp32), str(tmp_path / "x.csv")).splitlines() == lines
 
     (tmp_path / "hole.csv").write_text(",".join(header) + "\n" + ",".join([""] + rows[0].split(",")[1:]) + "\n")
-    with pytest.raises(UserError, match="a value is empty or not a number"):
+    with pytest.raises(UserError, match="line 2, column 'f0': an empty value"):
         predict(str(fp32), str(tmp_path / "hole.csv"))
     np.savez(tmp_path / "features.npz", features=x)
     with pytest.raises(UserError, match=r"holds arrays \['features'\]; it needs 'x'"):

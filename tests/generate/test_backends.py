@@ -76,8 +76,11 @@ def test_generate_command_writes_resumable_jsonl(model_dir, tmp_path, capsys):
         "generate.batch_size=4",
     ]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "5 prompts generated, 0 already done" in printed and "tokens/s" in printed
+    # stderr is not a terminal here: plain progress lines as 'run' writes them, no tqdm frames.
+    assert "\r" not in captured.err and "[generate] 5/5 prompts kept " in captured.err.splitlines()[-1]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["prompt"] for r in rows} <= {f"{i}+{i}=" for i in range(5)}
     assert all(r["prompt"].endswith("=") and "completion" in r for r in rows)

@@ -119,3 +119,40 @@ def test_math_verifier_missing_is_one_line_or_works():
     else:
         checker = Checker(verifier=load_verifier("math"))
         assert checker(prompt=_prompt("$\\frac{1}{2}$"), completion="</think>$0.5$", tokens=3, finish="stop").kept
+
+
+def two_keywords(completion, answer):
+    """The signature the README shows: any subset of the keywords, by name."""
+    return completion.strip().endswith(answer)
+
+
+def with_default(extracted, scale=1):
+    return int(extracted) * scale == 12
+
+
+def any_keywords(**values):
+    return sorted(values) == ["answer", "completion", "extracted", "prompt"]
+
+
+def two_unknown(text, reference):
+    return text == reference
+
+
+def one_unknown(completion, reference):
+    return completion == reference
+
+
+def test_user_verifier_takes_any_subset_of_the_keywords():
+    for name in ("two_keywords", "with_default", "any_keywords"):
+        checker = Checker(verifier=load_verifier(f"{__name__}:{name}"))
+        assert checker(prompt=_prompt("12"), completion="</think>12", tokens=3, finish="stop").kept, name
+    wrong = Checker(verifier=load_verifier(f"{__name__}:two_keywords"))
+    assert wrong(prompt=_prompt("12"), completion="</think>13", tokens=3, finish="stop").reason == "wrong"
+    assert load_verifier(f"{__name__}:two_keywords").keywords == ("completion", "answer")
+
+
+def test_user_verifier_signature_is_refused_before_generating():
+    with pytest.raises(UserError, match=r"accepts none of the keywords .*its parameters: 'text', 'reference'"):
+        load_verifier(f"{__name__}:two_unknown")
+    with pytest.raises(UserError, match="needs parameter 'reference', which is none of the keywords"):
+        load_verifier(f"{__name__}:one_unknown")

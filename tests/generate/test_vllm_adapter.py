@@ -33,7 +33,7 @@ def _fake_vllm(tokenizer, calls: list):
             self.kwargs = kwargs
 
     class LLM:
-        def __init__(self, model, trust_remote_code, seed):
+        def __init__(self, model, trust_remote_code, seed, dtype):
             calls.append(("init", model, trust_remote_code, seed))
 
         def get_tokenizer(self):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from distilflow.errors import UserError
 from distilflow.generate.backends import Completion
 from distilflow.generate.prompts import Prompt
 from distilflow.generate.runner import generate_to_file
@@ -79,8 +82,10 @@ def test_resume_after_kill_keeps_finished_and_skips_them(tmp_path, monkeypatch):
         f.write('{"id": "3", "prompt": "3+3=", "completion": "</thi')
     backend = ScriptedBackend(_answers(6))
     stats = _run(path, _prompts(6), backend)
-    assert backend.calls == ["3+3=", "4+4=", "5+5="]  # finished prompts skipped
-    assert stats.already_done == 3 and stats.kept == 3
+    # Calls of 2 prompts over the whole set: [0, 1] is finished and not made again; [2, 3] was cut by the
+    # kill, so it is made again in full (the same draws as an uninterrupted run), and only 3 is written.
+    assert backend.calls == ["2+2=", "3+3=", "4+4=", "5+5="]
+    assert stats.already_done == 3 and stats.kept == 3 and stats.generated_prompts == 3
     text = path.read_text()
     assert text.startswith(finished)  # every finished completion kept, unchanged
     rows = [json.loads(line) for line in text.splitlines()]
@@ -105,3 +110,34 @@ def test_unfinished_prompt_lines_are_dropped_on_resume(tmp_path):
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a"]
     assert resumed.dropped_on_resume == 1
     assert writer.progress_path.read_text().endswith("\n")
+
+
+def raises_on_some(completion, answer):
+    """A verifier with a bug: it raises on completions ending in "1" (one of the first batch)."""
+    if completion.endswith("1"):
+        raise KeyError("score")
+    return completion.endswith(answer)
+
+
+def always_raises(completion):
+    raise KeyError("score")
+
+
+def test_a_verifier_that_raises_on_every_sample_of_the_first_batch_stops_before_writing(tmp_path, monkeypatch):
+    _patch_render(monkeypatch)
+    path = tmp_path / "sub" / "out.jsonl"
+    checker = Checker(verifier=load_verifier(f"{__name__}:always_raises"))
+    with pytest.raises(UserError, match=r"raised on every sample of the first batch \(4 samples; first: KeyError"):
+        generate_to_file(
+            _prompts(4), ScriptedBackend(_answers(4)), checker, SampleWriter(path), n=3, sampling=Sampling(),
+            prompts_per_call=2, show_progress=False,
+        )  # fmt: skip
+    assert not path.parent.exists()  # nothing written, not even the folder
+    # A verifier that raises on some samples only rejects those and the run goes on.
+    checker = Checker(verifier=load_verifier(f"{__name__}:raises_on_some"))
+    stats = generate_to_file(
+        _prompts(4), ScriptedBackend(_answers(4)), checker, SampleWriter(path), n=3, sampling=Sampling(),
+        prompts_per_call=2, show_progress=False,
+    )  # fmt: skip
+    assert stats.kept == 4 and stats.generated_prompts == 4
+    assert stats.reasons.get("verifier error: KeyError: 'score'", 0) + stats.reasons.get("wrong", 0) == 4

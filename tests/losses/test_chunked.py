@@ -161,8 +161,10 @@ def test_objective_chunked_equals_plain(terms):
 
 
 def test_config_keys_select_and_check_the_implementation():
-    cfg = load_config(None, ["distill.loss_impl=fused", "distill.loss_chunk_rows=128"])
-    assert (cfg.distill.loss_impl, cfg.distill.loss_chunk_rows) == ("fused", 128)
+    cfg = load_config(None, ["distill.loss_impl=chunked", "distill.loss_chunk_rows=128"])
+    assert (cfg.distill.loss_impl, cfg.distill.loss_chunk_rows) == ("chunked", 128)
+    with pytest.raises(UserError, match="'distill.loss_impl': 'fused' is not allowed; fused makes the logits"):
+        load_config(None, ["distill.loss_impl=fused"])  # the default config is a classifier: no lm_head
     assert load_config().distill.loss_impl == "auto"
     with pytest.raises(UserError, match="loss_impl"):
         load_config(None, ["distill.loss_impl=fast"])

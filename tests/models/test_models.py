@@ -336,3 +336,28 @@ def test_build_head_refuses_conv_maps_of_different_spatial_size(student, teacher
 def test_build_head_per_token_needs_equal_sequence_lengths(student, teacher):
     with pytest.raises(UserError, match=r"token features must both be \(seq_len, width\) with the same seq_len"):
         build_head(student, teacher, per_token=True, name="layers.3 -> layers.10")
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_a_conv_bias_before_batchnorm_gets_an_exact_zero_gradient(dims):
+    """The CNN's output is torch's Conv + BatchNorm stack's with the same weights; the conv biases (which
+    the norm cancels) get a gradient of exactly 0, the other parameters torch's own gradients."""
+    from distilflow.models.zoo import CNN
+
+    torch.manual_seed(0)
+    model = CNN((2, 12) if dims == 1 else (2, 6, 6), 3, [4, 4], dims=dims)
+    conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+    plain = nn.Sequential(conv(2, 4, 5, padding=2), norm(4), nn.ReLU())
+    plain.load_state_dict({k: v for k, v in model.features[:3].state_dict().items()})
+    with torch.no_grad():
+        model.features[0].bias.uniform_(-1, 1)
+        plain[0].bias.copy_(model.features[0].bias)
+    x = torch.randn(5, 2, 12) if dims == 1 else torch.randn(5, 2, 6, 6)
+    ours, reference = model.features[:3](x), plain(x)
+    assert torch.allclose(ours, reference, atol=1e-6, rtol=0)
+    upstream = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1))
+    (ours * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    assert torch.equal(model.features[0].bias.grad.abs(), torch.zeros(4))
+    assert plain[0].bias.grad.abs().max() < 1e-4  # torch's: zero up to rounding (the noise AdamW would amplify)
+    assert torch.allclose(model.features[0].weight.grad, plain[0].weight.grad, atol=1e-4, rtol=1e-5)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -10,10 +13,13 @@ import torch
 from safetensors.torch import save_file
 
 from distilflow.errors import UserError
+from distilflow.storage import WriteFailed
 from distilflow.train import checkpoint
 from distilflow.train.checkpoint import (
     CHECKPOINT,
     WEIGHTS,
+    DamagedCheckpoint,
+    digest,
     read_checkpoint,
     read_model_state,
     write_checkpoint,
@@ -49,13 +55,13 @@ def test_failed_write_keeps_the_old_checkpoint_and_leaves_no_temp_file(tmp_path,
     real_save = torch.save
 
     def crash_midway(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        with open(f, "r+b") as handle:  # a half-written file, then the disk fills up
-            handle.truncate(os.path.getsize(f) // 2)
-        raise OSError("No space left on device")
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # half of it lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash_midway)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteFailed, match=f"writing '{path}' failed: no space left on device .ENOSPC., .* free there"):
         write_checkpoint(path, _state(5.0))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
@@ -67,7 +73,7 @@ def test_interrupt_during_write_is_cleaned_up_too(tmp_path, monkeypatch):
     path = tmp_path / CHECKPOINT
 
     def interrupted(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"PK\x03\x04partial")
+        f.write(b"PK\x03\x04partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", interrupted)
@@ -132,6 +138,48 @@ def test_read_checkpoint_rejects_foreign_torch_files(tmp_path, obj):
     with pytest.raises(UserError, match="not a distilflow checkpoint") as info:
         read_checkpoint(path)
     assert str(path) in str(info.value)
+
+
+def test_a_truncated_checkpoint_is_refused_at_every_length(tmp_path):
+    path = tmp_path / CHECKPOINT
+    write_checkpoint(path, _state(1.0))
+    data = path.read_bytes()
+    for length in sorted({0, 1, 22, len(data) - 1, *range(0, len(data), max(len(data) // 40, 1))}):
+        path.write_bytes(data[:length])
+        with pytest.raises(DamagedCheckpoint):
+            read_checkpoint(path)
+
+
+def test_an_altered_byte_is_refused_or_changes_nothing(tmp_path):
+    """Any single flipped bit: either the read refuses the file, or what it returns is exactly what was
+    written (a flip in zip padding or headers that torch ignores). Positions: every byte of the tensor
+    data, and 300 random ones elsewhere (each read takes milliseconds; every position took 30 s)."""
+    path = tmp_path / CHECKPOINT
+    write_checkpoint(path, _state(7.0))
+    written = read_checkpoint(path)
+    data = path.read_bytes()
+    weights = written["model"]["layer.weight"].numpy().tobytes()
+    at = data.index(weights)  # torch stores the tensor's bytes as they are
+    positions = set(range(at, at + len(weights))) | set(random.Random(0).sample(range(len(data)), 300))
+    refused = 0
+    for i in sorted(positions):
+        altered = bytearray(data)
+        altered[i] ^= 0x10
+        path.write_bytes(bytes(altered))
+        try:
+            state = read_checkpoint(path)
+        except DamagedCheckpoint:
+            refused += 1
+            continue
+        assert digest(state) == digest(written), f"byte {i} changed a value unnoticed"
+    assert refused >= len(weights)  # every flip inside the weights was caught (torch alone loads them)
+
+
+def test_a_checkpoint_of_the_previous_release_without_a_digest_is_read(tmp_path):
+    path = tmp_path / CHECKPOINT
+    torch.save({"format": 1, **_state(3.0)}, path)  # exactly what the previous release wrote
+    state = read_checkpoint(path)
+    assert state["step"] == 3 and torch.equal(state["model"]["layer.weight"], torch.full((3, 2), 3.0))
 
 
 def test_read_checkpoint_refuses_pickled_code(tmp_path):

@@ -212,14 +212,151 @@ def test_a_checkpoint_resumes_on_another_world_size(reference, args, tmp_path, m
     assert_same_metrics(metrics(out, "student"), metrics(reference, "student"))
 
 
-def test_a_world_size_that_does_not_split_the_batch_is_one_line_on_every_rank(args, tmp_path):
+# The built-in CNN teacher (Conv, BatchNorm, ReLU blocks) in place of the fixture's MLP.
+BATCHNORM = [
+    "teacher.model.arch=cnn1d",
+    "teacher.model.mlp=null",
+    "teacher.model.cnn.channels=[8, 8]",
+    "distill.feature_layers=[{student: layers.3, teacher: features.4}]",
+]
+
+
+UNSYNCED = RUN_MAIN.replace(
+    "from distilflow.cli", "from distilflow.train import dist\ndist.sync_batchnorm = id\nfrom distilflow.cli"
+)
+
+
+def _training_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "loss" in r]
+
+
+def test_a_batchnorm_teacher_on_two_processes_logs_the_losses_of_one(args, tmp_path):
+    """Each rank holds half of every micro-batch; BatchNorm's statistics are over both halves
+    (train/sync_batchnorm.py), so every logged number (losses, gradient norms, evaluation through the
+    running statistics) is the 1-process one (and without the synchronisation it is not: the control
+    run)."""
+    one, two, control = tmp_path / "one", tmp_path / "two", tmp_path / "unsynced"
+    assert main(["train-teacher", *args(one, *BATCHNORM)]) == 0
+    ranks = launch(["train-teacher", *args(two, *BATCHNORM)])
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:]
+    want = metrics(one, "teacher")
+    assert_same_metrics(metrics(two, "teacher"), want)
+    ranks = launch(["train-teacher", *args(control, *BATCHNORM)], code=UNSYNCED)
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:]
+    drift = max(
+        abs(g["loss"] - w["loss"]) for g, w in zip(_training_rows(metrics(control, "teacher")), _training_rows(want))
+    )
+    assert drift > 100 * TOL  # each rank normalising over its own half is another computation
+
+
+# Student step 3 gets inf inputs in the second half of its rows only: under torchrun rank 1's rows,
+# so rank 0's own loss stays finite and only the global verdict makes it skip the step too.
+POISON_HALF_AT_3 = """
+import math, sys
+from distilflow.tasks import classify
+original = classify.ClassifierTask.micro_batches
+def micro_batches(self, step):
+    batches = original(self, step)
+    if step != 2:
+        return batches
+    out = []
+    for b in batches:
+        x = b["x"].clone()
+        x[len(x) // 2 :] *= math.inf
+        out.append({**b, "x": x})
+    return out
+classify.ClassifierTask.micro_batches = micro_batches
+from distilflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_bad_step_on_one_rank_is_skipped_by_every_rank_as_one_process_skips_it(reference, args, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    job = distill_args(args, reference, one)
+    exec_one = subprocess.run([sys.executable, "-c", POISON_HALF_AT_3, *job], cwd=ROOT, capture_output=True, text=True)
+    assert exec_one.returncode == 0, exec_one.stderr[-3000:]
+    ranks = launch(distill_args(args, reference, two), code=POISON_HALF_AT_3)
+    assert [r[0] for r in ranks] == [0, 0], ranks[0][2][-3000:]
+    want, got = metrics(one, "student"), metrics(two, "student")
+    bad = [r for r in want if "bad_step" in r]
+    assert [(r["step"], r["bad_step"], r["bad_steps"]) for r in bad] == [(3, "loss", 1)]
+    assert [(r["step"], r["bad_step"], r["bad_steps"]) for r in got if "bad_step" in r] == [(3, "loss", 1)]
+    assert_same_metrics([r for r in got if "bad_step" not in r], [r for r in want if "bad_step" not in r])
+    assert ranks[1][2].count("step 3") == 0  # rank 0 alone says that the step is skipped
+
+
+# BatchNorm1d / 2d with and without affine and momentum=None: the rank-synced module on each rank's half
+# against a plain BatchNorm on the whole batch (the reference, computed by rank 0 itself).
+SYNCED_BN = """
+import sys, torch
+from torch import nn
+from distilflow.config import DistConfig
+from distilflow.train import dist
+from distilflow.train.sync_batchnorm import sync_batchnorm, unsync_batchnorm
+
+class Cfg:
+    dist = DistConfig(timeout_s=60.0)
+
+world = dist.setup(Cfg())
+worst = 0.0
+for make, shape in [(lambda: nn.BatchNorm1d(3), (8, 3, 5)), (lambda: nn.BatchNorm2d(4, momentum=None), (6, 4, 3, 3)),
+                    (lambda: nn.BatchNorm1d(3, affine=False), (4, 3))]:
+    torch.manual_seed(0)
+    reference, synced = make(), make()
+    if reference.affine:
+        with torch.no_grad():
+            reference.weight.uniform_(0.5, 1.5); reference.bias.uniform_(-1, 1)
+        synced.load_state_dict(reference.state_dict())
+    assert sync_batchnorm(synced) == 1
+    x = torch.randn(*shape) * 3 + 1
+    up = torch.randn(*shape)
+    half = shape[0] // 2
+    mine = slice(world.rank * half, (world.rank + 1) * half)
+    for _ in range(2):  # twice: the running statistics move on from the first call
+        xr = x.clone().requires_grad_(True)
+        whole = reference(xr)
+        (whole * up).sum().backward()
+        xs = x[mine].clone().requires_grad_(True)
+        out = synced(xs)
+        (out * up[mine]).sum().backward()
+        worst = max(worst, (out - whole[mine]).abs().max().item(), (xs.grad - xr.grad[mine]).abs().max().item())
+    if reference.affine:  # parameter gradients: each rank holds its rows' share; the sum is the whole batch's
+        for p, q in zip(synced.parameters(), reference.parameters()):
+            g = p.grad.clone(); torch.distributed.all_reduce(g)
+            worst = max(worst, (g - q.grad).abs().max().item())
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        worst = max(worst, (getattr(synced, name).float() - getattr(reference, name).float()).abs().max().item())
+    unsync_batchnorm(synced)
+    assert type(synced) is type(reference)
+print(f"worst {worst:.3g}")
+"""
+
+
+def test_the_rank_synced_batchnorm_equals_one_batchnorm_on_the_whole_batch():
+    ranks = launch([], code=SYNCED_BN, timeout=120)
+    for rc, out, err in ranks:
+        assert rc == 0, err[-3000:]
+        assert float(out.split()[-1]) <= TOL, out
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["student.train.batch_size=30"], ["student.train.batch_size", "30", "multiple of"]),  # 2 micro-batches of 15
+        (["student.train.stepz=3"], ["unknown config key 'student.train.stepz'"]),  # refused while loading
+    ],
+    ids=["batch-does-not-split", "unknown-key"],
+)
+def test_a_refused_config_is_one_line_from_rank_0_only(args, tmp_path, extra, expected):
+    """Every rank refuses the same config and exits 2; rank 0 alone says why (not once per rank)."""
     out = tmp_path / "odd"
-    ranks = launch(["run", *args(out, "student.train.batch_size=30")])  # 2 micro-batches of 15
-    for rc, _, err in ranks:
-        assert rc == 2
-        lines = err.strip().splitlines()
-        assert len(lines) == 1, err
-        assert "student.train.batch_size" in lines[0] and "30" in lines[0] and "multiple of" in lines[0]
+    ranks = launch(["run", *args(out, *extra)])
+    assert [rc for rc, _, _ in ranks] == [2, 2], ranks
+    lines = ranks[0][2].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distilflow: error: "), ranks[0][2]
+    assert all(word in lines[0] for word in expected), lines[0]
+    assert ranks[1][2].strip() == "", ranks[1][2]
     assert not out.exists()  # refused before anything was written
 
 
@@ -410,21 +547,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def generation(tmp_path_factory) -> dict:
+def generation(tmp_path_factory, arith_llama_dir) -> dict:
     """A tiny random Llama with the arithmetic tokenizer, 7 prompts, and the 1-process output."""
-    from distilflow.data.arith import arith_tokenizer
-    from distilflow.data.stdlib_corpus import tiny_llama_config
-    from distilflow.models.hf import build_causal_lm
-
     root = tmp_path_factory.mktemp("generate")
-    tokenizer = arith_tokenizer()
-    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    torch.manual_seed(0)
-    model = build_causal_lm(
-        tiny_llama_config(len(tokenizer), hidden=32, layers=2, heads=4, max_positions=64, **special)
-    )
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{i}+{2 * i}=", "answer": str(3 * i)}) + "\n" for i in range(7)))
 
@@ -434,7 +559,7 @@ def generation(tmp_path_factory) -> dict:
             "generate",
             f"output_dir={out}",
             f"generate.prompts={prompts}",
-            f"generate.model={root / 'model'}",
+            f"generate.model={arith_llama_dir}",
             "generate.temperature=0",
             "generate.n=1",
             "generate.batch_size=1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from distilflow.train import logging as train_logging
-from distilflow.train.logging import Progress
+from distilflow.train.logging import CountProgress, Progress
 
 INFO = {"phase": "joint", "loss": 1.5, "parts": {"kd": 0.25, "ce": 2.0}, "kd_weight": 0.7, "lr": 1e-3}
 
@@ -51,3 +51,38 @@ def test_a_terminal_gets_a_bar_that_ends_at_the_total():
     progress.update(40, INFO, force=True)
     assert "40/40" in stream.getvalue()
     assert progress.bar.n == 40
+
+
+def test_counted_progress_in_a_log_is_plain_lines_without_carriage_returns(monkeypatch):
+    """generate's progress when stderr is a file: a line every 10 s and one at the end, no tqdm frames."""
+    clock = _Clock()
+    monkeypatch.setattr(train_logging.time, "monotonic", clock)
+    stream = io.StringIO()
+    progress = CountProgress("generate", 8, "prompts", stream=stream)
+    for done in range(1, 9):
+        clock.now += 3  # 3 s a prompt: lines at prompt 4 (12 s) and prompt 8 (12 s later), then close()
+        progress.update(done, kept=done * 2, rejected=0)
+    progress.close()
+    assert "\r" not in stream.getvalue()
+    assert stream.getvalue().splitlines() == [
+        "[generate] 4/8 prompts kept 8 rejected 0 elapsed 0:12 eta 0:12",
+        "[generate] 8/8 prompts kept 16 rejected 0 elapsed 0:24 eta 0:00",
+    ]
+    again = CountProgress("generate", 8, "prompts", stream=stream)
+    clock.now += 1
+    again.update(1, kept=0)
+    again.close()  # under 10 s: the one line at the end still says how far it got
+    assert stream.getvalue().splitlines()[-1] == "[generate] 1/8 prompts kept 0 elapsed 0:01 eta 0:07"
+
+
+def test_counted_progress_on_a_terminal_is_a_bar_and_nothing_when_hidden():
+    stream = _Terminal()
+    progress = CountProgress("generate", 3, "prompts", stream=stream)
+    progress.update(3, kept=1)
+    progress.close()
+    assert "3/3" in stream.getvalue() and "\r" in stream.getvalue()  # tqdm's frames, on a terminal only
+    quiet = io.StringIO()
+    hidden = CountProgress("generate", 3, "prompts", show=False, stream=quiet)
+    hidden.update(3, kept=1)
+    hidden.close()
+    assert quiet.getvalue() == ""

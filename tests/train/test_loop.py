@@ -20,7 +20,7 @@ from distilflow.models.zoo import CNN, MLP
 from distilflow.schedules import Phase, phase_boundaries
 from distilflow.tasks.classify import ClassifierTask
 from distilflow.teachers.live import LiveTeacher
-from distilflow.train.checkpoint import CHECKPOINT, read_checkpoint
+from distilflow.train.checkpoint import CHECKPOINT, digest, read_checkpoint
 from distilflow.train.logging import MetricsLog
 from distilflow.train.loop import NonFiniteLoss, fit
 
@@ -215,6 +215,7 @@ def test_resume_without_the_rng_state_would_differ(straight, tmp_path):
     path = tmp_path / "student" / CHECKPOINT
     state = torch.load(path, weights_only=True)
     state["rng"]["torch"] = torch.Generator().manual_seed(999).get_state()
+    state["digest"] = digest(state)  # a consistent checkpoint, not a damaged one
     torch.save(state, path)
     second = _distillation()
     _fit(second, tmp_path)
@@ -282,7 +283,10 @@ def test_nan_loss_stops_with_a_user_error_and_keeps_the_checkpoint(tmp_path):
     x, y = _data()
     torch.manual_seed(0)
     model = MLP((WIDTH,), CLASSES, [16])
-    train = TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup_steps=0, checkpoint_every=2, log_every=1)
+    # max_bad_steps 1: the first bad step stops (tests/train/test_bad_steps.py: skipping and counting).
+    train = TrainConfig(
+        steps=6, batch_size=8, lr=1e-2, warmup_steps=0, checkpoint_every=2, log_every=1, max_bad_steps=1
+    )
     ckpt = tmp_path / "baseline" / CHECKPOINT
     task = PoisonAt(_task(x, y, grad_accum=1), 3, ckpt)
     log = MetricsLog(tmp_path, "baseline", tensorboard=False)
@@ -312,7 +316,7 @@ def test_nan_loss_stops_with_a_user_error_and_keeps_the_checkpoint(tmp_path):
 def test_nan_before_any_checkpoint_says_so(tmp_path):
     x, y = _data()
     model = MLP((WIDTH,), CLASSES, [16])
-    train = TrainConfig(steps=4, batch_size=8, warmup_steps=0, checkpoint_every=0)
+    train = TrainConfig(steps=4, batch_size=8, warmup_steps=0, checkpoint_every=0, max_bad_steps=1)
     with pytest.raises(NonFiniteLoss, match="teacher step 1: loss is nan.*no checkpoint was written yet"):
         fit(
             stage="teacher",

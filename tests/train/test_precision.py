@@ -41,6 +41,8 @@ from distilflow.train.precision import (
     set_gradient_checkpointing,
 )
 
+from .poison import PoisonGrad
+
 CPU = torch.device("cpu")
 WIDTH, CLASSES = 24, 3
 BF16_UNIT = 2.0**-8  # relative rounding error of one bf16 rounding
@@ -211,41 +213,11 @@ def test_resume_is_bit_exact_in_mixed_precision(tmp_path, precision):
 # ---------------------------------------------------------------- fp16 and the gradient scaler (on CPU, for the test)
 
 
-class PoisonGrad(torch.autograd.Function):
-    """Identity forward; backward returns inf gradients: an fp16 overflow on demand."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, float("inf"))
-
-
-class PoisonAt:
-    """The task, except that the student's logits get inf gradients at the given steps."""
-
-    def __init__(self, task: ClassifierTask, steps) -> None:
-        self.task, self.steps, self.step = task, steps, -1
-
-    def __getattr__(self, name):
-        return getattr(self.task, name)
-
-    def micro_batches(self, step: int):
-        self.step = step
-        return self.task.micro_batches(step)
-
-    def forward(self, model, batch):
-        logits = self.task.forward(model, batch)
-        return PoisonGrad.apply(logits) if model.training and self.step in self.steps else logits
-
-
 def test_an_overflowing_fp16_step_is_skipped_not_a_nan_stop(tmp_path):
     """Step 3 overflows: the scaler skips it (weights and AdamW state untouched, scale halved), and the
     run goes on. Reference: the same run stopped after 2 steps has exactly the same weights at step 3."""
     skipped = _mlp()
-    _fit(skipped, PoisonAt(_task(), {2}), _train("fp16", steps=3), tmp_path / "skipped")
+    _fit(skipped, PoisonGrad(_task(), {2}), _train("fp16", steps=3), tmp_path / "skipped")
     two = _mlp()
     _fit(two, _task(), _train("fp16", steps=2), tmp_path / "two")
     for name, value in two.state_dict().items():
@@ -270,14 +242,14 @@ def test_fp16_gradients_are_unscaled_before_the_norm_and_clipping(tmp_path):
 
 
 def test_gradients_that_overflow_at_every_scale_stop_the_run(tmp_path):
-    task = PoisonAt(_task(), set(range(100)))
+    task = PoisonGrad(_task(), set(range(100)))
     with pytest.raises(
         NonFiniteLoss, match=rf"student step {MAX_SKIPPED}: gradient norm \(after {MAX_SKIPPED} skipped"
     ):
         _fit(_mlp(), task, _train("fp16", steps=MAX_SKIPPED + 5), tmp_path / "fp16")
-    # fp32 has no scaler: the first non-finite gradient norm stops the run, as before.
+    # fp32 has no scaler: a non-finite gradient norm is a bad step; with max_bad_steps 1 the first stops.
     with pytest.raises(NonFiniteLoss, match=r"student step 1: gradient norm is (inf|nan) "):
-        _fit(_mlp(), PoisonAt(_task(), {0}), _train("fp32", steps=3), tmp_path / "fp32")
+        _fit(_mlp(), PoisonGrad(_task(), {0}), _train("fp32", steps=3, max_bad_steps=1), tmp_path / "fp32")
 
 
 # ---------------------------------------------------------------- gradient checkpointing
