@@ -71,13 +71,16 @@ def plot_losses(rows: list[dict], cfg: Config, path: Path) -> None:
             _shade_phases(ax, cfg)
         steps = [r["step"] for r in train_rows]
         ax.plot(steps, [r["loss"] for r in train_rows], label="total", color="black", lw=1.2)
+        plotted = [r["loss"] for r in train_rows]
         for part in PART_NAMES:
             points = [(r["step"], r[part]) for r in train_rows if part in r]
             if points:
                 ax.plot(*zip(*points), label=part, lw=1)
+                plotted += [value for _, value in points]
         ax.set_title(stage, pad=12)
         ax.set_xlabel("step")
-        ax.set_yscale("log")
+        # A log axis drops values <= 0 (a loss that reached 0, or rounding below it): linear then.
+        ax.set_yscale("log" if all(value > 0 for value in plotted) else "linear")
         ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
