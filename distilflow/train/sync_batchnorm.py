@@ -41,10 +41,34 @@ class _RankSynced:
         return _synced_batch_norm(self, input)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over all ranks; its backward sums every rank's gradient (each rank's loss
+    depends on the sum, so the gradient of one rank's tensor is the sum of all ranks' gradients).
+
+    Plain blocking ``torch.distributed.all_reduce`` both ways: torch 2.13's
+    ``torch.distributed.nn.functional.all_reduce`` is deprecated for the functional collectives, and
+    with it a gloo rank sometimes aborted at exit ("terminate called without an active exception")."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum of ``tensor`` over all ranks."""
+    return _SumOverRanks.apply(tensor)
+
+
 def _synced_batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm of ``x`` (batch, channels, *spatial) with statistics over all ranks' rows."""
-    from torch.distributed.nn.functional import all_reduce
-
     channels = x.shape[1]
     dims = [0, *range(2, x.dim())]  # every dimension but the channels
     shape = [1, channels] + [1] * (x.dim() - 2)  # (1, C, 1, ...): broadcast over the rows
