@@ -197,7 +197,8 @@ def _metric_line(role: str, result: dict) -> str:
 
 
 def _cmd_train_teacher(ns) -> int:
-    from distilflow.pipeline import open_run, teacher_stage
+    from distilflow.pipeline import open_run
+    from distilflow.teacher_stages import teacher_stage
     from distilflow.teacher_views import teacher_views
 
     run = open_run(_load(ns.args))
@@ -215,13 +216,8 @@ def _has_weights(folder: Path) -> bool:
 
 
 def _cmd_distill(ns) -> int:
-    from distilflow.pipeline import (
-        check_distill_teachers,
-        distill_stage,
-        distill_teachers,
-        open_run,
-        refuse_reasoning_demo,
-    )
+    from distilflow.pipeline import distill_stage, open_run, refuse_reasoning_demo
+    from distilflow.teacher_stages import check_distill_teachers, distill_teachers
 
     cfg = _load(ns.args)
     refuse_reasoning_demo(cfg)
@@ -333,7 +329,8 @@ def _cmd_bench(ns) -> int:
 
 def _cmd_cache_teacher(ns) -> int:
     from distilflow.data.cache import cache_dir, cache_summary
-    from distilflow.pipeline import cache_teachers, open_run
+    from distilflow.pipeline import open_run
+    from distilflow.teacher_stages import cache_teachers
 
     run = open_run(_load(ns.args), writes_cache=True)
     began = time.monotonic()
