@@ -211,18 +211,14 @@ def _cmd_train_teacher(ns) -> int:
     return 0
 
 
-def _has_weights(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file()
-
-
 def _cmd_distill(ns) -> int:
     from distilflow.pipeline import distill_stage, open_run, refuse_reasoning_demo
     from distilflow.teacher_stages import check_distill_teachers, distill_teachers
 
     cfg = _load(ns.args)
     refuse_reasoning_demo(cfg)
-    # A complete teacher cache or a server stands in for its teacher (which is then not loaded at all).
-    # Checked before open_run, which saves the config: a refused command writes nothing.
+    # A complete teacher cache or a server stands in for its teacher (teacher_views.stand_in: it is then not
+    # loaded at all). Checked before open_run, which saves the config: a refused command writes nothing.
     check_distill_teachers(cfg)
     run = open_run(cfg)
     teacher, teacher_result = distill_teachers(run)
@@ -233,9 +229,9 @@ def _cmd_distill(ns) -> int:
 
 def _cmd_eval(ns) -> int:
     from distilflow.pipeline import load_trained, open_run
-    from distilflow.stages import stage_loss_impl
+    from distilflow.stages import has_weights, stage_loss_impl
     from distilflow.teacher_side import served_teacher_result, teacher_outline
-    from distilflow.teacher_views import student_vocab, teacher_views
+    from distilflow.teacher_views import stand_in, student_vocab, teacher_views
 
     cfg = _load(ns.args)
     stages = [ns.model] if ns.model else ["teacher", "baseline", "student"]
@@ -244,26 +240,23 @@ def _cmd_eval(ns) -> int:
         raise UserError(f"--model {unknown[0]!r} is not allowed; use teacher, baseline or student")
     run = open_run(cfg)
     views = teacher_views(run)
-
-    def served(view) -> bool:
-        return view.cfg.teacher.server is not None
-
+    kinds = [stand_in(view.cfg, "eval", own_cache=view.own_cache) for view in views]  # "cache", "server", None
     # Students are scored as in training: over the vocabulary they share with the teachers (whose
     # sizes, not weights, decide it; a served teacher's from its config.json).
     references = [
-        None if view.cache_only else teacher_outline(view.run) if served(view) else view.run.work.new_model("teacher")
-        for view in views
+        view.run.work.new_model("teacher") if kind is None else teacher_outline(view.run) if kind == "server" else None
+        for view, kind in zip(views, kinds)
     ]
     results: dict = {}
     for stage in stages:
         # The teacher: each named one with teachers: (one known by its cache alone has no model to score).
-        runs = [(view, view.run) for view in views if not view.cache_only] if stage == "teacher" else [(None, run)]
-        for view, stage_run in runs:
-            if view is not None and served(view):  # scored by the server, as in training (one teacher only)
+        teachers = [(view, kind, view.run) for view, kind in zip(views, kinds) if kind != "cache"]
+        for view, kind, stage_run in teachers if stage == "teacher" else [(None, None, run)]:
+            if kind == "server":  # scored by the server, as in training (one teacher only)
                 results[stage] = served_teacher_result(stage_run)
                 continue
             given = view is not None and view.given
-            if not given and not _has_weights(stage_run.stage_dir(stage)):
+            if not given and not has_weights(stage_run.stage_dir(stage)):
                 if ns.model:
                     raise UserError(
                         f"no trained {stage} in '{stage_run.stage_dir(stage)}'; train it first with 'distilflow run'"

@@ -5,20 +5,25 @@ and ``cache-teacher``; with ``teachers:`` on each teacher's view (teacher_views.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
 from distilflow.config import Config
-from distilflow.data.cache import cache_complete, cache_dir, reads_cache
+from distilflow.data.cache import cache_complete, cache_dir
 from distilflow.errors import UserError
 from distilflow.models.build import load_weights
 from distilflow.stages import Run, finish_stage, load_finished, stage_loss_impl, supervised_objective, train_stage
 from distilflow.student_side import new_student
 from distilflow.teacher_side import elsewhere_result, teacher_elsewhere
 from distilflow.teacher_signals import cache_stage
-from distilflow.teacher_views import TeacherView, feature_teacher_name, student_vocab, teacher_views, view_config
-from distilflow.train.checkpoint import WEIGHTS
+from distilflow.teacher_views import (
+    TeacherView,
+    check_teacher_weights,
+    feature_teacher_name,
+    stand_in,
+    student_vocab,
+    teacher_views,
+    view_config,
+)
 
 Teachers = nn.Module | list[nn.Module | None] | None
 """What the student's stages are given: the one teacher, or one entry per ``teachers:`` entry (None
@@ -62,47 +67,29 @@ def teachers_stage(run: Run, log_tensorboard: bool = True) -> list[tuple[nn.Modu
     return out
 
 
-def _has_weights(folder: Path) -> bool:
-    return (folder / WEIGHTS).is_file()
+def _check_weights(view: TeacherView) -> None:
+    """The teacher of ``view`` is given or trained already, else one line naming it."""
+    check_teacher_weights(view.cfg, view.name if view.named else None)
 
 
-def _need_teacher(view: TeacherView, command: str) -> None:
-    """A teacher that ``command`` must run is given or trained already, else one line."""
-    _need_weights(view.cfg, view.name if view.named else None)
-
-
-def _need_weights(cfg: Config, name: str | None) -> None:
-    """The teacher of ``cfg`` (a view's config for teacher ``name``) is given or trained already, else one line."""
-    folder = cfg.run_dir / "teacher"
-    if not cfg.teacher.model.pretrained and not _has_weights(folder):
-        which = f"teacher '{name}'" if name else "trained teacher"
-        key = f"teachers.{name}.model" if name else "teacher.model"
-        raise UserError(
-            f"no {which} in '{folder}'; run 'distilflow train-teacher' with this config "
-            f"first, or set {key}.checkpoint=PATH (or {key}.hf.path for a Hugging Face folder)"
-        )
-
-
-def _loads_teacher(cfg: Config) -> bool:
-    """Whether ``distilflow distill`` loads (or asks) this teacher: not when a complete cache or a server
-    stands in for it, except to write its cache (its result then goes into the manifest)."""
-    from_cache = reads_cache(cfg)
-    writes_cache = cfg.cache.use and not from_cache
-    return writes_cache or not (from_cache or cfg.teacher.server is not None)
+def _distill_loads(kind: str | None, cfg: Config) -> bool:
+    """Whether ``distilflow distill`` loads (or asks) a teacher that ``kind`` (:func:`stand_in`) stands in
+    for: a model loaded here, or a server asked for its score while its cache is written (for the manifest)."""
+    return kind is None or (kind == "server" and cfg.cache.use)
 
 
 def check_distill_teachers(cfg: Config) -> None:
     """``distilflow distill``, before ``open_run`` saves the config (a refused command writes nothing):
-    every teacher it must load is given or trained already (a teacher known by its complete own cache
-    alone needs neither)."""
+    every teacher it must load is given or trained already (one its complete cache or server stands in
+    for needs neither)."""
     if not cfg.teachers:
-        if _loads_teacher(cfg) and cfg.teacher.server is None:
-            _need_weights(cfg, None)
+        if stand_in(cfg, "distill") is None:
+            check_teacher_weights(cfg, None)
         return
     for entry in cfg.teachers:
         view = view_config(cfg, entry, feature_teacher=entry.name == feature_teacher_name(cfg))
-        if _loads_teacher(view) and not (entry.cache is not None and cache_complete(view)):
-            _need_weights(view, entry.name)
+        if stand_in(view, "distill", own_cache=entry.cache is not None) is None:
+            check_teacher_weights(view, entry.name)
 
 
 def distill_teachers(run: Run) -> tuple[Teachers, dict | list[dict | None] | None]:
@@ -110,12 +97,13 @@ def distill_teachers(run: Run) -> tuple[Teachers, dict | list[dict | None] | Non
     None for one whose complete cache or server stands in for it (no teacher model is loaded then; a
     cache written now records the teacher's result). Refused before any training."""
     views = teacher_views(run)
-    needed = [not view.cache_only and _loads_teacher(view.cfg) for view in views]
-    for view, need in zip(views, needed):
-        if need and view.cfg.teacher.server is None:
-            _need_teacher(view, "distill")
+    kinds = [stand_in(view.cfg, "distill", own_cache=view.own_cache) for view in views]
+    for view, kind in zip(views, kinds):
+        if kind is None:
+            _check_weights(view)
     loaded = [
-        teacher_stage(view.run, log_tensorboard=False) if need else (None, None) for view, need in zip(views, needed)
+        teacher_stage(view.run, log_tensorboard=False) if _distill_loads(kind, view.cfg) else (None, None)
+        for view, kind in zip(views, kinds)
     ]
     models, results = [m for m, _ in loaded], [r for _, r in loaded]
     return (models, results) if run.cfg.teachers else (models[0], results[0])
@@ -133,10 +121,11 @@ def cache_teachers(run: Run) -> list[tuple[TeacherView, dict]]:
             "(teachers.<name>.cache=PATH)"
         )
     for view in targets:
-        _need_teacher(view, "cache-teacher")
+        _check_weights(view)
     trained = {}
     for view in targets:  # a served teacher's finished cache: nothing to ask the server
-        served_done = view.cfg.teacher.server is not None and cache_complete(view.cfg)
+        served = stand_in(view.cfg, "cache-teacher", own_cache=view.own_cache) == "server"
+        served_done = served and cache_complete(view.cfg)
         trained[view.name] = (None, None) if served_done else teacher_stage(view.run, log_tensorboard=False)
     models = {name: model for name, (model, _) in trained.items()}
     vocab = None
