@@ -35,7 +35,7 @@ def test_skip_counts_every_line_in_order():
 def test_both_readers_name_their_own_key_and_count_alike(tmp_path):
     """Training data names ``on_error`` (data.<source>.on_error), prompt sets ``generate.on_error``."""
     path = tmp_path / "lines.jsonl"
-    path.write_text("\n".join(['{"text": "a", "prompt": "a"}', "{oops", json.dumps([1])]) + "\n")
+    path.write_text("\n".join(['{"prompt": "a", "completion": "b"}', "{oops", json.dumps([1])]) + "\n")
     expected = [f"{path}: line 2 is not valid JSON (Expecting property name enclosed in double quotes)"]
     with pytest.raises(UserError) as data_error:
         read_records(path)
