@@ -26,8 +26,10 @@ from distilflow.config import load_config
 from distilflow.data.cache import cache_dir, read_manifest
 from distilflow.losses.logits import cross_entropy_sum, forward_kl
 from distilflow.losses.sparse import sparse_divergence
-from distilflow.pipeline import baseline_stage, cache_stage, distill_stage, open_run, teacher_stage
+from distilflow.pipeline import baseline_stage, distill_stage, open_run
 from distilflow.stages import Run
+from distilflow.teacher_signals import cache_stage
+from distilflow.teacher_stages import teacher_stage
 from distilflow.teachers.cached import CachedTeacher
 
 MODES = ("plain_ce", "online_kd", "cached_topk", "cached_sampled")

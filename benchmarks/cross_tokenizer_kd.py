@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from distilflow.config import load_config
-from distilflow.pipeline import baseline_stage, distill_stage, open_run, teacher_stage
+from distilflow.pipeline import baseline_stage, distill_stage, open_run
+from distilflow.teacher_stages import teacher_stage
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lm_stdlib_cross_tokenizer.yaml"
 SHORT = [  # 35 min at threads=1 on a 2-core machine at load 6-11 (the full demo is ~15 min per run at 2 threads)

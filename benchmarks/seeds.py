@@ -15,7 +15,8 @@ import statistics
 from pathlib import Path
 
 from distilflow.config import load_config
-from distilflow.pipeline import baseline_stage, distill_stage, open_run, teacher_stage
+from distilflow.pipeline import baseline_stage, distill_stage, open_run
+from distilflow.teacher_stages import teacher_stage
 
 
 def main() -> None:

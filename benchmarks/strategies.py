@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from distilflow.config import load_config
-from distilflow.pipeline import baseline_stage, distill_stage, open_run, teacher_stage
+from distilflow.pipeline import baseline_stage, distill_stage, open_run
+from distilflow.teacher_stages import teacher_stage
 
 KD_CE = "[{name: kd_and_ce, fraction: 1.0, terms: [kd, ce]}]"
 STRATEGIES = {

@@ -173,8 +173,8 @@ def prepare(out: Path, args) -> dict:
 
     from distilflow.config import load_config
     from distilflow.models.hf import build_causal_lm, no_progress_bars
-    from distilflow.pipeline import cache_stage
     from distilflow.stages import Run
+    from distilflow.teacher_signals import cache_stage
     from distilflow.workload import make_workload
 
     shapes = load_config("configs/lm_stdlib.yaml")

@@ -5,7 +5,6 @@ Bad input of any kind (a UserError) prints one line ``distilflow: error: ...`` a
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -15,95 +14,8 @@ import time
 import warnings
 from pathlib import Path
 
+from distilflow.cli_args import parse_args
 from distilflow.errors import UserError
-
-COMMANDS = {
-    "run": "train the teacher (or reuse it), a no-teacher baseline and the distilled student; "
-    "evaluate all three; write results.json and report.md",
-    "train-teacher": "train (or reuse) the teacher only",
-    "distill": "distil the student from the trained teacher of this run (or teacher.model.checkpoint)",
-    "cache-teacher": "run the teacher once over the training rows and save its outputs (cache.*) for distill",
-    "eval": "evaluate the trained models of a run on its test split",
-    "export": "export the run's trained student to ONNX and check it against the eager model",
-    "quantize": "export, then int8-quantize the student with ONNX Runtime (deploy.methods)",
-    "bench": "export, quantize and benchmark every variant side by side (size, latency, quality)",
-    "predict": "run an exported ONNX model (fp32 or int8) on an input file with ONNX Runtime alone",
-    "print-config": "print the resolved config with a description of every field",
-    "generate": "sample completions from the teacher for a prompt set, filter and verify them, and append "
-    "the kept ones to a resumable JSONL file (generate.*)",
-    "resume": "continue the run in RUN_DIR with the config saved there",
-    "diagnose": "print the Diagnosis of the run in RUN_DIR (finished or interrupted) from its metrics alone",
-    "size-student": "measure candidate student shapes with the backend you ship and write the largest that meets "
-    "a latency budget as a config (no training)",
-}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is a UserError: one line on stderr and exit code 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UserError(f"{message}; see '{self.prog} --help'")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="distilflow",
-        description="Knowledge distillation for PyTorch. With no CONFIG the built-in default "
-        "(configs/mnist1d.yaml: a 1-D CNN teacher distilled into an MLP on MNIST-1D) is used.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and log notes")
-        if name == "predict":
-            p.add_argument(
-                "model",
-                help="an .onnx file written by 'distilflow export' or 'quantize'; for streaming generation a "
-                "language-model folder: ONNX Runtime GenAI (deploy/genai-<precision>) or Hugging Face (student/hf)",
-            )
-            p.add_argument("input", help="classifier: .npz (x) or .csv; language model: a text file, or the text")
-            p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's folder)")
-            p.add_argument("--max-new-tokens", type=int, default=48, help="language models: tokens to generate")
-            lm = p.add_argument_group("language-model folders (streaming generation)")
-            lm.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-            lm.add_argument("--temperature", type=float, default=1.0, help="--sample: softmax temperature (> 0)")
-            lm.add_argument("--top-k", type=int, default=50, help="--sample: keep the k likeliest tokens (0 = all)")
-            lm.add_argument("--top-p", type=float, default=1.0, help="--sample: nucleus probability in (0, 1]")
-            lm.add_argument("--seed", type=int, default=0, help="--sample: random seed")
-            lm.add_argument("--stop", action="append", default=[], help="repeatable: output ends before it")
-            lm.add_argument("--each-line", action="store_true", help="a text file holds one prompt per line")
-            lm.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
-            lm.add_argument("--threads", type=int, default=0, help="CPU threads (0 = the runtime's default)")
-            continue
-        if name in ("resume", "diagnose"):
-            p.add_argument("run_dir", help="a run folder written by 'distilflow run'")
-        else:
-            p.add_argument(
-                "args",
-                nargs="*",
-                metavar="[CONFIG] [key=value ...]",
-                help="an optional YAML config file (or a run folder: its saved config), then dotted overrides "
-                "such as student.train.steps=500",
-            )
-        if name == "eval":
-            p.add_argument(
-                "--model",
-                default=None,
-                help="teacher, baseline or student (default: all trained models of the run)",
-            )
-        if name in ("run", "train-teacher", "distill", "resume"):
-            p.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
-        if name == "size-student":
-            p.add_argument("--latency-ms", type=float, default=None, help="p90 latency budget of one call, ms")
-            p.add_argument("--max-params", type=int, default=None, help="parameter budget (alone or with the others)")
-            p.add_argument("--max-macs", type=int, default=None, help="MACs-per-sample budget")
-            p.add_argument("--batch", type=int, default=1, help="rows per call (default 1)")
-            p.add_argument("--backend", default="ort-int8", help="ort-int8 (default), ort-fp32, torch or genai-int4")
-            p.add_argument("--threads", type=int, default=1, help="CPU threads of every candidate (default 1)")
-            p.add_argument("--repeats", type=int, default=30, help="interleaved timed calls per candidate")
-            p.add_argument("--widths", default=None, help="comma-separated widths (mlp) or largest channels (cnn)")
-            p.add_argument("--out", default="sizing", help="folder for student.yaml, report.md, latency.png")
-    return parser
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -197,7 +109,8 @@ def _metric_line(role: str, result: dict) -> str:
 
 
 def _cmd_train_teacher(ns) -> int:
-    from distilflow.pipeline import open_run, teacher_stage
+    from distilflow.pipeline import open_run
+    from distilflow.teacher_stages import teacher_stage
     from distilflow.teacher_views import teacher_views
 
     run = open_run(_load(ns.args))
@@ -210,23 +123,14 @@ def _cmd_train_teacher(ns) -> int:
     return 0
 
 
-def _has_weights(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file()
-
-
 def _cmd_distill(ns) -> int:
-    from distilflow.pipeline import (
-        check_distill_teachers,
-        distill_stage,
-        distill_teachers,
-        open_run,
-        refuse_reasoning_demo,
-    )
+    from distilflow.pipeline import distill_stage, open_run, refuse_reasoning_demo
+    from distilflow.teacher_stages import check_distill_teachers, distill_teachers
 
     cfg = _load(ns.args)
     refuse_reasoning_demo(cfg)
-    # A complete teacher cache or a server stands in for its teacher (which is then not loaded at all).
-    # Checked before open_run, which saves the config: a refused command writes nothing.
+    # A complete teacher cache or a server stands in for its teacher (teacher_views.stand_in: it is then not
+    # loaded at all). Checked before open_run, which saves the config: a refused command writes nothing.
     check_distill_teachers(cfg)
     run = open_run(cfg)
     teacher, teacher_result = distill_teachers(run)
@@ -237,9 +141,9 @@ def _cmd_distill(ns) -> int:
 
 def _cmd_eval(ns) -> int:
     from distilflow.pipeline import load_trained, open_run
-    from distilflow.stages import stage_loss_impl
+    from distilflow.stages import has_weights, stage_loss_impl
     from distilflow.teacher_side import served_teacher_result, teacher_outline
-    from distilflow.teacher_views import student_vocab, teacher_views
+    from distilflow.teacher_views import stand_in, student_vocab, teacher_views
 
     cfg = _load(ns.args)
     stages = [ns.model] if ns.model else ["teacher", "baseline", "student"]
@@ -248,26 +152,23 @@ def _cmd_eval(ns) -> int:
         raise UserError(f"--model {unknown[0]!r} is not allowed; use teacher, baseline or student")
     run = open_run(cfg)
     views = teacher_views(run)
-
-    def served(view) -> bool:
-        return view.cfg.teacher.server is not None
-
+    kinds = [stand_in(view.cfg, "eval", own_cache=view.own_cache) for view in views]  # "cache", "server", None
     # Students are scored as in training: over the vocabulary they share with the teachers (whose
     # sizes, not weights, decide it; a served teacher's from its config.json).
     references = [
-        None if view.cache_only else teacher_outline(view.run) if served(view) else view.run.work.new_model("teacher")
-        for view in views
+        view.run.work.new_model("teacher") if kind is None else teacher_outline(view.run) if kind == "server" else None
+        for view, kind in zip(views, kinds)
     ]
     results: dict = {}
     for stage in stages:
         # The teacher: each named one with teachers: (one known by its cache alone has no model to score).
-        runs = [(view, view.run) for view in views if not view.cache_only] if stage == "teacher" else [(None, run)]
-        for view, stage_run in runs:
-            if view is not None and served(view):  # scored by the server, as in training (one teacher only)
+        teachers = [(view, kind, view.run) for view, kind in zip(views, kinds) if kind != "cache"]
+        for view, kind, stage_run in teachers if stage == "teacher" else [(None, None, run)]:
+            if kind == "server":  # scored by the server, as in training (one teacher only)
                 results[stage] = served_teacher_result(stage_run)
                 continue
             given = view is not None and view.given
-            if not given and not _has_weights(stage_run.stage_dir(stage)):
+            if not given and not has_weights(stage_run.stage_dir(stage)):
                 if ns.model:
                     raise UserError(
                         f"no trained {stage} in '{stage_run.stage_dir(stage)}'; train it first with 'distilflow run'"
@@ -333,7 +234,8 @@ def _cmd_bench(ns) -> int:
 
 def _cmd_cache_teacher(ns) -> int:
     from distilflow.data.cache import cache_dir, cache_summary
-    from distilflow.pipeline import cache_teachers, open_run
+    from distilflow.pipeline import open_run
+    from distilflow.teacher_stages import cache_teachers
 
     run = open_run(_load(ns.args), writes_cache=True)
     began = time.monotonic()
@@ -387,21 +289,6 @@ HANDLERS = {
     "predict": _cmd_predict,
     "generate": _cmd_generate,
 }
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = _parser()
-    ns, extra = parser.parse_known_args(argv)
-    # argparse stops filling a nargs="*" positional at the first option, so overrides after
-    # --no-tensorboard come back as extras; they belong to the same list, in the same order.
-    unknown = [a for a in extra if a.startswith("-") or not hasattr(ns, "args")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if extra:
-        ns.args = [*ns.args, *extra]
-    if not hasattr(ns, "no_tensorboard"):
-        ns.no_tensorboard = True
-    return ns
 
 
 # Libraries whose log notes are not about the user's work: transformers imports torchao when it is
@@ -474,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if not launched.is_main:  # under torchrun rank 0 prints the results (and errors of the inputs)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         with dist.input_checks():
-            ns = _parse(argv)
+            ns = parse_args(argv)
         return HANDLERS[ns.command](ns)
     except Exception as exc:
         world = dist.current() if dist.current().distributed else launched

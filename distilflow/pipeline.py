@@ -2,14 +2,14 @@
 
 config -> data -> teacher (trained or loaded) -> baseline student -> distilled student through
 the phases -> results.json and report.md. Each stage lives in ``<run_dir>/<stage>/`` with its
-checkpoint and final weights; a finished stage is reused, an unfinished one resumes.
+checkpoint and final weights; a finished stage is reused, an unfinished one resumes. The teacher's
+stage is teacher_stages.py; where each kind of teacher's signals come from, teacher_signals.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,11 @@ import torch
 from torch import nn
 
 from distilflow.config import Config, config_from_dict, read_yaml, to_dict
-from distilflow.config_teachers import adaptive_of, combination_of, trained_sections
-from distilflow.data.cache import cache_complete, cache_dir, logit_width, reads_cache
-from distilflow.data.cache_writer import ModelSignals, write_cache
+from distilflow.config_teachers import adaptive_of, trained_sections
+from distilflow.data.cache import logit_width
 from distilflow.device import resolve_device
 from distilflow.errors import UserError
 from distilflow.models.build import load_weights
-from distilflow.models.taps import Taps
 from distilflow.preflight import preflight
 from distilflow.stages import (
     Run,
@@ -37,49 +35,17 @@ from distilflow.stages import (
     train_stage,
 )
 from distilflow.storage import check_writable
-from distilflow.student_side import (
-    configured_pairs,
-    live_alignment,
-    new_student,
-    open_run_cache,
-    projection_heads,
-    student_taps_of,
-    teacher_layer_paths,
-)
+from distilflow.student_side import new_student
 from distilflow.tasks.label_free import LabelFreeTask
-from distilflow.teacher_side import (
-    cached_teacher_result,
-    served_signals,
-    served_teacher_result,
-    stopped_note,
-    student_columns,
-    teacher_client,
-    teacher_elsewhere,
-    teacher_outline,
-)
-from distilflow.teacher_views import (
-    TeacherView,
-    feature_index,
-    feature_teacher_name,
-    routed,
-    student_vocab,
-    teacher_views,
-    view_config,
-)
-from distilflow.teachers.cached import OpenedCache
-from distilflow.teachers.cross_tokenizer import TeacherIdsGuard, TeacherOwnIds
-from distilflow.teachers.live import LiveTeacher
-from distilflow.teachers.multi import Member, MultiTeacher
-from distilflow.teachers.served import ServedCacheSignals, ServedTeacher, TeacherUnavailable
+from distilflow.teacher_side import stopped_note
+from distilflow.teacher_signals import student_signals, teacher_side
+from distilflow.teacher_stages import Teachers, teachers_stage
+from distilflow.teacher_views import feature_index, student_vocab, teacher_views
+from distilflow.teachers.served import ServedTeacher, TeacherUnavailable
 from distilflow.train import dist
 from distilflow.train.checkpoint import WEIGHTS, write_json
 from distilflow.train.kd_position import PositionWeights
-from distilflow.train.precision import Precision, cast_teacher
 from distilflow.workload import make_workload
-
-Teachers = nn.Module | list[nn.Module | None] | None
-"""What the student's stages are given: the one teacher, or one entry per ``teachers:`` entry (None
-for a teacher read from its complete cache)."""
 
 
 def refuse_reasoning_demo(cfg: Config) -> None:
@@ -132,130 +98,6 @@ def config_of_run(run_dir: str | Path) -> Config:
     return dataclasses.replace(cfg, output_dir=str(run_dir))
 
 
-def teacher_stage(run: Run, log_tensorboard: bool = True) -> tuple[nn.Module | None, dict]:
-    """The teacher: from ``teacher.model.checkpoint`` or a pretrained ``path``, reused, or trained now.
-
-    None when it is not loaded here (``teacher_side.teacher_elsewhere``: served, or a given teacher whose
-    signals all come from a complete cache); its result then comes from the server or the manifest."""
-    cfg = run.cfg
-    if teacher_elsewhere(cfg):
-        return None, cached_teacher_result(cfg) if reads_cache(cfg) else served_teacher_result(run)
-    model = run.work.new_model("teacher")
-    impl, chunk_rows = stage_loss_impl(cfg, run.work, cfg.teacher.train, [model]), cfg.distill.loss_chunk_rows
-    task = run.work.task("teacher", cfg.teacher.train, cfg.seed, loss_impl=impl, chunk_rows=chunk_rows)
-    if cfg.teacher.model.pretrained:
-        if cfg.teacher.model.checkpoint:
-            load_weights(model, cfg.teacher.model.checkpoint, "teacher")
-        source = cfg.teacher.model.pretrained
-        return model.eval(), {**task.evaluate(model), "steps": 0, "loaded_from": source}
-    done = load_finished(run, "teacher", model)
-    if done is not None:
-        return model.eval(), done
-    objective = supervised_objective(cfg.teacher.train.steps, impl, chunk_rows)
-    result = train_stage(run, "teacher", model, objective, task, log_tensorboard=log_tensorboard)
-    model = result.model or model  # dist.strategy fsdp2: the unsharded trained copy
-    return model.eval(), finish_stage(run, "teacher", model, result)
-
-
-def teachers_stage(run: Run, log_tensorboard: bool = True) -> list[tuple[nn.Module | None, dict]]:
-    """Every teacher of the run, in config order: :func:`teacher_stage` on its view. A named teacher known
-    by its complete own cache alone is neither trained nor loaded: ``(None, where its cache is)``."""
-    out = []
-    for view in teacher_views(run):
-        if view.cache_only:
-            out.append((None, {"from_cache": str(cache_dir(view.cfg)), "steps": 0}))
-        else:
-            out.append(teacher_stage(view.run, log_tensorboard))
-    return out
-
-
-def _has_weights(folder: Path) -> bool:
-    return (folder / WEIGHTS).is_file()
-
-
-def _need_teacher(view: TeacherView, command: str) -> None:
-    """A teacher that ``command`` must run is given or trained already, else one line."""
-    _need_weights(view.cfg, view.name if view.named else None)
-
-
-def _need_weights(cfg: Config, name: str | None) -> None:
-    """The teacher of ``cfg`` (a view's config for teacher ``name``) is given or trained already, else one line."""
-    folder = cfg.run_dir / "teacher"
-    if not cfg.teacher.model.pretrained and not _has_weights(folder):
-        which = f"teacher '{name}'" if name else "trained teacher"
-        key = f"teachers.{name}.model" if name else "teacher.model"
-        raise UserError(
-            f"no {which} in '{folder}'; run 'distilflow train-teacher' with this config "
-            f"first, or set {key}.checkpoint=PATH (or {key}.hf.path for a Hugging Face folder)"
-        )
-
-
-def _loads_teacher(cfg: Config) -> bool:
-    """Whether ``distilflow distill`` loads (or asks) this teacher: not when a complete cache or a server
-    stands in for it, except to write its cache (its result then goes into the manifest)."""
-    from_cache = reads_cache(cfg)
-    writes_cache = cfg.cache.use and not from_cache
-    return writes_cache or not (from_cache or cfg.teacher.server is not None)
-
-
-def check_distill_teachers(cfg: Config) -> None:
-    """``distilflow distill``, before ``open_run`` saves the config (a refused command writes nothing):
-    every teacher it must load is given or trained already (a teacher known by its complete own cache
-    alone needs neither)."""
-    if not cfg.teachers:
-        if _loads_teacher(cfg) and cfg.teacher.server is None:
-            _need_weights(cfg, None)
-        return
-    for entry in cfg.teachers:
-        view = view_config(cfg, entry, feature_teacher=entry.name == feature_teacher_name(cfg))
-        if _loads_teacher(view) and not (entry.cache is not None and cache_complete(view)):
-            _need_weights(view, entry.name)
-
-
-def distill_teachers(run: Run) -> tuple[Teachers, dict | list[dict | None] | None]:
-    """The teachers ``distilflow distill`` needs (trained already or given), loaded, and their results:
-    None for one whose complete cache or server stands in for it (no teacher model is loaded then; a
-    cache written now records the teacher's result). Refused before any training."""
-    views = teacher_views(run)
-    needed = [not view.cache_only and _loads_teacher(view.cfg) for view in views]
-    for view, need in zip(views, needed):
-        if need and view.cfg.teacher.server is None:
-            _need_teacher(view, "distill")
-    loaded = [
-        teacher_stage(view.run, log_tensorboard=False) if need else (None, None) for view, need in zip(views, needed)
-    ]
-    models, results = [m for m, _ in loaded], [r for _, r in loaded]
-    return (models, results) if run.cfg.teachers else (models[0], results[0])
-
-
-def cache_teachers(run: Run) -> list[tuple[TeacherView, dict]]:
-    """``distilflow cache-teacher``: the cache of every teacher that reads one (the one teacher; with
-    ``teachers:`` those under ``cache.use`` or naming their own ``cache``), written or finished, with
-    the teachers' shared vocabulary cut. Returns each view with its manifest."""
-    views = teacher_views(run)
-    targets = [view for view in views if view.cached or not view.named]
-    if not targets:
-        raise UserError(
-            "no teacher reads a cache: set cache.use=true, or give a teacher its own cache folder "
-            "(teachers.<name>.cache=PATH)"
-        )
-    for view in targets:
-        _need_teacher(view, "cache-teacher")
-    trained = {}
-    for view in targets:  # a served teacher's finished cache: nothing to ask the server
-        served_done = view.cfg.teacher.server is not None and cache_complete(view.cfg)
-        trained[view.name] = (None, None) if served_done else teacher_stage(view.run, log_tensorboard=False)
-    models = {name: model for name, (model, _) in trained.items()}
-    vocab = None
-    if run.cfg.teachers:  # the cut all teachers share (widths do not depend on the weights)
-        others = [None if v.cache_only else models.get(v.name) or v.run.work.new_model("teacher") for v in views]
-        vocab = student_vocab(run, new_student(run, None), others)
-    return [
-        (view, cache_stage(view.run, models[view.name], teacher_result=trained[view.name][1], vocab_size=vocab))
-        for view in targets
-    ]
-
-
 def _teacher_list(run: Run, teacher: Teachers) -> list[nn.Module | None]:
     """``teacher`` as one entry per teacher view (the one teacher of ``teacher:``, or the list)."""
     models = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
@@ -292,122 +134,6 @@ def baseline_stage(run: Run, log_tensorboard: bool = True, teacher: Teachers = N
     result = train_stage(run, "baseline", model, objective, task, log_tensorboard=log_tensorboard)
     model = result.model or model  # dist.strategy fsdp2: the unsharded trained copy
     return model.eval(), finish_stage(run, "baseline", model, result)
-
-
-def cache_stage(
-    run: Run,
-    teacher: nn.Module | None,
-    *,
-    teacher_result: dict | None = None,
-    quiet: bool = False,
-    vocab_size: int | None = None,
-) -> dict:
-    """The teacher-signal cache of this config written (or finished) from ``teacher``, or from the served
-    teacher (``teacher`` None); its manifest. ``teacher_result``: the teacher's score and cost, recorded
-    for runs that read the cache instead of loading the teacher; ``quiet``: no progress lines. ``run`` is
-    the teacher's view with several teachers, whose shared vocabulary cut is ``vocab_size`` (None: this
-    teacher's and the student's)."""
-    cfg, work = run.cfg, run.work
-    source = work.cache_source()
-    if cfg.teacher.server is not None:  # one teacher only (teachers: entries are never served)
-        student = work.new_model("student")
-        vocab = vocab_size or student_columns(run, student, teacher_outline(run))
-        signals: Any = ServedCacheSignals(teacher_client(cfg, top_k=cfg.cache.k), vocab_size=vocab)
-        pairs, teacher_layers = [], None
-    else:
-        student = work.new_model("student", teacher if cfg.student.model.init_from_teacher else None)
-        vocab = vocab_size or work.shared_vocab(student, teacher) or logit_width(source, teacher)
-        teacher_layers = teacher_layer_paths(run, teacher)
-        pairs = configured_pairs(run, student, teacher_layers) if cfg.cache.features else []
-        signals = ModelSignals(cfg, source, teacher, vocab_size=vocab, pairs=pairs)
-        if teacher_result is not None:
-            teacher_result = {**teacher_result, **work.facts(teacher)}
-    try:
-        return write_cache(
-            cfg,
-            source,
-            signals,
-            vocab_size=vocab,
-            pairs=pairs,
-            teacher_layers=teacher_layers,
-            teacher_result=teacher_result,
-            quiet=quiet,
-        )
-    finally:
-        if isinstance(signals, ServedCacheSignals):
-            signals.client.close()
-
-
-@dataclass
-class TeacherSide:
-    """What the student's stage takes from one teacher: its cache (if read), the feature layer pairs
-    with both sides' taps and the projection heads (the feature teacher's; none for the others), and
-    the vocabulary cut that teacher alone would set."""
-
-    cache: OpenedCache | None
-    pairs: list
-    student_taps: Taps | None
-    teacher_taps: Taps | None
-    heads: nn.ModuleList
-    vocab: int | None
-
-
-def teacher_side(
-    view: TeacherView,
-    student: nn.Module,
-    teacher: nn.Module | None,
-    vocab: int | None,
-    teacher_result: dict | None = None,
-) -> TeacherSide:
-    """One teacher (its view) as the student's stage uses it. With its cache read, the cache is written
-    first when missing, from the teacher given or the served one (``vocab``: the teachers' shared cut;
-    ``teacher_result`` recorded in it)."""
-    served = view.cfg.teacher.server is not None
-    if view.cached:
-        if (teacher is not None or served) and not cache_complete(view.cfg):
-            cache_stage(view.run, teacher, teacher_result=teacher_result, vocab_size=vocab)
-        cached = open_run_cache(view.run, student)
-        taps = student_taps_of(student, cached.pairs)
-        heads = projection_heads(view.run, student, taps, cached.pairs, cached.teacher.feature_shapes())
-        return TeacherSide(cached, cached.pairs, taps, None, heads, cached.vocab_size)
-    if served:  # top-k log-probabilities only: no features, no teacher model here
-        vocab_alone = view.run.work.shared_vocab(student, teacher_outline(view.run))
-        return TeacherSide(None, [], None, None, nn.ModuleList(), vocab_alone)
-    aligned = live_alignment(view.run, student, teacher)
-    vocab_alone = view.run.work.shared_vocab(student, teacher)
-    return TeacherSide(None, aligned.pairs, aligned.student_taps, aligned.teacher_taps, aligned.heads, vocab_alone)
-
-
-def teacher_signals(
-    run: Run, sides: list[TeacherSide], models: list[nn.Module | None], task, vocab: int | None, features: bool
-):
-    """The ``TeacherSignals`` of the student's stage: the one teacher as it is (live, cached or sharded),
-    or several teachers combined per position (teachers/multi.py). A served teacher read live is set up
-    by :func:`distill_stage` (teacher_side.served_signals)."""
-    cfg, members = run.cfg, []
-    for view, side, teacher in zip(teacher_views(run), sides, models):
-        if side.cache is not None:
-            signals = side.cache.teacher
-        else:
-            # teacher.model.dtype: after init_layers copied float32 weights, before the forward passes.
-            forward: Any = task
-            if run.work.cross_tokenizer != "off":  # the teacher reads its own ids of each aligned row (guarded)
-                forward = TeacherOwnIds(TeacherIdsGuard(run.work.tokenizer, run.work.teacher_tokenizer))
-            signals = LiveTeacher(cast_teacher(teacher, view.cfg.teacher.model.dtype), forward, side.teacher_taps)
-            signals = dist.current().shard_teacher_signals(signals, teacher)  # torchrun + dist.shard_teacher: FSDP2
-        members.append(Member(view.name, signals))
-    if not routed(cfg):
-        return members[0].signals
-    return MultiTeacher(
-        members,
-        combination=combination_of(cfg),
-        temperature=cfg.distill.temperature,
-        vocab_size=vocab,
-        targets=task.targets,
-        feature_teacher=feature_index(run) if features else None,
-        autocast=Precision(cfg.student.train.precision, run.work.device).autocast,
-        chunk_rows=cfg.distill.loss_chunk_rows,
-    )
 
 
 def distill_stage(
@@ -464,10 +190,7 @@ def distill_stage(
     if cfg.distill.label_free:  # the loss reads no label
         task = LabelFreeTask(task)
     width = vocab or logit_width(run.work.cache_source(), model)  # the ids every teacher signal spans
-    if not cfg.teachers and cfg.teacher.server is not None and sides[0].cache is None:  # one served teacher, live
-        signals, task = served_signals(run, model, task, objective)  # the task sends its requests ahead
-    else:
-        signals = teacher_signals(run, sides, models, task, width, features=bool(pairs))
+    signals, task = student_signals(run, sides, models, model, task, objective, width, features=bool(pairs))
     kd_position = None
     if cfg.distill.adaptive is not None:
         kd_position = PositionWeights(adaptive_of(cfg), vocab_size=width, chunk_rows=cfg.distill.loss_chunk_rows)

@@ -188,6 +188,11 @@ def distill_objective(
     )
 
 
+def has_weights(folder: Path) -> bool:
+    """Whether a stage folder holds the final weights of its stage (a trained teacher, baseline or student)."""
+    return (folder / WEIGHTS).is_file()
+
+
 def load_finished(run: Run, stage: str, model: nn.Module) -> dict | None:
     """The result of ``stage`` with its final weights loaded into ``model``, or None when it has not finished."""
     stage_dir = run.stage_dir(stage)

@@ -173,3 +173,9 @@ def cached_teacher_result(cfg: Config) -> dict[str, Any]:
         "note": "the teacher was not loaded (its signals come from the cache) and the cache records no score or "
         "cost for it; run cache-teacher again into a new cache.path to record them",
     }
+
+
+def elsewhere_result(run: Run) -> dict[str, Any]:
+    """The result of a teacher not loaded here (:func:`teacher_elsewhere`): recorded in the complete cache
+    that stands in for it, else scored by its server."""
+    return cached_teacher_result(run.cfg) if reads_cache(run.cfg) else served_teacher_result(run)

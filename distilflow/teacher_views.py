@@ -27,9 +27,9 @@ from torch import nn
 
 from distilflow.config import Config, NamedTeacherConfig
 from distilflow.config_teachers import ONE_TEACHER
-from distilflow.data.cache import cache_complete, cache_dir, logit_width, read_manifest
+from distilflow.data.cache import cache_complete, cache_dir, logit_width, read_manifest, reads_cache
 from distilflow.errors import UserError
-from distilflow.stages import Run
+from distilflow.stages import Run, has_weights
 from distilflow.teacher_side import shared_vocab_of
 
 
@@ -60,8 +60,7 @@ class TeacherView:
     @property
     def cache_only(self) -> bool:
         """A teacher known by its complete own cache alone: nothing to train or load for distillation."""
-        trained = (self.run.stage_dir("teacher") / "model.safetensors").is_file()
-        return self.own_cache and not self.given and not trained and cache_complete(self.cfg)
+        return known_by_cache(self.cfg, own_cache=self.own_cache)
 
 
 def view_config(cfg: Config, entry: NamedTeacherConfig, *, feature_teacher: bool) -> Config:
@@ -174,3 +173,42 @@ def student_vocab(run: Run, student: nn.Module, teachers: Sequence[nn.Module | N
     widths = [teacher_width(view, teacher) for view, teacher in zip(views, teachers)]
     student_width = logit_width(run.work.cache_source(), student)
     return common_width(views, widths, student_width=student_width, per_token=run.work.per_token)
+
+
+# --- what stands in for a teacher's model ---------------------------------------------------------------
+
+
+def known_by_cache(cfg: Config, *, own_cache: bool) -> bool:
+    """Whether the teacher of ``cfg`` (a view's config) is known by its complete own cache alone: it names its
+    own ``cache`` folder (``own_cache``), its weights are neither given nor trained in its folder."""
+    given = bool(cfg.teacher.model.pretrained)
+    return own_cache and not given and not has_weights(cfg.run_dir / "teacher") and cache_complete(cfg)
+
+
+def stand_in(cfg: Config, command: str, *, own_cache: bool = False) -> str | None:
+    """What stands in for the model of the teacher of ``cfg`` (the run's config, or a view's for one of
+    ``teachers:``, ``own_cache`` when it names its own cache folder) in ``command`` ("distill", "eval" or
+    "cache-teacher"), so that its model is not built or loaded there:
+
+    - "cache": its complete cache. Every command: a named teacher known by its own cache alone
+      (:func:`known_by_cache`); ``distill`` also: a teacher whose signals are all read from a complete
+      cache (``data.cache.reads_cache``). ``eval`` scores models and ``cache-teacher`` writes caches, so
+      there a cache stands in only for a teacher that has no model at all.
+    - "server": ``teacher.server`` (one teacher only), asked for its log-probabilities and its score.
+    - None: its model is loaded here, given or trained already (:func:`check_teacher_weights`).
+    """
+    if known_by_cache(cfg, own_cache=own_cache) or (command == "distill" and reads_cache(cfg)):
+        return "cache"
+    return "server" if cfg.teacher.server is not None else None
+
+
+def check_teacher_weights(cfg: Config, name: str | None) -> None:
+    """The teacher of ``cfg`` (a view's config for teacher ``name``) is given or trained already, else one line."""
+    folder = cfg.run_dir / "teacher"
+    if not cfg.teacher.model.pretrained and not has_weights(folder):
+        which = f"teacher '{name}'" if name else "trained teacher"
+        key = f"teachers.{name}.model" if name else "teacher.model"
+        raise UserError(
+            f"no {which} in '{folder}'; run 'distilflow train-teacher' with this config "
+            f"first, or set {key}.checkpoint=PATH (or {key}.hf.path for a Hugging Face folder)"
+        )

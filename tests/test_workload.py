@@ -76,7 +76,8 @@ def test_make_workload_builds_each_kind_and_each_is_a_workload(tmp_path, tiny_ov
 def test_the_stages_and_deploy_use_workloads_only_through_the_protocol():
     """pipeline.py, stages, the CLI and deploy/ import no workload implementation (make_workload builds them)."""
     implementations = {"distilflow.tasks.classify", "distilflow.tasks.causal_lm_workload", "distilflow.tasks.reasoning"}
-    files = [ROOT / "distilflow" / name for name in ("pipeline.py", "cli.py")]
+    stage_lists = ("pipeline.py", "teacher_stages.py", "teacher_signals.py", "cli.py", "cli_args.py")
+    files = [ROOT / "distilflow" / name for name in stage_lists]
     files += sorted((ROOT / "distilflow" / "deploy").glob("*.py"))
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):

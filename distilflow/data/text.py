@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distilflow.data.bad_lines import BadLines
 from distilflow.data.chat import chat_messages
 from distilflow.errors import UserError
 from distilflow.losses.objective import IGNORE_INDEX
@@ -200,7 +201,7 @@ def read_records(
     """
     if on_error not in ON_ERROR:
         raise UserError(f"on_error {on_error!r} is not allowed; use one of {', '.join(ON_ERROR)}")
-    result = ReadResult(records=[])
+    result, bad = ReadResult(records=[]), BadLines(on_error)
     files = _files(paths)
     for path in files:
         if path.suffix == ".txt":
@@ -215,11 +216,7 @@ def read_records(
                     raise row
                 record = _record_from_row(row)
             except _BadRow as error:
-                message = f"{path}: {where} {error}"
-                if on_error == "raise":
-                    raise UserError(f"{message} (set on_error=skip to skip bad lines)") from None
-                result.skipped += 1
-                result.problems.append(message)
+                bad.add(f"{path}: {where} {error}")
                 continue
             if record is not None and teacher_column is not None:
                 route = _route(row, teacher_column, teachers)
@@ -230,6 +227,7 @@ def read_records(
                 result.empty += 1
             else:
                 result.records.append(record)
+    result.skipped, result.problems = bad.skipped, bad.problems
     if not result.records:
         raise UserError(f"no usable records in {', '.join(map(str, files))}: {result.summary()}; {FIELDS_HINT}")
     return result

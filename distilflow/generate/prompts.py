@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distilflow.data.bad_lines import BadLines
 from distilflow.data.chat import chat_messages
 from distilflow.data.text import read_utf8
 from distilflow.errors import UserError
@@ -92,6 +93,7 @@ def read_prompts(path: str | Path, *, on_error: str = "raise") -> PromptSet:
     if not file.is_file():
         raise UserError(f"prompt file '{file}' does not exist; give a JSONL file ({FIELDS_HINT})")
     out = PromptSet(prompts=[])
+    bad = BadLines(on_error, skip_key="generate.on_error")
     seen: set[str] = set()
     for number, line in enumerate(read_utf8(file).split("\n"), start=1):
         if not line.strip():
@@ -103,11 +105,7 @@ def read_prompts(path: str | Path, *, on_error: str = "raise") -> PromptSet:
                 raise _BadLine(f"is not valid JSON ({error.msg})") from None
             text, messages, answer, given_id = _prompt_from_row(row)
         except _BadLine as error:
-            message = f"{file}: line {number} {error}"
-            if on_error == "raise":
-                raise UserError(f"{message} (set generate.on_error=skip to skip bad lines)") from None
-            out.skipped += 1
-            out.problems.append(message)
+            bad.add(f"{file}: line {number} {error}")
             continue
         pid = given_id if given_id is not None else prompt_id(text, messages)
         if pid in seen:
@@ -115,6 +113,7 @@ def read_prompts(path: str | Path, *, on_error: str = "raise") -> PromptSet:
             continue
         seen.add(pid)
         out.prompts.append(Prompt(pid, text, messages, answer, f"{file}: line {number}"))
+    out.skipped, out.problems = bad.skipped, bad.problems
     if not out.prompts:
         raise UserError(f"prompt file '{file}' has no usable prompt ({out.skipped} bad lines skipped); {FIELDS_HINT}")
     return out

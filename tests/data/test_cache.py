@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from distilflow import pipeline
+from distilflow import pipeline, teacher_signals, teacher_stages
 from distilflow.cli import main
 from distilflow.config import load_config
 from distilflow.data import cache as cache_mod
@@ -66,7 +66,7 @@ def test_full_cache_distillation_equals_live_teacher_classifier(classifier_teach
     def no_teacher(*_a, **_k):
         raise AssertionError("the teacher must not be loaded when a complete cache is used")
 
-    monkeypatch.setattr(pipeline, "teacher_stage", no_teacher)
+    monkeypatch.setattr(teacher_stages, "teacher_stage", no_teacher)
     assert main(["distill", *cached, "--no-tensorboard"]) == 0
     live, from_cache = _losses(root / "live"), _losses(root / "cached")
     assert [r["phase"] for r in live] == ["feature_alignment"] * 2 + ["soft_label_pretrain"] * 5 + [
@@ -104,8 +104,8 @@ def test_topk_signals_equal_top_k_of_teacher_log_softmax(tmp_path, tiny_lm_args)
     args += ["distill.temperature=2.0"]
     cfg = load_config(args[0], args[1:])
     run = pipeline.open_run(cfg)
-    teacher, _ = pipeline.teacher_stage(run, log_tensorboard=False)
-    pipeline.cache_stage(run, teacher, quiet=True)
+    teacher, _ = teacher_stages.teacher_stage(run, log_tensorboard=False)
+    teacher_signals.cache_stage(run, teacher, quiet=True)
     manifest = read_manifest(cache_mod.cache_dir(cfg))
     reader = CachedTeacher(cache_mod.cache_dir(cfg), manifest, torch.device("cpu"))
     rows = torch.tensor([0, 8, 9, 17, manifest["identity"]["rows"] - 1])  # across shard borders

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distilflow import pipeline
+from distilflow import teacher_stages
 from distilflow.cli import main
 from distilflow.config import load_config
 from distilflow.tasks.cross_tokenizer import CrossTokenizerWorkload
@@ -139,7 +139,7 @@ def test_a_full_cache_across_tokenizers_gives_the_live_teachers_losses(live_run,
     def no_teacher(*_a, **_k):
         raise AssertionError("the teacher must not be loaded when a complete cache is used")
 
-    monkeypatch.setattr(pipeline, "teacher_stage", no_teacher)
+    monkeypatch.setattr(teacher_stages, "teacher_stage", no_teacher)
     assert main(["distill", *cached, "--no-tensorboard"]) == 0
     live, from_cache = student_losses(root / "live"), student_losses(root / "cached")
     for a, b in zip(live, from_cache, strict=True):

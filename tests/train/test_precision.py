@@ -381,7 +381,7 @@ def test_refused_before_anything_is_written(tmp_path, tiny_overrides, capsys, ex
 
 
 def test_bf16_run_reports_peak_memory_per_stage(tmp_path, tiny_overrides, monkeypatch):
-    import distilflow.pipeline as pipeline
+    import distilflow.teacher_signals as teacher_signals
 
     seen = []
 
@@ -390,7 +390,7 @@ def test_bf16_run_reports_peak_memory_per_stage(tmp_path, tiny_overrides, monkey
             seen.append(next(model.parameters()).dtype)
             super().__init__(model, task, taps)
 
-    monkeypatch.setattr(pipeline, "LiveTeacher", Recording)
+    monkeypatch.setattr(teacher_signals, "LiveTeacher", Recording)
     out = tmp_path / "run"
     extra = ["student.train.precision=bf16", "teacher.train.precision=bf16", "teacher.model.dtype=bfloat16"]
     assert main(["run", *tiny_overrides(out), *extra, "--no-tensorboard"]) == 0
@@ -409,7 +409,7 @@ def test_bf16_run_reports_peak_memory_per_stage(tmp_path, tiny_overrides, monkey
 
 
 def test_lm_run_with_bf16_checkpointing_and_a_bf16_hf_config_teacher(tmp_path, tiny_lm_args, monkeypatch):
-    import distilflow.pipeline as pipeline
+    import distilflow.teacher_signals as teacher_signals
 
     seen = []
 
@@ -418,7 +418,7 @@ def test_lm_run_with_bf16_checkpointing_and_a_bf16_hf_config_teacher(tmp_path, t
             seen.append(next(model.parameters()).dtype)
             super().__init__(model, task, taps)
 
-    monkeypatch.setattr(pipeline, "LiveTeacher", Recording)
+    monkeypatch.setattr(teacher_signals, "LiveTeacher", Recording)
     extra = [
         "teacher.model.dtype=bfloat16",
         "student.train.precision=bf16",
