@@ -1,7 +1,7 @@
 """CE-only vs ULD vs hybrid across tokenizers, several seeds, one fixed teacher; and the cost per step.
 
     python benchmarks/cross_tokenizer_kd.py [--seeds 0 1 2] [--out DIR] [--cost-steps 20] [--full]
-        [--modes uld hybrid] [key=value ...]
+        [--modes uld hybrid] [--teacher PATH] [key=value ...]
 
 The config is configs/lm_stdlib_cross_tokenizer.yaml (the demo's Llama teacher on the byte-level BPE
 2,048, a Qwen2-style student on the unigram 4,096), shortened by SHORT (fewer characters and steps, one
@@ -75,13 +75,14 @@ def main() -> None:
     parser.add_argument("--cost-steps", type=int, default=20)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--full", action="store_true", help="the shipped demo's length, not SHORT")
+    parser.add_argument("--teacher", help="a trained teacher's model.safetensors (its result.json beside it)")
     parser.add_argument("--modes", nargs="+", choices=["uld", "hybrid"], default=["uld", "hybrid"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     global PRESET
     PRESET = FULL if args.full else SHORT
     out = Path(args.out)
-    teacher = trained_teacher(out, args.overrides)
+    teacher = Path(args.teacher) if args.teacher else trained_teacher(out, args.overrides)
     teacher_result = json.loads((teacher.parent / "result.json").read_text())
     print(f"teacher: {teacher_result}", flush=True)
     rows: dict[str, list[dict]] = {"ce": [], **{mode: [] for mode in args.modes}}
