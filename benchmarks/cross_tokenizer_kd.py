@@ -1,12 +1,14 @@
 """CE-only vs ULD vs hybrid across tokenizers, several seeds, one fixed teacher; and the cost per step.
 
-    python benchmarks/cross_tokenizer_kd.py [--seeds 0 1 2] [--out DIR] [--cost-steps 20] [key=value ...]
+    python benchmarks/cross_tokenizer_kd.py [--seeds 0 1 2] [--out DIR] [--cost-steps 20] [--full]
+        [--modes uld hybrid] [--teacher PATH] [key=value ...]
 
 The config is configs/lm_stdlib_cross_tokenizer.yaml (the demo's Llama teacher on the byte-level BPE
 2,048, a Qwen2-style student on the unigram 4,096), shortened by SHORT (fewer characters and steps, one
-kd + ce phase) unless overridden. The teacher is trained once (or read back from --out); per seed the
-student is trained three times on the same aligned rows: CE only (the baseline stage), ULD and the
-hybrid. Prints held-out perplexity (over the student's own tokens) and bits per character, mean +- std.
+kd + ce phase) unless ``--full`` (the shipped demo as it is, at threads=1) or overridden. The teacher is
+trained once (or read back from --out); per seed the student is trained on the same aligned rows: CE only
+(the baseline stage) and once per ``--modes`` (ULD and the hybrid). Prints held-out perplexity (over the
+student's own tokens) and bits per character, mean +- std, and the hybrid's gap to CE per seed.
 
 Cost: ``--cost-steps`` distillation steps of same-tokenizer KD (a student of the same family on the
 teacher's BPE), ULD and the hybrid, one after another in this process: seconds per step (wall and CPU)
@@ -44,8 +46,12 @@ SHORT = [  # 35 min at threads=1 on a 2-core machine at load 6-11 (the full demo
 ]
 
 
+FULL = ["threads=1", "deploy.enabled=false"]  # the shipped demo: ~80 min at threads=1 for CE + hybrid, 3 seeds
+PRESET = SHORT
+
+
 def trained_teacher(out: Path, overrides: list[str]) -> Path:
-    cfg = load_config(CONFIG, [*SHORT, *overrides, f"output_dir={out / 'teacher_run'}"])
+    cfg = load_config(CONFIG, [*PRESET, *overrides, f"output_dir={out / 'teacher_run'}"])
     run = open_run(cfg)
     weights = run.stage_dir("teacher") / "model.safetensors"
     if not weights.is_file():
@@ -54,7 +60,7 @@ def trained_teacher(out: Path, overrides: list[str]) -> Path:
 
 
 def stage_run(out: Path, name: str, teacher: Path, overrides: list[str]):
-    cfg = load_config(CONFIG, [*SHORT, *overrides, f"output_dir={out / name}", f"teacher.model.checkpoint={teacher}"])
+    cfg = load_config(CONFIG, [*PRESET, *overrides, f"output_dir={out / name}", f"teacher.model.checkpoint={teacher}"])
     run = open_run(cfg)
     return run, teacher_stage(run, log_tensorboard=False)[0]
 
@@ -69,18 +75,23 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-cross-tokenizer")
     parser.add_argument("--cost-steps", type=int, default=20)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--full", action="store_true", help="the shipped demo's length, not SHORT")
+    parser.add_argument("--teacher", help="a trained teacher's model.safetensors (its result.json beside it)")
+    parser.add_argument("--modes", nargs="+", choices=["uld", "hybrid"], default=["uld", "hybrid"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
+    global PRESET
+    PRESET = FULL if args.full else SHORT
     out = Path(args.out)
-    teacher = trained_teacher(out, args.overrides)
+    teacher = Path(args.teacher) if args.teacher else trained_teacher(out, args.overrides)
     teacher_result = json.loads((teacher.parent / "result.json").read_text())
     print(f"teacher: {teacher_result}", flush=True)
-    rows: dict[str, list[dict]] = {"ce": [], "uld": [], "hybrid": []}
+    rows: dict[str, list[dict]] = {"ce": [], **{mode: [] for mode in args.modes}}
     for seed in [] if args.skip_quality else args.seeds:
-        for mode in ("uld", "hybrid"):
+        for mode in args.modes:
             given = [*args.overrides, f"seed={seed}", f"distill.cross_tokenizer={mode}"]
             run, frozen = stage_run(out, f"seed{seed}-{mode}", teacher, given)
-            if mode == "uld":  # CE only on the same aligned rows: the baseline stage
+            if mode == args.modes[0]:  # CE only on the same aligned rows: the baseline stage
                 _, base = baseline_stage(run, log_tensorboard=False, teacher=frozen)
                 rows["ce"].append(base)
                 print(f"seed {seed} ce: {base}", flush=True)
@@ -96,6 +107,11 @@ def main() -> None:
             ppl = mean_std([r["perplexity"] for r in results])
             bpc = mean_std([r["bits_per_char"] for r in results])
             print(f"{mode:<8} {ppl:>26} {bpc:>20}")
+        for mode in args.modes:  # paired by seed: same init, batch order and rows as the CE run
+            gaps = [ce["bits_per_char"] - r["bits_per_char"] for ce, r in zip(rows["ce"], rows[mode], strict=True)]
+            print(f"{mode} better than CE by (bits/char, per seed): {[round(g, 4) for g in gaps]} = {mean_std(gaps)}")
+    if args.cost_steps <= 0:
+        return
     cost = [f"student.train.steps={args.cost_steps}", "student.train.eval_every=0", "seed=0", *args.overrides]
     cost.append("data.stdlib.eval_chars=20000")  # the stage's closing evaluation stays small next to its steps
     print(f"\ncost per distillation step ({args.cost_steps} steps each, one process, in this order)")

@@ -97,6 +97,19 @@ def check_cross_tokenizer_config(cfg: Config) -> None:
         )
     if c.use and c.features:
         raise UserError(f"cache.features: {where} teacher features are not cached; set cache.features=false")
+    if cfg.teacher is not None and cfg.teacher.server is not None:  # its requests and answers are in one vocabulary
+        raise UserError(
+            f"teacher.server: a served teacher is not supported {where} (the server is checked against the "
+            "student's tokenizer and scores one tokenizer's rows); serve a teacher with the student's tokenizer, "
+            "or drop teacher.server so that the teacher (teacher.model.hf.path) runs here or from its cache"
+        )
+    kd_only = [phase.name for phase in d.phases if "kd" in phase.terms and "ce" not in phase.terms]
+    if kd_only:  # allowed (a user may know better), but the measured demo says why it is a poor default
+        print(
+            f"distilflow: note: distill.phases {kd_only} have kd without ce: {where} the KD term does not teach "
+            "the student which of its own pieces comes next, so keep ce in every phase (docs/CROSS_TOKENIZER.md, 5)",
+            file=sys.stderr,
+        )
 
 
 def spelled_prefix(spelling: list[bytes | None], ids: list[int]) -> tuple[str, list[int]]:

@@ -181,6 +181,26 @@ def test_what_cannot_work_across_tokenizers_is_refused_in_one_line(tmp_path, liv
     assert not out.exists()
 
 
+def test_a_kd_only_phase_across_tokenizers_is_a_note(live_run, capsys):
+    root, _ = live_run
+    phases = "distill.phases=[{name: soft, fraction: 0.5, terms: [kd]}, {name: joint, fraction: 0.5, terms: [kd, ce]}]"
+    make_workload(load_config(None, stdlib_args(root / "unused", root / "cache", phases)), torch.device("cpu"))
+    assert "note: distill.phases ['soft'] have kd without ce: across tokenizers" in capsys.readouterr().err
+    make_workload(load_config(None, stdlib_args(root / "unused", root / "cache")), torch.device("cpu"))
+    assert "kd without ce" not in capsys.readouterr().err
+
+
+def test_a_served_teacher_across_tokenizers_is_refused_before_the_server_is_asked(tmp_path, live_run, capsys):
+    root, _ = live_run
+    out = tmp_path / "served"
+    served = [f"teacher.model.hf.path={root / 'live' / 'teacher' / 'hf'}", "teacher.server.model=teacher"]
+    served += ["teacher.server.url=http://127.0.0.1:9", "distill.temperature=1.0"]  # nothing listens at :9
+    args = [a for a in stdlib_args(out, root / "cache", *served) if not a.startswith("teacher.model.hf.config")]
+    assert main(["distill", *args]) == 2
+    assert "teacher.server: a served teacher is not supported across tokenizers" in one_error(capsys)
+    assert not out.exists()
+
+
 def test_a_feature_phase_with_a_layer_map_compares_groups(tmp_path, live_run):
     root, _ = live_run
     extra = ["distill.layer_map=uniform", "distill.phases=[{name: f, fraction: 1.0, terms: [feature, kd]}]"]
@@ -234,3 +254,62 @@ def test_chat_records_with_a_chat_template_on_one_side_only_are_refused(tmp_path
     assert main(["run", *args]) == 2
     assert "the student tokenizer has a chat template and the teacher tokenizer has none" in one_error(capsys)
     assert not out.exists()
+
+
+def test_generate_traces_train_a_student_of_another_tokenizer_with_and_without_kd(tmp_path, live_run):
+    """Sequence-level KD across tokenizers (docs/CROSS_TOKENIZER.md): ``generate`` decodes the teacher's samples
+    with its own BPE and writes text; a student on the unigram tokenizer trains on that text with CE alone (no
+    alignment), and with the hybrid KD term added the same records are aligned like any other text.
+
+    References: the generated completions are the teacher's decoding (its own tokenizer's round trip), and the
+    student's scored tokens per row are the unigram tokenizer's own count for the completion."""
+    from distilflow.models.hf import load_tokenizer
+
+    root, _ = live_run
+    teacher_hf = root / "live" / "teacher" / "hf"
+    (unigram,) = (root / "cache").glob("stdlib-unigram-*")
+    heads = ["def parse(", "import os\n", "class Reader:\n    ", "for line in ", "return self.", "if name is "]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(heads)))
+    traces = tmp_path / "traces.jsonl"
+    generate = [f"output_dir={tmp_path / 'gen'}", "threads=1", f"generate.model={teacher_hf}"]
+    generate += [f"generate.prompts={prompts}", f"generate.output={traces}", "generate.n=2", "generate.verifier=none"]
+    generate += ["generate.max_new_tokens=12", "generate.keep_truncated=true", "generate.temperature=1.0", "seed=3"]
+    assert main(["generate", *generate]) == 0
+    samples = [json.loads(line) for line in traces.read_text().splitlines()]
+    assert len(samples) >= 4 and {s["prompt"] for s in samples} <= set(heads)
+    teacher_tok = load_tokenizer(teacher_hf)
+    for s in samples:  # text the teacher's BPE writes back unchanged: no ids of either side are carried
+        assert (
+            teacher_tok.decode(teacher_tok(s["completion"], add_special_tokens=False)["input_ids"]) == s["completion"]
+        )
+
+    def on_traces(out: Path, terms: str) -> list[str]:
+        own = ("data.stdlib.", "teacher.model.hf.config", "distill.phases")  # replaced below
+        args = [a for a in stdlib_args(out, root / "cache") if not a.startswith(own)]
+        args += ["data.source=text", f"data.text.path={traces}", "data.text.pack=false", "data.text.seq_len=64"]
+        args += [f"data.text.tokenizer={unigram}", f"data.text.teacher_tokenizer={teacher_hf}"]  # 64: no row is cut
+        return [
+            *args,
+            f"teacher.model.hf.path={teacher_hf}",
+            f"distill.phases=[{{name: p, fraction: 1.0, terms: {terms}}}]",
+        ]
+
+    # CE alone: the student reads the teacher's text with its own tokenizer; the teacher is not consulted.
+    assert main(["distill", *on_traces(tmp_path / "sft", "[ce]")]) == 0
+    sft = student_losses(tmp_path / "sft")
+    assert len(sft) == 4 and all(math.isfinite(r["ce"]) and "kd" not in r for r in sft)
+    # + the hybrid (its two parts logged): the same records aligned across tokenizers, each side on its own ids.
+    assert main(["distill", *on_traces(tmp_path / "kd", "[kd, ce]")]) == 0
+    kd = student_losses(tmp_path / "kd")
+    assert len(kd) == 4 and all(r["kd"] == pytest.approx(r["kd_matched"] + r["kd_unmatched"], rel=1e-4) for r in kd)
+    assert json.loads((tmp_path / "kd" / "student" / "result.json").read_text())["bits_per_char"] > 0
+    # The student's rows: its own tokens of prompt + completion, loss on the completion's tokens only.
+    work = make_workload(load_config(None, on_traces(tmp_path / "kd", "[kd, ce]")), torch.device("cpu"))
+    assert isinstance(work, CrossTokenizerWorkload)
+    student_tok = load_tokenizer(unigram)
+    rows = [work.train["labels"], work.held_out["labels"]]
+    scored = sorted(int(n) for labels in rows for n in (labels != -100).sum(dim=1))
+    completion_ids = [student_tok(s["completion"], add_special_tokens=False)["input_ids"] for s in samples]
+    expected = sorted(len(ids) + 1 for ids in completion_ids)  # + the EOS that ends each completion
+    assert scored == expected
