@@ -94,14 +94,16 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("run", "train-teacher", "distill", "resume"):
             p.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
         if name == "size-student":
-            p.add_argument("--latency-ms", type=float, default=None, help="p90 latency budget of one call, ms")
+            p.add_argument("--latency-ms", type=float, default=None, help="p90 budget, ms per call (LM: per token)")
+            p.add_argument("--max-memory-mb", type=float, default=None, help="peak RSS budget of the inference process")
             p.add_argument("--max-params", type=int, default=None, help="parameter budget (alone or with the others)")
             p.add_argument("--max-macs", type=int, default=None, help="MACs-per-sample budget")
             p.add_argument("--batch", type=int, default=1, help="rows per call (default 1)")
             p.add_argument("--backend", default="ort-int8", help="ort-int8 (default), ort-fp32, torch or genai-int4")
             p.add_argument("--threads", type=int, default=1, help="CPU threads of every candidate (default 1)")
             p.add_argument("--repeats", type=int, default=30, help="interleaved timed calls per candidate")
-            p.add_argument("--widths", default=None, help="comma-separated widths (mlp) or largest channels (cnn)")
+            p.add_argument("--widths", default=None, help="comma-separated mlp widths, cnn channels or LM hidden")
+            p.add_argument("--depths", default=None, help="comma-separated decoder depths (LM students)")
             p.add_argument("--out", default="sizing", help="folder for student.yaml, report.md, latency.png")
     return parser
 
@@ -185,8 +187,9 @@ def _cmd_size_student(ns) -> int:
 
     out = Path(ns.out)
     sizing = {"latency_ms": ns.latency_ms, "max_params": ns.max_params, "max_macs": ns.max_macs}
-    sizing.update(batch=ns.batch, backend=ns.backend, threads=ns.threads)
-    result = size_student(_load(ns.args), **sizing, out=out, repeats=ns.repeats, widths=parse_widths(ns.widths))
+    sizing.update(batch=ns.batch, backend=ns.backend, threads=ns.threads, max_memory_mb=ns.max_memory_mb)
+    sizing.update(widths=parse_widths(ns.widths), depths=parse_widths(ns.depths, "--depths"))
+    result = size_student(_load(ns.args), **sizing, out=out, repeats=ns.repeats)
     print(summary_line(result, out))
     return 0
 

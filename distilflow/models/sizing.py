@@ -17,6 +17,7 @@ so candidates can be ordered by size without timing them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ class Candidate:
     params: int = 0
     macs: int = 0
     module: nn.Module | None = field(default=None, repr=False)
+    path: Path | None = None  # the exported file a memory measurement loads
 
 
 def mlp_shapes(hidden: list[int], widths: tuple[int, ...] | list[int] = WIDTHS) -> list[list[int]]:
