@@ -11,7 +11,7 @@ latency):
   multiple of 4, at least 4), at the configured depth and one block less; the kernel size kept.
 
 Each candidate carries its parameters and MACs per sample (the FLOP counter, as the results table),
-so candidates can be ordered by size without timing them.
+so candidates can be ordered by size without timing them. Causal-LM candidates: models/sizing_lm.py.
 """
 
 from __future__ import annotations
