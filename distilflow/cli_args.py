@@ -87,14 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "train-teacher", "distill", "resume"):
             p.add_argument("--no-tensorboard", action="store_true", help="write metrics.jsonl only")
         if name == "size-student":
-            p.add_argument("--latency-ms", type=float, default=None, help="p90 latency budget of one call, ms")
+            p.add_argument("--latency-ms", type=float, default=None, help="p90 budget, ms per call (LM: per token)")
+            p.add_argument("--max-memory-mb", type=float, default=None, help="peak RSS budget of the inference process")
             p.add_argument("--max-params", type=int, default=None, help="parameter budget (alone or with the others)")
             p.add_argument("--max-macs", type=int, default=None, help="MACs-per-sample budget")
             p.add_argument("--batch", type=int, default=1, help="rows per call (default 1)")
             p.add_argument("--backend", default="ort-int8", help="ort-int8 (default), ort-fp32, torch or genai-int4")
             p.add_argument("--threads", type=int, default=1, help="CPU threads of every candidate (default 1)")
             p.add_argument("--repeats", type=int, default=30, help="interleaved timed calls per candidate")
-            p.add_argument("--widths", default=None, help="comma-separated widths (mlp) or largest channels (cnn)")
+            p.add_argument("--widths", default=None, help="comma-separated mlp widths, cnn channels or LM hidden")
+            p.add_argument("--depths", default=None, help="comma-separated decoder depths (LM students)")
             p.add_argument("--out", default="sizing", help="folder for student.yaml, report.md, latency.png")
     return parser
 

@@ -1,4 +1,4 @@
-"""``distilflow size-student``: the largest student shape that meets a latency budget on this machine.
+"""``distilflow size-student``: the largest student shape that meets a latency / memory budget on this machine.
 
 Candidates (models/sizing.py: widths or channels around the configured student, no training) are
 each exported with the backend the user will ship (``torch``: eager; ``ort-fp32``: deploy/export.py;
@@ -11,6 +11,13 @@ the latency); the chosen one is the **largest** of those, by MACs per sample, th
 the student can spend). Written to ``--out``: ``student.yaml`` (the config with the chosen
 ``student.model``: pass it to ``distilflow run``), ``report.md`` (every candidate: params, MACs, p50 /
 p90, size on disk) and ``latency.png`` (latency against MACs, the budget drawn).
+
+Causal-LM students (the candidates of models/sizing_lm.py, timed per generated token with the backend
+shipped, including ``genai-int4``) are measured by size_student_lm.py; the choice and the outputs are
+the same. ``--max-memory-mb`` is a limit on the **peak resident memory of the process that runs the
+shipped model** (deploy/memory.py: a fresh child imports the backend's runtime, loads the candidate's
+files and runs the timed workload once; VmHWM), runtime libraries included: what a device must have
+free. It is measured only when that budget is given (one child per candidate).
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from distilflow.config import Config, default_feature_layers, to_dict
 from distilflow.data.classification import load_classification
@@ -45,10 +51,10 @@ def require_backend(backend: str, kind: str) -> None:
         from distilflow.deploy.genai import require_genai
 
         require_genai()
-        raise UserError(
-            "--backend genai-int4 builds causal LMs; size-student sizes classifier students (mlp, cnn1d, cnn2d) "
-            "today: use ort-int8, ort-fp32 or torch"
-        )
+        if kind != "causal_lm":
+            raise UserError(
+                "--backend genai-int4 builds causal LMs; for a classifier student use ort-int8, ort-fp32 or torch"
+            )
     if backend.startswith("ort"):
         try:
             import onnxruntime  # noqa: F401
@@ -60,35 +66,57 @@ def require_backend(backend: str, kind: str) -> None:
 
 
 def variant(c: Candidate, backend: str, folder: Path, example: torch.Tensor, threads: int) -> Variant:
+    """The candidate as ``backend`` ships it; its files stay in ``folder`` (a memory child loads them)."""
+    stem = folder / str(len(list(folder.iterdir())))
     if backend == "torch":
+        from safetensors.torch import save_file
+
+        save_file(c.module.state_dict(), f"{stem}.safetensors")
+        c.path = Path(f"{stem}.safetensors")
         return torch_variant(c.name, c.module, "classifier")
-    onnx = export_onnx(c.module, {"x": example}, folder / f"{len(list(folder.iterdir()))}.onnx", kind="classifier")
+    onnx = export_onnx(c.module, {"x": example}, Path(f"{stem}.onnx"), kind="classifier")
     if backend == "ort-int8":
         from distilflow.deploy.quantize import ort_dynamic
 
         onnx = ort_dynamic(onnx, onnx.with_suffix(".int8.onnx"))
+    c.path = onnx
     return ort_variant(c.name, onnx, threads)
 
 
-def parse_widths(text: str | None) -> list[int] | None:
-    """``--widths 32,64,128`` -> [32, 64, 128]; None -> the built-in grid."""
+def memory_spec(c: Candidate, backend: str, threads: int, batch: int, input_shape: tuple, classes: int) -> dict:
+    """How deploy/memory.py's child loads and runs a classifier candidate (``variant`` wrote its file)."""
+    kind = "torch-classifier" if backend == "torch" else "ort"
+    return {
+        "kind": kind,
+        "path": str(c.path),
+        "threads": threads,
+        "batch": batch,
+        "input_shape": list(input_shape),
+        "num_classes": classes,
+        "model": c.model,
+    }
+
+
+def parse_widths(text: str | None, flag: str = "--widths") -> list[int] | None:
+    """``--widths 32,64,128`` -> [32, 64, 128] (also ``--depths``); None -> the built-in grid."""
     if not text:
         return None
     try:
         widths = [int(w) for w in text.split(",")]
     except ValueError:
-        raise UserError(f"--widths {text!r}: give comma-separated whole numbers, e.g. 32,64,128") from None
+        raise UserError(f"{flag} {text!r}: give comma-separated whole numbers, e.g. 32,64,128") from None
     if min(widths) < 1:
-        raise UserError(f"--widths {text!r}: every width must be >= 1")
+        raise UserError(f"{flag} {text!r}: every value must be >= 1")
     return widths
 
 
 def summary_line(result: dict[str, Any], out: Path) -> str:
     c = next(r for r in result["candidates"] if r["name"] == result["chosen"])
+    memory = f", peak RSS {c['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in c else ""
     return (
-        f"chosen {c['name']}: {c['params']:,} params, {c['macs']:,} MACs, p50 {c['p50_ms']:.3f} ms, p90 "
-        f"{c['p90_ms']:.3f} ms ({budget_words(result['budget'])}); {len(result['candidates'])} candidates "
-        f"in {out / 'report.md'}; run it: distilflow run {out / 'student.yaml'}"
+        f"chosen {c['name']}: {c['params']:,} params, {c['macs']:,} MACs{per(result['budget'])}, p50 "
+        f"{c['p50_ms']:.3f} ms, p90 {c['p90_ms']:.3f} ms{memory} ({budget_words(result['budget'])}); "
+        f"{len(result['candidates'])} candidates in {out / 'report.md'}; run it: distilflow run {out / 'student.yaml'}"
     )
 
 
@@ -106,35 +134,53 @@ def measure(variants: list[Variant], feeds: dict[str, np.ndarray], *, repeats: i
     return times
 
 
+def per(budget: dict[str, Any]) -> str:
+    """What MACs are counted per: a sample (classifiers) or a token (causal LMs)."""
+    return " per token" if budget.get("kind") == "causal_lm" else " per sample"
+
+
 def budget_words(budget: dict[str, Any]) -> str:
     """``p90 <= 0.3 ms at batch 256 with ort-int8, <= 50,000 params``: the limits that were given."""
     words = []
     if budget.get("latency_ms") is not None:
-        words.append(f"p90 <= {budget['latency_ms']:g} ms at batch {budget['batch']} with {budget['backend']}")
+        unit = " per generated token" if budget.get("kind") == "causal_lm" else ""
+        words.append(f"p90 <= {budget['latency_ms']:g} ms{unit} at batch {budget['batch']} with {budget['backend']}")
     if budget.get("max_params") is not None:
         words.append(f"<= {budget['max_params']:,} params")
     if budget.get("max_macs") is not None:
-        words.append(f"<= {budget['max_macs']:,} MACs per sample")
+        words.append(f"<= {budget['max_macs']:,} MACs{per(budget)}")
+    if budget.get("max_memory_mb") is not None:
+        words.append(f"peak RSS <= {budget['max_memory_mb']:g} MB with {budget['backend']}")
     return ", ".join(words)
 
 
 def fits(row: dict[str, Any], budget: dict[str, Any]) -> bool:
-    """Whether a measured candidate meets every limit given (latency by its p90: the measured spread is the margin)."""
+    """Whether a measured candidate meets every limit given (latency by its p90: the measured spread is the
+    margin; memory by the measured peak RSS, a failed measurement (NaN) meets nothing)."""
+    memory = budget.get("max_memory_mb")
     return (
         (budget.get("latency_ms") is None or row["p90_ms"] <= budget["latency_ms"])
         and (budget.get("max_params") is None or row["params"] <= budget["max_params"])
         and (budget.get("max_macs") is None or row["macs"] <= budget["max_macs"])
+        and (memory is None or row.get("peak_rss_mb", float("nan")) <= memory)
     )
 
 
 def choose(rows: list[dict[str, Any]], budget: dict[str, Any]) -> dict[str, Any]:
-    """The largest row (MACs, then params) that fits ``budget``; none: one line naming the smallest
-    candidate (the fastest, for a latency budget) and what it measured."""
+    """The largest row (MACs, then params) that fits ``budget``; none: one line naming the candidate
+    closest to it (the fastest for a latency budget, the least memory for a memory one, else the
+    smallest) and what it measured."""
     meeting = [r for r in rows if fits(r, budget)]
     if not meeting:
         if budget.get("latency_ms") is not None:
             best = min(rows, key=lambda r: r["p90_ms"])
             what = f"the fastest, {best['name']}, takes {best['p50_ms']:.3g} ms (p90 {best['p90_ms']:.3g})"
+        elif budget.get("max_memory_mb") is not None:
+            best = min(rows, key=lambda r: (r.get("peak_rss_mb", float("inf")), r["macs"]))
+            what = (
+                f"the least memory, {best['name']}, peaks at {best.get('peak_rss_mb', float('nan')):.0f} MB "
+                f"(the runtime alone {best.get('runtime_rss_mb', float('nan')):.0f} MB)"
+            )
         else:
             best = min(rows, key=lambda r: (r["macs"], r["params"]))
             what = f"the smallest, {best['name']}, has {best['params']:,} params and {best['macs']:,} MACs"
@@ -155,6 +201,26 @@ def sized_config(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def check_inputs(cfg: Config, backend: str, limits: dict[str, Any], batch: int, repeats: int, threads: int) -> str:
+    """The model kind (``classifier`` / ``causal_lm``), or one line for what size-student cannot take."""
+    kind = "causal_lm" if cfg.task == "causal_lm" else "classifier"
+    arch = cfg.student.model.arch
+    if kind == "classifier" and arch not in SUPPORTED_ARCHS:
+        raise UserError(
+            f"size-student sizes built-in classifier students ({', '.join(SUPPORTED_ARCHS)}) and Hugging Face "
+            f"causal LMs (arch hf); student.model.arch is {arch!r}"
+        )
+    require_backend(backend, kind)
+    if all(v is None for v in limits.values()):
+        raise UserError("give a budget: --latency-ms, --max-params, --max-macs or --max-memory-mb (any together)")
+    if any(v is not None and v <= 0 for v in limits.values()) or batch < 1 or repeats < 5 or threads < 1:
+        raise UserError(
+            "--latency-ms, --max-params, --max-macs and --max-memory-mb must be > 0, --batch >= 1, --repeats >= 5 "
+            "and --threads >= 1"
+        )
+    return kind
+
+
 def size_student(
     cfg: Config,
     *,
@@ -164,51 +230,33 @@ def size_student(
     out: Path,
     max_params: int | None = None,
     max_macs: int | None = None,
+    max_memory_mb: float | None = None,
     threads: int = 1,
     repeats: int = 30,
     widths: list[int] | None = None,
+    depths: list[int] | None = None,
 ) -> dict[str, Any]:
     """Measure the candidates, choose, write ``out``/{student.yaml, report.md, latency.png, sizing.json}."""
-    arch = cfg.student.model.arch
-    if arch not in SUPPORTED_ARCHS or cfg.task == "causal_lm":
-        raise UserError(
-            f"size-student sizes built-in classifier students ({', '.join(SUPPORTED_ARCHS)}); student.model.arch "
-            f"is {arch!r}"
-        )
-    require_backend(backend, "classifier")
-    limits = {"latency_ms": latency_ms, "max_params": max_params, "max_macs": max_macs}
-    if all(v is None for v in limits.values()):
-        raise UserError("give a budget: --latency-ms, --max-params or --max-macs (any together)")
-    if any(v is not None and v <= 0 for v in limits.values()) or batch < 1 or repeats < 5 or threads < 1:
-        raise UserError(
-            "--latency-ms, --max-params and --max-macs must be > 0, --batch >= 1, --repeats >= 5 and --threads >= 1"
-        )
-    data = load_classification(cfg.data)
-    model_tree = to_dict(cfg)["student"]["model"]
-    found = candidates(model_tree, data.input_shape, data.num_classes, widths=widths)
-    rows_index = np.arange(batch) % len(data.test_x)
-    feeds = {"x": np.ascontiguousarray(data.test_x.numpy()[rows_index])}
+    limits = {"latency_ms": latency_ms, "max_params": max_params, "max_macs": max_macs, "max_memory_mb": max_memory_mb}
+    kind = check_inputs(cfg, backend, limits, batch, repeats, threads)
+    measured = {"backend": backend, "batch": batch, "threads": threads, "repeats": repeats, "widths": widths}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            variants = [variant(c, backend, Path(tmp), data.test_x[:2], threads) for c in found]
-            times = measure(variants, feeds, repeats=repeats)
+        if kind == "causal_lm":
+            from distilflow.size_student_lm import lm_rows
+
+            rows = lm_rows(cfg, **measured, depths=depths, memory=max_memory_mb is not None)
+        else:
+            if depths:
+                raise UserError("--depths applies to causal-LM students; an MLP / CNN keeps its depth and one less")
+            rows = classifier_rows(cfg, **measured, memory=max_memory_mb is not None)
     finally:
         torch.set_num_threads(before)
-    rows = [
-        {
-            "name": c.name,
-            "model": c.model,
-            "params": c.params,
-            "macs": c.macs,
-            "p50_ms": float(np.percentile(t, 50)),
-            "p90_ms": float(np.percentile(t, 90)),
-            "size_bytes": v.size_bytes,
-        }
-        for c, v, t in zip(found, variants, times)
-    ]
-    budget = {**limits, "batch": batch, "backend": backend, "threads": threads}
+    budget = {**limits, "batch": batch, "backend": backend, "threads": threads, "kind": kind}
+    if kind == "causal_lm":
+        g = cfg.deploy.genai
+        budget.update(prompt_tokens=g.prompt_tokens, new_tokens=g.new_tokens)
     chosen = choose(rows, budget)
     result = {
         "budget": budget,
@@ -217,82 +265,38 @@ def size_student(
         "chosen": chosen["name"],
         "candidates": rows,  # ordered by MACs, then parameters
     }
-    write_outputs(out, cfg, chosen, result)
+    from distilflow.size_student_report import write_outputs
+
+    write_outputs(out, sized_config(cfg, chosen["model"]), chosen, result)
     return result
 
 
-def write_outputs(out: Path, cfg: Config, chosen: dict[str, Any], result: dict[str, Any]) -> None:
-    import json
+def classifier_rows(
+    cfg: Config, *, backend: str, batch: int, threads: int, repeats: int, widths: list[int] | None, memory: bool
+) -> list[dict[str, Any]]:
+    """One measured row per MLP / CNN candidate: one call at ``batch`` rows of the test split."""
+    from distilflow.deploy.memory import peak_memory_mb
 
-    out.mkdir(parents=True, exist_ok=True)
-    b = result["budget"]
-    header = (
-        f"# distilflow size-student: the largest candidate that meets {budget_words(b)} ({b['threads']} thread(s)) "
-        f"on this machine: {chosen['name']}.\n"
-        "# Pass it to 'distilflow run' (this file is your config with student.model replaced).\n"
-    )
-    (out / "student.yaml").write_text(header + yaml.safe_dump(sized_config(cfg, chosen["model"]), sort_keys=False))
-    (out / "sizing.json").write_text(json.dumps(result, indent=2))
-    plot_latency(result, out / "latency.png")
-    (out / "report.md").write_text("\n".join(report_lines(result)) + "\n")
-
-
-def report_lines(result: dict[str, Any]) -> list[str]:
-    b = result["budget"]
-    lines = [
-        "# Student sizing",
-        "",
-        f"Budget: {budget_words(b)}; latency of one call at batch {b['batch']}, backend {b['backend']}, "
-        f"{b['threads']} thread(s); {result['repeats']} interleaved repeats per candidate; load average "
-        f"{result['load_average']:.1f} when measured. Chosen: "
-        f"**{result['chosen']}** (most MACs among those that meet it).",
-        "",
-        "| candidate | params | MACs / sample | p50 ms | p90 ms | size on disk (KiB) | meets |",
-        "|---|---|---|---|---|---|---|",
+    data = load_classification(cfg.data)
+    model_tree = to_dict(cfg)["student"]["model"]
+    found = candidates(model_tree, data.input_shape, data.num_classes, widths=widths)
+    rows_index = np.arange(batch) % len(data.test_x)
+    feeds = {"x": np.ascontiguousarray(data.test_x.numpy()[rows_index])}
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = [variant(c, backend, Path(tmp), data.test_x[:2], threads) for c in found]
+        times = measure(variants, feeds, repeats=repeats)
+        specs = [memory_spec(c, backend, threads, batch, data.input_shape, data.num_classes) for c in found]
+        peaks = [peak_memory_mb(spec) if memory else {} for spec in specs]
+    return [
+        {
+            "name": c.name,
+            "model": c.model,
+            "params": c.params,
+            "macs": c.macs,
+            "p50_ms": float(np.percentile(t, 50)),
+            "p90_ms": float(np.percentile(t, 90)),
+            "size_bytes": v.size_bytes,
+            **peak,
+        }
+        for c, v, t, peak in zip(found, variants, times, peaks)
     ]
-    for r in result["candidates"]:
-        mark = "**chosen**" if r["name"] == result["chosen"] else ("yes" if fits(r, b) else "no")
-        lines.append(
-            f"| {r['name']} | {r['params']:,} | {r['macs']:,} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
-            f"{r['size_bytes'] / 1024:.1f} | {mark} |"
-        )
-    return [*lines, "", "![latency against MACs](latency.png)"]
-
-
-def plot_latency(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, b = result["candidates"], result["budget"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for depth in sorted({len(_shape(r)) for r in rows}):
-        part = [r for r in rows if len(_shape(r)) == depth]
-        ax.errorbar(
-            [r["macs"] for r in part],
-            [r["p50_ms"] for r in part],
-            yerr=[[0] * len(part), [r["p90_ms"] - r["p50_ms"] for r in part]],
-            marker="o",
-            ms=3,
-            lw=1,
-            capsize=2,
-            label=f"{depth} layer(s): p50, bar to p90",
-        )
-    chosen = next(r for r in rows if r["name"] == result["chosen"])
-    ax.plot([chosen["macs"]], [chosen["p50_ms"]], "r*", ms=12, label=f"chosen: {chosen['name']}")
-    if b.get("latency_ms") is not None:
-        ax.axhline(b["latency_ms"], color="#c44e52", ls="--", lw=0.8, label="budget")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("MACs per sample")
-    ax.set_ylabel(f"ms per call (batch {b['batch']}, {b['backend']})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _shape(row: dict[str, Any]) -> list[int]:
-    section = row["model"].get("mlp") or row["model"].get("cnn")
-    return section.get("hidden") or section.get("channels")

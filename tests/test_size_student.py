@@ -107,11 +107,12 @@ def test_the_onnx_backends_export_and_quantize_each_candidate(tmp_path, tiny_con
     ("extra", "expected"),
     [
         (["--latency-ms", "0.000001"], "no candidate meets p90 <= 1e-06 ms at batch 1 with torch: the fastest, mlp"),
-        ([], "give a budget: --latency-ms, --max-params or --max-macs"),
-        (["--max-params", "-3"], "--max-macs must be > 0"),
+        ([], "give a budget: --latency-ms, --max-params, --max-macs or --max-memory-mb"),
+        (["--max-params", "-3"], "--max-macs and --max-memory-mb must be > 0"),
         (["--latency-ms", "1", "--backend", "tensorrt"], "--backend 'tensorrt' is not one of"),
         (["--latency-ms", "1", "--widths", "16,x"], "--widths '16,x'"),
-        (["--latency-ms", "0"], "--latency-ms, --max-params and --max-macs must be > 0"),
+        (["--max-memory-mb", "-1"], "--max-memory-mb must be > 0"),
+        (["--latency-ms", "0"], "--latency-ms, --max-params, --max-macs and --max-memory-mb must be > 0"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_config, capsys, extra, expected):
@@ -140,7 +141,25 @@ def test_a_backend_whose_package_is_missing_is_one_line(tmp_path, tiny_config, c
     assert not out.exists()
 
 
-def test_a_causal_lm_student_is_refused_with_one_line(tmp_path, capsys):
-    assert main(["size-student", "configs/lm_stdlib.yaml", "--latency-ms", "5", "--out", str(tmp_path / "s")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("distilflow: error: size-student sizes built-in classifier students") and err.count("\n") == 1
+def test_genai_int4_on_a_classifier_and_depths_on_an_mlp_are_one_line(tmp_path, tiny_config, capsys):
+    for extra, expected in [
+        (["--backend", "genai-int4"], "--backend genai-int4 builds causal LMs; for a classifier student use"),
+        (["--backend", "torch", "--depths", "2"], "--depths applies to causal-LM students"),
+    ]:
+        out = tmp_path / "sizing"
+        assert main(["size-student", str(tiny_config), "--latency-ms", "1", *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("distilflow: error: ") and err.count("\n") == 1 and expected in err, err
+        assert not out.exists()
+
+
+def test_a_memory_budget_on_a_classifier_is_the_measured_peak_rss(tmp_path, tiny_config):
+    out = tmp_path / "sizing"
+    args = [str(tiny_config), "--max-memory-mb", "100000", "--backend", "ort-int8", "--widths", "16", "--repeats", "5"]
+    assert main(["size-student", *args, "--out", str(out)]) == 0
+    result = json.loads((out / "sizing.json").read_text())
+    assert result["chosen"] == "mlp [16, 16]"  # the largest: every one meets 100 GB
+    assert all(r["peak_rss_mb"] > r["runtime_rss_mb"] > 10 for r in result["candidates"])
+    budget = min(r["peak_rss_mb"] for r in result["candidates"]) - 0.05
+    with pytest.raises(UserError, match=r"the least memory, mlp \[16(, 16)?\], peaks at"):
+        choose(result["candidates"], {**result["budget"], "max_memory_mb": budget})

@@ -15,3 +15,14 @@ def quiet_logs() -> Iterator[None]:
         yield
     finally:
         logging.disable(previous)
+
+
+def ort_session(path: str, threads: int, providers: list[str] | None = None):
+    """An ONNX Runtime session with ``threads`` intra-op threads and one inter-op thread (every timed
+    variant alike); imported here without torch, so a memory-measuring child stays torch-free."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])

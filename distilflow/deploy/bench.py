@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distilflow.deploy import ort_session
 from distilflow.deploy.export import input_names, logits_module
 from distilflow.losses.objective import IGNORE_INDEX
 
@@ -45,12 +46,7 @@ def torch_variant(name: str, model: nn.Module, kind: str) -> Variant:
 
 
 def ort_variant(name: str, path: Path, threads: int, providers: list[str] | None = None) -> Variant:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    session = ort_session(path, threads, providers)
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
         return session.run(["logits"], feeds)[0]

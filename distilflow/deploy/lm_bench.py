@@ -18,11 +18,7 @@ greedily (end-of-text suppressed, so every variant does the same work):
 
 from __future__ import annotations
 
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,6 +107,24 @@ def genai_generate_fn(model: Any) -> GenerateFn:
     return run
 
 
+def ort_generate_fn(session: Any) -> GenerateFn:
+    """Greedy generation with the full-sequence ONNX export of :mod:`distilflow.deploy.export` (no KV
+    cache: each new token is one pass over the whole sequence so far, as ``deploy`` ships it)."""
+
+    def run(prompts: np.ndarray, new: int) -> tuple[float, float]:
+        ids = prompts.astype(np.int64)
+        began = time.perf_counter()
+        first = began
+        for step in range(new):
+            logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+            ids = np.concatenate([ids, logits[:, -1].argmax(-1)[:, None].astype(np.int64)], axis=1)  # (B, T + 1)
+            if step == 0:
+                first = time.perf_counter()
+        return first - began, time.perf_counter() - first
+
+    return run
+
+
 def torch_variant(name: str, hf_dir: Path, threads: int) -> GenVariant:
     import torch
     from transformers import AutoModelForCausalLM
@@ -146,14 +160,10 @@ def _summary(runs: list[tuple[float, float]], batch: int, new_tokens: int) -> tu
 
 
 def peak_memory_mb(spec: dict[str, Any], prompts: np.ndarray, new_tokens: int) -> dict[str, float]:
-    """Peak RSS of a fresh child that loads the variant and generates ``prompts`` once."""
-    job = {**spec, "prompts": prompts.tolist(), "new_tokens": new_tokens}
-    done = subprocess.run(
-        [sys.executable, "-m", "distilflow.deploy.lm_bench", json.dumps(job)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        return {"peak_rss_mb": float("nan"), "runtime_rss_mb": float("nan")}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Peak RSS of a fresh child that loads the variant and generates ``prompts`` once (deploy/memory.py)."""
+    from distilflow.deploy.memory import peak_memory_mb as child_peak
+
+    return child_peak({**spec, "prompts": prompts.tolist(), "new_tokens": new_tokens})
 
 
 def prompt_rows(data: dict[str, np.ndarray], batch: int, prompt_tokens: int) -> np.ndarray:
@@ -233,38 +243,3 @@ def markdown(table: dict[str, dict[str, float]], *, threads: int, new_tokens: in
         "that loads the variant and generates the largest batch once (runtime libraries included)."
     )
     return "\n".join(lines)
-
-
-def _peak_rss_kib() -> int:
-    """This process's peak resident set. VmHWM belongs to the address space made at exec; ru_maxrss
-    (the fallback off Linux) can carry the parent's peak when the child was forked from it."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _child(job: dict[str, Any]) -> None:
-    """Load one variant, generate once, print peak RSS (MB) before and after loading it."""
-    if job["kind"] == "torch":
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        torch.set_num_threads(job["threads"])
-        runtime = _peak_rss_kib()
-        model = AutoModelForCausalLM.from_pretrained(job["path"], local_files_only=True).float().eval()
-        fn = torch_generate_fn(model, job["pad"])
-    else:
-        import onnxruntime_genai  # noqa: F401  (the runtime is part of the baseline)
-
-        runtime = _peak_rss_kib()
-        fn = genai_generate_fn(open_model(job["path"], job["threads"]))
-    fn(np.array(job["prompts"], dtype=np.int64), job["new_tokens"])
-    peak = _peak_rss_kib()
-    print(json.dumps({"peak_rss_mb": round(peak / 1024, 1), "runtime_rss_mb": round(runtime / 1024, 1)}))
-
-
-if __name__ == "__main__":
-    _child(json.loads(sys.argv[1]))

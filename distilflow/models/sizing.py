@@ -11,12 +11,13 @@ latency):
   multiple of 4, at least 4), at the configured depth and one block less; the kernel size kept.
 
 Each candidate carries its parameters and MACs per sample (the FLOP counter, as the results table),
-so candidates can be ordered by size without timing them.
+so candidates can be ordered by size without timing them. Causal-LM candidates: models/sizing_lm.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ class Candidate:
     params: int = 0
     macs: int = 0
     module: nn.Module | None = field(default=None, repr=False)
+    path: Path | None = None  # the exported file a memory measurement loads
 
 
 def mlp_shapes(hidden: list[int], widths: tuple[int, ...] | list[int] = WIDTHS) -> list[list[int]]:

@@ -1,0 +1,172 @@
+"""Issue 18 on the LM demo: the shape size-student chooses per budget, whether it keeps meeting the
+budget, and the perplexity the budget buys.
+
+    python benchmarks/size_student_lm.py sweep [--backend genai-int4] [--batch 1] [--out DIR]
+    python benchmarks/size_student_lm.py choose --budgets 0.08,0.12,0.2 [--out DIR]
+    python benchmarks/size_student_lm.py train --budget 0.08 [--teacher PATH] [--steps 400] [--out DIR]
+    python benchmarks/size_student_lm.py table [--out DIR]
+
+One phase per command, so that a shared machine's slots interleave:
+
+1. ``sweep``: ``size_student`` on configs/lm_stdlib.yaml with every candidate of the built-in grid
+   (30 interleaved repeats; latency = ms per generated token, see distilflow/size_student_lm.py), the
+   rows kept in ``DIR/sweep/sizing.json``;
+2. ``choose``: for each budget, size-student's choice from those rows (``choose``: the most MACs per
+   token whose p90 meets it), its student.yaml written to ``DIR/sizing-<budget>/``, then the chosen shape
+   built again from scratch (export / GenAI build) and re-measured 10 times (each time 30 generations
+   after a warm-up): how many of the 10 p90s (and p50s) meet the budget;
+3. ``train``: ``distilflow run`` on that student.yaml, the demo teacher reused (``--teacher``): baseline
+   and distilled perplexity of the chosen shape (``--steps``: 400 by default, half the demo's 800, for
+   time; another count is written beside it as ``train-<budget>-<steps>.json``);
+4. ``table``: the markdown table of budget -> shape -> perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from size_student import remeasured_row  # benchmarks/size_student.py (this script's folder)
+
+from distilflow.config import load_config
+from distilflow.size_student import choose, size_student, sized_config
+from distilflow.size_student_report import write_outputs
+
+REMEASURES = 10
+CONFIG = "configs/lm_stdlib.yaml"
+
+
+def _config(args, extra: list[str] | None = None):
+    base = ["threads=1", "deploy.enabled=false", f"data.cache_dir={args.cache}", *(extra or [])]
+    return load_config(CONFIG, base)
+
+
+def sweep(args) -> None:
+    cfg = _config(args)
+    # Budgets every candidate meets: the sweep only measures (latency, and peak RSS in a child per candidate).
+    size_student(cfg, latency_ms=1e6, max_memory_mb=1e6, batch=args.batch, backend=args.backend, out=args.out / "sweep")
+    result = json.loads((args.out / "sweep" / "sizing.json").read_text())
+    for r in result["candidates"]:
+        print(
+            f"{r['name']:28s} {r['macs']:>10,} MACs/token  p50 {r['p50_ms']:.3f}  p90 {r['p90_ms']:.3f} ms/token  "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        )
+
+
+def remeasure(cfg, chosen: dict, backend: str, batch: int) -> list[tuple[float, float]]:
+    """(p50, p90) of the chosen shape, REMEASURES times, each from a fresh build of it."""
+    from distilflow.deploy import lm_bench
+    from distilflow.models.sizing_lm import lm_candidates
+    from distilflow.size_student_lm import _variant, measure_generation
+    from distilflow.workload import make_workload
+
+    work = make_workload(cfg, torch.device("cpu"))
+    shape = chosen["model"]["hf"]["config"]
+    g = cfg.deploy.genai
+    prompts = lm_bench.prompt_rows(work.test_arrays(), batch, g.prompt_tokens)
+    found = []
+    for _ in range(REMEASURES):
+        (candidate,) = lm_candidates(
+            shape,
+            lambda c: work.hf_config(c, "student"),
+            widths=[shape["hidden_size"]],
+            depths=[shape["num_hidden_layers"]],
+            seed=cfg.seed,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            v = _variant(candidate, backend, Path(tmp), work, cfg, 1)
+            (times,) = measure_generation([v], prompts, g.new_tokens, repeats=30)
+        found.append((float(np.percentile(times["token"], 50)), float(np.percentile(times["token"], 90))))
+    return found
+
+
+def choose_phase(args) -> None:
+    torch.set_num_threads(1)
+    result = json.loads((args.out / "sweep" / "sizing.json").read_text())
+    cfg = _config(args)
+    rows = []
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        limits = {**result["budget"], "latency_ms": budget, "max_memory_mb": None}
+        chosen = choose(result["candidates"], limits)
+        write_outputs(
+            args.out / f"sizing-{budget:g}",
+            sized_config(cfg, chosen["model"]),
+            chosen,
+            {**result, "budget": limits, "chosen": chosen["name"]},
+        )
+        again = remeasure(cfg, chosen, limits["backend"], limits["batch"])
+        row = remeasured_row(budget, chosen, again)
+        row.update(sweep_load=result["load_average"], backend=limits["backend"], batch=limits["batch"])
+        row.update(peak_rss_mb=chosen.get("peak_rss_mb"), size_bytes=chosen["size_bytes"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (args.out / "choose.json").write_text(json.dumps(rows, indent=2))
+
+
+def train(args) -> None:
+    from distilflow.pipeline import run_all
+
+    budget = float(args.budget)
+    tag = f"{budget:g}" if args.steps == 400 else f"{budget:g}-{args.steps}"  # the table's runs are 400 steps
+    extra = [f"output_dir={args.out / f'run-{tag}'}", f"student.train.steps={args.steps}"]
+    extra.append(f"teacher.model.checkpoint={args.teacher}")
+    cfg = load_config(args.out / f"sizing-{budget:g}" / "student.yaml", extra)
+    results = run_all(cfg, log_tensorboard=False)
+    row = {
+        "budget": budget,
+        "teacher": results["teacher"]["perplexity"],
+        "baseline": results["baseline"]["perplexity"],
+        "student": results["student"]["perplexity"],
+        "student_params": results["student"]["params"],
+        "student_macs_per_token": results["student"]["macs_per_token"],
+        "steps": args.steps,
+        "load": os.getloadavg()[0],
+    }
+    (args.out / f"train-{tag}.json").write_text(json.dumps(row, indent=2))
+    print(json.dumps(row))
+
+
+def table(args) -> None:
+    rows = json.loads((args.out / "choose.json").read_text())
+    r0 = rows[0]
+    print(f"\n{r0['backend']}, batch {r0['batch']}, 1 thread, ms per generated token; {REMEASURES} re-measurements")
+    print(
+        "| budget ms/token | chosen shape | params | MACs/token | p90 when chosen | re-measured p90 <= budget | "
+        "p50 <= budget | p90 range | size MB | peak RSS MB | baseline ppl | distilled ppl | load |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        path = args.out / f"train-{r['budget']:g}.json"
+        t = json.loads(path.read_text()) if path.is_file() else None
+        ppl = f"{t['baseline']:.2f} | {t['student']:.2f}" if t else "- | -"
+        print(
+            f"| {r['budget']:g} | {r['shape']} | {r['params']:,} | {r['macs']:,} | {r['p90']:.3f} | "
+            f"{r['meet_p90']}/{REMEASURES} | {r['meet_p50']}/{REMEASURES} | {r['p90_range'][0]:.3f}-"
+            f"{r['p90_range'][1]:.3f} | {r['size_bytes'] / 1e6:.2f} | {r['peak_rss_mb']:.0f} | {ppl} | "
+            f"{r['load']:.1f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("phase", choices=["sweep", "choose", "train", "table"])
+    parser.add_argument("--budgets", default="0.08,0.12,0.2")
+    parser.add_argument("--budget", default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--backend", default="genai-int4")
+    parser.add_argument("--teacher", default="/tmp/new-lm/teacher/model.safetensors")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--cache", default="~/.cache/distilflow")
+    parser.add_argument("--out", type=Path, default=Path("runs/size-student-lm"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    {"sweep": sweep, "choose": choose_phase, "train": train, "table": table}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()
