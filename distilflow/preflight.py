@@ -19,6 +19,7 @@ from torch import nn
 from distilflow.data.cache import check_cache, logit_width, reads_cache, teacher_files
 from distilflow.errors import UserError
 from distilflow.models.build import load_weights
+from distilflow.report_gaps import compared_run
 from distilflow.stages import Run
 from distilflow.student_side import configured_pairs, live_alignment, new_student, open_run_cache, teacher_layer_paths
 from distilflow.teacher_side import check_served_teacher, student_columns, teacher_outline
@@ -39,6 +40,7 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
         warnings.simplefilter("ignore")
         student_vocab(run, student, models)  # teachers: one label space or vocabulary (models or cache manifests)
     _check_labels(run, views)
+    compared_run(cfg)  # report.compare_to: a finished run folder of the same metric
     if cfg.deploy.enabled and cfg.deploy.genai.enabled and run.work.per_token:
         from distilflow.deploy.genai import require_genai  # the genai extra: missing is said before training
 
