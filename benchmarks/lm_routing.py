@@ -142,16 +142,13 @@ def perplexity_on(out: Path, model, held: str) -> float:
     from distilflow.config import load_config
     from distilflow.tasks.causal_lm_workload import CausalLMWorkload
 
-    cfg = load_config(
-        None,
-        [
-            "threads=1",
-            "data.source=text",
-            f"data.text.path={out / held}",
-            f"data.text.test_path={out / held}",
-            f"data.text.tokenizer={tokenizer_folder()}",
-        ],
-    )
+    # The demo's models; the data: that file alone, as the held-out set (its rows, the run's tokenizer).
+    given = [
+        f"data.text.path={out / held}",
+        f"data.text.test_path={out / held}",
+        f"data.text.tokenizer={tokenizer_folder()}",
+    ]
+    cfg = load_config(STDLIB, ["threads=1", "data.source=text", "data.stdlib=null", *given])
     work = CausalLMWorkload(cfg, torch.device("cpu"))
     return work.task("student", cfg.student.train, 0).evaluate(model)["perplexity"]
 
