@@ -7,14 +7,18 @@ of ``hidden`` x ``layers`` (random weights, saved as Hugging Face folders, float
 student of hidden 64, and a JSONL file of stdlib source (records of 2,000 characters). Then, each in
 a fresh child process (so that each peak is its own): ``distill`` with one teacher live, with both
 live, ``cache-teacher`` (top-k 32) of both, and ``distill`` with both read from their caches; plus a
-child that only imports distilflow and reads the data (the floor). Prints the peak resident set
-(``ru_maxrss``) of each and what it adds to the floor.
+child that only imports distilflow and reads the data (the floor); ``cache-teacher`` of one teacher
+too. Prints the peak resident set (``ru_maxrss``) of each and what it adds to the floor.
+``--cases`` picks some (by the short names of CASES; the floor always runs); the cases that write a
+cache start from an empty folder each time, so a rerun measures writing again, not a finished cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +34,9 @@ if sys.argv[1] == "floor":
     CausalLMWorkload(load_config(None, sys.argv[2:]), torch.device("cpu"))
 print(json.dumps({"rc": code, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
+
+
+CASES = ("one_live", "two_live", "cache_one", "cache_two", "two_cached")
 
 
 def build(out: Path, hidden: int, layers: int, chars: int) -> dict[str, Path]:
@@ -60,14 +67,16 @@ def build(out: Path, hidden: int, layers: int, chars: int) -> dict[str, Path]:
     return paths
 
 
-def args_of(paths: dict[str, Path], run: Path, names: tuple[str, ...], steps: int, *extra: str) -> list[str]:
+def args_of(
+    paths: dict[str, Path], run: Path, names: tuple[str, ...], steps: int, *extra: str, held: float = 0.05
+) -> list[str]:
     teachers = ", ".join(f"{{name: {n}, model: {{arch: hf, hf: {{path: '{paths[n]}'}}}}}}" for n in names)
     return [
         f"output_dir={run}",
         "data.source=text",
         f"data.text.path={paths['text']}",
         "data.text.seq_len=128",
-        "data.text.test_fraction=0.05",
+        f"data.text.test_fraction={held}",
         "threads=1",
         f"teachers=[{teachers}]",
         "student.model.arch=hf",
@@ -83,8 +92,10 @@ def args_of(paths: dict[str, Path], run: Path, names: tuple[str, ...], steps: in
     ]
 
 
-def child(args: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
+def child(args: list[str], cwd: Path) -> dict:
+    # cwd: the benchmark's folder, so that 'python -c' imports distilflow as this process does (from
+    # PYTHONPATH or the install), never from a checkout that happens to be the working directory.
+    done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, cwd=cwd)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"child failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -101,23 +112,40 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--chars", type=int, default=100_000, help="characters of training text (the cache's rows)")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which cases (floor: always)")
     ns = parser.parse_args()
-    out = Path(ns.out)
+    out = Path(ns.out).resolve()
     paths = build(out, ns.hidden, ns.layers, ns.chars)
     both, cache = ("left", "right"), ["cache.use=true", "cache.format=topk", "cache.k=32"]
-    cases = [
-        ("floor: import + data", ["floor", *args_of(paths, out / "floor", both, ns.steps)]),
-        ("distill, 1 teacher live", ["distill", *args_of(paths, out / "one", ("left",), ns.steps)]),
-        ("distill, 2 teachers live", ["distill", *args_of(paths, out / "live", both, ns.steps)]),
-        ("cache-teacher, 2 teachers", ["cache-teacher", *args_of(paths, out / "cached", both, ns.steps, *cache)]),
-        ("distill, 2 teachers cached", ["distill", *args_of(paths, out / "cached", both, ns.steps, *cache)]),
-    ]
+    # At least one record of 2,000 characters held out (a short text has few records).
+    rows = functools.partial(args_of, held=max(0.05, round(2000 / ns.chars, 3)))
+    every = {
+        "one_live": ("distill, 1 teacher live", ["distill", *rows(paths, out / "one", ("left",), ns.steps)]),
+        "two_live": ("distill, 2 teachers live", ["distill", *rows(paths, out / "live", both, ns.steps)]),
+        "cache_one": (
+            "cache-teacher, 1 teacher",
+            ["cache-teacher", *rows(paths, out / "cached_one", ("left",), ns.steps, *cache)],
+        ),
+        "cache_two": (
+            "cache-teacher, 2 teachers",
+            ["cache-teacher", *rows(paths, out / "cached", both, ns.steps, *cache)],
+        ),
+        "two_cached": (
+            "distill, 2 teachers cached",
+            ["distill", *rows(paths, out / "cached", both, ns.steps, *cache)],
+        ),
+    }
+    for name in ("cache_one", "cache_two"):  # written afresh (a finished cache would be read, not written)
+        if name in ns.cases:
+            shutil.rmtree(out / ("cached_one" if name == "cache_one" else "cached"), ignore_errors=True)
+    floor_case = ("floor: import + data", ["floor", *rows(paths, out / "floor", both, ns.steps)])
+    cases = [floor_case, *(every[name] for name in CASES if name in ns.cases)]
     teacher_mib = sum(f.stat().st_size for n in both for f in paths[n].glob("*.safetensors")) / 2**20
     print(f"teachers: 2 x Llama {ns.hidden} x {ns.layers}, {teacher_mib:.0f} MiB of float32 weights together")
     print("| case | peak RSS MiB | above the floor MiB |\n|---|---:|---:|")
     floor = None
     for label, argv in cases:
-        peak = child(argv)["peak_kib"] / 1024
+        peak = child(argv, out)["peak_kib"] / 1024
         floor = peak if floor is None else floor
         print(f"| {label} | {peak:.0f} | {peak - floor:.0f} |", flush=True)
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from distilflow.config_checks import validate
 from distilflow.config_deploy import DeployConfig, GenaiConfig
-from distilflow.config_diagnostics import DiagnosticsConfig
+from distilflow.config_diagnostics import DiagnosticsConfig, ReportConfig
 from distilflow.config_kinds import (
     DATA_SECTIONS,
     CNNConfig,
@@ -386,6 +386,7 @@ class Config:
     diagnostics: DiagnosticsConfig = _f(
         DiagnosticsConfig(), "What a run measures about its own training and the Diagnosis it writes (report.md)."
     )
+    report: ReportConfig = _f(ReportConfig(), "What report.md measures the student against beyond its own run.")
 
     @property
     def task(self) -> str:

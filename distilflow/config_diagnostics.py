@@ -1,4 +1,5 @@
-"""The ``diagnostics:`` section: how a run judges its own training (train/diagnostics.py, diagnose.py)."""
+"""The ``diagnostics:`` and ``report:`` sections: how a run judges its own training (train/diagnostics.py,
+diagnose.py) and what its report compares it with (report_gaps.py)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,12 @@ class DiagnosticsConfig:
         "a batch of flipped labels gives >10x; docs/DIAGNOSIS.md).",
     )
     spike_window: int = _f(50, "Steps of that running median (>= 6; it starts afresh at each phase).")
+
+
+@dataclass
+class ReportConfig:
+    compare_to: str | None = _f(
+        None,
+        "A finished run folder (its results.json) whose student this run's student is measured against in "
+        "report.md and results.json ('gaps'): e.g. the labelled run of a label-free one. Same task and metric.",
+    )

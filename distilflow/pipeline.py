@@ -309,6 +309,10 @@ def run_all(cfg: Config, log_tensorboard: bool = True) -> dict:
 
     # The same signals and rules as 'distilflow diagnose RUN_DIR' reads back from the folder.
     results["diagnosis"] = diagnose(read_metrics(run.dir), results, to_dict(cfg)).to_dict()
+    from distilflow.report_gaps import gaps
+
+    if (gap := gaps(cfg, results)) is not None:  # label-free or report.compare_to: how close the student gets
+        results["gaps"] = gap
     write_json(run.dir / "results.json", results)
     from distilflow.report import write_report
 

@@ -19,10 +19,18 @@ from torch import nn
 from distilflow.data.cache import check_cache, logit_width, reads_cache, teacher_files
 from distilflow.errors import UserError
 from distilflow.models.build import load_weights
+from distilflow.report_gaps import compared_run
 from distilflow.stages import Run
 from distilflow.student_side import configured_pairs, live_alignment, new_student, open_run_cache, teacher_layer_paths
 from distilflow.teacher_side import check_served_teacher, student_columns, teacher_outline
-from distilflow.teacher_views import TeacherView, student_vocab, teacher_views
+from distilflow.teacher_views import (
+    TeacherView,
+    measured_width,
+    release_teacher,
+    student_vocab,
+    teacher_views,
+    teachers_cut,
+)
 from distilflow.train.precision import check_teacher_dtype, check_train_options
 
 
@@ -30,15 +38,27 @@ def preflight(run: Run, *, writes_cache: bool = False) -> None:
     """Every check that can fail on bad input, on untrained models (see the module docstring)."""
     cfg, device = run.cfg, run.work.device
     views = teacher_views(run)
-    models = [_teacher_model(view, writes_cache) for view in views]
-    student = new_student(run, None if cfg.teachers else models[0])
-    check_train_options(cfg.student.train, student, device, "student.train")
-    for view, teacher in zip(views, models):
-        _check_teacher(view, student, teacher, writes_cache)
-    with warnings.catch_warnings():  # the stages say it (a vocabulary notice) once, when they run
-        warnings.simplefilter("ignore")
-        student_vocab(run, student, models)  # teachers: one label space or vocabulary (models or cache manifests)
+    if not cfg.teachers:
+        teacher = _teacher_model(views[0], writes_cache)
+        student = new_student(run, teacher)
+        check_train_options(cfg.student.train, student, device, "student.train")
+        _check_teacher(views[0], student, teacher, writes_cache)
+        with warnings.catch_warnings():  # the stages say it (a vocabulary notice) once, when they run
+            warnings.simplefilter("ignore")
+            student_vocab(run, student, [teacher])
+    else:
+        student = new_student(run, None)
+        check_train_options(cfg.student.train, student, device, "student.train")
+        for view in views:  # one at a time: each teacher's model is dropped before the next is built
+            teacher = _teacher_model(view, writes_cache)
+            _check_teacher(view, student, teacher, writes_cache)
+            measured_width(view, teacher)  # their label space or vocabulary (model or cache manifest)
+            del teacher
+            if writes_cache:  # cache-teacher loads them one at a time: teachers that do not fit together
+                release_teacher(view)
+        teachers_cut(run, student)  # one label space or vocabulary, from the widths just measured
     _check_labels(run, views)
+    compared_run(cfg)  # report.compare_to: a finished run folder of the same metric
     if cfg.deploy.enabled and cfg.deploy.genai.enabled and run.work.per_token:
         from distilflow.deploy.genai import require_genai  # the genai extra: missing is said before training
 

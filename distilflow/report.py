@@ -284,6 +284,12 @@ def write_report(run_dir: Path, cfg: Config, results: dict) -> Path:
         + ", ".join(f"{p.name} steps {p.start}-{p.end} ({'+'.join(p.terms)})" for p in plan)
         + f"; temperature {cfg.distill.temperature}, divergence {cfg.distill.divergence}.",
         "",
+    ]
+    if results.get("gaps"):  # label-free or report.compare_to (report_gaps.py)
+        from distilflow.report_gaps import gap_lines
+
+        lines += gap_lines(results["gaps"])
+    lines += [
         "## Losses (phases shaded)",
         "![losses](losses.png)",
         "",

@@ -55,7 +55,7 @@ def check_output_dir(cfg: Config) -> None:
     resumed); else one line, before anything is written. Keys that do not change what is trained are
     not compared: ``deploy.*`` (a finished run may be re-exported and re-quantized with other
     settings; the saved config then records the latest), ``dist.*`` (any world size and strategy
-    resumes a run), ``diagnostics.*`` (they judge the training, not change it), ``output_dir`` (where
+    resumes a run), ``diagnostics.*`` and ``report.*`` (they judge the training, not change it), ``output_dir`` (where
     the folder is: a run folder given to eval, or moved) and where a served teacher answers and how
     patiently (``teacher.server.url`` / ``timeout_s`` / ``max_retries``: the same served model may move
     to another host between a stopped run and its resumption)."""
@@ -78,7 +78,7 @@ def check_output_dir(cfg: Config) -> None:
     diff = [
         key
         for key in _differences(saved_tree, to_dict(cfg))
-        if not key.startswith(("deploy.", "dist.", "diagnostics.")) and key not in NOT_COMPARED
+        if not key.startswith(("deploy.", "dist.", "diagnostics.", "report.")) and key not in NOT_COMPARED
     ]
     if diff:
         raise UserError(

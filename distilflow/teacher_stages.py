@@ -19,9 +19,10 @@ from distilflow.teacher_views import (
     TeacherView,
     check_teacher_weights,
     feature_teacher_name,
+    release_teacher,
     stand_in,
-    student_vocab,
     teacher_views,
+    teachers_cut,
     view_config,
 )
 
@@ -122,17 +123,14 @@ def cache_teachers(run: Run) -> list[tuple[TeacherView, dict]]:
         )
     for view in targets:
         _check_weights(view)
-    trained = {}
-    for view in targets:  # a served teacher's finished cache: nothing to ask the server
+    # The cut all teachers share, from the widths preflight measured (they do not depend on the weights).
+    vocab = teachers_cut(run, new_student(run, None)) if run.cfg.teachers else None
+    written = []
+    for view in targets:  # one teacher at a time (load, write, free): teachers that do not fit together
         served = stand_in(view.cfg, "cache-teacher", own_cache=view.own_cache) == "server"
-        served_done = served and cache_complete(view.cfg)
-        trained[view.name] = (None, None) if served_done else teacher_stage(view.run, log_tensorboard=False)
-    models = {name: model for name, (model, _) in trained.items()}
-    vocab = None
-    if run.cfg.teachers:  # the cut all teachers share (widths do not depend on the weights)
-        others = [None if v.cache_only else models.get(v.name) or v.run.work.new_model("teacher") for v in views]
-        vocab = student_vocab(run, new_student(run, None), others)
-    return [
-        (view, cache_stage(view.run, models[view.name], teacher_result=trained[view.name][1], vocab_size=vocab))
-        for view in targets
-    ]
+        served_done = served and cache_complete(view.cfg)  # a served teacher's finished cache: nothing to ask
+        model, result = (None, None) if served_done else teacher_stage(view.run, log_tensorboard=False)
+        written.append((view, cache_stage(view.run, model, teacher_result=result, vocab_size=vocab)))
+        del model
+        release_teacher(view)
+    return written

@@ -19,6 +19,7 @@ With ``teacher:`` there is one view, named ``teacher``, and it is the run itself
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class TeacherView:
     run: Run
     named: bool = False  # an entry of ``teachers:`` (False: the one teacher of ``teacher:``, the run itself)
     own_cache: bool = False  # the teacher names its own cache folder (``teachers[i].cache``)
+    width: int | None = None  # its logit columns, once preflight has measured them (teacher_width)
 
     @property
     def cfg(self) -> Config:
@@ -212,3 +214,33 @@ def check_teacher_weights(cfg: Config, name: str | None) -> None:
             f"no {which} in '{folder}'; run 'distilflow train-teacher' with this config "
             f"first, or set {key}.checkpoint=PATH (or {key}.hf.path for a Hugging Face folder)"
         )
+
+
+def release_teacher(view: TeacherView) -> None:
+    """Free the view's loaded teacher (the workload keeps a model folder it read) once the caller holds
+    it no more: the next teacher can use its memory (``cache-teacher``, one teacher at a time)."""
+    view.run.work.release_teacher()
+    gc.collect()  # a model whose modules refer to each other is freed by the collector, not the count
+
+
+def measured_width(view: TeacherView, teacher: nn.Module | None) -> int:
+    """:func:`teacher_width`, kept on the view (widths do not depend on the weights): later stages read it
+    there instead of building that teacher again, or every teacher at once."""
+    view.width = teacher_width(view, teacher)
+    return view.width
+
+
+def teachers_cut(run: Run, student: nn.Module) -> int | None:
+    """:func:`student_vocab` of several teachers from their widths, each teacher built alone where
+    preflight did not measure it (and released before the next), so no two are ever loaded together."""
+    views = teacher_views(run)
+    widths = []
+    for view in views:
+        if view.width is None:
+            teacher = None if view.cache_only else view.run.work.new_model("teacher")
+            measured_width(view, teacher)
+            del teacher
+            release_teacher(view)
+        widths.append(view.width)
+    student_width = logit_width(run.work.cache_source(), student)
+    return common_width(views, widths, student_width=student_width, per_token=run.work.per_token)

@@ -70,6 +70,11 @@ class Workload(Protocol):
         a student copies layers from it when the config asks (``init_layers``)."""
         ...
 
+    def release_teacher(self) -> None:
+        """Forget the teacher this workload keeps loaded (a model folder is read once and kept), so that its
+        memory is freed once the caller drops it too; the next ``new_model("teacher")`` loads it again."""
+        ...
+
     def with_teacher(self, cfg: Config) -> Workload:
         """This workload (same data, tokenizer and device) building its ``"teacher"`` from ``cfg.teacher``:
         one named teacher's view of a run with several (distilflow/teacher_views.py)."""

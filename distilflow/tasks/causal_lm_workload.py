@@ -211,6 +211,10 @@ class CausalLMWorkload:
         self._roles[model] = role
         return model.to(self.device)
 
+    def release_teacher(self) -> None:
+        """Forget the loaded teacher folder (Workload.release_teacher)."""
+        self._loaded.pop("teacher", None)
+
     def model_seed(self, role: str) -> int:
         """The seed a fresh model of ``role`` is initialised from: the run's (teacher and students alike)."""
         return self.cfg.seed

@@ -118,6 +118,9 @@ class ClassifierWorkload:
         model = build_model(stage.model, self.data.input_shape, self.data.num_classes, role)
         return model.to(self.device)
 
+    def release_teacher(self) -> None:
+        """Nothing is kept: every ``new_model`` builds (and loads) anew."""
+
     def shared_vocab(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Classifiers' teacher and student predict the same classes: nothing to cut."""
         return None

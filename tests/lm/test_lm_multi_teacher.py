@@ -147,3 +147,34 @@ def test_a_teacher_of_another_tokenizer_is_one_line_and_nothing_is_written(folde
     err = capsys.readouterr().err.strip()
     assert err.startswith("distilflow: error: ") and "\n" not in err and "tokenizers differ at id" in err
     assert not out.exists()
+
+
+def test_cache_teacher_loads_the_teachers_one_at_a_time(folders, tmp_path, monkeypatch):
+    """Each teacher folder is loaded only once the one before is freed (preflight and caching alike), so
+    teachers that do not fit memory together can be cached; the caches are then read without a model."""
+    import gc
+    import weakref
+
+    from distilflow.tasks import causal_lm_workload
+
+    real, alive_at_load, loaded = causal_lm_workload.load_causal_lm, [], []
+
+    def tracked(path, *, role, **kwargs):
+        if role == "teacher":
+            gc.collect()
+            alive_at_load.append(sum(ref() is not None for ref in loaded))
+        model, tokenizer = real(path, role=role, **kwargs)
+        if role == "teacher":
+            loaded.append(weakref.ref(model))
+        return model, tokenizer
+
+    monkeypatch.setattr(causal_lm_workload, "load_causal_lm", tracked)
+    out = tmp_path / "run"
+    caching = ["cache.use=true", "cache.format=topk", "cache.k=8"]
+    assert main(["cache-teacher", *[a for a in _args(folders, out, *caching) if a != "--no-tensorboard"]]) == 0
+    assert len(alive_at_load) >= 2 and alive_at_load == [0] * len(alive_at_load)
+    for name in ("left", "right"):
+        assert (out / "teachers" / name / "teacher_cache" / "manifest.json").is_file()
+    loads = len(alive_at_load)
+    assert main(["distill", *_args(folders, out, *caching)]) == 0  # from the caches: no teacher loaded
+    assert len(alive_at_load) == loads
