@@ -62,7 +62,7 @@ def remeasure(cfg, chosen: dict, backend: str, batch: int) -> list[tuple[float, 
     """(p50, p90) of the chosen shape, REMEASURES times, each from a fresh build of it."""
     from distilflow.deploy import lm_bench
     from distilflow.models.sizing_lm import lm_candidates
-    from distilflow.size_student_lm import _variant, measure_generation
+    from distilflow.size_student_lm import lm_variant, measure_generation
     from distilflow.workload import make_workload
 
     work = make_workload(cfg, torch.device("cpu"))
@@ -79,7 +79,7 @@ def remeasure(cfg, chosen: dict, backend: str, batch: int) -> list[tuple[float, 
             seed=cfg.seed,
         )
         with tempfile.TemporaryDirectory() as tmp:
-            v = _variant(candidate, backend, Path(tmp), work, cfg, 1)
+            v = lm_variant(candidate, backend, Path(tmp), work, cfg, 1)
             (times,) = measure_generation([v], prompts, g.new_tokens, repeats=30)
         found.append((float(np.percentile(times["token"], 50)), float(np.percentile(times["token"], 90))))
     return found

@@ -57,7 +57,7 @@ def preflight(cfg: Config, backend: str) -> None:
         raise UserError(f"deploy.genai.new_tokens {g.new_tokens}: LM latency is per token after the first; give >= 2")
 
 
-def _variant(c: Candidate, backend: str, folder: Path, work: Any, cfg: Config, threads: int) -> Any:
+def lm_variant(c: Candidate, backend: str, folder: Path, work: Any, cfg: Config, threads: int) -> Any:
     """A :class:`~distilflow.deploy.lm_bench.GenVariant` of the candidate as ``backend`` ships it."""
     from distilflow.deploy import lm_bench, ort_session
     from distilflow.models.hf import no_progress_bars
@@ -158,7 +158,7 @@ def lm_rows(
         variants = []
         for i, c in enumerate(found):
             (Path(tmp) / str(i)).mkdir()
-            variants.append(_variant(c, backend, Path(tmp) / str(i), work, cfg, threads))
+            variants.append(lm_variant(c, backend, Path(tmp) / str(i), work, cfg, threads))
             c.module = None  # the exported files are what is timed; free the eager copy
         times = measure_generation(variants, prompts, g.new_tokens, repeats=repeats)
         peaks = [lm_bench.peak_memory_mb(v.spec, prompts, g.new_tokens) if memory else {} for v in variants]

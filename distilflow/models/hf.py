@@ -126,7 +126,7 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def _config_from_dict(values: dict[str, Any], role: str) -> PreTrainedConfig:
+def hf_config_from_dict(values: dict[str, Any], role: str) -> PreTrainedConfig:
     model_type = values.get("model_type")
     if model_type not in CONFIG_MAPPING:
         close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=5)
@@ -145,7 +145,7 @@ def _config_from_dict(values: dict[str, Any], role: str) -> PreTrainedConfig:
 
 def _load_config(config_source: dict[str, Any] | str | Path, role: str) -> PreTrainedConfig:
     if isinstance(config_source, dict):
-        return _config_from_dict(config_source, role)
+        return hf_config_from_dict(config_source, role)
     path = Path(config_source)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():

@@ -36,9 +36,9 @@ HEADS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 def base_shape(config: dict[str, Any]) -> dict[str, int]:
     """The configured shape (a transformers config's defaults for keys the YAML leaves out)."""
-    from distilflow.models.hf import _config_from_dict
+    from distilflow.models.hf import hf_config_from_dict
 
-    hf = _config_from_dict(config, "student")
+    hf = hf_config_from_dict(config, "student")
     missing = [
         k
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
