@@ -23,6 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
+from _stats import sample_std  # benchmarks/_stats.py (this script's folder)
+
 from distilflow.config import load_config
 from distilflow.pipeline import baseline_stage, distill_stage, open_run
 from distilflow.teacher_stages import teacher_stage
@@ -66,7 +68,7 @@ def stage_run(out: Path, name: str, teacher: Path, overrides: list[str]):
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+    return f"{statistics.mean(values):.4f} +- {sample_std(values):.4f}"
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ import json
 import statistics
 from pathlib import Path
 
+from _stats import sample_std  # benchmarks/_stats.py (this script's folder)
+
 CASES = {
     "ce": [],
     "kd": [],
@@ -80,7 +82,7 @@ def table(out: Path, cases: list[str], seeds: list[int]) -> str:
         if not found:
             continue
         ppl = [r["perplexity"] for _, r in found]
-        std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+        std = sample_std(ppl)
         per_seed = ", ".join(f"{p:.2f}" for p in ppl)
         secs = statistics.mean(r["train_seconds"] for _, r in found)
         mean = f"{statistics.mean(ppl):.2f} +- {std:.2f}"

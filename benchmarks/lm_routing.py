@@ -30,6 +30,7 @@ import statistics
 from pathlib import Path
 
 import yaml
+from _stats import sample_std  # benchmarks/_stats.py (this script's folder)
 
 STDLIB = "configs/lm_stdlib.yaml"
 TRAIN_A_CHARS = 1_200_000  # the code records of the mixed file (2.6 x the prose's training text)
@@ -227,7 +228,7 @@ def table(out: Path, seeds: list[int], args: argparse.Namespace) -> str:
         stats = {}
         for domain in ("code", "prose"):
             values = [r[domain] for _, r in found]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            std = sample_std(values)
             stats[domain] = f"{statistics.mean(values):.2f} +- {std:.2f}"
         lines.append(f"| {labels[case]} | {stats['code']} | {stats['prose']} | {[s for s, _ in found]} |")
     return "\n".join(lines)

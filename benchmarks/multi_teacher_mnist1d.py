@@ -24,6 +24,8 @@ import statistics
 import time
 from pathlib import Path
 
+from _stats import sample_std  # benchmarks/_stats.py (this script's folder)
+
 from distilflow.cli import main as cli
 
 FEATURE_PLAN = (
@@ -95,7 +97,7 @@ def main() -> None:
             print(f"seed {seed} {name}: {100 * accuracy:.2f} % ({time.monotonic() - began:.0f} s)", flush=True)
 
     def cell(values: list[float]) -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        spread = sample_std(values)
         return f"{100 * statistics.mean(values):.2f} +- {100 * spread:.2f}"
 
     print(f"\n| variant | student test accuracy % (mean +- std, seeds {' '.join(map(str, args.seeds))}) | per seed |")

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from _stats import sample_std  # benchmarks/_stats.py (this script's folder)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,7 +88,7 @@ def main() -> None:
         table[name] = {
             "per_seed": values,
             "mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "std": sample_std(values),
         }
     kept = [results[s]["traces"]["kept"] for s in args.seeds]
     rejected = [results[s]["traces"]["rejected"] for s in args.seeds]

@@ -14,6 +14,8 @@ import json
 import statistics
 from pathlib import Path
 
+from _stats import sample_std  # benchmarks/_stats.py (this script's folder)
+
 from distilflow.config import load_config
 from distilflow.pipeline import baseline_stage, distill_stage, open_run
 from distilflow.teacher_stages import teacher_stage
@@ -58,7 +60,7 @@ def main() -> None:
 
     def stats(stage: str, key: str) -> str:
         values = [r[stage][key] for r in rows]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        std = sample_std(values)
         return f"{statistics.mean(values):.4f} +- {std:.4f}"
 
     print(f"\n| student | held-out {metric} (mean +- std, seeds {seeds}) | training {unit} |\n|---|---|---|")

@@ -16,6 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
+from _stats import sample_std  # benchmarks/_stats.py (this script's folder)
+
 from distilflow.config import load_config
 from distilflow.pipeline import baseline_stage, distill_stage, open_run
 from distilflow.teacher_stages import teacher_stage
@@ -95,7 +97,7 @@ def main() -> None:
             print(f"seed {seed} {name}: {result['accuracy']:.4f}", flush=True)
 
     def fmt(values: list[float]) -> str:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        std = sample_std(values)
         return f"{100 * statistics.mean(values):.2f} +- {100 * std:.2f}"
 
     print(f"\nteacher accuracy over seeds {args.seeds}: {fmt(teacher_scores)} %")
