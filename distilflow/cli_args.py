@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--backend", default="ort-int8", help="ort-int8 (default), ort-fp32, torch or genai-int4")
             p.add_argument("--threads", type=int, default=1, help="CPU threads of every candidate (default 1)")
             p.add_argument("--repeats", type=int, default=30, help="interleaved timed calls per candidate")
+            p.add_argument(
+                "--confirm",
+                type=int,
+                default=3,
+                help="re-time the latency choice alone this many times, each a fresh build; a miss moves to the "
+                "next smaller candidate (default 3, 0 = off)",
+            )
             p.add_argument("--widths", default=None, help="comma-separated mlp widths, cnn channels or LM hidden")
             p.add_argument("--depths", default=None, help="comma-separated decoder depths (LM students)")
             p.add_argument("--out", default="sizing", help="folder for student.yaml, report.md, latency.png")

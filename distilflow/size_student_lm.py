@@ -114,67 +114,99 @@ def measure_generation(variants: list[Any], prompts: np.ndarray, new_tokens: int
     return times
 
 
-def lm_rows(
-    cfg: Config,
-    *,
-    backend: str,
-    batch: int,
-    threads: int,
-    repeats: int,
-    widths: list[int] | None,
-    depths: list[int] | None,
-    memory: bool,
-) -> list[dict[str, Any]]:
-    """One measured row per candidate (ordered by MACs per token, then parameters)."""
-    import tempfile
+class LMSizing:
+    """The causal-LM candidates of one config, each timed as ``backend`` ships it (ms per generated
+    token); :meth:`retime` builds one of them again from its config and times it alone."""
 
-    from distilflow.deploy import lm_bench
-    from distilflow.workload import make_workload
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        backend: str,
+        batch: int,
+        threads: int,
+        repeats: int,
+        widths: list[int] | None,
+        depths: list[int] | None,
+    ) -> None:
+        from distilflow.deploy import lm_bench
+        from distilflow.workload import make_workload
 
-    preflight(cfg, backend)
-    g = cfg.deploy.genai
-    work = make_workload(cfg, torch.device("cpu"))
-    section = to_dict(cfg)["student"]["model"]
-    # The built-in grid stops at the teacher's cost (a student as costly is no distillation); given widths stay.
-    found = lm_candidates(
-        section["hf"]["config"],
-        lambda c: work.hf_config(c, "student"),
-        widths=widths,
-        depths=depths,
-        seed=cfg.seed,
-        max_macs=None if widths else teacher_macs(cfg, work),
-    )
-    positions = getattr(found[0].module.config, "max_position_embeddings", None)
-    if positions is not None and g.prompt_tokens + g.new_tokens > positions:
-        raise UserError(
-            f"deploy.genai.prompt_tokens + new_tokens = {g.prompt_tokens + g.new_tokens} exceeds the student's "
-            f"{positions} positions (max_position_embeddings); lower one of them"
+        preflight(cfg, backend)
+        self.cfg, self.backend, self.threads, self.repeats = cfg, backend, threads, repeats
+        self.widths, self.depths = widths, depths
+        self.work = make_workload(cfg, torch.device("cpu"))
+        try:
+            self.prompts = lm_bench.prompt_rows(self.work.test_arrays(), batch, cfg.deploy.genai.prompt_tokens)
+        except ValueError as exc:
+            raise UserError(f"deploy.genai.prompt_tokens: {exc}; lower it or raise data's seq_len") from None
+
+    def _filled(self, config: dict[str, Any]) -> dict[str, Any]:
+        return self.work.hf_config(config, "student")
+
+    def rows(self, *, memory: bool) -> list[dict[str, Any]]:
+        """One measured row per candidate (ordered by MACs per token, then parameters), interleaved."""
+        import tempfile
+
+        from distilflow.deploy import lm_bench
+
+        cfg, g = self.cfg, self.cfg.deploy.genai
+        section = to_dict(cfg)["student"]["model"]
+        # The built-in grid stops at the teacher's cost (a student as costly is no distillation); given widths stay.
+        found = lm_candidates(
+            section["hf"]["config"],
+            self._filled,
+            widths=self.widths,
+            depths=self.depths,
+            seed=cfg.seed,
+            max_macs=None if self.widths else teacher_macs(cfg, self.work),
         )
-    try:
-        prompts = lm_bench.prompt_rows(work.test_arrays(), batch, g.prompt_tokens)
-    except ValueError as exc:
-        raise UserError(f"deploy.genai.prompt_tokens: {exc}; lower it or raise data's seq_len") from None
-    with tempfile.TemporaryDirectory(prefix="size-student-") as tmp:
-        variants = []
-        for i, c in enumerate(found):
-            (Path(tmp) / str(i)).mkdir()
-            variants.append(lm_variant(c, backend, Path(tmp) / str(i), work, cfg, threads))
-            c.module = None  # the exported files are what is timed; free the eager copy
-        times = measure_generation(variants, prompts, g.new_tokens, repeats=repeats)
-        peaks = [lm_bench.peak_memory_mb(v.spec, prompts, g.new_tokens) if memory else {} for v in variants]
-    rows = []
-    for c, v, t, peak in zip(found, variants, times, peaks):
-        rows.append(
-            {
-                "name": c.name,
-                "model": {**section, "hf": {**section["hf"], "config": c.model}},
-                "params": c.params,
-                "macs": c.macs,
-                "p50_ms": float(np.percentile(t["token"], 50)),
-                "p90_ms": float(np.percentile(t["token"], 90)),
-                "prefill_ms": float(np.median(t["prefill"])),
-                "size_bytes": v.size_bytes,
-                **peak,
-            }
+        positions = getattr(found[0].module.config, "max_position_embeddings", None)
+        if positions is not None and g.prompt_tokens + g.new_tokens > positions:
+            raise UserError(
+                f"deploy.genai.prompt_tokens + new_tokens = {g.prompt_tokens + g.new_tokens} exceeds the student's "
+                f"{positions} positions (max_position_embeddings); lower one of them"
+            )
+        with tempfile.TemporaryDirectory(prefix="size-student-") as tmp:
+            variants = []
+            for i, c in enumerate(found):
+                (Path(tmp) / str(i)).mkdir()
+                variants.append(lm_variant(c, self.backend, Path(tmp) / str(i), self.work, cfg, self.threads))
+                c.module = None  # the exported files are what is timed; free the eager copy
+            times = measure_generation(variants, self.prompts, g.new_tokens, repeats=self.repeats)
+            peaks = [lm_bench.peak_memory_mb(v.spec, self.prompts, g.new_tokens) if memory else {} for v in variants]
+        rows = []
+        for c, v, t, peak in zip(found, variants, times, peaks):
+            rows.append(
+                {
+                    "name": c.name,
+                    "model": {**section, "hf": {**section["hf"], "config": c.model}},
+                    "params": c.params,
+                    "macs": c.macs,
+                    "p50_ms": float(np.percentile(t["token"], 50)),
+                    "p90_ms": float(np.percentile(t["token"], 90)),
+                    "prefill_ms": float(np.median(t["prefill"])),
+                    "size_bytes": v.size_bytes,
+                    **peak,
+                }
+            )
+        return rows
+
+    def retime(self, row: dict[str, Any]) -> tuple[float, float]:
+        """(p50, p90) ms per token of ``row``'s shape built and exported again, timed alone."""
+        import tempfile
+
+        shape = row["model"]["hf"]["config"]
+        (c,) = lm_candidates(
+            shape,
+            self._filled,
+            widths=[shape["hidden_size"]],
+            depths=[shape["num_hidden_layers"]],
+            seed=self.cfg.seed,
         )
-    return rows
+        if (c.params, c.macs) != (row["params"], row["macs"]):  # the grid's rules must rebuild the same shape
+            raise RuntimeError(f"{row['name']} rebuilt as {c.name} with {c.params:,} params, not {row['params']:,}")
+        with tempfile.TemporaryDirectory(prefix="size-student-") as tmp:
+            v = lm_variant(c, self.backend, Path(tmp), self.work, self.cfg, self.threads)
+            (t,) = measure_generation([v], self.prompts, self.cfg.deploy.genai.new_tokens, repeats=self.repeats)
+        return float(np.percentile(t["token"], 50)), float(np.percentile(t["token"], 90))

@@ -70,7 +70,29 @@ def report_lines(result: dict[str, Any]) -> list[str]:
             else []
         )
         lines.append("| " + " | ".join([*cells, mark]) + " |")
+    lines += _confirmed_lines(result)
     return [*lines, "", "![latency against MACs](latency.png)"]
+
+
+def _confirmed_lines(result: dict[str, Any]) -> list[str]:
+    """The candidates re-timed alone after the sweep (largest first) and whether each held the budget."""
+    tried = result.get("confirmed") or []
+    if not tried:
+        return []
+    lines = [
+        "",
+        "## Confirmed alone",
+        "",
+        "The sweep's choice built again from its config and timed alone (nothing else loaded, as it will be "
+        "deployed), each time after a warm-up; a p90 over the budget moves to the next smaller candidate.",
+        "",
+        "| candidate | p90 ms of each re-timing alone | held |",
+        "|---|---|---|",
+    ]
+    for t in tried:
+        p90s = ", ".join(f"{p:.3f}" for p in t["p90_ms"])
+        lines.append(f"| {t['name']} | {p90s} | {'yes' if t['held'] else 'no'} |")
+    return lines
 
 
 def plot_latency(result: dict[str, Any], path: Path) -> None:

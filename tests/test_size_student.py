@@ -12,7 +12,7 @@ from distilflow.cli import main
 from distilflow.config import load_config
 from distilflow.errors import UserError
 from distilflow.models.sizing import candidates, cnn_shapes, mlp_shapes
-from distilflow.size_student import choose
+from distilflow.size_student import ClassifierSizing, choose, confirm_choice
 
 
 def test_mlp_candidates_cost_what_a_hand_count_says():
@@ -53,6 +53,38 @@ def test_the_choice_is_the_most_macs_that_meets_every_limit():
         choose(rows, _budget(max_params=5))
 
 
+def test_confirm_choice_retimes_alone_and_moves_to_the_next_smaller_after_a_miss():
+    rows = [_row("small", 10, 0.1, 0.2), _row("mid", 100, 0.5, 0.9), _row("big", 1000, 0.8, 0.95)]
+    alone = {"big": [0.9, 1.2, 0.9], "mid": [0.8, 0.85, 0.99], "small": [0.2, 0.2, 0.2]}  # p90 per re-timing
+    calls: list[str] = []
+
+    def retime(row):
+        calls.append(row["name"])
+        return 0.0, alone[row["name"]][calls.count(row["name"]) - 1]
+
+    chosen, tried = confirm_choice(rows, _budget(latency_ms=1.0), retime, 3)
+    # big met the budget in the sweep (0.95), missed it on its second re-timing alone (1.2): mid, three times.
+    assert chosen["name"] == "mid" and calls == ["big", "big", "mid", "mid", "mid"]
+    assert tried == [
+        {"name": "big", "p90_ms": [0.9, 1.2], "held": False},
+        {"name": "mid", "p90_ms": [0.8, 0.85, 0.99], "held": True},
+    ]
+    # only the candidates that met every limit in the sweep are tried (max_macs 99: small alone)
+    calls.clear()
+    assert confirm_choice(rows, _budget(latency_ms=1.0, max_macs=99), retime, 2)[0]["name"] == "small"
+    assert calls == ["small", "small"]
+
+
+def test_confirm_choice_with_no_candidate_holding_alone_is_one_line():
+    rows = [_row("small", 10, 0.1, 0.2), _row("mid", 100, 0.5, 0.9)]
+    with pytest.raises(
+        UserError,
+        match=r"when re-timed alone \(2 times each.*smallest that met it in the sweep, small, "
+        r"took p90 0.5 ms alone",
+    ):
+        confirm_choice(rows, _budget(latency_ms=0.3), lambda row: (0.4, 0.5), 2)
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_overrides):
     """A YAML config of the tiny MNIST-1D run (the user's config that size-student reads)."""
@@ -77,6 +109,10 @@ def test_size_student_writes_the_largest_candidate_as_a_config_that_runs(tmp_pat
     assert all(r["p50_ms"] <= r["p90_ms"] and r["size_bytes"] > 0 for r in result["candidates"])
     report = (out / "report.md").read_text()
     assert "| mlp [24, 24] |" in report and "**chosen**" in report and (out / "latency.png").is_file()
+    # The choice was built again and timed alone three times (the default --confirm), and held.
+    ((tried),) = result["confirmed"]
+    assert tried["name"] == "mlp [24, 24]" and tried["held"] and len(tried["p90_ms"]) == 3
+    assert all(0 < p <= 1000 for p in tried["p90_ms"]) and "## Confirmed alone" in report
     assert "distilflow run" in capsys.readouterr().out
 
     # The written config is the user's with student.model replaced; 'run' trains that student.
@@ -86,6 +122,28 @@ def test_size_student_writes_the_largest_candidate_as_a_config_that_runs(tmp_pat
     results = json.loads((tmp_path / "sized-run" / "results.json").read_text())
     chosen = next(r for r in result["candidates"] if r["name"] == result["chosen"])
     assert results["student"]["params"] == chosen["params"] and results["student"]["macs"] == chosen["macs"]
+
+
+def test_a_miss_alone_writes_the_next_smaller_candidate(tmp_path, tiny_config, monkeypatch, capsys):
+    rebuilt: list[tuple[str, int]] = []
+    real = ClassifierSizing.retime
+
+    def retime(self, row):
+        p50, p90 = real(self, row)  # the real rebuild and timing; then [24, 24] is made to miss
+        rebuilt.append((row["name"], row["params"]))
+        return p50, 2000.0 if row["name"] == "mlp [24, 24]" else p90
+
+    monkeypatch.setattr(ClassifierSizing, "retime", retime)
+    out = tmp_path / "sizing"
+    args = [str(tiny_config), "--latency-ms", "1000", "--backend", "torch", "--widths", "16,24", "--repeats", "5"]
+    assert main(["size-student", *args, "--confirm", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "sizing.json").read_text())
+    # MACs per sample (40 inputs, 10 classes): [16] 800 < [16, 16] 1,056 < [24] 1,200 < [24, 24] 1,776;
+    # [24, 24] missed once, [24] held twice
+    assert result["chosen"] == "mlp [24]" and [n for n, _ in rebuilt] == ["mlp [24, 24]", *["mlp [24]"] * 2]
+    assert [t["held"] for t in result["confirmed"]] == [False, True]
+    assert load_config(out / "student.yaml").student.model.mlp.hidden == [24]
+    assert "chosen mlp [24] (1 larger missed it alone)" in capsys.readouterr().out
 
 
 def test_the_onnx_backends_export_and_quantize_each_candidate(tmp_path, tiny_config):
@@ -113,6 +171,7 @@ def test_the_onnx_backends_export_and_quantize_each_candidate(tmp_path, tiny_con
         (["--latency-ms", "1", "--widths", "16,x"], "--widths '16,x'"),
         (["--max-memory-mb", "-1"], "--max-memory-mb must be > 0"),
         (["--latency-ms", "0"], "--latency-ms, --max-params, --max-macs and --max-memory-mb must be > 0"),
+        (["--latency-ms", "1", "--confirm", "-1"], "--confirm >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_config, capsys, extra, expected):

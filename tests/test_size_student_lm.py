@@ -97,8 +97,12 @@ def test_the_shipped_lm_backends_build_each_candidate_and_memory_is_measured(tmp
     out = tmp_path / "sizing"
     args = [*_lm_args(tiny_lm_args, tmp_path), *GEN, "--backend", backend, "--widths", "32", "--depths", "1,2"]
     assert main(["size-student", *args, "--latency-ms", "1000", "--max-memory-mb", "100000", "--out", str(out)]) == 0
-    rows = json.loads((out / "sizing.json").read_text())["candidates"]
+    result = json.loads((out / "sizing.json").read_text())
+    rows = result["candidates"]
     assert [r["name"] for r in rows] == ["llama 1x32 h2/2 i64", "llama 2x32 h2/2 i64"]
+    # the choice rebuilt from its config (exported / built again) and timed alone, three times
+    ((tried),) = result["confirmed"]
+    assert tried["name"] == result["chosen"] == "llama 2x32 h2/2 i64" and tried["held"] and len(tried["p90_ms"]) == 3
     assert 0 < rows[0]["size_bytes"] < rows[1]["size_bytes"]  # the second decoder layer's weights are in the file
     for r in rows:
         assert r["peak_rss_mb"] > r["runtime_rss_mb"] > 10  # a real process: its runtime, then the model
