@@ -5,8 +5,9 @@
 
 For each latency budget (ms per call at ``--batch``, 1 thread) on the MNIST-1D demo config:
 
-1. ``size_student`` chooses a shape (the default candidate grid, 30 interleaved repeats);
-2. the chosen shape is exported again and re-measured 10 times (each time 30 calls after a warm-up,
+1. ``size_student`` chooses a shape (the default candidate grid, 30 interleaved repeats, the choice
+   confirmed alone 3 times);
+2. the chosen shape is exported again and re-measured 10 more times (each time 30 calls after a warm-up,
    its p50 and p90): how many of the 10 meet the budget;
 3. the demo is distilled into that shape (``--teacher``: a trained teacher's model.safetensors, reused
    by every budget; student ``--steps``, the demo's 4,000 unless given) for the accuracy it buys,
@@ -21,38 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from distilflow.config import load_config
-from distilflow.data.classification import load_classification
-from distilflow.models.sizing import candidates
 from distilflow.pipeline import run_all
-from distilflow.size_student import measure, size_student
-from distilflow.size_student import variant as build_variant
+from distilflow.size_student import ClassifierSizing, size_student
 
 REMEASURES = 10
-
-
-def remeasure(cfg, chosen: dict, *, batch: int, backend: str, repeats: int = 30) -> list[tuple[float, float]]:
-    """p50 and p90 of the chosen shape, measured REMEASURES times, each with a freshly exported model."""
-    data = load_classification(cfg.data)
-    feeds = {"x": np.ascontiguousarray(data.test_x.numpy()[np.arange(batch) % len(data.test_x)])}
-    found = []
-    for _ in range(REMEASURES):
-        (candidate,) = [
-            c
-            for c in candidates(chosen["model"], data.input_shape, data.num_classes, widths=_widths(chosen))
-            if c.name == chosen["name"]
-        ]
-        with tempfile.TemporaryDirectory() as tmp:
-            v = build_variant(candidate, backend, Path(tmp), data.test_x[:2], 1)
-            (times,) = measure([v], feeds, repeats=repeats)
-        found.append((float(np.percentile(times, 50)), float(np.percentile(times, 90))))
-    return found
 
 
 def remeasured_row(budget: float, chosen: dict, again: list[tuple[float, float]]) -> dict:
@@ -69,12 +47,6 @@ def remeasured_row(budget: float, chosen: dict, again: list[tuple[float, float]]
         "p90_range": (min(p for _, p in again), max(p for _, p in again)),
         "load": os.getloadavg()[0],
     }
-
-
-def _widths(chosen: dict) -> list[int]:
-    section = chosen["model"].get("mlp") or chosen["model"].get("cnn")
-    shape = section.get("hidden") or section.get("channels")
-    return [max(shape)]
 
 
 def main() -> None:
@@ -99,7 +71,8 @@ def main() -> None:
             cfg, latency_ms=budget, batch=args.batch, backend=args.backend, out=out / f"sizing-{budget:g}"
         )
         chosen = next(r for r in sized["candidates"] if r["name"] == sized["chosen"])
-        again = remeasure(cfg, chosen, batch=args.batch, backend=args.backend)
+        sizing = ClassifierSizing(cfg, backend=args.backend, batch=args.batch, threads=1, repeats=30, widths=None)
+        again = [sizing.retime(chosen) for _ in range(REMEASURES)]  # each freshly exported, timed alone
         row = remeasured_row(budget, chosen, again)
         if not args.no_train:
             sized_yaml, run_dir = out / f"sizing-{budget:g}" / "student.yaml", out / f"run-{budget:g}"

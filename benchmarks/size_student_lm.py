@@ -11,10 +11,11 @@ One phase per command, so that a shared machine's slots interleave:
 1. ``sweep``: ``size_student`` on configs/lm_stdlib.yaml with every candidate of the built-in grid
    (30 interleaved repeats; latency = ms per generated token, see distilflow/size_student_lm.py), the
    rows kept in ``DIR/sweep/sizing.json``;
-2. ``choose``: for each budget, size-student's choice from those rows (``choose``: the most MACs per
-   token whose p90 meets it), its student.yaml written to ``DIR/sizing-<budget>/``, then the chosen shape
-   built again from scratch (export / GenAI build) and re-measured 10 times (each time 30 generations
-   after a warm-up): how many of the 10 p90s (and p50s) meet the budget;
+2. ``choose``: for each budget, size-student's choice from those rows (the most MACs per token whose
+   p90 meets it, then confirmed alone ``--confirm`` times: ``confirm_choice``), its student.yaml written to
+   ``DIR/sizing-<budget>/``, then the chosen shape built again from scratch (GenAI build) and re-measured
+   10 more times (each 30 generations after a warm-up, independent of the confirmation): how many of the
+   10 p90s (and p50s) meet the budget;
 3. ``train``: ``distilflow run`` on that student.yaml, the demo teacher reused (``--teacher``): baseline
    and distilled perplexity of the chosen shape (``--steps``: 400 by default, half the demo's 800, for
    time; another count is written beside it as ``train-<budget>-<steps>.json``);
@@ -26,15 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from size_student import remeasured_row  # benchmarks/size_student.py (this script's folder)
 
 from distilflow.config import load_config
-from distilflow.size_student import choose, size_student, sized_config
+from distilflow.size_student import choose, confirm_choice, size_student, sized_config
 from distilflow.size_student_report import write_outputs
 
 REMEASURES = 10
@@ -49,7 +48,8 @@ def _config(args, extra: list[str] | None = None):
 def sweep(args) -> None:
     cfg = _config(args)
     # Budgets every candidate meets: the sweep only measures (latency, and peak RSS in a child per candidate).
-    size_student(cfg, latency_ms=1e6, max_memory_mb=1e6, batch=args.batch, backend=args.backend, out=args.out / "sweep")
+    limits = {"latency_ms": 1e6, "max_memory_mb": 1e6, "batch": args.batch, "backend": args.backend}
+    size_student(cfg, **limits, out=args.out / "sweep", confirm=0)
     result = json.loads((args.out / "sweep" / "sizing.json").read_text())
     for r in result["candidates"]:
         print(
@@ -58,51 +58,30 @@ def sweep(args) -> None:
         )
 
 
-def remeasure(cfg, chosen: dict, backend: str, batch: int) -> list[tuple[float, float]]:
-    """(p50, p90) of the chosen shape, REMEASURES times, each from a fresh build of it."""
-    from distilflow.deploy import lm_bench
-    from distilflow.models.sizing_lm import lm_candidates
-    from distilflow.size_student_lm import lm_variant, measure_generation
-    from distilflow.workload import make_workload
-
-    work = make_workload(cfg, torch.device("cpu"))
-    shape = chosen["model"]["hf"]["config"]
-    g = cfg.deploy.genai
-    prompts = lm_bench.prompt_rows(work.test_arrays(), batch, g.prompt_tokens)
-    found = []
-    for _ in range(REMEASURES):
-        (candidate,) = lm_candidates(
-            shape,
-            lambda c: work.hf_config(c, "student"),
-            widths=[shape["hidden_size"]],
-            depths=[shape["num_hidden_layers"]],
-            seed=cfg.seed,
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            v = lm_variant(candidate, backend, Path(tmp), work, cfg, 1)
-            (times,) = measure_generation([v], prompts, g.new_tokens, repeats=30)
-        found.append((float(np.percentile(times["token"], 50)), float(np.percentile(times["token"], 90))))
-    return found
-
-
 def choose_phase(args) -> None:
+    from distilflow.size_student_lm import LMSizing
+
     torch.set_num_threads(1)
     result = json.loads((args.out / "sweep" / "sizing.json").read_text())
     cfg = _config(args)
+    b = result["budget"]
+    sizing = LMSizing(cfg, backend=b["backend"], batch=b["batch"], threads=1, repeats=30, widths=None, depths=None)
     rows = []
-    for budget in [float(b) for b in args.budgets.split(",")]:
-        limits = {**result["budget"], "latency_ms": budget, "max_memory_mb": None}
-        chosen = choose(result["candidates"], limits)
+    for budget in [float(x) for x in args.budgets.split(",")]:
+        limits = {**b, "latency_ms": budget, "max_memory_mb": None}
+        swept = choose(result["candidates"], limits)
+        chosen, tried = confirm_choice(result["candidates"], limits, sizing.retime, args.confirm)
         write_outputs(
             args.out / f"sizing-{budget:g}",
             sized_config(cfg, chosen["model"]),
             chosen,
-            {**result, "budget": limits, "chosen": chosen["name"]},
+            {**result, "budget": limits, "chosen": chosen["name"], "confirmed": tried},
         )
-        again = remeasure(cfg, chosen, limits["backend"], limits["batch"])
+        again = [sizing.retime(chosen) for _ in range(REMEASURES)]  # each a fresh build, timed alone
         row = remeasured_row(budget, chosen, again)
-        row.update(sweep_load=result["load_average"], backend=limits["backend"], batch=limits["batch"])
-        row.update(peak_rss_mb=chosen.get("peak_rss_mb"), size_bytes=chosen["size_bytes"])
+        row.update(sweep_choice=swept["name"], confirmed=tried, sweep_load=result["load_average"])
+        row.update(backend=b["backend"], batch=b["batch"], peak_rss_mb=chosen.get("peak_rss_mb"))
+        row.update(size_bytes=chosen["size_bytes"])
         rows.append(row)
         print(json.dumps(row), flush=True)
     (args.out / "choose.json").write_text(json.dumps(rows, indent=2))
@@ -161,6 +140,7 @@ def main() -> None:
     parser.add_argument("--backend", default="genai-int4")
     parser.add_argument("--teacher", default="/tmp/new-lm/teacher/model.safetensors")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--confirm", type=int, default=3, help="size-student's --confirm for the choice")
     parser.add_argument("--cache", default="~/.cache/distilflow")
     parser.add_argument("--out", type=Path, default=Path("runs/size-student-lm"))
     args = parser.parse_args()
