@@ -49,7 +49,8 @@ def result_path(out: Path, case: str, seed: int) -> Path:
 
 def train(config: str, teacher: str, out: Path, case: str, seed: int, overrides: list[str]) -> dict:
     from distilflow.config import load_config
-    from distilflow.pipeline import baseline_stage, distill_stage, open_run, teacher_stage
+    from distilflow.pipeline import baseline_stage, distill_stage, open_run
+    from distilflow.teacher_stages import teacher_stage
 
     cfg = load_config(
         config,

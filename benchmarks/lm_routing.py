@@ -165,7 +165,8 @@ def score(out: Path, model, where: Path) -> dict:
 
 def run_step(out: Path, step: str, seed: int, args: argparse.Namespace) -> None:
     from distilflow.config import load_config
-    from distilflow.pipeline import baseline_stage, distill_stage, open_run, teacher_stage, teachers_stage
+    from distilflow.pipeline import baseline_stage, distill_stage, open_run
+    from distilflow.teacher_stages import teacher_stage, teachers_stage
 
     if step == "teacher_b":
         target = out / "teacher_b" / "scores.json"
@@ -195,7 +196,7 @@ def teacher_a_scores(out: Path, checkpoint: str) -> dict:
         import torch
 
         from distilflow.config import load_config
-        from distilflow.stages import load_weights
+        from distilflow.models.build import load_weights
         from distilflow.tasks.causal_lm_workload import CausalLMWorkload
 
         cfg = load_config(STDLIB, ["threads=1"])
