@@ -62,9 +62,10 @@ def trained_teacher(out: Path, overrides: list[str]) -> Path:
 
 
 def stage_run(out: Path, name: str, teacher: Path, overrides: list[str]):
+    """The run, the frozen teacher and its result: its evaluation on this config's held-out text."""
     cfg = load_config(CONFIG, [*PRESET, *overrides, f"output_dir={out / name}", f"teacher.model.checkpoint={teacher}"])
     run = open_run(cfg)
-    return run, teacher_stage(run, log_tensorboard=False)[0]
+    return run, *teacher_stage(run, log_tensorboard=False)
 
 
 def mean_std(values: list[float]) -> str:
@@ -87,12 +88,16 @@ def main() -> None:
     out = Path(args.out)
     teacher = Path(args.teacher) if args.teacher else trained_teacher(out, args.overrides)
     teacher_result = json.loads((teacher.parent / "result.json").read_text())
-    print(f"teacher: {teacher_result}", flush=True)
+    print(f"teacher (its own run): {teacher_result}", flush=True)
+    scored = None  # the teacher evaluated on this config's held-out rows (its own run's may be another data set)
     rows: dict[str, list[dict]] = {"ce": [], **{mode: [] for mode in args.modes}}
     for seed in [] if args.skip_quality else args.seeds:
         for mode in args.modes:
             given = [*args.overrides, f"seed={seed}", f"distill.cross_tokenizer={mode}"]
-            run, frozen = stage_run(out, f"seed{seed}-{mode}", teacher, given)
+            run, frozen, evaluated = stage_run(out, f"seed{seed}-{mode}", teacher, given)
+            if scored is None:
+                scored = evaluated
+                print(f"teacher on this config's held-out rows: {evaluated}", flush=True)
             if mode == args.modes[0]:  # CE only on the same aligned rows: the baseline stage
                 _, base = baseline_stage(run, log_tensorboard=False, teacher=frozen)
                 rows["ce"].append(base)
@@ -101,9 +106,7 @@ def main() -> None:
             rows[mode].append(result)
             print(f"seed {seed} {mode}: {result}", flush=True)
     if rows["ce"]:
-        print(
-            f"\nheld-out, {len(rows['ce'])} seeds {args.seeds}; teacher bits/char {teacher_result['bits_per_char']:.4f}"
-        )
+        print(f"\nheld-out, {len(rows['ce'])} seeds {args.seeds}; teacher bits/char {scored['bits_per_char']:.4f}")
         print(f"{'student':<8} {'perplexity (own tokens)':>26} {'bits per char':>20}")
         for mode, results in rows.items():
             ppl = mean_std([r["perplexity"] for r in results])
@@ -119,11 +122,14 @@ def main() -> None:
     print(f"\ncost per distillation step ({args.cost_steps} steps each, one process, in this order)")
     print(f"{'KD':<26} {'s/step wall':>12} {'s/step CPU':>11} {'peak RSS MB':>12}")
     for label, extra in (
-        ("same tokenizer (plain KD)", ["data.stdlib.student_tokenizer=bpe", "data.stdlib.teacher_seq_len=0"]),
+        (
+            "same tokenizer (plain KD)",
+            ["data.stdlib.student_tokenizer=bpe", "data.stdlib.student_vocab_size=0", "data.stdlib.teacher_seq_len=0"],
+        ),
         ("ULD", ["distill.cross_tokenizer=uld"]),
         ("hybrid", ["distill.cross_tokenizer=hybrid"]),
     ):
-        run, frozen = stage_run(out, "cost-" + label.split()[0].lower(), teacher, [*cost, *extra])
+        run, frozen, _ = stage_run(out, "cost-" + label.split()[0].lower(), teacher, [*cost, *extra])
         cpu = time.process_time()
         _, result = distill_stage(run, frozen, log_tensorboard=False)
         cpu, steps = time.process_time() - cpu, result["steps"]  # CPU: the stage with its closing evaluation

@@ -214,12 +214,40 @@ def test_a_feature_phase_with_a_layer_map_compares_groups(tmp_path, live_run):
 def test_one_tokenizer_with_a_cross_tokenizer_loss_forced_is_a_note_then_plain_kd(tmp_path, live_run, capsys):
     root, _ = live_run
     args = stdlib_args(tmp_path / "same", root / "cache", "data.stdlib.student_tokenizer=bpe")
-    args += ["distill.cross_tokenizer=uld", "data.stdlib.teacher_seq_len=0"]
+    args += ["distill.cross_tokenizer=uld", "data.stdlib.teacher_seq_len=0", "data.stdlib.student_vocab_size=0"]
     work = make_workload(load_config(None, args), torch.device("cpu"))
     assert work.cross_tokenizer == "off" and work.aligned_kd is None
     assert "distill.cross_tokenizer uld: teacher and student share one tokenizer; distilling with plain KD" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("size", [0, 384])
+def test_a_bpe_student_of_the_teachers_size_or_none_given_shares_the_teachers_tokenizer(tmp_path, live_run, size):
+    root, _ = live_run
+    args = stdlib_args(tmp_path / "same", root / "cache", "data.stdlib.student_tokenizer=bpe")
+    args += [f"data.stdlib.student_vocab_size={size}", "data.stdlib.teacher_seq_len=0"]
+    work = make_workload(load_config(None, args), torch.device("cpu"))
+    assert work.cross_tokenizer == "off" and work.tokenizer is work.teacher_tokenizer
+
+
+def test_a_bpe_student_of_its_own_size_distils_across_tokenizers(tmp_path, live_run):
+    """A larger BPE trained on the same text continues the teacher's merges: every teacher token is one
+    of the student's, with the same id, and each student token spells whole teacher tokens (1:n groups)."""
+    root, _ = live_run
+    args = stdlib_args(tmp_path / "own", root / "cache", "data.stdlib.student_tokenizer=bpe")
+    work = make_workload(load_config(None, args), torch.device("cpu"))  # stdlib_args: student_vocab_size 512
+    assert work.cross_tokenizer == "hybrid"
+    assert (len(work.tokenizer), len(work.teacher_tokenizer)) == (512, 384)
+    assert json.loads(work.tokenizer.backend_tokenizer.to_str())["model"]["type"] == "BPE"
+    student_vocab = work.tokenizer.get_vocab()
+    assert all(student_vocab.get(token) == i for token, i in work.teacher_tokenizer.get_vocab().items())
+    vocab_map = work.aligned_kd.vocab_map
+    assert vocab_map.teacher_ids.tolist() == vocab_map.student_ids.tolist() == list(range(384))
+    student_tokens = (work.train["group"] >= 0).sum(1)
+    teacher_tokens = (work.train["teacher_group"] >= 0).sum(1)
+    groups = [len(set(row[row >= 0].tolist())) for row in work.train["group"]]
+    assert (student_tokens == torch.tensor(groups)).all() and (teacher_tokens >= student_tokens).all()
 
 
 def test_a_slow_teacher_tokenizer_is_refused_in_one_line(tmp_path, live_run, capsys):
