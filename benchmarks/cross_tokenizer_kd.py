@@ -1,13 +1,14 @@
 """CE-only vs ULD vs hybrid across tokenizers, several seeds, one fixed teacher; and the cost per step.
 
     python benchmarks/cross_tokenizer_kd.py [--seeds 0 1 2] [--out DIR] [--cost-steps 20] [--full]
-        [--modes uld hybrid] [--teacher PATH] [key=value ...]
+        [--modes uld hybrid hybrid-span] [--teacher PATH] [key=value ...]
 
 The config is configs/lm_stdlib_cross_tokenizer.yaml (the demo's Llama teacher on the byte-level BPE
 2,048, a Qwen2-style student on the unigram 4,096), shortened by SHORT (fewer characters and steps, one
 kd + ce phase) unless ``--full`` (the shipped demo as it is, at threads=1) or overridden. The teacher is
 trained once (or read back from --out); per seed the student is trained on the same aligned rows: CE only
-(the baseline stage) and once per ``--modes`` (ULD and the hybrid). Prints held-out perplexity (over the
+(the baseline stage) and once per ``--modes`` (ULD, the hybrid with GOLD's merged buckets, the hybrid
+with span buckets). Prints held-out perplexity (over the
 student's own tokens) and bits per character, mean +- std, and the hybrid's gap to CE per seed.
 
 Cost: ``--cost-steps`` distillation steps of same-tokenizer KD (a student of the same family on the
@@ -48,6 +49,11 @@ SHORT = [  # 35 min at threads=1 on a 2-core machine at load 6-11 (the full demo
 ]
 
 
+MODES = {  # what each --modes entry sets
+    "uld": ["distill.cross_tokenizer=uld"],
+    "hybrid": ["distill.cross_tokenizer=hybrid"],  # GOLD's merged buckets
+    "hybrid-span": ["distill.cross_tokenizer=hybrid", "distill.hybrid_buckets=span"],
+}
 FULL = ["threads=1", "deploy.enabled=false"]  # the shipped demo: ~80 min at threads=1 for CE + hybrid, 3 seeds
 PRESET = SHORT
 
@@ -80,7 +86,7 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--full", action="store_true", help="the shipped demo's length, not SHORT")
     parser.add_argument("--teacher", help="a trained teacher's model.safetensors (its result.json beside it)")
-    parser.add_argument("--modes", nargs="+", choices=["uld", "hybrid"], default=["uld", "hybrid"])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["uld", "hybrid"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     global PRESET
@@ -93,7 +99,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {"ce": [], **{mode: [] for mode in args.modes}}
     for seed in [] if args.skip_quality else args.seeds:
         for mode in args.modes:
-            given = [*args.overrides, f"seed={seed}", f"distill.cross_tokenizer={mode}"]
+            given = [*args.overrides, f"seed={seed}", *MODES[mode]]
             run, frozen, evaluated = stage_run(out, f"seed{seed}-{mode}", teacher, given)
             if scored is None:
                 scored = evaluated

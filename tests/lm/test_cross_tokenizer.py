@@ -171,6 +171,7 @@ def test_a_topk_cache_of_every_id_across_tokenizers_gives_the_live_losses(live_r
         (["distill.loss_impl=fused"], "distill.loss_impl fused: across tokenizers"),
         (["cache.use=true", "cache.format=sampled"], "cache.format sampled: across tokenizers"),
         (["distill.cross_tokenizer=off"], "distill.cross_tokenizer off: teacher and student tokenizers differ"),
+        (["cache.use=true", "distill.hybrid_buckets=span"], "distill.hybrid_buckets span: across tokenizers"),
     ],
 )
 def test_what_cannot_work_across_tokenizers_is_refused_in_one_line(tmp_path, live_run, capsys, extra, message):
@@ -209,6 +210,21 @@ def test_a_feature_phase_with_a_layer_map_compares_groups(tmp_path, live_run):
     assert main(["distill", *args, "--no-tensorboard"]) == 0
     losses = student_losses(tmp_path / "features")
     assert all(r["feature"] > 0 and math.isfinite(r["feature"]) for r in losses)
+
+
+def test_span_buckets_distil_and_log_both_parts(tmp_path, live_run):
+    root, _ = live_run
+    args = stdlib_args(tmp_path / "span", root / "cache", "distill.hybrid_buckets=span")
+    args.append(f"teacher.model.checkpoint={root / 'live' / 'teacher' / 'model.safetensors'}")
+    assert main(["distill", *args, "--no-tensorboard"]) == 0
+    losses = student_losses(tmp_path / "span")
+    baseline = student_losses(root / "live")
+    assert len(losses) == 4 and all(
+        r["kd"] == pytest.approx(r["kd_matched"] + r["kd_unmatched"], rel=1e-4) for r in losses
+    )
+    assert all(math.isfinite(r["kd"]) and r["kd"] > 0 for r in losses)
+    assert losses[0]["kd"] != pytest.approx(baseline[0]["kd"], rel=1e-3)  # another loss than the merged buckets
+    assert losses[0]["ce"] == pytest.approx(baseline[0]["ce"], rel=1e-4)  # the same student, rows and first step
 
 
 def test_one_tokenizer_with_a_cross_tokenizer_loss_forced_is_a_note_then_plain_kd(tmp_path, live_run, capsys):
