@@ -251,7 +251,8 @@ def test_a_bpe_student_of_its_own_size_distils_across_tokenizers(tmp_path, live_
     """A larger BPE trained on the same text continues the teacher's merges: every teacher token is one
     of the student's, with the same id, and each student token spells whole teacher tokens (1:n groups)."""
     root, _ = live_run
-    args = stdlib_args(tmp_path / "own", root / "cache", "data.stdlib.student_tokenizer=bpe")
+    # Its own cache folder: a second stdlib-tokenizer-* in the shared one would be a surprise to other tests.
+    args = stdlib_args(tmp_path / "own", tmp_path / "cache", "data.stdlib.student_tokenizer=bpe")
     work = make_workload(load_config(None, args), torch.device("cpu"))  # stdlib_args: student_vocab_size 512
     assert work.cross_tokenizer == "hybrid"
     assert (len(work.tokenizer), len(work.teacher_tokenizer)) == (512, 384)
