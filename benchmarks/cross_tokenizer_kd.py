@@ -1,13 +1,14 @@
 """CE-only vs ULD vs hybrid across tokenizers, several seeds, one fixed teacher; and the cost per step.
 
     python benchmarks/cross_tokenizer_kd.py [--seeds 0 1 2] [--out DIR] [--cost-steps 20] [--full]
-        [--modes uld hybrid] [--teacher PATH] [key=value ...]
+        [--modes uld hybrid hybrid-span] [--teacher PATH] [key=value ...]
 
 The config is configs/lm_stdlib_cross_tokenizer.yaml (the demo's Llama teacher on the byte-level BPE
 2,048, a Qwen2-style student on the unigram 4,096), shortened by SHORT (fewer characters and steps, one
 kd + ce phase) unless ``--full`` (the shipped demo as it is, at threads=1) or overridden. The teacher is
 trained once (or read back from --out); per seed the student is trained on the same aligned rows: CE only
-(the baseline stage) and once per ``--modes`` (ULD and the hybrid). Prints held-out perplexity (over the
+(the baseline stage) and once per ``--modes`` (ULD, the hybrid with GOLD's merged buckets, the hybrid
+with span buckets). Prints held-out perplexity (over the
 student's own tokens) and bits per character, mean +- std, and the hybrid's gap to CE per seed.
 
 Cost: ``--cost-steps`` distillation steps of same-tokenizer KD (a student of the same family on the
@@ -48,6 +49,11 @@ SHORT = [  # 35 min at threads=1 on a 2-core machine at load 6-11 (the full demo
 ]
 
 
+MODES = {  # what each --modes entry sets
+    "uld": ["distill.cross_tokenizer=uld"],
+    "hybrid": ["distill.cross_tokenizer=hybrid"],  # GOLD's merged buckets
+    "hybrid-span": ["distill.cross_tokenizer=hybrid", "distill.hybrid_buckets=span"],
+}
 FULL = ["threads=1", "deploy.enabled=false"]  # the shipped demo: ~80 min at threads=1 for CE + hybrid, 3 seeds
 PRESET = SHORT
 
@@ -62,9 +68,10 @@ def trained_teacher(out: Path, overrides: list[str]) -> Path:
 
 
 def stage_run(out: Path, name: str, teacher: Path, overrides: list[str]):
+    """The run, the frozen teacher and its result: its evaluation on this config's held-out text."""
     cfg = load_config(CONFIG, [*PRESET, *overrides, f"output_dir={out / name}", f"teacher.model.checkpoint={teacher}"])
     run = open_run(cfg)
-    return run, teacher_stage(run, log_tensorboard=False)[0]
+    return run, *teacher_stage(run, log_tensorboard=False)
 
 
 def mean_std(values: list[float]) -> str:
@@ -79,7 +86,7 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--full", action="store_true", help="the shipped demo's length, not SHORT")
     parser.add_argument("--teacher", help="a trained teacher's model.safetensors (its result.json beside it)")
-    parser.add_argument("--modes", nargs="+", choices=["uld", "hybrid"], default=["uld", "hybrid"])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["uld", "hybrid"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     global PRESET
@@ -87,12 +94,16 @@ def main() -> None:
     out = Path(args.out)
     teacher = Path(args.teacher) if args.teacher else trained_teacher(out, args.overrides)
     teacher_result = json.loads((teacher.parent / "result.json").read_text())
-    print(f"teacher: {teacher_result}", flush=True)
+    print(f"teacher (its own run): {teacher_result}", flush=True)
+    scored = None  # the teacher evaluated on this config's held-out rows (its own run's may be another data set)
     rows: dict[str, list[dict]] = {"ce": [], **{mode: [] for mode in args.modes}}
     for seed in [] if args.skip_quality else args.seeds:
         for mode in args.modes:
-            given = [*args.overrides, f"seed={seed}", f"distill.cross_tokenizer={mode}"]
-            run, frozen = stage_run(out, f"seed{seed}-{mode}", teacher, given)
+            given = [*args.overrides, f"seed={seed}", *MODES[mode]]
+            run, frozen, evaluated = stage_run(out, f"seed{seed}-{mode}", teacher, given)
+            if scored is None:
+                scored = evaluated
+                print(f"teacher on this config's held-out rows: {evaluated}", flush=True)
             if mode == args.modes[0]:  # CE only on the same aligned rows: the baseline stage
                 _, base = baseline_stage(run, log_tensorboard=False, teacher=frozen)
                 rows["ce"].append(base)
@@ -101,9 +112,7 @@ def main() -> None:
             rows[mode].append(result)
             print(f"seed {seed} {mode}: {result}", flush=True)
     if rows["ce"]:
-        print(
-            f"\nheld-out, {len(rows['ce'])} seeds {args.seeds}; teacher bits/char {teacher_result['bits_per_char']:.4f}"
-        )
+        print(f"\nheld-out, {len(rows['ce'])} seeds {args.seeds}; teacher bits/char {scored['bits_per_char']:.4f}")
         print(f"{'student':<8} {'perplexity (own tokens)':>26} {'bits per char':>20}")
         for mode, results in rows.items():
             ppl = mean_std([r["perplexity"] for r in results])
@@ -119,11 +128,14 @@ def main() -> None:
     print(f"\ncost per distillation step ({args.cost_steps} steps each, one process, in this order)")
     print(f"{'KD':<26} {'s/step wall':>12} {'s/step CPU':>11} {'peak RSS MB':>12}")
     for label, extra in (
-        ("same tokenizer (plain KD)", ["data.stdlib.student_tokenizer=bpe", "data.stdlib.teacher_seq_len=0"]),
+        (
+            "same tokenizer (plain KD)",
+            ["data.stdlib.student_tokenizer=bpe", "data.stdlib.student_vocab_size=0", "data.stdlib.teacher_seq_len=0"],
+        ),
         ("ULD", ["distill.cross_tokenizer=uld"]),
         ("hybrid", ["distill.cross_tokenizer=hybrid"]),
     ):
-        run, frozen = stage_run(out, "cost-" + label.split()[0].lower(), teacher, [*cost, *extra])
+        run, frozen, _ = stage_run(out, "cost-" + label.split()[0].lower(), teacher, [*cost, *extra])
         cpu = time.process_time()
         _, result = distill_stage(run, frozen, log_tensorboard=False)
         cpu, steps = time.process_time() - cpu, result["steps"]  # CPU: the stage with its closing evaluation

@@ -226,6 +226,12 @@ class DistillConfig:
     )
     hybrid_matched_weight: float = _f(1.0, "cross_tokenizer hybrid: weight of the divergence on the shared ids.")
     hybrid_unmatched_weight: float = _f(1.0, "cross_tokenizer hybrid: weight of ULD on the ids not shared.")
+    hybrid_buckets: Literal["merged", "span"] = _f(
+        "merged",
+        "cross_tokenizer hybrid: merged (GOLD: each shared id's value times the span's continuation, one rest "
+        "bucket) or span (the actual span a bucket of its own on both sides, every other bucket an event of each "
+        "model; docs/CROSS_TOKENIZER.md).",
+    )
     combine: CombineConfig | None = help_field(
         None,
         "teachers: how their signals mix into one teacher distribution (set with teachers:).",

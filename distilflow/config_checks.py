@@ -98,10 +98,10 @@ def _check_data(cfg: Config, need: Any) -> None:
         need(corpus.train_chars > 0, "data.stdlib.train_chars", corpus.train_chars, "must be > 0")
         need(corpus.eval_chars > 0, "data.stdlib.eval_chars", corpus.eval_chars, "must be > 0")
         need(
-            corpus.student_vocab_size >= 292,
+            corpus.student_vocab_size == 0 or corpus.student_vocab_size >= 292,
             "data.stdlib.student_vocab_size",
             corpus.student_vocab_size,
-            "must be >= 292 (4 specials, 256 bytes and pieces)",
+            "must be 0 (the default of student_tokenizer) or >= 292 (specials, 256 bytes, pieces or merges)",
         )
     if data.mnist1d is not None:
         gen = data.mnist1d

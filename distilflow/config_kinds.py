@@ -75,10 +75,15 @@ class StdlibConfig(TokenRowsConfig):
     vocab_size: int = _f(2048, "Vocabulary of the byte-level BPE tokenizer trained on the corpus.")
     student_tokenizer: Literal["bpe", "unigram"] = _f(
         "bpe",
-        "The student's tokenizer: bpe (the teacher's) or unigram (a SentencePiece-style unigram tokenizer trained on "
-        "the corpus: distillation across tokenizers).",
+        "The student's tokenizer: bpe (the teacher's; a byte-level BPE of its own when student_vocab_size differs "
+        "from vocab_size) or unigram (a SentencePiece-style unigram tokenizer trained on the corpus). A second "
+        "tokenizer means distillation across tokenizers.",
     )
-    student_vocab_size: int = _f(4096, "student_tokenizer unigram: its vocabulary (4 specials, 256 bytes, pieces).")
+    student_vocab_size: int = _f(
+        0,
+        "The student tokenizer's vocabulary: 0 = vocab_size for bpe (the teacher's tokenizer), 4096 for unigram "
+        "(4 specials, 256 bytes, pieces).",
+    )
     train_chars: int = _f(8_000_000, "Characters of training text (held-out modules excluded).")
     eval_chars: int = _f(200_000, "Characters of held-out text (a fixed set of modules).")
 

@@ -20,12 +20,14 @@ ALIGNED_LOSSES = ("uld", "hybrid")
 
 @dataclass
 class AlignedKD:
-    """``loss`` ``uld`` or ``hybrid``; the hybrid's ``vocab_map`` (the ids of equal text) and part weights."""
+    """``loss`` ``uld`` or ``hybrid``; the hybrid's ``vocab_map`` (the ids of equal text), part weights and
+    ``buckets`` (``merged`` or ``span``: losses/uld.py's ``hybrid_loss``)."""
 
     loss: str
     vocab_map: VocabMap | None = None
     matched_weight: float = 1.0
     unmatched_weight: float = 1.0
+    buckets: str = "merged"
 
     def __post_init__(self) -> None:
         if self.loss not in ALIGNED_LOSSES:
@@ -57,4 +59,5 @@ class AlignedKD:
             beta=beta,
             matched_weight=self.matched_weight,
             unmatched_weight=self.unmatched_weight,
+            buckets=self.buckets,
         )

@@ -46,6 +46,7 @@ from distilflow.errors import UserError
 from distilflow.losses.logits import DIVERGENCES, at_least_float32
 
 REDUCTIONS = ("sum", "mean")
+HYBRID_BUCKETS = ("merged", "span")
 CHUNK_ELEMENTS = 1 << 21
 """Student + teacher logit entries per chunk when ``chunk_groups`` is 0 (auto): 2M, a quarter of
 losses/chunked.py's, because a ULD chunk keeps about 11 float32-sized buffers per entry (softmaxes,
@@ -142,6 +143,8 @@ class _Spec:
     shared: tuple[torch.Tensor, torch.Tensor] | None = None  # teacher ids (K,), student ids (K,)
     unshared: tuple[torch.Tensor, torch.Tensor] | None = None  # the other teacher ids, student ids
     topk: bool = False  # the teacher is a TopkTeacher: -inf where it was not cached
+    span: bool = False  # buckets "span": the actual span its own bucket (:func:`span_buckets`)
+    bucket_of: tuple[torch.Tensor, torch.Tensor] | None = None  # (V_t,), (V_s,): an id's bucket, -1 unshared
 
 
 def _group_terms(
@@ -150,12 +153,16 @@ def _group_terms(
     teacher_log_p: torch.Tensor,
     teacher_cont: torch.Tensor,
     spec: _Spec,
+    firsts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(divergence sum, ULD sum)`` of a chunk of groups, unscaled; the divergence is 0 for plain ULD.
 
     ``*_log_p`` ``(n, V)`` log-probabilities at each group's first token, ``*_cont`` ``(n,)`` the log
-    continuation probability of the group's later tokens (0 for a one-token span).
+    continuation probability of the group's later tokens (0 for a one-token span); ``firsts`` the
+    student's and the teacher's first token ids ``(n,)`` (span buckets only).
     """
+    if spec.span:
+        return _span_terms(student_log_p, student_cont, teacher_log_p, teacher_cont, spec, firsts)
     student_log_q = student_log_p + student_cont[:, None]  # (n, V_s), merged, unnormalised
     teacher_log_q = teacher_log_p + teacher_cont[:, None]  # (n, V_t)
     if not spec.hybrid:
@@ -179,6 +186,57 @@ def _group_terms(
         return matched, torch.zeros((), device=student_log_p.device)
     unmatched = sorted_l1(teacher_log_q[:, teacher_other].exp(), student_log_q[:, student_other].exp()).sum()
     return matched, unmatched
+
+
+def _logsumexp(values: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last axis, ``-inf`` (with a zero gradient, not nan) where every entry is ``-inf``."""
+    empty = torch.isneginf(values).all(-1)
+    out = torch.logsumexp(torch.where(empty[..., None], torch.zeros_like(values), values), dim=-1)
+    return torch.where(empty, torch.full_like(out, -math.inf), out)
+
+
+def span_buckets(
+    log_p: torch.Tensor, cont: torch.Tensor, first: torch.Tensor, dropped: torch.Tensor, shared, other
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One side's buckets ``(n, K + 2)`` of the ``span`` hybrid, and its log-values on the unshared ids.
+
+    Every bucket is an event of this model at the group's first token: the actual span (``p(a) c``, ``a``
+    the first token, ``c`` the continuation probability: the chain rule, the same text on both sides),
+    each shared id ``y`` (``p(y)``; for ``a`` itself ``p(a) (1 - c)``, ``a`` then other text), and the
+    rest (the unshared ids). ``dropped`` ``(n, 2)`` bucket indices (-1: none) of both sides' first tokens:
+    their values join the rest on both sides alike (the two first tokens are different events across
+    the vocabularies once their span is taken out). The buckets sum to 1.
+    """
+    rows = torch.arange(len(first), device=first.device)
+    head = log_p[rows, first]  # (n,)
+    values = log_p.scatter(1, first[:, None], (head + _log_missing(cont))[:, None])  # (n, V): a's leftover
+    buckets = values[:, shared]  # (n, K)
+    drop = torch.zeros_like(buckets, dtype=torch.bool)
+    for column in dropped.unbind(1):
+        keep = column >= 0
+        drop[rows[keep], column[keep]] = True
+    moved = torch.where(drop, buckets, torch.full_like(buckets, -math.inf))
+    rest = _logsumexp(torch.cat([values[:, other], moved], dim=-1))  # (n,)
+    buckets = torch.where(drop, torch.full_like(buckets, -math.inf), buckets)
+    return torch.cat([buckets, rest[:, None], (head + cont)[:, None]], dim=-1), values[:, other]
+
+
+def _span_terms(student_log_p, student_cont, teacher_log_p, teacher_cont, spec: _Spec, firsts):
+    """The ``span`` hybrid of a chunk: the divergence of :func:`span_buckets`, ULD on the unshared ids' values."""
+    (teacher_shared, student_shared), (teacher_other, student_other) = spec.shared, spec.unshared
+    student_first, teacher_first = firsts
+    dropped = torch.stack([spec.bucket_of[1][student_first], spec.bucket_of[0][teacher_first]], dim=1)  # (n, 2)
+    student_buckets, student_rest = span_buckets(
+        student_log_p, student_cont, student_first, dropped, student_shared, student_other
+    )
+    teacher_buckets, teacher_rest = span_buckets(
+        teacher_log_p, teacher_cont, teacher_first, dropped, teacher_shared, teacher_other
+    )
+    extra = {"beta": spec.beta} if spec.divergence == "jsd" else {}
+    matched = DIVERGENCES[spec.divergence](student_buckets, teacher_buckets, temperature=1.0, **extra)
+    if teacher_other.numel() == 0 and student_other.numel() == 0:
+        return matched, torch.zeros((), device=student_log_p.device)
+    return matched, sorted_l1(teacher_rest.exp(), student_rest.exp()).sum()
 
 
 def _topk_buckets(student_log_q: torch.Tensor, teacher_log_q: torch.Tensor, spec: _Spec) -> list[torch.Tensor]:
@@ -261,9 +319,15 @@ class _AlignedLoss(torch.autograd.Function):
             leaf = at_least_float32(student_logits[rows, positions]).detach().requires_grad_(need_grad)  # (c, V_s)
             cont_leaf = student_cont[part].clone().requires_grad_(need_grad)  # (c,)
             teacher_log_p = _teacher_rows(teacher_logits, batch[part], teacher.first[part] - 1, temperature)
+            firsts = (student.input_ids[rows, student.first[part]], teacher.input_ids[rows, teacher.first[part]])
             with torch.enable_grad() if need_grad else torch.no_grad():
                 matched, unmatched = _group_terms(
-                    F.log_softmax(leaf / temperature, dim=-1), cont_leaf, teacher_log_p, teacher_cont[part], spec
+                    F.log_softmax(leaf / temperature, dim=-1),
+                    cont_leaf,
+                    teacher_log_p,
+                    teacher_cont[part],
+                    spec,
+                    firsts,
                 )
                 total = temperature**2 * (spec.matched_weight * matched + spec.unmatched_weight * unmatched)
                 if need_grad:
@@ -334,6 +398,11 @@ def _check(
 def _run(student_logits, teacher_logits, alignment, spec, reduction) -> AlignedParts:
     _check(student_logits, teacher_logits, alignment, spec, reduction)
     spec.topk = isinstance(teacher_logits, TopkTeacher)
+    if spec.topk and spec.span:
+        raise UserError(
+            "distill.hybrid_buckets span: a top-k teacher cache is not supported yet; use hybrid_buckets=merged, "
+            "cache.format=full, or a live teacher"
+        )
     teacher = teacher_logits if spec.topk else teacher_logits.detach()
     loss, matched, unmatched = _AlignedLoss.apply(student_logits, teacher, alignment, spec, torch.is_grad_enabled())
     if reduction == "mean":
@@ -375,19 +444,24 @@ def hybrid_loss(
     beta: float = 0.5,
     matched_weight: float = 1.0,
     unmatched_weight: float = 1.0,
+    buckets: str = "merged",
     chunk_groups: int = 0,
     reduction: str = "sum",
 ) -> AlignedParts:
     """GOLD's hybrid: ``T^2 * sum_groups [matched_weight * D(teacher buckets || student buckets)
     + unmatched_weight * L1(sort(q_teacher[unshared]), sort(q_student[unshared]))]``.
 
-    The buckets of a side are ``q`` at each shared id (``vocab_map``, in the same order on both sides)
-    and one for the rest of the mass (unshared ids and what the merge takes away), so both sum to 1.
-    ``divergence`` one of losses/logits.py's (``forward_kl``, ``reverse_kl``, ``jsd`` with ``beta``);
+    ``buckets`` ``merged`` (GOLD): the buckets of a side are ``q`` at each shared id (``vocab_map``, in the
+    same order on both sides) and one for the rest of the mass (unshared ids and what the merge takes
+    away), so both sum to 1. ``span``: the actual span is a bucket of its own on both sides, every other
+    bucket an event of that model (:func:`span_buckets`), and ULD compares those values on the unshared
+    ids. ``divergence`` one of losses/logits.py's (``forward_kl``, ``reverse_kl``, ``jsd`` with ``beta``);
     GOLD uses JSD. Shapes and other arguments as :func:`uld_loss`.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+    if buckets not in HYBRID_BUCKETS:
+        raise ValueError(f"buckets must be one of {', '.join(HYBRID_BUCKETS)}, got {buckets!r}")
     device = student_logits.device
     shared = (vocab_map.teacher_ids.to(device), vocab_map.student_ids.to(device))
     unshared = []
@@ -403,4 +477,12 @@ def hybrid_loss(
     spec = _Spec(
         temperature, True, divergence, beta, matched_weight, unmatched_weight, chunk_groups, shared, tuple(unshared)
     )
+    if buckets == "span":
+        spec.span = True
+        spec.bucket_of = tuple(
+            torch.full((width,), -1, dtype=torch.long, device=device).index_copy_(
+                0, ids, torch.arange(len(ids), device=device)
+            )
+            for ids, width in ((shared[0], teacher_logits.shape[-1]), (shared[1], student_logits.shape[-1]))
+        )
     return _run(student_logits, teacher_logits, alignment, spec, reduction)

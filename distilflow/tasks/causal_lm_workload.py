@@ -35,16 +35,16 @@ from distilflow.models.layers import find_decoder_layers
 from distilflow.tasks.causal_lm import Batch, CausalLMTask, fused_problem, lm_logit_shape, lm_logits
 
 
-def _stdlib_tokenizer(cfg: Config, texts: list[str], kind: str = "bpe") -> Any:
-    """The built-in demo's byte-level BPE (or the student's unigram tokenizer), trained once per corpus
-    and size and cached."""
+def _stdlib_tokenizer(cfg: Config, texts: list[str], kind: str = "bpe", size: int = 0) -> Any:
+    """The built-in demo's byte-level BPE of ``size`` (0: ``vocab_size``), or the student's unigram
+    tokenizer (``student_vocab_size``, 0: 4096), trained once per corpus and size and cached."""
     from distilflow.data.stdlib_corpus import train_tokenizer
     from distilflow.data.unigram_tokenizer import train_unigram_tokenizer
 
     corpus = cfg.data.stdlib
-    size, train, name = (corpus.vocab_size, train_tokenizer, "stdlib-tokenizer")
+    size, train, name = (size or corpus.vocab_size, train_tokenizer, "stdlib-tokenizer")
     if kind == "unigram":
-        size, train, name = (corpus.student_vocab_size, train_unigram_tokenizer, "stdlib-unigram")
+        size, train, name = (corpus.student_vocab_size or 4096, train_unigram_tokenizer, "stdlib-unigram")
     key = hashlib.sha256(json.dumps([size, corpus.train_chars, "v1"]).encode()).hexdigest()[:12]
     folder = Path(cfg.data.cache_dir).expanduser() / f"{name}-{key}"
     if not (folder / "tokenizer.json").is_file():
@@ -72,7 +72,8 @@ def load_text(cfg: Config) -> LoadedText:
     """The records of ``data.source`` and each side's tokenizer.
 
     The student's: ``data.<source>.tokenizer``, else the student's model folder, else (stdlib) the
-    trained unigram tokenizer when ``student_tokenizer: unigram``, else the teacher's. The teacher's:
+    trained unigram tokenizer when ``student_tokenizer: unigram``, or a trained BPE of
+    ``student_vocab_size`` when that is not 0 or ``vocab_size``, else the teacher's. The teacher's:
     ``teacher_tokenizer``, else the teacher's model folder, else the student's from a folder, else
     (stdlib) the trained BPE. So a run names a second tokenizer only where it means one.
     """
@@ -95,8 +96,11 @@ def load_text(cfg: Config) -> LoadedText:
 
         corpus = load_stdlib_corpus(train_chars=d.stdlib.train_chars, eval_chars=d.stdlib.eval_chars)
         teacher = teacher or student or _stdlib_tokenizer(cfg, corpus.train)
+        own_size = d.stdlib.student_vocab_size
         if student is None and d.stdlib.student_tokenizer == "unigram":
             student = _stdlib_tokenizer(cfg, corpus.train, "unigram")
+        elif student is None and own_size not in (0, d.stdlib.vocab_size):  # a BPE of the student's own size
+            student = _stdlib_tokenizer(cfg, corpus.train, "bpe", own_size)
         train_records = [Record(completion=text) for text in corpus.train]
         held_records = [Record(completion=text) for text in corpus.eval]
         return LoadedText(student or teacher, teacher, train_records, held_records)

@@ -95,6 +95,11 @@ def check_cross_tokenizer_config(cfg: Config) -> None:
             f"cache.format sampled: {where} the cache holds the teacher's top-k (or full) signals; use "
             "cache.format=topk or full"
         )
+    if c.use and d.hybrid_buckets == "span":
+        raise UserError(
+            f"distill.hybrid_buckets span: {where} the teacher-signal cache is not supported with span buckets yet; "
+            "set distill.hybrid_buckets=merged or cache.use=false"
+        )
     if c.use and c.features:
         raise UserError(f"cache.features: {where} teacher features are not cached; set cache.features=false")
     if cfg.teacher is not None and cfg.teacher.server is not None:  # its requests and answers are in one vocabulary
@@ -193,7 +198,9 @@ class CrossTokenizerWorkload(CausalLMWorkload):
         )
         vocab_map = build_vocab_map(self.tokenizer, self.teacher_tokenizer) if mode == "hybrid" else None
         d = cfg.distill
-        self.aligned_kd = AlignedKD(mode, vocab_map, d.hybrid_matched_weight, d.hybrid_unmatched_weight)
+        self.aligned_kd = AlignedKD(
+            mode, vocab_map, d.hybrid_matched_weight, d.hybrid_unmatched_weight, d.hybrid_buckets
+        )
         self._train_records, self._teacher_train = text.train, None
         self.train, self.prompts = self.aligned_rows(text.train)
         self.held_out, _ = self.aligned_rows(text.held_out)

@@ -171,6 +171,7 @@ def test_a_topk_cache_of_every_id_across_tokenizers_gives_the_live_losses(live_r
         (["distill.loss_impl=fused"], "distill.loss_impl fused: across tokenizers"),
         (["cache.use=true", "cache.format=sampled"], "cache.format sampled: across tokenizers"),
         (["distill.cross_tokenizer=off"], "distill.cross_tokenizer off: teacher and student tokenizers differ"),
+        (["cache.use=true", "distill.hybrid_buckets=span"], "distill.hybrid_buckets span: across tokenizers"),
     ],
 )
 def test_what_cannot_work_across_tokenizers_is_refused_in_one_line(tmp_path, live_run, capsys, extra, message):
@@ -211,15 +212,59 @@ def test_a_feature_phase_with_a_layer_map_compares_groups(tmp_path, live_run):
     assert all(r["feature"] > 0 and math.isfinite(r["feature"]) for r in losses)
 
 
+def test_span_buckets_distil_and_log_both_parts(tmp_path, live_run):
+    root, _ = live_run
+    args = stdlib_args(tmp_path / "span", root / "cache", "distill.hybrid_buckets=span")
+    args.append(f"teacher.model.checkpoint={root / 'live' / 'teacher' / 'model.safetensors'}")
+    assert main(["distill", *args, "--no-tensorboard"]) == 0
+    losses = student_losses(tmp_path / "span")
+    baseline = student_losses(root / "live")
+    assert len(losses) == 4 and all(
+        r["kd"] == pytest.approx(r["kd_matched"] + r["kd_unmatched"], rel=1e-4) for r in losses
+    )
+    assert all(math.isfinite(r["kd"]) and r["kd"] > 0 for r in losses)
+    assert losses[0]["kd"] != pytest.approx(baseline[0]["kd"], rel=1e-3)  # another loss than the merged buckets
+    assert losses[0]["ce"] == pytest.approx(baseline[0]["ce"], rel=1e-4)  # the same student, rows and first step
+
+
 def test_one_tokenizer_with_a_cross_tokenizer_loss_forced_is_a_note_then_plain_kd(tmp_path, live_run, capsys):
     root, _ = live_run
     args = stdlib_args(tmp_path / "same", root / "cache", "data.stdlib.student_tokenizer=bpe")
-    args += ["distill.cross_tokenizer=uld", "data.stdlib.teacher_seq_len=0"]
+    args += ["distill.cross_tokenizer=uld", "data.stdlib.teacher_seq_len=0", "data.stdlib.student_vocab_size=0"]
     work = make_workload(load_config(None, args), torch.device("cpu"))
     assert work.cross_tokenizer == "off" and work.aligned_kd is None
     assert "distill.cross_tokenizer uld: teacher and student share one tokenizer; distilling with plain KD" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("size", [0, 384])
+def test_a_bpe_student_of_the_teachers_size_or_none_given_shares_the_teachers_tokenizer(tmp_path, live_run, size):
+    root, _ = live_run
+    args = stdlib_args(tmp_path / "same", root / "cache", "data.stdlib.student_tokenizer=bpe")
+    args += [f"data.stdlib.student_vocab_size={size}", "data.stdlib.teacher_seq_len=0"]
+    work = make_workload(load_config(None, args), torch.device("cpu"))
+    assert work.cross_tokenizer == "off" and work.tokenizer is work.teacher_tokenizer
+
+
+def test_a_bpe_student_of_its_own_size_distils_across_tokenizers(tmp_path, live_run):
+    """A larger BPE trained on the same text continues the teacher's merges: every teacher token is one
+    of the student's, with the same id, and each student token spells whole teacher tokens (1:n groups)."""
+    root, _ = live_run
+    # Its own cache folder: a second stdlib-tokenizer-* in the shared one would be a surprise to other tests.
+    args = stdlib_args(tmp_path / "own", tmp_path / "cache", "data.stdlib.student_tokenizer=bpe")
+    work = make_workload(load_config(None, args), torch.device("cpu"))  # stdlib_args: student_vocab_size 512
+    assert work.cross_tokenizer == "hybrid"
+    assert (len(work.tokenizer), len(work.teacher_tokenizer)) == (512, 384)
+    assert json.loads(work.tokenizer.backend_tokenizer.to_str())["model"]["type"] == "BPE"
+    student_vocab = work.tokenizer.get_vocab()
+    assert all(student_vocab.get(token) == i for token, i in work.teacher_tokenizer.get_vocab().items())
+    vocab_map = work.aligned_kd.vocab_map
+    assert vocab_map.teacher_ids.tolist() == vocab_map.student_ids.tolist() == list(range(384))
+    student_tokens = (work.train["group"] >= 0).sum(1)
+    teacher_tokens = (work.train["teacher_group"] >= 0).sum(1)
+    groups = [len(set(row[row >= 0].tolist())) for row in work.train["group"]]
+    assert (student_tokens == torch.tensor(groups)).all() and (teacher_tokens >= student_tokens).all()
 
 
 def test_a_slow_teacher_tokenizer_is_refused_in_one_line(tmp_path, live_run, capsys):

@@ -374,3 +374,115 @@ def test_a_topk_teacher_of_another_temperature_is_refused():
     cached = topk_teacher(teacher, alignment.teacher.input_ids, 4, temperature=2.0)
     with pytest.raises(UserError, match="written at temperature 2 but distill.temperature is 1"):
         uld_loss(student, cached, alignment, temperature=1.0)
+
+
+# ---------------------------------------------------------------- the span buckets (hybrid_loss buckets="span")
+
+
+def ref_span_buckets(log_p, cont, first, drop, ids, other):
+    """One side's span buckets by hand, float64: [p(y) for shared y (a: p(a)(1 - c)), rest, p(a) c];
+    the shared ids at bucket indices ``drop`` are moved into the rest."""
+    c = cont.exp()
+    span = log_p.exp()[first] * c
+    p = torch.where(torch.arange(len(log_p)) == first, log_p.exp() * (1 - c), log_p.exp())
+    shared = [p[i] for i in ids.tolist()]
+    rest = sum((p[i] for i in other), torch.zeros((), dtype=torch.float64))
+    for k in sorted(set(drop)):
+        rest = rest + shared[k]
+        shared[k] = torch.zeros((), dtype=torch.float64)
+    return torch.stack([*shared, rest, span]), p[other]
+
+
+def ref_span_hybrid(student, teacher, alignment, vocab_map, temperature=1.0, matched_weight=1.0, unmatched_weight=1.0):
+    t_ids, s_ids = vocab_map.teacher_ids, vocab_map.student_ids
+    t_other = [i for i in range(teacher.shape[-1]) if i not in set(t_ids.tolist())]
+    s_other = [i for i in range(student.shape[-1]) if i not in set(s_ids.tolist())]
+    total = torch.zeros((), dtype=torch.float64)
+    for g in range(alignment.num_groups):
+        b = int(alignment.batch[g])
+        sides = []
+        for logits_, side_ in ((student, alignment.student), (teacher, alignment.teacher)):
+            first, last, ids = int(side_.first[g]), int(side_.last[g]), side_.input_ids[b]
+            log_p = torch.log_softmax(logits_[b, first - 1].double() / temperature, -1)
+            cont = sum(
+                (
+                    torch.log_softmax(logits_[b, k - 1].double() / temperature, -1)[ids[k]]
+                    for k in range(first + 1, last + 1)
+                ),
+                torch.zeros((), dtype=torch.float64),
+            )
+            sides.append((log_p, cont, int(ids[first])))
+        (s_log_p, s_cont, s_first), (t_log_p, t_cont, t_first) = sides
+        drop = [s_ids.tolist().index(s_first)] if s_first in s_ids.tolist() else []
+        drop += [t_ids.tolist().index(t_first)] if t_first in t_ids.tolist() else []
+        s_buckets, s_rest = ref_span_buckets(s_log_p, s_cont, s_first, drop, s_ids, s_other)
+        t_buckets, t_rest = ref_span_buckets(t_log_p, t_cont, t_first, drop, t_ids, t_other)
+        assert float(s_buckets.detach().sum()) == pytest.approx(1.0) == float(t_buckets.detach().sum())
+        total = total + matched_weight * ref_kl(t_buckets, s_buckets) + unmatched_weight * ref_sorted_l1(t_rest, s_rest)
+    return temperature**2 * total
+
+
+def shared_first_tokens(alignment: Alignment, vocab_map: VocabMap) -> Alignment:
+    """The hand alignment with some groups' first tokens set to shared ids: a pair of each other's (the
+    same text) in group 0, a student first token shared but another teacher token in group 3."""
+    s_ids, t_ids = alignment.student.input_ids.clone(), alignment.teacher.input_ids.clone()
+    s_ids[0, 1], t_ids[0, 1] = vocab_map.student_ids[0], vocab_map.teacher_ids[0]
+    s_ids[0, 5], t_ids[0, 5] = vocab_map.student_ids[1], vocab_map.teacher_ids[2]
+    student = AlignedSide(s_ids, *list(vars(alignment.student).values())[1:])
+    teacher = AlignedSide(t_ids, *list(vars(alignment.teacher).values())[1:])
+    return Alignment(student, teacher, alignment.batch, alignment.texts)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.3, 0.0)])
+def test_span_hybrid_equals_reference_value_and_gradient(temperature, weights):
+    vocab_map = partial_map(30)
+    alignment = shared_first_tokens(hand_alignment(31), vocab_map)
+    student, teacher = logits(32)
+    options = dict(temperature=temperature, matched_weight=weights[0], unmatched_weight=weights[1], buckets="span")
+    out, loss, grad = value_and_grad(hybrid_loss, student, teacher, alignment, vocab_map, **options)
+    _, ref_loss, ref_grad = value_and_grad(
+        ref_span_hybrid, student, teacher, alignment, vocab_map, temperature, *weights
+    )
+    close(loss, ref_loss, what="value")
+    close(grad, ref_grad, what="gradient")
+    chunked = hybrid_loss(student, teacher, alignment, vocab_map, chunk_groups=2, **options)
+    close(chunked.loss, ref_loss, what="chunked")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_span_hybrid_is_plain_kd_when_the_tokenizers_are_the_same(tokenizer, temperature):
+    text = (stdlib_root() / "keyword.py").read_text(encoding="utf-8")
+    alignment = Aligner(tokenizer, tokenizer, student_seq_len=64, teacher_seq_len=64)([text[:300], text[300:700]])
+    vocab_map = build_vocab_map(tokenizer, tokenizer)
+    batch, width = alignment.student.input_ids.shape
+    g = torch.Generator().manual_seed(33)
+    student = 2 * torch.randn(batch, width, len(tokenizer), generator=g, dtype=torch.float64)
+    teacher = 2 * torch.randn(batch, width, len(tokenizer), generator=g, dtype=torch.float64)
+    options = dict(temperature=temperature, buckets="span")
+    _, loss, grad = value_and_grad(hybrid_loss, student, teacher, alignment, vocab_map, **options)
+    mask = torch.zeros(batch, width, dtype=torch.bool)
+    mask[alignment.batch, alignment.student.first - 1] = True
+    _, ref_loss, ref_grad = value_and_grad(forward_kl, student, teacher, temperature=temperature, mask=mask)
+    close(loss, ref_loss, what="value")
+    close(grad, ref_grad, what="gradient")
+    assert torch.isfinite(grad).all()
+
+
+def test_span_buckets_do_not_punish_a_student_that_agrees_on_a_nested_span():
+    """Student 'ab' (one token, unshared), teacher 'a' 'b' (a shared): both models sure of the text 'ab'.
+    GOLD's merged buckets put the teacher's span mass on 'a' and ask the student to move its mass off its
+    own token; the span buckets compare the span with the span."""
+    v_s, v_t = 4, 3  # student: a, b, c, ab; teacher: a, b, c
+    vocab_map = VocabMap(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))
+    student_ids, teacher_ids = torch.tensor([[2, 3]]), torch.tensor([[2, 0, 1]])
+    alignment = Alignment(side(student_ids, [1], [1]), side(teacher_ids, [1], [2]), torch.tensor([0]), [""])
+    sure = 12.0
+    student = torch.zeros(1, 2, v_s, dtype=torch.float64)
+    student[0, 0, 3] = sure  # p('ab') ~ 1
+    teacher = torch.zeros(1, 3, v_t, dtype=torch.float64)
+    teacher[0, 0, 0] = teacher[0, 1, 1] = sure  # p('a') ~ 1, p('b' | 'a') ~ 1
+    merged = hybrid_loss(student, teacher, alignment, vocab_map).loss
+    span = hybrid_loss(student, teacher, alignment, vocab_map, buckets="span").loss
+    assert float(merged) > 5.0  # the KL to a teacher that puts ~all the span's mass on the student's 'a'
+    assert float(span) < 1e-3
