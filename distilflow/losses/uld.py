@@ -113,7 +113,7 @@ def sorted_l1(teacher_probs: torch.Tensor, student_probs: torch.Tensor) -> torch
     return distance + teacher_sorted[:, :teacher_cut].sum(-1) + student_sorted[:, :student_cut].sum(-1)
 
 
-def _log_missing(log_kept: torch.Tensor) -> torch.Tensor:
+def log_missing(log_kept: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``: ``-inf`` at ``x = 0`` with a finite gradient stand-in."""
     below = log_kept < 0
     safe = torch.where(below, log_kept, torch.full_like(log_kept, -1.0))
@@ -124,7 +124,7 @@ def _log_rest(log_unshared: torch.Tensor, continuation: torch.Tensor) -> torch.T
     """Log of the mass a merged ``q`` leaves outside the shared ids, ``(n,)``: ``c * u + (1 - c)`` with
     ``u`` the unshared mass of ``p`` and ``c`` the span's continuation probability (the mass the merge
     takes away), written so that a tail of 1e-9 is not lost to ``1 - sum`` rounding."""
-    x, y = log_unshared + continuation, _log_missing(continuation)
+    x, y = log_unshared + continuation, log_missing(continuation)
     both = torch.isneginf(x) & torch.isneginf(y)
     zero = torch.zeros_like(x)
     rest = torch.logaddexp(torch.where(both, zero, x), torch.where(both, zero, y))
@@ -143,7 +143,7 @@ class _Spec:
     shared: tuple[torch.Tensor, torch.Tensor] | None = None  # teacher ids (K,), student ids (K,)
     unshared: tuple[torch.Tensor, torch.Tensor] | None = None  # the other teacher ids, student ids
     topk: bool = False  # the teacher is a TopkTeacher: -inf where it was not cached
-    span: bool = False  # buckets "span": the actual span its own bucket (:func:`span_buckets`)
+    span: bool = False  # buckets "span": the actual span its own bucket (losses/uld_span.py)
     bucket_of: tuple[torch.Tensor, torch.Tensor] | None = None  # (V_t,), (V_s,): an id's bucket, -1 unshared
 
 
@@ -162,7 +162,9 @@ def _group_terms(
     student's and the teacher's first token ids ``(n,)`` (span buckets only).
     """
     if spec.span:
-        return _span_terms(student_log_p, student_cont, teacher_log_p, teacher_cont, spec, firsts)
+        from distilflow.losses.uld_span import span_terms
+
+        return span_terms(student_log_p, student_cont, teacher_log_p, teacher_cont, spec, firsts)
     student_log_q = student_log_p + student_cont[:, None]  # (n, V_s), merged, unnormalised
     teacher_log_q = teacher_log_p + teacher_cont[:, None]  # (n, V_t)
     if not spec.hybrid:
@@ -188,57 +190,6 @@ def _group_terms(
     return matched, unmatched
 
 
-def _logsumexp(values: torch.Tensor) -> torch.Tensor:
-    """``logsumexp`` over the last axis, ``-inf`` (with a zero gradient, not nan) where every entry is ``-inf``."""
-    empty = torch.isneginf(values).all(-1)
-    out = torch.logsumexp(torch.where(empty[..., None], torch.zeros_like(values), values), dim=-1)
-    return torch.where(empty, torch.full_like(out, -math.inf), out)
-
-
-def span_buckets(
-    log_p: torch.Tensor, cont: torch.Tensor, first: torch.Tensor, dropped: torch.Tensor, shared, other
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One side's buckets ``(n, K + 2)`` of the ``span`` hybrid, and its log-values on the unshared ids.
-
-    Every bucket is an event of this model at the group's first token: the actual span (``p(a) c``, ``a``
-    the first token, ``c`` the continuation probability: the chain rule, the same text on both sides),
-    each shared id ``y`` (``p(y)``; for ``a`` itself ``p(a) (1 - c)``, ``a`` then other text), and the
-    rest (the unshared ids). ``dropped`` ``(n, 2)`` bucket indices (-1: none) of both sides' first tokens:
-    their values join the rest on both sides alike (the two first tokens are different events across
-    the vocabularies once their span is taken out). The buckets sum to 1.
-    """
-    rows = torch.arange(len(first), device=first.device)
-    head = log_p[rows, first]  # (n,)
-    values = log_p.scatter(1, first[:, None], (head + _log_missing(cont))[:, None])  # (n, V): a's leftover
-    buckets = values[:, shared]  # (n, K)
-    drop = torch.zeros_like(buckets, dtype=torch.bool)
-    for column in dropped.unbind(1):
-        keep = column >= 0
-        drop[rows[keep], column[keep]] = True
-    moved = torch.where(drop, buckets, torch.full_like(buckets, -math.inf))
-    rest = _logsumexp(torch.cat([values[:, other], moved], dim=-1))  # (n,)
-    buckets = torch.where(drop, torch.full_like(buckets, -math.inf), buckets)
-    return torch.cat([buckets, rest[:, None], (head + cont)[:, None]], dim=-1), values[:, other]
-
-
-def _span_terms(student_log_p, student_cont, teacher_log_p, teacher_cont, spec: _Spec, firsts):
-    """The ``span`` hybrid of a chunk: the divergence of :func:`span_buckets`, ULD on the unshared ids' values."""
-    (teacher_shared, student_shared), (teacher_other, student_other) = spec.shared, spec.unshared
-    student_first, teacher_first = firsts
-    dropped = torch.stack([spec.bucket_of[1][student_first], spec.bucket_of[0][teacher_first]], dim=1)  # (n, 2)
-    student_buckets, student_rest = span_buckets(
-        student_log_p, student_cont, student_first, dropped, student_shared, student_other
-    )
-    teacher_buckets, teacher_rest = span_buckets(
-        teacher_log_p, teacher_cont, teacher_first, dropped, teacher_shared, teacher_other
-    )
-    extra = {"beta": spec.beta} if spec.divergence == "jsd" else {}
-    matched = DIVERGENCES[spec.divergence](student_buckets, teacher_buckets, temperature=1.0, **extra)
-    if teacher_other.numel() == 0 and student_other.numel() == 0:
-        return matched, torch.zeros((), device=student_log_p.device)
-    return matched, sorted_l1(teacher_rest.exp(), student_rest.exp()).sum()
-
-
 def _topk_buckets(student_log_q: torch.Tensor, teacher_log_q: torch.Tensor, spec: _Spec) -> list[torch.Tensor]:
     """Student and teacher buckets ``(n, K + 1)`` against a top-k teacher: a shared id is a bucket
     where the teacher cached it (else its mass joins the rest on both sides), plus the rest,
@@ -248,7 +199,7 @@ def _topk_buckets(student_log_q: torch.Tensor, teacher_log_q: torch.Tensor, spec
     teacher_buckets = teacher_log_q[:, teacher_shared]  # (n, K), -inf where not cached
     cached = ~torch.isneginf(teacher_buckets)
     student_buckets = torch.where(cached, student_log_q[:, student_shared], torch.full_like(teacher_buckets, -math.inf))
-    rests = [_log_missing(torch.logsumexp(b, dim=-1).clamp(max=0.0)) for b in (student_buckets, teacher_buckets)]
+    rests = [log_missing(torch.logsumexp(b, dim=-1).clamp(max=0.0)) for b in (student_buckets, teacher_buckets)]
     # fp16 cached values may add up to 1: a teacher rest of 1e-30 where the student's is not empty.
     floor = torch.full_like(rests[1], math.log(1e-30))
     rests[1] = torch.where(torch.isneginf(rests[1]) & ~torch.isneginf(rests[0]), floor, rests[1])
@@ -400,8 +351,8 @@ def _run(student_logits, teacher_logits, alignment, spec, reduction) -> AlignedP
     spec.topk = isinstance(teacher_logits, TopkTeacher)
     if spec.topk and spec.span:
         raise UserError(
-            "distill.hybrid_buckets span: a top-k teacher cache is not supported yet; use hybrid_buckets=merged, "
-            "cache.format=full, or a live teacher"
+            "distill.hybrid_buckets span: a teacher-signal cache is not supported yet; use hybrid_buckets=merged "
+            "or a live teacher"
         )
     teacher = teacher_logits if spec.topk else teacher_logits.detach()
     loss, matched, unmatched = _AlignedLoss.apply(student_logits, teacher, alignment, spec, torch.is_grad_enabled())
@@ -454,7 +405,7 @@ def hybrid_loss(
     ``buckets`` ``merged`` (GOLD): the buckets of a side are ``q`` at each shared id (``vocab_map``, in the
     same order on both sides) and one for the rest of the mass (unshared ids and what the merge takes
     away), so both sum to 1. ``span``: the actual span is a bucket of its own on both sides, every other
-    bucket an event of that model (:func:`span_buckets`), and ULD compares those values on the unshared
+    bucket an event of that model (losses/uld_span.py: ``span_buckets``), and ULD compares those values on the unshared
     ids. ``divergence`` one of losses/logits.py's (``forward_kl``, ``reverse_kl``, ``jsd`` with ``beta``);
     GOLD uses JSD. Shapes and other arguments as :func:`uld_loss`.
     """
@@ -478,11 +429,11 @@ def hybrid_loss(
         temperature, True, divergence, beta, matched_weight, unmatched_weight, chunk_groups, shared, tuple(unshared)
     )
     if buckets == "span":
+        from distilflow.losses.uld_span import bucket_index
+
         spec.span = True
-        spec.bucket_of = tuple(
-            torch.full((width,), -1, dtype=torch.long, device=device).index_copy_(
-                0, ids, torch.arange(len(ids), device=device)
-            )
-            for ids, width in ((shared[0], teacher_logits.shape[-1]), (shared[1], student_logits.shape[-1]))
+        spec.bucket_of = (
+            bucket_index(shared[0], teacher_logits.shape[-1]),
+            bucket_index(shared[1], student_logits.shape[-1]),
         )
     return _run(student_logits, teacher_logits, alignment, spec, reduction)

@@ -36,15 +36,16 @@ from distilflow.tasks.causal_lm import Batch, CausalLMTask, fused_problem, lm_lo
 
 
 def _stdlib_tokenizer(cfg: Config, texts: list[str], kind: str = "bpe", size: int = 0) -> Any:
-    """The built-in demo's byte-level BPE of ``size`` (0: ``vocab_size``), or the student's unigram
-    tokenizer (``student_vocab_size``, 0: 4096), trained once per corpus and size and cached."""
+    """The built-in demo's byte-level BPE (or a unigram tokenizer) of ``size`` (0: ``vocab_size``),
+    trained once per corpus and size and cached."""
     from distilflow.data.stdlib_corpus import train_tokenizer
     from distilflow.data.unigram_tokenizer import train_unigram_tokenizer
 
     corpus = cfg.data.stdlib
-    size, train, name = (size or corpus.vocab_size, train_tokenizer, "stdlib-tokenizer")
-    if kind == "unigram":
-        size, train, name = (corpus.student_vocab_size or 4096, train_unigram_tokenizer, "stdlib-unigram")
+    train, name = (
+        (train_unigram_tokenizer, "stdlib-unigram") if kind == "unigram" else (train_tokenizer, "stdlib-tokenizer")
+    )
+    size = size or corpus.vocab_size
     key = hashlib.sha256(json.dumps([size, corpus.train_chars, "v1"]).encode()).hexdigest()[:12]
     folder = Path(cfg.data.cache_dir).expanduser() / f"{name}-{key}"
     if not (folder / "tokenizer.json").is_file():
@@ -98,7 +99,7 @@ def load_text(cfg: Config) -> LoadedText:
         teacher = teacher or student or _stdlib_tokenizer(cfg, corpus.train)
         own_size = d.stdlib.student_vocab_size
         if student is None and d.stdlib.student_tokenizer == "unigram":
-            student = _stdlib_tokenizer(cfg, corpus.train, "unigram")
+            student = _stdlib_tokenizer(cfg, corpus.train, "unigram", own_size or 4096)
         elif student is None and own_size not in (0, d.stdlib.vocab_size):  # a BPE of the student's own size
             student = _stdlib_tokenizer(cfg, corpus.train, "bpe", own_size)
         train_records = [Record(completion=text) for text in corpus.train]
