@@ -54,35 +54,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_taken(stderr: str) -> bool:
+    """The job's MASTER_PORT was taken between :func:`free_port` and rank 0's bind (another job on the
+    machine, e.g. a second test suite, got it): the launch is retried on a new port."""
+    return "EADDRINUSE" in stderr or "address already in use" in stderr.lower()
+
+
 def launch(args: list[str], *, n: int = 2, code: str = RUN_MAIN, timeout: float = 240) -> list[tuple[int, str, str]]:
     """Run ``distilflow ARGS`` as ``n`` ranks of one job (torchrun's variables); (rc, stdout, stderr) each."""
-    port = free_port()
-    procs = []
-    for rank in range(n):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(n),
-            "LOCAL_WORLD_SIZE": str(n),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        cmd = [sys.executable, "-c", code, *args]
-        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **pipes))
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+    for attempt in range(3):
+        port = free_port()
+        procs = []
+        for rank in range(n):
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(n),
+                "LOCAL_WORLD_SIZE": str(n),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            }
+            cmd = [sys.executable, "-c", code, *args]
+            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+            procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **pipes))
+        try:
+            outs = [p.communicate(timeout=timeout) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        ranks = [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+        if attempt == 2 or not any(rc != 0 and port_taken(err) for rc, _, err in ranks):
+            return ranks
+    raise AssertionError("unreachable")
 
 
 def torchrun(args: list[str], *, n: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}"]
-    return subprocess.run([*cmd, "-m", "distilflow", *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}"]
+        done = subprocess.run([*cmd, "-m", "distilflow", *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+        if attempt == 2 or done.returncode == 0 or not port_taken(done.stderr):
+            return done
+    raise AssertionError("unreachable")
 
 
 def metrics(run_dir: Path, stage: str | None = None) -> list[dict]:
