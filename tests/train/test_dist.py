@@ -162,6 +162,22 @@ def reference(tmp_path_factory, args) -> Path:
     return out
 
 
+def test_a_taken_master_port_is_one_line_that_launch_retries_on(args, tmp_path):
+    """The premise of :func:`launch`'s retry: rank 0 whose MASTER_PORT another process holds stops with
+    one line (exit 2) that names EADDRINUSE, and nothing else is taken for it."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-c", RUN_MAIN, "run", *args(tmp_path / "out")]
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and port_taken(done.stderr), done.stderr[-2000:]
+    assert not port_taken("rank 1 stopped: a collective failed")
+
+
 def distill_args(args, reference: Path, out: Path, *extra: str) -> list[str]:
     return ["distill", *args(out, f"teacher.model.checkpoint={reference / 'teacher'}", *extra)]
 
