@@ -1,7 +1,7 @@
 """CE-only vs ULD vs hybrid across tokenizers, several seeds, one fixed teacher; and the cost per step.
 
     python benchmarks/cross_tokenizer_kd.py [--seeds 0 1 2] [--out DIR] [--cost-steps 20] [--full]
-        [--modes uld hybrid hybrid-span] [--teacher PATH] [key=value ...]
+        [--modes uld hybrid hybrid-span] [--skip-ce] [--teacher PATH] [key=value ...]
 
 The config is configs/lm_stdlib_cross_tokenizer.yaml (the demo's Llama teacher on the byte-level BPE
 2,048, a Qwen2-style student on the unigram 4,096), shortened by SHORT (fewer characters and steps, one
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-cross-tokenizer")
     parser.add_argument("--cost-steps", type=int, default=20)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-ce", action="store_true", help="no CE-only student (measured by an earlier call)")
     parser.add_argument("--full", action="store_true", help="the shipped demo's length, not SHORT")
     parser.add_argument("--teacher", help="a trained teacher's model.safetensors (its result.json beside it)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["uld", "hybrid"])
@@ -104,13 +105,16 @@ def main() -> None:
             if scored is None:
                 scored = evaluated
                 print(f"teacher on this config's held-out rows: {evaluated}", flush=True)
-            if mode == args.modes[0]:  # CE only on the same aligned rows: the baseline stage
+            if mode == args.modes[0] and not args.skip_ce:  # CE only on the same aligned rows: the baseline stage
                 _, base = baseline_stage(run, log_tensorboard=False, teacher=frozen)
                 rows["ce"].append(base)
                 print(f"seed {seed} ce: {base}", flush=True)
             _, result = distill_stage(run, frozen, log_tensorboard=False)
             rows[mode].append(result)
             print(f"seed {seed} {mode}: {result}", flush=True)
+    if not rows["ce"] and not args.skip_quality:
+        for mode in args.modes:
+            print(f"{mode} bits/char per seed {args.seeds}: {[round(r['bits_per_char'], 4) for r in rows[mode]]}")
     if rows["ce"]:
         print(f"\nheld-out, {len(rows['ce'])} seeds {args.seeds}; teacher bits/char {scored['bits_per_char']:.4f}")
         print(f"{'student':<8} {'perplexity (own tokens)':>26} {'bits per char':>20}")
