@@ -112,7 +112,7 @@ def main() -> None:
             _, result = distill_stage(run, frozen, log_tensorboard=False)
             rows[mode].append(result)
             print(f"seed {seed} {mode}: {result}", flush=True)
-    if not rows["ce"] and not args.skip_quality:
+    if args.skip_ce:  # no CE row to pair with: each mode's figures alone
         for mode in args.modes:
             print(f"{mode} bits/char per seed {args.seeds}: {[round(r['bits_per_char'], 4) for r in rows[mode]]}")
     if rows["ce"]:

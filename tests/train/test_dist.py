@@ -60,43 +60,52 @@ def port_taken(stderr: str) -> bool:
     return "EADDRINUSE" in stderr or "address already in use" in stderr.lower()
 
 
+def on_a_free_port(start, lost_the_port, tries: int = 3):
+    """``start(port)`` on a fresh :func:`free_port`, again (up to ``tries`` times) while ``lost_the_port``."""
+    for _ in range(tries - 1):
+        result = start(free_port())
+        if not lost_the_port(result):
+            return result
+    return start(free_port())
+
+
+def rank_env(rank: int, n: int, port: int) -> dict[str, str]:
+    """The variables torchrun sets for one rank of an ``n``-process job on this machine."""
+    return {
+        **os.environ,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(n),
+        "LOCAL_WORLD_SIZE": str(n),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
 def launch(args: list[str], *, n: int = 2, code: str = RUN_MAIN, timeout: float = 240) -> list[tuple[int, str, str]]:
     """Run ``distilflow ARGS`` as ``n`` ranks of one job (torchrun's variables); (rc, stdout, stderr) each."""
-    for attempt in range(3):
-        port = free_port()
-        procs = []
-        for rank in range(n):
-            env = {
-                **os.environ,
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(n),
-                "LOCAL_WORLD_SIZE": str(n),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": "1",
-            }
-            cmd = [sys.executable, "-c", code, *args]
-            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-            procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **pipes))
+
+    def start(port: int) -> list[tuple[int, str, str]]:
+        cmd = [sys.executable, "-c", code, *args]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        procs = [subprocess.Popen(cmd, env=rank_env(r, n, port), cwd=ROOT, text=True, **pipes) for r in range(n)]
         try:
             outs = [p.communicate(timeout=timeout) for p in procs]
         finally:
             for p in procs:
                 p.kill()
-        ranks = [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
-        if attempt == 2 or not any(rc != 0 and port_taken(err) for rc, _, err in ranks):
-            return ranks
-    raise AssertionError("unreachable")
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+    return on_a_free_port(start, lambda ranks: any(rc != 0 and port_taken(err) for rc, _, err in ranks))
 
 
 def torchrun(args: list[str], *, n: int = 2) -> subprocess.CompletedProcess:
-    for attempt in range(3):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}"]
-        done = subprocess.run([*cmd, "-m", "distilflow", *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
-        if attempt == 2 or done.returncode == 0 or not port_taken(done.stderr):
-            return done
-    raise AssertionError("unreachable")
+    def start(port: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}"]
+        return subprocess.run([*cmd, "-m", "distilflow", *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+    return on_a_free_port(start, lambda done: done.returncode != 0 and port_taken(done.stderr))
 
 
 def metrics(run_dir: Path, stage: str | None = None) -> list[dict]:
@@ -164,14 +173,12 @@ def reference(tmp_path_factory, args) -> Path:
 
 def test_a_taken_master_port_is_one_line_that_launch_retries_on(args, tmp_path):
     """The premise of :func:`launch`'s retry: rank 0 whose MASTER_PORT another process holds stops with
-    one line (exit 2) that names EADDRINUSE, and nothing else is taken for it."""
+    one line (exit 2, no traceback) that names EADDRINUSE."""
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
-        port = held.getsockname()[1]
-        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-c", RUN_MAIN, "run", *args(tmp_path / "out")]
+        env = rank_env(0, 2, held.getsockname()[1])
         done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and port_taken(done.stderr), done.stderr[-2000:]
