@@ -8,7 +8,8 @@ For each latency budget (ms per call at ``--batch``, 1 thread) on the MNIST-1D d
 1. ``size_student`` chooses a shape (the default candidate grid, 30 interleaved repeats, the choice
    confirmed alone 3 times);
 2. the chosen shape is exported again and re-measured 10 more times (each time 30 calls after a warm-up,
-   its p50 and p90): how many of the 10 meet the budget;
+   its p50 and p90, and the speed probe beside it): how many of the 10 meet the budget, as first taken
+   and with a miss in a slow window (probe ``SLOW`` x the sweep's) taken again as size-student does;
 3. the demo is distilled into that shape (``--teacher``: a trained teacher's model.safetensors, reused
    by every budget; student ``--steps``, the demo's 4,000 unless given) for the accuracy it buys,
    the baseline of the same shape beside it.
@@ -22,29 +23,57 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 
 from distilflow.config import load_config
+from distilflow.deploy.speed import SLOW
 from distilflow.pipeline import run_all
-from distilflow.size_student import ClassifierSizing, size_student
+from distilflow.size_student import SLOW_PAUSE_S, ClassifierSizing, size_student
 
 REMEASURES = 10
 
 
-def remeasured_row(budget: float, chosen: dict, again: list[tuple[float, float]]) -> dict:
-    """The table's row: the chosen shape and how many of its (p50, p90) re-measurements meet ``budget``."""
+def remeasure(sizing, chosen: dict, budget: float, reference_ms: float | None, slow_retries: int = 3) -> dict:
+    """``REMEASURES`` re-timings of ``chosen`` (each a fresh build, timed alone). A miss taken while the
+    speed probe ran ``SLOW`` times the sweep's (``reference_ms``) is taken again after size-student's pause,
+    ``slow_retries`` times at most, as ``confirm_choice`` does; the first timing of each is kept too."""
+    first, final, slow = [], [], []
+    for _ in range(REMEASURES):
+        for attempt in range(slow_retries + 1):
+            t = sizing.retime(chosen)
+            speed = t.probe_ms / reference_ms if reference_ms else float("nan")
+            first += [t] if attempt == 0 else []
+            if t.p90_ms <= budget or speed < SLOW or attempt == slow_retries:
+                break
+            slow.append({"p90_ms": t.p90_ms, "speed": speed})
+            time.sleep(SLOW_PAUSE_S)
+        final.append(t)
+    return {"first": first, "final": final, "slow": slow, "reference_ms": reference_ms}
+
+
+def remeasured_row(budget: float, chosen: dict, again: dict) -> dict:
+    """The table's row: the chosen shape and how many of its re-measurements (``remeasure``) meet ``budget``:
+    as first taken, and with the slow windows taken again."""
+    final, first = again["final"], again["first"]
+    reference = again["reference_ms"]
     return {
         "budget": budget,
         "shape": chosen["name"],
         "params": chosen["params"],
         "macs": chosen["macs"],
         "p90": chosen["p90_ms"],
-        "meet_p90": sum(p90 <= budget for _, p90 in again),
-        "meet_p50": sum(p50 <= budget for p50, _ in again),
-        "p50_range": (min(p for p, _ in again), max(p for p, _ in again)),
-        "p90_range": (min(p for _, p in again), max(p for _, p in again)),
+        "meet_p90": sum(t.p90_ms <= budget for t in final),
+        "meet_p50": sum(t.p50_ms <= budget for t in final),
+        "meet_p90_first": sum(t.p90_ms <= budget for t in first),
+        "p50_range": (min(t.p50_ms for t in final), max(t.p50_ms for t in final)),
+        "p90_range": (min(t.p90_ms for t in final), max(t.p90_ms for t in final)),
+        "speed": [t.probe_ms / reference if reference else None for t in final],
+        "first_p90": [t.p90_ms for t in first],
+        "first_speed": [t.probe_ms / reference if reference else None for t in first],
+        "slow_windows": again["slow"],
         "load": os.getloadavg()[0],
     }
 
@@ -72,7 +101,7 @@ def main() -> None:
         )
         chosen = next(r for r in sized["candidates"] if r["name"] == sized["chosen"])
         sizing = ClassifierSizing(cfg, backend=args.backend, batch=args.batch, threads=1, repeats=30, widths=None)
-        again = [sizing.retime(chosen) for _ in range(REMEASURES)]  # each freshly exported, timed alone
+        again = remeasure(sizing, chosen, budget, sized["speed_probe"]["sweep_p50_ms"])
         row = remeasured_row(budget, chosen, again)
         if not args.no_train:
             sized_yaml, run_dir = out / f"sizing-{budget:g}" / "student.yaml", out / f"run-{budget:g}"
@@ -87,14 +116,15 @@ def main() -> None:
     print(f"\nbatch {args.batch}, {args.backend}, 1 thread; {REMEASURES} re-measurements of 30 calls each")
     print(
         "| budget ms | chosen shape | params | MACs | p90 when chosen | re-measured p90 <= budget | "
-        "p50 <= budget | p50 range ms | baseline acc | distilled acc | load |"
+        "as first taken | p50 <= budget | p50 range ms | baseline acc | distilled acc | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         accs = f"{r['baseline']:.3f} | {r['student']:.3f}" if "student" in r else "- | -"
         print(
             f"| {r['budget']:g} | {r['shape']} | {r['params']:,} | {r['macs']:,} | {r['p90']:.3f} | "
-            f"{r['meet_p90']}/{REMEASURES} | {r['meet_p50']}/{REMEASURES} | {r['p50_range'][0]:.3f}-"
+            f"{r['meet_p90']}/{REMEASURES} | {r['meet_p90_first']}/{REMEASURES} | {r['meet_p50']}/{REMEASURES} | "
+            f"{r['p50_range'][0]:.3f}-"
             f"{r['p50_range'][1]:.3f} | {accs} | {r['load']:.1f} |"
         )
 

@@ -99,7 +99,8 @@ def _cmd_size_student(ns) -> int:
     sizing = {"latency_ms": ns.latency_ms, "max_params": ns.max_params, "max_macs": ns.max_macs}
     sizing.update(batch=ns.batch, backend=ns.backend, threads=ns.threads, max_memory_mb=ns.max_memory_mb)
     sizing.update(widths=parse_widths(ns.widths), depths=parse_widths(ns.depths, "--depths"))
-    result = size_student(_load(ns.args), **sizing, out=out, repeats=ns.repeats, confirm=ns.confirm)
+    sizing.update(repeats=ns.repeats, confirm=ns.confirm, slow_retries=ns.slow_retries)
+    result = size_student(_load(ns.args), **sizing, out=out)
     print(summary_line(result, out))
     return 0
 

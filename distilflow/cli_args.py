@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help="re-time the latency choice alone this many times, each a fresh build; a miss moves to the "
                 "next smaller candidate (default 3, 0 = off)",
             )
+            p.add_argument(
+                "--slow-retries",
+                type=int,
+                default=3,
+                help="a re-timing that misses while the machine's speed probe runs 1.3x slower than in the sweep "
+                "is taken again after 30 s, this many times in a row at most (default 3)",
+            )
             p.add_argument("--widths", default=None, help="comma-separated mlp widths, cnn channels or LM hidden")
             p.add_argument("--depths", default=None, help="comma-separated decoder depths (LM students)")
             p.add_argument("--out", default="sizing", help="folder for student.yaml, report.md, latency.png")

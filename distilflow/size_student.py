@@ -23,6 +23,13 @@ A latency choice is then **confirmed alone** (``confirm_choice``): the chosen sh
 its config and timed with nothing else loaded, ``--confirm`` times; a p90 over the budget moves the choice
 to the next smaller candidate that met it in the sweep (the sweep's choice sits just under the budget by
 construction, and the interleaved sweep is not how the shape will run).
+
+Every timing round also times a fixed reference workload (deploy/speed.py), so each measurement carries
+the machine's own speed. A re-timing that misses the budget while that probe runs ``speed.SLOW`` times
+slower than in the sweep was taken in a window where the machine itself was slow (a VM on a shared host
+can run at half speed for minutes): it is taken again after a pause (``--slow-retries`` times at most, then
+one line), not counted against the shape. A sweep whose probe ran that much slower than the re-timings' is
+named in the report: its choice may be smaller than the budget allows.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ import dataclasses
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,11 +49,21 @@ from distilflow.config import Config, default_feature_layers, to_dict
 from distilflow.data.classification import load_classification
 from distilflow.deploy.bench import Variant, ort_variant, torch_variant
 from distilflow.deploy.export import export_onnx
+from distilflow.deploy.speed import SLOW, median, probe_ms
 from distilflow.errors import UserError
 from distilflow.models.sizing import SUPPORTED_ARCHS, Candidate, candidates
 
 BACKENDS = ("ort-int8", "ort-fp32", "torch", "genai-int4")
 WARMUP = 3
+SLOW_PAUSE_S = 30.0  # the wait before a re-timing taken in a slow window is taken again
+
+
+class Timing(NamedTuple):
+    """One candidate timed alone: its p50 / p90 and the speed probe's median over the same rounds."""
+
+    p50_ms: float
+    p90_ms: float
+    probe_ms: float
 
 
 def require_backend(backend: str, kind: str) -> None:
@@ -128,13 +146,18 @@ def summary_line(result: dict[str, Any], out: Path) -> str:
     )
 
 
-def measure(variants: list[Variant], feeds: dict[str, np.ndarray], *, repeats: int) -> list[list[float]]:
-    """Per variant its ``repeats`` call times (ms), the variants interleaved round by round."""
+def measure(
+    variants: list[Variant], feeds: dict[str, np.ndarray], *, repeats: int, probe: list[float] | None = None
+) -> list[list[float]]:
+    """Per variant its ``repeats`` call times (ms), the variants interleaved round by round; one speed
+    probe (ms) per round appended to ``probe`` when given."""
     for variant in variants:
         for _ in range(WARMUP):
             variant.logits(feeds)
     times: list[list[float]] = [[] for _ in variants]
     for _ in range(repeats):
+        if probe is not None:
+            probe.append(probe_ms())
         for i, variant in enumerate(variants):
             began = time.perf_counter()
             variant.logits(feeds)
@@ -197,21 +220,55 @@ def choose(rows: list[dict[str, Any]], budget: dict[str, Any]) -> dict[str, Any]
 
 
 def confirm_choice(
-    rows: list[dict[str, Any]], budget: dict[str, Any], retime: Any, times: int
+    rows: list[dict[str, Any]],
+    budget: dict[str, Any],
+    retime: Callable[[dict[str, Any]], Timing],
+    times: int,
+    reference_ms: float | None = None,
+    *,
+    slow_retries: int = 3,
+    pause_s: float = SLOW_PAUSE_S,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The largest row that meets ``budget`` in the sweep *and* whose p90 meets the latency in each of
     ``times`` re-timings alone (``retime(row)``: built again from its config, nothing else loaded: how it
-    is deployed), trying the next smaller one after a miss; with the record of every candidate tried."""
+    is deployed), trying the next smaller one after a miss; with the record of every candidate tried.
+
+    A miss whose speed probe ran ``SLOW`` times the sweep's (``reference_ms``) is the machine's, not the
+    shape's: after ``pause_s`` the re-timing is taken again, ``slow_retries`` times at most in a row."""
     limit = budget["latency_ms"]
     tried: list[dict[str, Any]] = []
     for row in sorted((r for r in rows if fits(r, budget)), key=lambda r: (r["macs"], r["params"]), reverse=True):
-        p90s = []
-        for _ in range(times):
-            p90s.append(retime(row)[1])
-            if p90s[-1] > limit:  # one miss is enough to move on
+        record: dict[str, Any] = {"name": row["name"], "p90_ms": [], "speed": [], "slow": []}
+        in_a_row = 0
+        while len(record["p90_ms"]) < times:
+            timing = retime(row)
+            speed = timing.probe_ms / reference_ms if reference_ms else float("nan")
+            if timing.p90_ms > limit and speed >= SLOW:
+                record["slow"].append({"p90_ms": timing.p90_ms, "speed": speed})
+                in_a_row += 1
+                if in_a_row > slow_retries:
+                    raise UserError(
+                        f"{row['name']} missed {budget_words(budget)} in {in_a_row} re-timings in a row while this "
+                        f"machine ran {speed:.1f}x slower than during the sweep (the speed probe; slow windows "
+                        f"{pause_s:g} s apart): its latency cannot be told from the machine's; run size-student "
+                        "again when the machine is steady, or on the device that ships"
+                    )
+                print(
+                    f"size-student: {row['name']} p90 {timing.p90_ms:.3g} ms while the machine ran {speed:.1f}x "
+                    f"slower than in the sweep; timing it again in {pause_s:g} s",
+                    flush=True,
+                )
+                sleep(pause_s)
+                continue
+            in_a_row = 0
+            record["p90_ms"].append(timing.p90_ms)
+            record["speed"].append(speed)
+            if timing.p90_ms > limit:  # one miss at the machine's usual speed is enough to move on
                 break
-        tried.append({"name": row["name"], "p90_ms": p90s, "held": max(p90s) <= limit})
-        if tried[-1]["held"]:
+        record["held"] = max(record["p90_ms"]) <= limit
+        tried.append(record)
+        if record["held"]:
             return row, tried
     last = tried[-1]
     raise UserError(
@@ -219,6 +276,21 @@ def confirm_choice(
         f"smallest that met it in the sweep, {last['name']}, took p90 {max(last['p90_ms']):.3g} ms alone; raise "
         "the budget, give smaller --widths, or measure on a quieter machine"
     )
+
+
+def speed_summary(sweep_probe: list[float], tried: list[dict[str, Any]]) -> dict[str, Any]:
+    """The speed probe's record for the report: the sweep's median and p90, the re-timings' speed
+    relative to it, and whether the sweep itself ran in a slow window (the re-timings' median speed
+    under 1 / SLOW of it)."""
+    speeds = [s for t in tried for s in t["speed"] if s == s]
+    summary: dict[str, Any] = {
+        "sweep_p50_ms": median(sweep_probe),
+        "sweep_p90_ms": float(np.percentile(sweep_probe, 90)) if sweep_probe else float("nan"),
+        "retimed_speed": speeds,
+        "slow_windows": sum(len(t["slow"]) for t in tried),
+    }
+    summary["sweep_slow"] = bool(speeds) and median(speeds) <= 1 / SLOW
+    return summary
 
 
 def sized_config(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +307,14 @@ def sized_config(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_inputs(
-    cfg: Config, backend: str, limits: dict[str, Any], batch: int, repeats: int, threads: int, confirm: int = 0
+    cfg: Config,
+    backend: str,
+    limits: dict[str, Any],
+    batch: int,
+    repeats: int,
+    threads: int,
+    confirm: int = 0,
+    slow_retries: int = 0,
 ) -> str:
     """The model kind (``classifier`` / ``causal_lm``), or one line for what size-student cannot take."""
     kind = "causal_lm" if cfg.task == "causal_lm" else "classifier"
@@ -248,10 +327,11 @@ def check_inputs(
     require_backend(backend, kind)
     if all(v is None for v in limits.values()):
         raise UserError("give a budget: --latency-ms, --max-params, --max-macs or --max-memory-mb (any together)")
-    if any(v is not None and v <= 0 for v in limits.values()) or min(batch, threads) < 1 or repeats < 5 or confirm < 0:
+    counts_bad = min(batch, threads) < 1 or repeats < 5 or min(confirm, slow_retries) < 0
+    if any(v is not None and v <= 0 for v in limits.values()) or counts_bad:
         raise UserError(
             "--latency-ms, --max-params, --max-macs and --max-memory-mb must be > 0, --batch >= 1, --repeats >= 5, "
-            "--threads >= 1 and --confirm >= 0"
+            "--threads >= 1, --confirm >= 0 and --slow-retries >= 0"
         )
     return kind
 
@@ -271,11 +351,12 @@ def size_student(
     widths: list[int] | None = None,
     depths: list[int] | None = None,
     confirm: int = 3,
+    slow_retries: int = 3,
 ) -> dict[str, Any]:
     """Measure the candidates, choose (a latency choice re-timed alone ``confirm`` times), write
     ``out``/{student.yaml, report.md, latency.png, sizing.json}."""
     limits = {"latency_ms": latency_ms, "max_params": max_params, "max_macs": max_macs, "max_memory_mb": max_memory_mb}
-    kind = check_inputs(cfg, backend, limits, batch, repeats, threads, confirm)
+    kind = check_inputs(cfg, backend, limits, batch, repeats, threads, confirm, slow_retries)
     measured = {"backend": backend, "batch": batch, "threads": threads, "repeats": repeats, "widths": widths}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -296,7 +377,10 @@ def size_student(
         load = os.getloadavg()[0]  # a shared machine's other work widens the spread: said in the report
         chosen, confirmed = choose(rows, budget), []
         if confirm and latency_ms is not None:
-            chosen, confirmed = confirm_choice(rows, budget, sizing.retime, confirm)
+            reference = median(sizing.sweep_probe)
+            chosen, confirmed = confirm_choice(
+                rows, budget, sizing.retime, confirm, reference, slow_retries=slow_retries
+            )
     finally:
         torch.set_num_threads(before)
     result = {
@@ -305,6 +389,7 @@ def size_student(
         "load_average": load,
         "chosen": chosen["name"],
         "confirmed": confirmed,  # the candidates re-timed alone, largest first: their p90s and whether they held
+        "speed_probe": speed_summary(sizing.sweep_probe, confirmed),
         "candidates": rows,  # ordered by MACs, then parameters
     }
     from distilflow.size_student_report import write_outputs
@@ -315,7 +400,8 @@ def size_student(
 
 class ClassifierSizing:
     """The MLP / CNN candidates of one config, each timed as ``backend`` ships it: one call at ``batch``
-    rows of the test split; :meth:`retime` builds one of them again from its config and times it alone."""
+    rows of the test split; :meth:`retime` builds one of them again from its config and times it alone.
+    The sweep's speed probe samples (one per round, deploy/speed.py) are kept in ``sweep_probe``."""
 
     def __init__(
         self, cfg: Config, *, backend: str, batch: int, threads: int, repeats: int, widths: list[int] | None
@@ -325,6 +411,7 @@ class ClassifierSizing:
         rows_index = np.arange(batch) % len(self.data.test_x)
         self.feeds = {"x": np.ascontiguousarray(self.data.test_x.numpy()[rows_index])}
         self.batch = batch
+        self.sweep_probe: list[float] = []
 
     def rows(self, *, memory: bool) -> list[dict[str, Any]]:
         """One measured row per candidate (ordered by MACs, then parameters), the candidates interleaved."""
@@ -335,7 +422,7 @@ class ClassifierSizing:
         found = candidates(model_tree, data.input_shape, data.num_classes, widths=self.widths)
         with tempfile.TemporaryDirectory() as tmp:
             variants = [variant(c, self.backend, Path(tmp), data.test_x[:2], self.threads) for c in found]
-            times = measure(variants, self.feeds, repeats=self.repeats)
+            times = measure(variants, self.feeds, repeats=self.repeats, probe=self.sweep_probe)
             specs = [
                 memory_spec(c, self.backend, self.threads, self.batch, data.input_shape, data.num_classes)
                 for c in found
@@ -355,8 +442,8 @@ class ClassifierSizing:
             for c, v, t, peak in zip(found, variants, times, peaks)
         ]
 
-    def retime(self, row: dict[str, Any]) -> tuple[float, float]:
-        """(p50, p90) ms of ``row``'s shape built and exported again, timed alone (as it will be deployed)."""
+    def retime(self, row: dict[str, Any]) -> Timing:
+        """``row``'s shape built and exported again, timed alone (as it will be deployed)."""
         data = self.data
         section = row["model"].get("mlp") or row["model"].get("cnn")
         widths = [max(section.get("hidden") or section.get("channels"))]
@@ -364,5 +451,6 @@ class ClassifierSizing:
         (c,) = [c for c in found if c.name == row["name"]]
         with tempfile.TemporaryDirectory() as tmp:
             v = variant(c, self.backend, Path(tmp), data.test_x[:2], self.threads)
-            (times,) = measure([v], self.feeds, repeats=self.repeats)
-        return float(np.percentile(times, 50)), float(np.percentile(times, 90))
+            probe: list[float] = []
+            (times,) = measure([v], self.feeds, repeats=self.repeats, probe=probe)
+        return Timing(float(np.percentile(times, 50)), float(np.percentile(times, 90)), median(probe))

@@ -27,9 +27,11 @@ import numpy as np
 import torch
 
 from distilflow.config import Config, to_dict
+from distilflow.deploy.speed import median, probe_ms
 from distilflow.errors import UserError
 from distilflow.models.sizing import Candidate
 from distilflow.models.sizing_lm import lm_candidates
+from distilflow.size_student import Timing
 
 
 def preflight(cfg: Config, backend: str) -> None:
@@ -102,10 +104,15 @@ def teacher_macs(cfg: Config, work: Any) -> int:
         return linear_macs_per_token(build_causal_lm(work.hf_config(hf.config, "teacher"), role="teacher"))
 
 
-def measure_generation(variants: list[Any], prompts: np.ndarray, new_tokens: int, *, repeats: int) -> list[dict]:
-    """Per variant its per-round ms per generated token and prefill ms, the variants interleaved."""
+def measure_generation(
+    variants: list[Any], prompts: np.ndarray, new_tokens: int, *, repeats: int, probe: list[float] | None = None
+) -> list[dict]:
+    """Per variant its per-round ms per generated token and prefill ms, the variants interleaved; one
+    speed probe (ms, deploy/speed.py) per timed round appended to ``probe`` when given."""
     times: list[dict[str, list[float]]] = [{"token": [], "prefill": []} for _ in variants]
     for round_ in range(repeats + 1):  # round 0: warm-up
+        if round_ and probe is not None:
+            probe.append(probe_ms())
         for i, variant in enumerate(variants):
             first, rest = variant.generate(prompts, new_tokens)
             if round_:
@@ -116,7 +123,8 @@ def measure_generation(variants: list[Any], prompts: np.ndarray, new_tokens: int
 
 class LMSizing:
     """The causal-LM candidates of one config, each timed as ``backend`` ships it (ms per generated
-    token); :meth:`retime` builds one of them again from its config and times it alone."""
+    token); :meth:`retime` builds one of them again from its config and times it alone. The sweep's
+    speed probe samples (one per round) are kept in ``sweep_probe``."""
 
     def __init__(
         self,
@@ -135,6 +143,7 @@ class LMSizing:
         preflight(cfg, backend)
         self.cfg, self.backend, self.threads, self.repeats = cfg, backend, threads, repeats
         self.widths, self.depths = widths, depths
+        self.sweep_probe: list[float] = []
         self.work = make_workload(cfg, torch.device("cpu"))
         try:
             self.prompts = lm_bench.prompt_rows(self.work.test_arrays(), batch, cfg.deploy.genai.prompt_tokens)
@@ -173,7 +182,9 @@ class LMSizing:
                 (Path(tmp) / str(i)).mkdir()
                 variants.append(lm_variant(c, self.backend, Path(tmp) / str(i), self.work, cfg, self.threads))
                 c.module = None  # the exported files are what is timed; free the eager copy
-            times = measure_generation(variants, self.prompts, g.new_tokens, repeats=self.repeats)
+            times = measure_generation(
+                variants, self.prompts, g.new_tokens, repeats=self.repeats, probe=self.sweep_probe
+            )
             peaks = [lm_bench.peak_memory_mb(v.spec, self.prompts, g.new_tokens) if memory else {} for v in variants]
         rows = []
         for c, v, t, peak in zip(found, variants, times, peaks):
@@ -192,8 +203,8 @@ class LMSizing:
             )
         return rows
 
-    def retime(self, row: dict[str, Any]) -> tuple[float, float]:
-        """(p50, p90) ms per token of ``row``'s shape built and exported again, timed alone."""
+    def retime(self, row: dict[str, Any]) -> Timing:
+        """ms per token of ``row``'s shape built and exported again, timed alone."""
         import tempfile
 
         shape = row["model"]["hf"]["config"]
@@ -208,5 +219,7 @@ class LMSizing:
             raise RuntimeError(f"{row['name']} rebuilt as {c.name} with {c.params:,} params, not {row['params']:,}")
         with tempfile.TemporaryDirectory(prefix="size-student-") as tmp:
             v = lm_variant(c, self.backend, Path(tmp), self.work, self.cfg, self.threads)
-            (t,) = measure_generation([v], self.prompts, self.cfg.deploy.genai.new_tokens, repeats=self.repeats)
-        return float(np.percentile(t["token"], 50)), float(np.percentile(t["token"], 90))
+            probe: list[float] = []
+            new_tokens = self.cfg.deploy.genai.new_tokens
+            (t,) = measure_generation([v], self.prompts, new_tokens, repeats=self.repeats, probe=probe)
+        return Timing(float(np.percentile(t["token"], 50)), float(np.percentile(t["token"], 90)), median(probe))

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from distilflow.deploy.speed import SLOW
 from distilflow.size_student import budget_words, fits, per
 from distilflow.storage import write_text
 
@@ -70,7 +71,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
             else []
         )
         lines.append("| " + " | ".join([*cells, mark]) + " |")
-    lines += _confirmed_lines(result)
+    lines += _confirmed_lines(result) + _speed_lines(result)
     return [*lines, "", "![latency against MACs](latency.png)"]
 
 
@@ -86,12 +87,37 @@ def _confirmed_lines(result: dict[str, Any]) -> list[str]:
         "The sweep's choice built again from its config and timed alone (nothing else loaded, as it will be "
         "deployed), each time after a warm-up; a p90 over the budget moves to the next smaller candidate.",
         "",
-        "| candidate | p90 ms of each re-timing alone | held |",
-        "|---|---|---|",
+        "| candidate | p90 ms of each re-timing alone | machine speed (probe, x the sweep's) | taken again: "
+        "slow windows (p90 ms, speed) | held |",
+        "|---|---|---|---|---|",
     ]
     for t in tried:
         p90s = ", ".join(f"{p:.3f}" for p in t["p90_ms"])
-        lines.append(f"| {t['name']} | {p90s} | {'yes' if t['held'] else 'no'} |")
+        speeds = ", ".join(f"{x:.2f}" for x in t.get("speed", []))
+        slow = ", ".join(f"{w['p90_ms']:.3f} at {w['speed']:.2f}x" for w in t.get("slow", [])) or "none"
+        lines.append(f"| {t['name']} | {p90s} | {speeds} | {slow} | {'yes' if t['held'] else 'no'} |")
+    return lines
+
+
+def _speed_lines(result: dict[str, Any]) -> list[str]:
+    """What the speed probe (deploy/speed.py) saw: the sweep's figure and whether the sweep ran slow."""
+    speed = result.get("speed_probe")
+    if not speed or speed["sweep_p50_ms"] != speed["sweep_p50_ms"]:
+        return []
+    lines = [
+        "",
+        f"Machine speed: a fixed reference workload (deploy/speed.py) timed once per round took p50 "
+        f"{speed['sweep_p50_ms']:.2f} ms (p90 {speed['sweep_p90_ms']:.2f}) in the sweep. A re-timing that missed "
+        f"the budget with that probe {SLOW:g}x slower or more was taken again ({speed['slow_windows']} such slow "
+        "windows here).",
+    ]
+    if speed["sweep_slow"]:
+        lines += [
+            "",
+            f"**The sweep ran in a slow window**: the re-timings' probe ran at 1/{SLOW:g} of the sweep's time or "
+            "less, so every candidate's sweep latency is pessimistic and the choice may be smaller than the "
+            "budget allows. Run size-student again.",
+        ]
     return lines
 
 

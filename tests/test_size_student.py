@@ -6,13 +6,16 @@ import builtins
 import json
 
 import pytest
+import torch
 import yaml
 
 from distilflow.cli import main
 from distilflow.config import load_config
+from distilflow.deploy.speed import SLOW, probe_ms
 from distilflow.errors import UserError
 from distilflow.models.sizing import candidates, cnn_shapes, mlp_shapes
-from distilflow.size_student import ClassifierSizing, choose, confirm_choice
+from distilflow.size_student import ClassifierSizing, Timing, choose, confirm_choice, speed_summary
+from distilflow.size_student_report import report_lines
 
 
 def test_mlp_candidates_cost_what_a_hand_count_says():
@@ -60,14 +63,16 @@ def test_confirm_choice_retimes_alone_and_moves_to_the_next_smaller_after_a_miss
 
     def retime(row):
         calls.append(row["name"])
-        return 0.0, alone[row["name"]][calls.count(row["name"]) - 1]
+        return Timing(0.0, alone[row["name"]][calls.count(row["name"]) - 1], 2.0)
 
-    chosen, tried = confirm_choice(rows, _budget(latency_ms=1.0), retime, 3)
-    # big met the budget in the sweep (0.95), missed it on its second re-timing alone (1.2): mid, three times.
-    assert chosen["name"] == "mid" and calls == ["big", "big", "mid", "mid", "mid"]
+    sleeps: list[float] = []
+    chosen, tried = confirm_choice(rows, _budget(latency_ms=1.0), retime, 3, 2.0, sleep=sleeps.append)
+    # big met the budget in the sweep (0.95), missed it on its second re-timing alone (1.2) at the sweep's
+    # machine speed (probe 2.0 ms both times): mid, three times; nothing was waited for.
+    assert chosen["name"] == "mid" and calls == ["big", "big", "mid", "mid", "mid"] and sleeps == []
     assert tried == [
-        {"name": "big", "p90_ms": [0.9, 1.2], "held": False},
-        {"name": "mid", "p90_ms": [0.8, 0.85, 0.99], "held": True},
+        {"name": "big", "p90_ms": [0.9, 1.2], "speed": [1.0, 1.0], "slow": [], "held": False},
+        {"name": "mid", "p90_ms": [0.8, 0.85, 0.99], "speed": [1.0, 1.0, 1.0], "slow": [], "held": True},
     ]
     # only the candidates that met every limit in the sweep are tried (max_macs 99: small alone)
     calls.clear()
@@ -82,7 +87,90 @@ def test_confirm_choice_with_no_candidate_holding_alone_is_one_line():
         match=r"when re-timed alone \(2 times each.*smallest that met it in the sweep, small, "
         r"took p90 0.5 ms alone",
     ):
-        confirm_choice(rows, _budget(latency_ms=0.3), lambda row: (0.4, 0.5), 2)
+        confirm_choice(rows, _budget(latency_ms=0.3), lambda row: Timing(0.4, 0.5, 1.0), 2, 1.0)
+
+
+def _scripted(timings: dict[str, list[tuple[float, float]]]):
+    """A retimer that plays back (p90 ms, probe ms) per candidate, in order, and records the calls."""
+    calls: list[str] = []
+
+    def retime(row):
+        calls.append(row["name"])
+        p90, probe = timings[row["name"]][calls.count(row["name"]) - 1]
+        return Timing(p90 / 2, p90, probe)
+
+    return retime, calls
+
+
+def test_a_miss_in_a_slow_window_is_taken_again_not_blamed_on_the_shape():
+    rows = [_row("small", 10, 0.1, 0.2), _row("big", 1000, 0.8, 0.95)]
+    # The sweep's probe took 2.0 ms. big misses twice while the probe takes 2 x SLOW and 3.0 ms (1.5x): both
+    # are the machine's; then it meets the budget three times at the sweep's speed.
+    slow = 2.0 * SLOW
+    retime, calls = _scripted({"big": [(1.9, slow), (1.4, 3.0), (0.9, 2.1), (0.92, 1.9), (0.91, 2.0)]})
+    sleeps: list[float] = []
+    chosen, tried = confirm_choice(rows, _budget(latency_ms=1.0), retime, 3, 2.0, pause_s=7, sleep=sleeps.append)
+    assert chosen["name"] == "big" and calls == ["big"] * 5 and sleeps == [7, 7]
+    (record,) = tried
+    assert record["held"] and record["p90_ms"] == [0.9, 0.92, 0.91]
+    assert record["speed"] == pytest.approx([1.05, 0.95, 1.0])
+    assert record["slow"] == [{"p90_ms": 1.9, "speed": pytest.approx(SLOW)}, {"p90_ms": 1.4, "speed": 1.5}]
+    # A miss with the probe just under SLOW x the sweep's is the shape's: no wait, the next smaller one.
+    retime, calls = _scripted({"big": [(1.4, 2.0 * SLOW * 0.99)], "small": [(0.2, 2.0)] * 3})
+    sleeps.clear()
+    chosen, tried = confirm_choice(rows, _budget(latency_ms=1.0), retime, 3, 2.0, sleep=sleeps.append)
+    assert chosen["name"] == "small" and sleeps == [] and tried[0]["slow"] == [] and not tried[0]["held"]
+    # A slow probe with the budget met is simply counted (a slow window only matters to a miss).
+    retime, calls = _scripted({"big": [(0.9, 10.0)] * 3})
+    assert confirm_choice(rows, _budget(latency_ms=1.0), retime, 3, 2.0, sleep=sleeps.append)[0]["name"] == "big"
+    # Without a sweep probe to compare with (reference None), a miss is the shape's, as before.
+    retime, calls = _scripted({"big": [(1.4, 10.0)], "small": [(0.2, 2.0)] * 3})
+    assert confirm_choice(rows, _budget(latency_ms=1.0), retime, 3, None, sleep=sleeps.append)[0]["name"] == "small"
+
+
+def test_a_machine_slow_through_every_retry_is_one_line():
+    rows = [_row("small", 10, 0.1, 0.2), _row("big", 1000, 0.8, 0.95)]
+    retime, calls = _scripted({"big": [(2.0, 4.0)] * 3})
+    sleeps: list[float] = []
+    with pytest.raises(
+        UserError, match=r"^big missed p90 <= 1 ms .* in 3 re-timings in a row while this machine ran 2.0x slower"
+    ):
+        confirm_choice(rows, _budget(latency_ms=1.0), retime, 3, 2.0, slow_retries=2, pause_s=5, sleep=sleeps.append)
+    assert calls == ["big"] * 3 and sleeps == [5, 5]  # the smaller candidate is not tried: the machine is the cause
+
+
+def test_the_speed_summary_names_a_sweep_that_ran_slow():
+    # The sweep's probe p50 2.0 ms; every re-timing ran at half of that: the sweep was the slow window.
+    fast = [{"name": "big", "p90_ms": [0.5, 0.5], "speed": [0.5, 0.52], "slow": [], "held": True}]
+    summary = speed_summary([2.0, 2.0, 1.9, 2.1, 4.0], fast)
+    assert summary["sweep_p50_ms"] == 2.0 and summary["sweep_p90_ms"] == pytest.approx(
+        2.1 + 0.6 * (4.0 - 2.1)
+    )  # sorted, index 3.6
+    assert summary["sweep_slow"] and summary["slow_windows"] == 0
+    steady = [
+        {"name": "big", "p90_ms": [0.5], "speed": [1 / SLOW * 1.01], "slow": [{"p90_ms": 2, "speed": 2}], "held": True}
+    ]
+    assert not speed_summary([2.0], steady)["sweep_slow"] and speed_summary([2.0], steady)["slow_windows"] == 1
+    assert not speed_summary([2.0], [])["sweep_slow"]  # nothing re-timed: nothing to compare
+
+    row = {**_row("big", 1000, 0.4, 0.5), "size_bytes": 1024, "model": {"arch": "mlp", "mlp": {"hidden": [8]}}}
+    budget = {**_budget(latency_ms=1.0), "threads": 1}
+    result = {"budget": budget, "candidates": [row], "chosen": "big", "repeats": 5, "load_average": 1.0}
+    report = "\n".join(report_lines({**result, "confirmed": fast, "speed_probe": summary}))
+    assert (
+        "**The sweep ran in a slow window**" in report and "| big | 0.500, 0.500 | 0.50, 0.52 | none | yes |" in report
+    )
+    report = "\n".join(report_lines({**result, "confirmed": steady, "speed_probe": speed_summary([2.0], steady)}))
+    assert "slow window**" not in report and "2.000 at 2.00x" in report and "(1 such slow windows here)" in report
+
+
+def test_the_probe_does_the_same_work_each_call():
+    # Wall time varies with the machine; the work does not: the same products (the matrix is fixed) every call.
+    from distilflow.deploy import speed
+
+    before = speed._MATRIX.clone()
+    samples = [probe_ms() for _ in range(5)]
+    assert all(0 < s < 10_000 for s in samples) and torch.equal(speed._MATRIX, before)
 
 
 @pytest.fixture
@@ -129,9 +217,10 @@ def test_a_miss_alone_writes_the_next_smaller_candidate(tmp_path, tiny_config, m
     real = ClassifierSizing.retime
 
     def retime(self, row):
-        p50, p90 = real(self, row)  # the real rebuild and timing; then [24, 24] is made to miss
+        timing = real(self, row)  # the real rebuild and timing; then [24, 24] is made to miss
         rebuilt.append((row["name"], row["params"]))
-        return p50, 2000.0 if row["name"] == "mlp [24, 24]" else p90
+        assert timing.probe_ms > 0  # the speed probe ran beside it
+        return timing._replace(p90_ms=2000.0, probe_ms=0.0) if row["name"] == "mlp [24, 24]" else timing
 
     monkeypatch.setattr(ClassifierSizing, "retime", retime)
     out = tmp_path / "sizing"
@@ -172,6 +261,7 @@ def test_the_onnx_backends_export_and_quantize_each_candidate(tmp_path, tiny_con
         (["--max-memory-mb", "-1"], "--max-memory-mb must be > 0"),
         (["--latency-ms", "0"], "--latency-ms, --max-params, --max-macs and --max-memory-mb must be > 0"),
         (["--latency-ms", "1", "--confirm", "-1"], "--confirm >= 0"),
+        (["--latency-ms", "1", "--slow-retries", "-1"], "--slow-retries >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_config, capsys, extra, expected):
