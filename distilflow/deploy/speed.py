@@ -20,7 +20,7 @@ import torch
 SLOW = 1.3
 """A re-timing whose probe median is this many times the sweep's ran in a slow window."""
 
-_MATRIX = torch.linspace(-1.0, 1.0, 128 * 128).reshape(128, 128)
+REFERENCE_MATRIX = torch.linspace(-1.0, 1.0, 128 * 128).reshape(128, 128)
 
 
 def probe_ms() -> float:
@@ -28,7 +28,7 @@ def probe_ms() -> float:
     20,000-step Python loop (about 2-3 ms on the machines measured)."""
     began = time.perf_counter()
     for _ in range(20):
-        torch.mm(_MATRIX, _MATRIX)
+        torch.mm(REFERENCE_MATRIX, REFERENCE_MATRIX)
     total = 0
     for i in range(20_000):
         total += i
