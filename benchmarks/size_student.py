@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from distilflow.config import load_config
-from distilflow.deploy.speed import SLOW
 from distilflow.pipeline import run_all
 from distilflow.size_student import SLOW_PAUSE_S, ClassifierSizing, size_student
 
@@ -44,11 +43,10 @@ def remeasure(sizing, chosen: dict, budget: float, reference_ms: float | None, s
     for _ in range(REMEASURES):
         for attempt in range(slow_retries + 1):
             t = sizing.retime(chosen)
-            speed = t.probe_ms / reference_ms if reference_ms else float("nan")
             first += [t] if attempt == 0 else []
-            if t.p90_ms <= budget or speed < SLOW or attempt == slow_retries:
+            if not t.slow_miss(budget, reference_ms) or attempt == slow_retries:
                 break
-            slow.append({"p90_ms": t.p90_ms, "speed": speed})
+            slow.append({"p90_ms": t.p90_ms, "speed": t.speed(reference_ms)})
             time.sleep(SLOW_PAUSE_S)
         final.append(t)
     return {"first": first, "final": final, "slow": slow, "reference_ms": reference_ms}
@@ -70,9 +68,9 @@ def remeasured_row(budget: float, chosen: dict, again: dict) -> dict:
         "meet_p90_first": sum(t.p90_ms <= budget for t in first),
         "p50_range": (min(t.p50_ms for t in final), max(t.p50_ms for t in final)),
         "p90_range": (min(t.p90_ms for t in final), max(t.p90_ms for t in final)),
-        "speed": [t.probe_ms / reference if reference else None for t in final],
+        "speed": [t.speed(reference) if reference else None for t in final],
         "first_p90": [t.p90_ms for t in first],
-        "first_speed": [t.probe_ms / reference if reference else None for t in first],
+        "first_speed": [t.speed(reference) if reference else None for t in first],
         "slow_windows": again["slow"],
         "load": os.getloadavg()[0],
     }

@@ -65,6 +65,14 @@ class Timing(NamedTuple):
     p90_ms: float
     probe_ms: float
 
+    def speed(self, reference_ms: float | None) -> float:
+        """The probe's time as a multiple of ``reference_ms`` (the sweep's); NaN without one."""
+        return self.probe_ms / reference_ms if reference_ms else float("nan")
+
+    def slow_miss(self, limit_ms: float, reference_ms: float | None) -> bool:
+        """Whether this timing missed ``limit_ms`` while the machine ran ``SLOW`` times slower than in the sweep."""
+        return self.p90_ms > limit_ms and self.speed(reference_ms) >= SLOW
+
 
 def require_backend(backend: str, kind: str) -> None:
     """One line when ``backend`` is unknown, its package is missing, or it does not fit the model kind."""
@@ -243,8 +251,8 @@ def confirm_choice(
         in_a_row = 0
         while len(record["p90_ms"]) < times:
             timing = retime(row)
-            speed = timing.probe_ms / reference_ms if reference_ms else float("nan")
-            if timing.p90_ms > limit and speed >= SLOW:
+            speed = timing.speed(reference_ms)
+            if timing.slow_miss(limit, reference_ms):
                 record["slow"].append({"p90_ms": timing.p90_ms, "speed": speed})
                 in_a_row += 1
                 if in_a_row > slow_retries:
