@@ -30,7 +30,8 @@ import torch
 
 from distilflow.config import load_config
 from distilflow.pipeline import run_all
-from distilflow.size_student import SLOW_PAUSE_S, ClassifierSizing, size_student
+from distilflow.size_student import ClassifierSizing, size_student
+from distilflow.size_student_choice import SLOW_PAUSE_S
 
 REMEASURES = 10
 

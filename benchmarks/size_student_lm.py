@@ -34,7 +34,8 @@ import torch
 from size_student import remeasure, remeasured_row  # benchmarks/size_student.py (this script's folder)
 
 from distilflow.config import load_config
-from distilflow.size_student import choose, confirm_choice, size_student, sized_config
+from distilflow.size_student import size_student, sized_config
+from distilflow.size_student_choice import choose, confirm_choice
 from distilflow.size_student_report import write_outputs
 
 REMEASURES = 10

@@ -31,7 +31,7 @@ from distilflow.deploy.speed import median, probe_ms
 from distilflow.errors import UserError
 from distilflow.models.sizing import Candidate
 from distilflow.models.sizing_lm import lm_candidates
-from distilflow.size_student import Timing
+from distilflow.size_student_choice import Timing
 
 
 def preflight(cfg: Config, backend: str) -> None:

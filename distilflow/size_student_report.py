@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from distilflow.deploy.speed import SLOW
-from distilflow.size_student import budget_words, fits, per
+from distilflow.size_student_choice import budget_words, fits, per
 from distilflow.storage import write_text
 
 

@@ -14,7 +14,8 @@ from distilflow.config import load_config
 from distilflow.deploy.speed import SLOW, probe_ms
 from distilflow.errors import UserError
 from distilflow.models.sizing import candidates, cnn_shapes, mlp_shapes
-from distilflow.size_student import ClassifierSizing, Timing, choose, confirm_choice, speed_summary
+from distilflow.size_student import ClassifierSizing
+from distilflow.size_student_choice import Timing, choose, confirm_choice, speed_summary
 from distilflow.size_student_report import report_lines
 
 
