@@ -40,7 +40,7 @@ def main() -> None:
     cfg = load_config("configs/lm_stdlib.yaml", ["threads=1", "deploy.enabled=false"])
     sizing = LMSizing(cfg, backend="genai-int4", batch=1, threads=1, repeats=100, widths=None, depths=None)
     shape = to_dict(cfg)["student"]["model"]["hf"]["config"]
-    (c,) = lm_candidates(shape, sizing._filled, widths=[args.hidden], depths=[args.layers], seed=cfg.seed)
+    (c,) = lm_candidates(shape, sizing.hf_config, widths=[args.hidden], depths=[args.layers], seed=cfg.seed)
     cycles = []
     with tempfile.TemporaryDirectory() as tmp:
         v = lm_variant(c, "genai-int4", Path(tmp), sizing.work, cfg, 1)

@@ -150,7 +150,8 @@ class LMSizing:
         except ValueError as exc:
             raise UserError(f"deploy.genai.prompt_tokens: {exc}; lower it or raise data's seq_len") from None
 
-    def _filled(self, config: dict[str, Any]) -> dict[str, Any]:
+    def hf_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` (a student hf.config) with vocabulary size and special ids from the student's tokenizer."""
         return self.work.hf_config(config, "student")
 
     def rows(self, *, memory: bool) -> list[dict[str, Any]]:
@@ -164,7 +165,7 @@ class LMSizing:
         # The built-in grid stops at the teacher's cost (a student as costly is no distillation); given widths stay.
         found = lm_candidates(
             section["hf"]["config"],
-            self._filled,
+            self.hf_config,
             widths=self.widths,
             depths=self.depths,
             seed=cfg.seed,
@@ -210,7 +211,7 @@ class LMSizing:
         shape = row["model"]["hf"]["config"]
         (c,) = lm_candidates(
             shape,
-            self._filled,
+            self.hf_config,
             widths=[shape["hidden_size"]],
             depths=[shape["num_hidden_layers"]],
             seed=self.cfg.seed,
