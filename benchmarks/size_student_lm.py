@@ -4,7 +4,7 @@ budget, and the perplexity the budget buys.
     python benchmarks/size_student_lm.py sweep [--backend genai-int4] [--batch 1] [--out DIR]
     python benchmarks/size_student_lm.py choose --budgets 0.08,0.12,0.2 [--out DIR]
     python benchmarks/size_student_lm.py train --budget 0.08 [--teacher PATH] [--steps 400] [--out DIR]
-    python benchmarks/size_student_lm.py table [--out DIR]
+    python benchmarks/size_student_lm.py table [--steps 400] [--out DIR]
 
 One phase per command, so that a shared machine's slots interleave:
 
@@ -90,11 +90,16 @@ def choose_phase(args) -> None:
     (args.out / "choose.json").write_text(json.dumps(rows, indent=2))
 
 
+def _tag(budget: float, steps: int) -> str:
+    """The name of a trained run: the budget, and the steps unless the default 400."""
+    return f"{budget:g}" if steps == 400 else f"{budget:g}-{steps}"
+
+
 def train(args) -> None:
     from distilflow.pipeline import run_all
 
     budget = float(args.budget)
-    tag = f"{budget:g}" if args.steps == 400 else f"{budget:g}-{args.steps}"  # the table's runs are 400 steps
+    tag = _tag(budget, args.steps)
     extra = [f"output_dir={args.out / f'run-{tag}'}", f"student.train.steps={args.steps}"]
     extra.append(f"teacher.model.checkpoint={args.teacher}")
     cfg = load_config(args.out / f"sizing-{budget:g}" / "student.yaml", extra)
@@ -123,7 +128,7 @@ def table(args) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        path = args.out / f"train-{r['budget']:g}.json"
+        path = args.out / f"train-{_tag(r['budget'], args.steps)}.json"  # the runs of table's --steps
         t = json.loads(path.read_text()) if path.is_file() else None
         ppl = f"{t['baseline']:.2f} | {t['student']:.2f}" if t else "- | -"
         print(
