@@ -9,14 +9,14 @@ budget, and the perplexity the budget buys.
 One phase per command, so that a shared machine's slots interleave:
 
 1. ``sweep``: ``size_student`` on configs/lm_stdlib.yaml with every candidate of the built-in grid
-   (30 interleaved repeats; latency = ms per generated token, see distilflow/size_student_lm.py), the
-   rows kept in ``DIR/sweep/sizing.json``;
+   (``--repeats`` interleaved rounds, 30 by default; latency = ms per generated token, see
+   distilflow/size_student_lm.py), the rows kept in ``DIR/sweep/sizing.json``;
 2. ``choose``: for each budget, size-student's choice from those rows (the most MACs per token whose
    p90 meets it, then confirmed alone ``--confirm`` times: ``confirm_choice``), its student.yaml written to
    ``DIR/sizing-<budget>/``, then the chosen shape built again from scratch (GenAI build) and re-measured
-   10 more times (each 30 generations after a warm-up, independent of the confirmation, the speed probe
-   beside it): how many of the 10 p90s (and p50s) meet the budget, as first taken and with a miss in a
-   slow window taken again (``remeasure``);
+   10 more times (each as many generations as the sweep's repeats, after a warm-up, independent of the
+   confirmation, the speed probe beside it): how many of the 10 p90s (and p50s) meet the budget, as
+   first taken and with a miss in a slow window taken again (``remeasure``);
 3. ``train``: ``distilflow run`` on that student.yaml, the demo teacher reused (``--teacher``): baseline
    and distilled perplexity of the chosen shape (``--steps``: 400 by default, half the demo's 800, for
    time; another count is written beside it as ``train-<budget>-<steps>.json``);
@@ -51,7 +51,7 @@ def sweep(args) -> None:
     cfg = _config(args)
     # Budgets every candidate meets: the sweep only measures (latency, and peak RSS in a child per candidate).
     limits = {"latency_ms": 1e6, "max_memory_mb": 1e6, "batch": args.batch, "backend": args.backend}
-    size_student(cfg, **limits, out=args.out / "sweep", confirm=0)
+    size_student(cfg, **limits, out=args.out / "sweep", confirm=0, repeats=args.repeats)
     result = json.loads((args.out / "sweep" / "sizing.json").read_text())
     for r in result["candidates"]:
         print(
@@ -67,7 +67,8 @@ def choose_phase(args) -> None:
     result = json.loads((args.out / "sweep" / "sizing.json").read_text())
     cfg = _config(args)
     b = result["budget"]
-    sizing = LMSizing(cfg, backend=b["backend"], batch=b["batch"], threads=1, repeats=30, widths=None, depths=None)
+    repeats = result["repeats"]  # the sweep's: confirmations and re-measurements time as many generations
+    sizing = LMSizing(cfg, backend=b["backend"], batch=b["batch"], threads=1, repeats=repeats, widths=None, depths=None)
     rows = []
     for budget in [float(x) for x in args.budgets.split(",")]:
         limits = {**b, "latency_ms": budget, "max_memory_mb": None}
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--backend", default="genai-int4")
     parser.add_argument("--teacher", default="/tmp/new-lm/teacher/model.safetensors")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=30, help="sweep: size-student's --repeats")
     parser.add_argument("--confirm", type=int, default=3, help="size-student's --confirm for the choice")
     parser.add_argument("--cache", default="~/.cache/distilflow")
     parser.add_argument("--out", type=Path, default=Path("runs/size-student-lm"))
