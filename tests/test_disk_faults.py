@@ -16,6 +16,7 @@ import tempfile
 
 import pytest
 from faults import QUICK_DEPLOY, SHARDED_CACHE, FullDisk, snapshot
+from required import unavailable
 
 from distilflow.cli import main
 
@@ -125,7 +126,11 @@ def test_a_real_full_tmpfs_is_one_line(tmp_path, tiny_overrides):
     mount = tmp_path / "small"
     mount.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
-        pytest.skip("mounting a tmpfs needs root (the injected ENOSPC tests above cover the same paths)")
+        unavailable(
+            "mounting a tmpfs needs root (the injected ENOSPC tests above cover the same paths)",
+            "DISTILFLOW_REQUIRE_TMPFS",
+            "the real full-disk test",
+        )
     try:
         run_dir = mount / "run"
         args = [*tiny_overrides(run_dir), "teacher.model.cnn.channels=[256, 256]", "--no-tensorboard"]

@@ -7,11 +7,11 @@ where a missing venv or a server that does not start fails them: CI never skips 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from required import unavailable
 from transformers import AutoTokenizer
 
 from distilflow.data.stdlib_corpus import stdlib_root, tiny_llama_config, train_tokenizer
@@ -20,7 +20,6 @@ from distilflow.models.hf import build_causal_lm
 from .launch import MAX_MODEL_LEN, VllmServer, vllm_python
 
 TRAIN_FILES = ("bisect.py", "heapq.py", "keyword.py")
-REQUIRED = os.environ.get("DISTILFLOW_REQUIRE_VLLM") == "1"
 
 
 def served_config(vocab_size: int) -> dict:
@@ -57,9 +56,7 @@ def reference_model(served_dir):
 
 
 def _unavailable(reason: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"{reason} (DISTILFLOW_REQUIRE_VLLM=1: the vLLM tests must run)", pytrace=False)
-    pytest.skip(reason)
+    unavailable(reason, "DISTILFLOW_REQUIRE_VLLM", "the vLLM tests")
 
 
 @pytest.fixture(scope="session")
