@@ -2,7 +2,7 @@
 budget, and the perplexity the budget buys.
 
     python benchmarks/size_student_lm.py sweep [--backend genai-int4] [--batch 1] [--out DIR]
-    python benchmarks/size_student_lm.py choose --budgets 0.08,0.12,0.2 [--out DIR]
+    python benchmarks/size_student_lm.py choose --budgets 0.08,0.12,0.2 [--margin 0.2] [--sweep DIR] [--out DIR]
     python benchmarks/size_student_lm.py train --budget 0.08 [--teacher PATH] [--steps 400] [--out DIR]
     python benchmarks/size_student_lm.py table [--steps 400] [--out DIR]
 
@@ -12,15 +12,20 @@ One phase per command, so that a shared machine's slots interleave:
    (``--repeats`` interleaved rounds, 30 by default; latency = ms per generated token, see
    distilflow/size_student_lm.py), the rows kept in ``DIR/sweep/sizing.json``;
 2. ``choose``: for each budget, size-student's choice from those rows (the most MACs per token whose
-   p90 meets it, then confirmed alone ``--confirm`` times: ``confirm_choice``), its student.yaml written to
+   p90 meets it less ``--margin``, size-student's 20 % by default; then confirmed alone ``--confirm`` times:
+   ``confirm_choice``), its student.yaml written to
    ``DIR/sizing-<budget>/``, then the chosen shape built again from scratch (GenAI build) and re-measured
    10 more times (each as many generations as the sweep's repeats, after a warm-up, independent of the
-   confirmation, the speed probe beside it): how many of the 10 p90s (and p50s) meet the budget, as
+   confirmation, the speed probe beside it): how many of the 10 p90s (and p50s) meet the budget itself
+   (not the budget less the margin), as
    first taken and with a miss in a slow window taken again (``remeasure``);
 3. ``train``: ``distilflow run`` on that student.yaml, the demo teacher reused (``--teacher``): baseline
    and distilled perplexity of the chosen shape (``--steps``: 400 by default, half the demo's 800, for
    time; another count is written beside it as ``train-<budget>-<steps>.json``);
 4. ``table``: the markdown table of budget -> shape -> perplexity.
+
+``--sweep DIR`` (default ``DIR/sweep`` of ``--out``) lets several ``choose`` runs (other margins, each with its
+own ``--out``) share one sweep.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from size_student import remeasure, remeasured_row  # benchmarks/size_student.py
 
 from distilflow.config import load_config
 from distilflow.size_student import size_student, sized_config
-from distilflow.size_student_choice import choose, confirm_choice
+from distilflow.size_student_choice import MARGIN, choose, confirm_choice
 from distilflow.size_student_report import write_outputs
 
 REMEASURES = 10
@@ -64,14 +69,14 @@ def choose_phase(args) -> None:
     from distilflow.size_student_lm import LMSizing
 
     torch.set_num_threads(1)
-    result = json.loads((args.out / "sweep" / "sizing.json").read_text())
+    result = json.loads(((args.sweep or args.out / "sweep") / "sizing.json").read_text())
     cfg = _config(args)
     b = result["budget"]
     repeats = result["repeats"]  # the sweep's: confirmations and re-measurements time as many generations
     sizing = LMSizing(cfg, backend=b["backend"], batch=b["batch"], threads=1, repeats=repeats, widths=None, depths=None)
     rows = []
     for budget in [float(x) for x in args.budgets.split(",")]:
-        limits = {**b, "latency_ms": budget, "max_memory_mb": None}
+        limits = {**b, "latency_ms": budget, "max_memory_mb": None, "margin": args.margin}
         swept = choose(result["candidates"], limits)
         reference = result.get("speed_probe", {}).get("sweep_p50_ms")
         chosen, tried = confirm_choice(result["candidates"], limits, sizing.retime, args.confirm, reference)
@@ -85,7 +90,7 @@ def choose_phase(args) -> None:
         row = remeasured_row(budget, chosen, again)
         row.update(sweep_choice=swept["name"], confirmed=tried, sweep_load=result["load_average"])
         row.update(backend=b["backend"], batch=b["batch"], peak_rss_mb=chosen.get("peak_rss_mb"))
-        row.update(size_bytes=chosen["size_bytes"])
+        row.update(size_bytes=chosen["size_bytes"], margin=args.margin)
         rows.append(row)
         print(json.dumps(row), flush=True)
     (args.out / "choose.json").write_text(json.dumps(rows, indent=2))
@@ -122,7 +127,11 @@ def train(args) -> None:
 def table(args) -> None:
     rows = json.loads((args.out / "choose.json").read_text())
     r0 = rows[0]
-    print(f"\n{r0['backend']}, batch {r0['batch']}, 1 thread, ms per generated token; {REMEASURES} re-measurements")
+    margin = f", chosen with a {r0['margin'] * 100:g} % margin" if r0.get("margin") else ", no margin"
+    print(
+        f"\n{r0['backend']}, batch {r0['batch']}, 1 thread, ms per generated token{margin}; {REMEASURES} "
+        "re-measurements against the budget itself"
+    )
     print(
         "| budget ms/token | chosen shape | params | MACs/token | p90 when chosen | re-measured p90 <= budget | "
         "as first taken | p50 <= budget | p90 range | size MB | peak RSS MB | baseline ppl | distilled ppl | load |"
@@ -152,6 +161,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=30, help="sweep: size-student's --repeats")
     parser.add_argument("--confirm", type=int, default=3, help="size-student's --confirm for the choice")
+    parser.add_argument("--margin", type=float, default=MARGIN, help="size-student's --margin for the choice")
+    parser.add_argument("--sweep", type=Path, default=None, help="choose: the sweep's folder (default OUT/sweep)")
     parser.add_argument("--cache", default="~/.cache/distilflow")
     parser.add_argument("--out", type=Path, default=Path("runs/size-student-lm"))
     args = parser.parse_args()

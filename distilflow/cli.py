@@ -94,12 +94,14 @@ def _cmd_diagnose(ns) -> int:
 
 def _cmd_size_student(ns) -> int:
     from distilflow.size_student import parse_widths, size_student, summary_line
+    from distilflow.size_student_choice import MARGIN
 
     out = Path(ns.out)
     sizing = {"latency_ms": ns.latency_ms, "max_params": ns.max_params, "max_macs": ns.max_macs}
     sizing.update(batch=ns.batch, backend=ns.backend, threads=ns.threads, max_memory_mb=ns.max_memory_mb)
     sizing.update(widths=parse_widths(ns.widths), depths=parse_widths(ns.depths, "--depths"))
     sizing.update(repeats=ns.repeats, confirm=ns.confirm, slow_retries=ns.slow_retries)
+    sizing.update(margin=MARGIN if ns.margin is None else ns.margin)
     result = size_student(_load(ns.args), **sizing, out=out)
     print(summary_line(result, out))
     return 0

@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help="a re-timing that misses while the machine's speed probe runs 1.3x slower than in the sweep "
                 "is taken again after 30 s, this many times in a row at most (default 3)",
             )
+            p.add_argument(
+                "--margin",
+                type=float,
+                default=None,
+                help="share of --latency-ms kept free: choose and confirm on p90 <= budget x (1 - margin), for the "
+                "spread between timings minutes apart (default 0.2; 0 = the budget itself)",
+            )
             p.add_argument("--widths", default=None, help="comma-separated mlp widths, cnn channels or LM hidden")
             p.add_argument("--depths", default=None, help="comma-separated decoder depths (LM students)")
             p.add_argument("--out", default="sizing", help="folder for student.yaml, report.md, latency.png")

@@ -5,10 +5,11 @@ each exported with the backend the user will ship (``torch``: eager; ``ort-fp32`
 ``ort-int8``: that model through deploy/quantize.py's dynamic int8), then timed on rows of the test
 split at ``--batch``: a fixed thread count, a warm-up, then ``--repeats`` rounds in which every
 candidate runs once (interleaved, so drift on a shared machine hits all alike). A candidate meets the
-budget when its **p90** latency does (the p90 is the safety margin: its spread over the repeats, not a
-fixed factor) and it is within ``--max-params`` / ``--max-macs`` when given (either may stand instead of
-the latency); the chosen one is the **largest** of those, by MACs per sample, then parameters (what
-the student can spend). Written to ``--out``: ``student.yaml`` (the config with the chosen
+budget when its **p90** latency is within the budget less ``--margin`` (20 % by default:
+size_student_choice.MARGIN; the p90 covers the spread inside one timing, the margin the spread between
+timings minutes apart, which one timing cannot see) and it is within ``--max-params`` / ``--max-macs`` when
+given (either may stand instead of the latency); the chosen one is the **largest** of those, by MACs per
+sample, then parameters (what the student can spend). Written to ``--out``: ``student.yaml`` (the config with the chosen
 ``student.model``: pass it to ``distilflow run``), ``report.md`` (every candidate: params, MACs, p50 /
 p90, size on disk) and ``latency.png`` (latency against MACs, the budget drawn).
 
@@ -51,7 +52,15 @@ from distilflow.deploy.export import export_onnx
 from distilflow.deploy.speed import median, probe_ms
 from distilflow.errors import UserError
 from distilflow.models.sizing import SUPPORTED_ARCHS, Candidate, candidates
-from distilflow.size_student_choice import Timing, budget_words, choose, confirm_choice, per, speed_summary
+from distilflow.size_student_choice import (
+    MARGIN,
+    Timing,
+    budget_words,
+    choose,
+    confirm_choice,
+    per,
+    speed_summary,
+)
 
 BACKENDS = ("ort-int8", "ort-fp32", "torch", "genai-int4")
 WARMUP = 3
@@ -178,6 +187,7 @@ def check_inputs(
     threads: int,
     confirm: int = 0,
     slow_retries: int = 0,
+    margin: float = 0.0,
 ) -> str:
     """The model kind (``classifier`` / ``causal_lm``), or one line for what size-student cannot take."""
     kind = "causal_lm" if cfg.task == "causal_lm" else "classifier"
@@ -191,10 +201,11 @@ def check_inputs(
     if all(v is None for v in limits.values()):
         raise UserError("give a budget: --latency-ms, --max-params, --max-macs or --max-memory-mb (any together)")
     counts_bad = min(batch, threads) < 1 or repeats < 5 or min(confirm, slow_retries) < 0
-    if any(v is not None and v <= 0 for v in limits.values()) or counts_bad:
+    if any(v is not None and v <= 0 for v in limits.values()) or counts_bad or not 0 <= margin < 1:
         raise UserError(
             "--latency-ms, --max-params, --max-macs and --max-memory-mb must be > 0, --batch >= 1, --repeats >= 5, "
-            "--threads >= 1, --confirm >= 0 and --slow-retries >= 0"
+            "--threads >= 1, --confirm >= 0, --slow-retries >= 0 and 0 <= --margin < 1 (a share of the latency "
+            "budget: 0.2 keeps 20 % free)"
         )
     return kind
 
@@ -215,15 +226,16 @@ def size_student(
     depths: list[int] | None = None,
     confirm: int = 3,
     slow_retries: int = 3,
+    margin: float = MARGIN,
 ) -> dict[str, Any]:
-    """Measure the candidates, choose (a latency choice re-timed alone ``confirm`` times), write
-    ``out``/{student.yaml, report.md, latency.png, sizing.json}."""
+    """Measure the candidates, choose (p90 within ``latency_ms`` less ``margin``; a latency choice re-timed
+    alone ``confirm`` times), write ``out``/{student.yaml, report.md, latency.png, sizing.json}."""
     limits = {"latency_ms": latency_ms, "max_params": max_params, "max_macs": max_macs, "max_memory_mb": max_memory_mb}
-    kind = check_inputs(cfg, backend, limits, batch, repeats, threads, confirm, slow_retries)
+    kind = check_inputs(cfg, backend, limits, batch, repeats, threads, confirm, slow_retries, margin)
     measured = {"backend": backend, "batch": batch, "threads": threads, "repeats": repeats, "widths": widths}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    budget = {**limits, "batch": batch, "backend": backend, "threads": threads, "kind": kind}
+    budget = {**limits, "batch": batch, "backend": backend, "threads": threads, "kind": kind, "margin": margin}
     if kind == "causal_lm":
         g = cfg.deploy.genai
         budget.update(prompt_tokens=g.prompt_tokens, new_tokens=g.new_tokens)

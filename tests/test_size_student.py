@@ -57,6 +57,31 @@ def test_the_choice_is_the_most_macs_that_meets_every_limit():
         choose(rows, _budget(max_params=5))
 
 
+def test_a_margin_keeps_that_share_of_the_latency_budget_free():
+    rows = [_row("small", 10, 0.1, 0.2), _row("mid", 100, 0.5, 0.79), _row("big", 1000, 0.8, 0.95)]
+    # budget 1 ms less 20 %: p90 <= 0.8 ms. big (0.95) meets the budget but not the margin; mid (0.79) both.
+    assert choose(rows, _budget(latency_ms=1.0, margin=0.2))["name"] == "mid"
+    assert choose(rows, _budget(latency_ms=1.0, margin=0.0))["name"] == "big"
+    assert choose(rows, _budget(latency_ms=1.0, margin=0.75))["name"] == "small"  # p90 <= 0.25
+    with pytest.raises(
+        UserError,
+        match=r"p90 <= 0.2 ms at batch 1 with torch \(chosen at p90 <= 0.1 ms: a 50 % "
+        r"margin\): the fastest, small, takes 0.1 ms \(p90 0.2\); raise the budget, lower --margin",
+    ):
+        choose(rows, _budget(latency_ms=0.2, margin=0.5))
+    # Confirmed alone against the same limit: mid re-timed at 0.85 meets the budget, not the budget less 20 %.
+    retime, calls = _scripted({"mid": [(0.7, 2.0), (0.85, 2.0)], "small": [(0.2, 2.0)] * 2})
+    chosen, tried = confirm_choice(rows, _budget(latency_ms=1.0, margin=0.2), retime, 2, 2.0, sleep=lambda s: None)
+    assert chosen["name"] == "small" and calls == ["mid", "mid", "small", "small"]
+    assert [t["held"] for t in tried] == [False, True]
+    # A slow window is judged against the same limit: 0.85 at 2 x SLOW the sweep's probe is taken again.
+    retime, calls = _scripted({"mid": [(0.85, 4.0 * SLOW), (0.7, 2.0), (0.75, 2.0)]})
+    chosen, tried = confirm_choice(rows, _budget(latency_ms=1.0, margin=0.2), retime, 2, 2.0, sleep=lambda s: None)
+    assert chosen["name"] == "mid" and len(tried[0]["slow"]) == 1
+    with pytest.raises(UserError, match=r"took p90 0.9 ms alone; raise the budget, lower --margin, give smaller"):
+        confirm_choice(rows, _budget(latency_ms=1.0, margin=0.2), lambda row: Timing(0.5, 0.9, 2.0), 1, 2.0)
+
+
 def test_confirm_choice_retimes_alone_and_moves_to_the_next_smaller_after_a_miss():
     rows = [_row("small", 10, 0.1, 0.2), _row("mid", 100, 0.5, 0.9), _row("big", 1000, 0.8, 0.95)]
     alone = {"big": [0.9, 1.2, 0.9], "mid": [0.8, 0.85, 0.99], "small": [0.2, 0.2, 0.2]}  # p90 per re-timing
@@ -196,13 +221,15 @@ def test_size_student_writes_the_largest_candidate_as_a_config_that_runs(tmp_pat
     # A budget everything meets: the chosen one is the largest candidate, [24, 24] (the tiny student is 2 deep).
     assert result["chosen"] == "mlp [24, 24]" and len(result["candidates"]) == 4
     assert all(r["p50_ms"] <= r["p90_ms"] and r["size_bytes"] > 0 for r in result["candidates"])
+    assert result["budget"]["margin"] == 0.2  # the default margin, said in the summary line below
     report = (out / "report.md").read_text()
     assert "| mlp [24, 24] |" in report and "**chosen**" in report and (out / "latency.png").is_file()
     # The choice was built again and timed alone three times (the default --confirm), and held.
     ((tried),) = result["confirmed"]
     assert tried["name"] == "mlp [24, 24]" and tried["held"] and len(tried["p90_ms"]) == 3
     assert all(0 < p <= 1000 for p in tried["p90_ms"]) and "## Confirmed alone" in report
-    assert "distilflow run" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "distilflow run" in said and "(chosen at p90 <= 800 ms: a 20 % margin)" in said
 
     # The written config is the user's with student.model replaced; 'run' trains that student.
     cfg = load_config(out / "student.yaml", [f"output_dir={tmp_path / 'sized-run'}"])
@@ -226,8 +253,9 @@ def test_a_miss_alone_writes_the_next_smaller_candidate(tmp_path, tiny_config, m
     monkeypatch.setattr(ClassifierSizing, "retime", retime)
     out = tmp_path / "sizing"
     args = [str(tiny_config), "--latency-ms", "1000", "--backend", "torch", "--widths", "16,24", "--repeats", "5"]
-    assert main(["size-student", *args, "--confirm", "2", "--out", str(out)]) == 0
+    assert main(["size-student", *args, "--confirm", "2", "--margin", "0", "--out", str(out)]) == 0
     result = json.loads((out / "sizing.json").read_text())
+    assert result["budget"]["margin"] == 0.0
     # MACs per sample (40 inputs, 10 classes): [16] 800 < [16, 16] 1,056 < [24] 1,200 < [24, 24] 1,776;
     # [24, 24] missed once, [24] held twice
     assert result["chosen"] == "mlp [24]" and [n for n, _ in rebuilt] == ["mlp [24, 24]", *["mlp [24]"] * 2]
@@ -254,7 +282,13 @@ def test_the_onnx_backends_export_and_quantize_each_candidate(tmp_path, tiny_con
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--latency-ms", "0.000001"], "no candidate meets p90 <= 1e-06 ms at batch 1 with torch: the fastest, mlp"),
+        (
+            ["--latency-ms", "0.000001"],
+            "no candidate meets p90 <= 1e-06 ms at batch 1 with torch (chosen at p90 <= 8e-07 ms: a 20 % margin): "
+            "the fastest, mlp",
+        ),
+        (["--latency-ms", "1", "--margin", "1"], "0 <= --margin < 1 (a share of the latency budget"),
+        (["--latency-ms", "1", "--margin", "-0.1"], "0 <= --margin < 1"),
         ([], "give a budget: --latency-ms, --max-params, --max-macs or --max-memory-mb"),
         (["--max-params", "-3"], "--max-macs and --max-memory-mb must be > 0"),
         (["--latency-ms", "1", "--backend", "tensorrt"], "--backend 'tensorrt' is not one of"),
