@@ -21,12 +21,12 @@ files and runs the timed workload once; VmHWM), runtime libraries included: what
 free. It is measured only when that budget is given (one child per candidate).
 
 A latency choice is then **confirmed alone** (``confirm_choice``): the chosen shape is built again from
-its config and timed with nothing else loaded, ``--confirm`` times; a p90 over the budget moves the choice
-to the next smaller candidate that met it in the sweep (the sweep's choice sits just under the budget by
-construction, and the interleaved sweep is not how the shape will run).
+its config and timed with nothing else loaded, ``--confirm`` times; a p90 over the budget less the margin
+moves the choice to the next smaller candidate that met it in the sweep (the sweep's choice sits just
+under that limit by construction, and the interleaved sweep is not how the shape will run).
 
 Every timing round also times a fixed reference workload (deploy/speed.py), so each measurement carries
-the machine's own speed. A re-timing that misses the budget while that probe runs ``speed.SLOW`` times
+the machine's own speed. A re-timing that misses the limit while that probe runs ``speed.SLOW`` times
 slower than in the sweep was taken in a window where the machine itself was slow (a VM on a shared host
 can run at half speed for minutes): it is taken again after a pause (``--slow-retries`` times at most, then
 one line), not counted against the shape. A sweep whose probe ran that much slower than the re-timings' is

@@ -85,7 +85,8 @@ def _confirmed_lines(result: dict[str, Any]) -> list[str]:
         "## Confirmed alone",
         "",
         "The sweep's choice built again from its config and timed alone (nothing else loaded, as it will be "
-        "deployed), each time after a warm-up; a p90 over the budget moves to the next smaller candidate.",
+        "deployed), each time after a warm-up; a p90 over the budget less the margin moves to the next smaller "
+        "candidate.",
         "",
         "| candidate | p90 ms of each re-timing alone | machine speed (probe, x the sweep's) | taken again: "
         "slow windows (p90 ms, speed) | held |",
