@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from distilflow.config import load_config
+from distilflow.errors import UserError
 from distilflow.pipeline import run_all
 from distilflow.size_student import ClassifierSizing, size_student
 from distilflow.size_student_choice import MARGIN, SLOW_PAUSE_S
@@ -96,14 +97,18 @@ def main() -> None:
     rows = []
     for budget in [float(b) for b in args.budgets.split(",")]:
         cfg = load_config(None, base)
-        sized = size_student(
-            cfg,
-            latency_ms=budget,
-            batch=args.batch,
-            backend=args.backend,
-            margin=args.margin,
-            out=out / f"sizing-{budget:g}",
-        )
+        try:
+            sized = size_student(
+                cfg,
+                latency_ms=budget,
+                batch=args.batch,
+                backend=args.backend,
+                margin=args.margin,
+                out=out / f"sizing-{budget:g}",
+            )
+        except UserError as e:  # no candidate held the budget: size-student's one line, and the next budget
+            print(f"budget {budget:g}: {e}", flush=True)
+            continue
         chosen = next(r for r in sized["candidates"] if r["name"] == sized["chosen"])
         sizing = ClassifierSizing(cfg, backend=args.backend, batch=args.batch, threads=1, repeats=30, widths=None)
         again = remeasure(sizing, chosen, budget, sized["speed_probe"]["sweep_p50_ms"])

@@ -64,6 +64,7 @@ from distilflow.size_student_choice import (
 
 BACKENDS = ("ort-int8", "ort-fp32", "torch", "genai-int4")
 WARMUP = 3
+PROBES = 5  # speed probes before and after a classifier timing (``measure``)
 
 
 def require_backend(backend: str, kind: str) -> None:
@@ -149,19 +150,26 @@ def summary_line(result: dict[str, Any], out: Path) -> str:
 def measure(
     variants: list[Variant], feeds: dict[str, np.ndarray], *, repeats: int, probe: list[float] | None = None
 ) -> list[list[float]]:
-    """Per variant its ``repeats`` call times (ms), the variants interleaved round by round; one speed
-    probe (ms) per round appended to ``probe`` when given."""
+    """Per variant its ``repeats`` call times (ms), the variants interleaved round by round, each timed call
+    right after an untimed one of the same variant (as a deployed model is called: again and again); when
+    ``probe`` is given, ``PROBES`` speed probes (ms) are appended to it before the warm-up and as many after
+    the last round. Whatever ran just before a call evicts what it needs: a small model timed right after
+    each probe ran 1.3-2.5x slower, and the smallest candidate, timed right after the largest, 3x slower
+    than the next (docs/BENCHMARKS.md, "Student sizing, session 9: what ran before a timed call")."""
+    if probe is not None:
+        probe.extend(probe_ms() for _ in range(PROBES))
     for variant in variants:
         for _ in range(WARMUP):
             variant.logits(feeds)
     times: list[list[float]] = [[] for _ in variants]
     for _ in range(repeats):
-        if probe is not None:
-            probe.append(probe_ms())
         for i, variant in enumerate(variants):
+            variant.logits(feeds)
             began = time.perf_counter()
             variant.logits(feeds)
             times[i].append((time.perf_counter() - began) * 1000)
+    if probe is not None:
+        probe.extend(probe_ms() for _ in range(PROBES))
     return times
 
 

@@ -199,6 +199,33 @@ def test_the_probe_does_the_same_work_each_call():
     assert all(0 < s < 10_000 for s in samples) and torch.equal(speed.REFERENCE_MATRIX, before)
 
 
+def test_no_timed_call_follows_a_speed_probe_or_another_candidate(monkeypatch):
+    # A model of what a call finds when something else ran just before it (the probe's products, or another
+    # candidate, evicted its weights): it pays 20 ms. No timed call may pay it, so every timing stays far
+    # under that; the interleaved rounds are kept (each variant timed once per round).
+    import time
+
+    import distilflow.size_student as sizing
+
+    state = {"last": None}
+
+    def probe():
+        state["last"] = "probe"
+        return 1.0
+
+    class Variant:
+        def logits(self, feeds):
+            if state["last"] is not self:
+                time.sleep(0.02)
+            state["last"] = self
+
+    monkeypatch.setattr(sizing, "probe_ms", probe)
+    samples: list[float] = []
+    times = sizing.measure([Variant(), Variant()], {}, repeats=6, probe=samples)
+    assert samples == [1.0] * (2 * sizing.PROBES) and [len(t) for t in times] == [6, 6]
+    assert max(max(t) for t in times) < 10, times
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_overrides):
     """A YAML config of the tiny MNIST-1D run (the user's config that size-student reads)."""
