@@ -25,12 +25,13 @@ its config and timed with nothing else loaded, ``--confirm`` times; a p90 over t
 moves the choice to the next smaller candidate that met it in the sweep (the sweep's choice sits just
 under that limit by construction, and the interleaved sweep is not how the shape will run).
 
-Every timing round also times a fixed reference workload (deploy/speed.py), so each measurement carries
-the machine's own speed. A re-timing that misses the limit while that probe runs ``speed.SLOW`` times
-slower than in the sweep was taken in a window where the machine itself was slow (a VM on a shared host
-can run at half speed for minutes): it is taken again after a pause (``--slow-retries`` times at most, then
-one line), not counted against the shape. A sweep whose probe ran that much slower than the re-timings' is
-named in the report: its choice may be smaller than the budget allows.
+Every timing also times a fixed reference workload (deploy/speed.py), so each measurement carries the
+machine's own speed: an LM's once per round, a classifier's before and after its calls (``measure``). A
+re-timing that misses the limit while that probe runs ``speed.SLOW`` times slower than in the sweep was
+taken in a window where the machine itself was slow (a VM on a shared host can run at half speed for
+minutes): it is taken again after a pause (``--slow-retries`` times at most, then one line), not counted
+against the shape. A sweep whose probe ran that much slower than the re-timings' is named in the report:
+its choice may be smaller than the budget allows.
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ def measure(
     right after an untimed one of the same variant (as a deployed model is called: again and again); when
     ``probe`` is given, ``PROBES`` speed probes (ms) are appended to it before the warm-up and as many after
     the last round. Whatever ran just before a call evicts what it needs: a small model timed right after
-    each probe ran 1.3-2.5x slower, and the smallest candidate, timed right after the largest, 3x slower
-    than the next (docs/BENCHMARKS.md, "Student sizing, session 9: what ran before a timed call")."""
+    each probe ran 1.4-2.5x slower, and right after the largest candidate up to 3.8x slower
+    (docs/BENCHMARKS.md, "Student sizing, session 9: what ran before a timed call")."""
     if probe is not None:
         probe.extend(probe_ms() for _ in range(PROBES))
     for variant in variants:
