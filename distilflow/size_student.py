@@ -9,9 +9,9 @@ budget when its **p90** latency is within the budget less ``--margin`` (20 % by 
 size_student_choice.MARGIN; the p90 covers the spread inside one timing, the margin the spread between
 timings minutes apart, which one timing cannot see) and it is within ``--max-params`` / ``--max-macs`` when
 given (either may stand instead of the latency); the chosen one is the **largest** of those, by MACs per
-sample, then parameters (what the student can spend). Written to ``--out``: ``student.yaml`` (the config with the chosen
-``student.model``: pass it to ``distilflow run``), ``report.md`` (every candidate: params, MACs, p50 /
-p90, size on disk) and ``latency.png`` (latency against MACs, the budget drawn).
+sample, then parameters (what the student can spend). Written to ``--out``: ``student.yaml`` (the config
+with the chosen ``student.model``: pass it to ``distilflow run``), ``report.md`` (every candidate: params,
+MACs, p50 / p90, size on disk) and ``latency.png`` (latency against MACs, the budget drawn).
 
 Causal-LM students (the candidates of models/sizing_lm.py, timed per generated token with the backend
 shipped, including ``genai-int4``) are measured by size_student_lm.py; the choice and the outputs are
