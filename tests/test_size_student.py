@@ -201,8 +201,9 @@ def test_the_probe_does_the_same_work_each_call():
 
 def test_no_timed_call_follows_a_speed_probe_or_another_candidate(monkeypatch):
     # A model of what a call finds when something else ran just before it (the probe's products, or another
-    # candidate, evicted its weights): it pays 20 ms. No timed call may pay it, so every timing stays far
-    # under that; the interleaved rounds are kept (each variant timed once per round).
+    # candidate, evicted its weights): it pays 100 ms. No timed call may pay it, so every timing stays far
+    # under that (a loaded machine's preemption included); the interleaved rounds are kept (each variant
+    # timed once per round).
     import time
 
     import distilflow.size_student as sizing
@@ -216,14 +217,14 @@ def test_no_timed_call_follows_a_speed_probe_or_another_candidate(monkeypatch):
     class Variant:
         def logits(self, feeds):
             if state["last"] is not self:
-                time.sleep(0.02)
+                time.sleep(0.1)
             state["last"] = self
 
     monkeypatch.setattr(sizing, "probe_ms", probe)
     samples: list[float] = []
-    times = sizing.measure([Variant(), Variant()], {}, repeats=6, probe=samples)
-    assert samples == [1.0] * (2 * sizing.PROBES) and [len(t) for t in times] == [6, 6]
-    assert max(max(t) for t in times) < 10, times
+    times = sizing.measure([Variant(), Variant()], {}, repeats=4, probe=samples)
+    assert samples == [1.0] * (2 * sizing.PROBES) and [len(t) for t in times] == [4, 4]
+    assert max(max(t) for t in times) < 50, times
 
 
 @pytest.fixture
