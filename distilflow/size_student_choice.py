@@ -46,6 +46,11 @@ def latency_limit(budget: dict[str, Any]) -> float:
     return budget["latency_ms"] * (1 - budget.get("margin", 0.0))
 
 
+def lower_margin(budget: dict[str, Any]) -> str:
+    """``, lower --margin``: one more thing to try in a refusal, when a latency budget kept a margin."""
+    return ", lower --margin" if budget.get("latency_ms") is not None and budget.get("margin") else ""
+
+
 def budget_words(budget: dict[str, Any]) -> str:
     """``p90 <= 0.3 ms at batch 256 with ort-int8 (chosen at p90 <= 0.24 ms: a 20 % margin), <= 50,000
     params``: the limits that were given."""
@@ -96,9 +101,9 @@ def choose(rows: list[dict[str, Any]], budget: dict[str, Any]) -> dict[str, Any]
         else:
             best = min(rows, key=lambda r: (r["macs"], r["params"]))
             what = f"the smallest, {best['name']}, has {best['params']:,} params and {best['macs']:,} MACs"
-        lower = ", lower --margin" if budget.get("latency_ms") is not None and budget.get("margin") else ""
         raise UserError(
-            f"no candidate meets {budget_words(budget)}: {what}; raise the budget{lower} or give smaller --widths"
+            f"no candidate meets {budget_words(budget)}: {what}; raise the budget{lower_margin(budget)} or give "
+            "smaller --widths"
         )
     return max(meeting, key=lambda r: (r["macs"], r["params"]))
 
@@ -156,11 +161,10 @@ def confirm_choice(
         if record["held"]:
             return row, tried
     last = tried[-1]
-    lower = ", lower --margin" if budget.get("margin") else ""
     raise UserError(
         f"no candidate meets {budget_words(budget)} when re-timed alone ({times} times each, after the sweep): the "
         f"smallest that met it in the sweep, {last['name']}, took p90 {max(last['p90_ms']):.3g} ms alone; raise "
-        f"the budget{lower}, give smaller --widths, or measure on a quieter machine"
+        f"the budget{lower_margin(budget)}, give smaller --widths, or measure on a quieter machine"
     )
 
 
